@@ -1,0 +1,112 @@
+"""The attention backend protocol: what every backend must provide and declare.
+
+A backend is a factory of per-layer `AttentionImpl`s plus a static `BackendCapabilities`
+declaration. Model code never talks to a backend directly and passes only generic arguments
+(heads, head size, scale, an optional local-attention chunk size); the selector matches the model's
+needs against each backend's declaration, so a backend can never receive a keyword it does not
+understand.
+
+KV cache layout (one tensor per attention layer), shared by every backend and by KV transfer:
+    kv_cache: [2, num_blocks, block_size, num_kv_heads, head_size]   (K at index 0, V at index 1)
+A token at position p of a request lives in slot
+    slot = block_table[p // block_size] * block_size + p % block_size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Protocol
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step metadata for a flattened batch of B requests and T = num_actual_tokens tokens.
+
+    Request i owns query tokens [query_start_loc[i], query_start_loc[i+1]). Its context after
+    this step has seq_lens[i] tokens; the query tokens are the last ones of that context, so the
+    query token j (0-based within the request) sits at position seq_lens[i] - query_len_i + j and
+    attends causally to positions 0..that position.
+    """
+    num_actual_tokens: int
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc: torch.Tensor      # [B + 1] int32, on device
+    seq_lens: torch.Tensor             # [B] int32, on device
+    block_table: torch.Tensor          # [B, max_blocks_per_req] int32, on device
+    slot_mapping: torch.Tensor         # [T] int64, on device; -1 = do not write (padding)
+    query_start_loc_cpu: Optional[torch.Tensor] = None  # [B + 1] int32
+    seq_lens_cpu: Optional[torch.Tensor] = None         # [B] int32
+    # True when every request has exactly one query token (pure decode step).
+    is_decode_only: bool = False
+
+    @property
+    def num_reqs(self) -> int:
+        return self.seq_lens.shape[0]
+
+
+@dataclass(frozen=True)
+class BackendCapabilities:
+    head_sizes: tuple[int, ...]                     # supported head sizes; () = any
+    dtypes: tuple[torch.dtype, ...]                 # query/model dtypes
+    kv_cache_dtypes: tuple[str, ...] = ("auto",)    # "auto" = model dtype; "fp8" = e4m3
+    block_sizes: tuple[int, ...] = ()               # () = any
+    supports_local_attention: bool = False          # chunked local (Llama 4) / sliding window
+    min_compute_capability: Optional[tuple[int, int]] = None  # None: also runs on CPU
+    supports_cuda_graphs: bool = False
+    devices: tuple[str, ...] = ("cuda",)
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """What a model layer needs; built from generic layer arguments only."""
+    num_heads: int
+    num_kv_heads: int
+    head_size: int
+    scale: float
+    dtype: torch.dtype
+    kv_cache_dtype: str = "auto"
+    block_size: int = 16
+    local_attention_chunk: Optional[int] = None
+
+
+class AttentionImpl(Protocol):
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        """query [T, H, D], key/value [T, KV, D] for the new tokens (T may exceed
+        metadata.num_actual_tokens when padded); writes the new K/V into kv_cache at
+        metadata.slot_mapping, then returns attention output [T, H, D] (rows past
+        num_actual_tokens are unspecified)."""
+        ...
+
+
+class AttentionBackend(Protocol):
+    name: str
+    capabilities: BackendCapabilities
+
+    def make_impl(self, spec: AttentionSpec) -> AttentionImpl:
+        ...
+
+
+def unsupported_reasons(backend: AttentionBackend, spec: AttentionSpec, device: torch.device,
+                        compute_capability: Optional[tuple[int, int]] = None) -> list[str]:
+    """Every reason `backend` cannot serve `spec` on `device`; empty when it can."""
+    caps = backend.capabilities
+    reasons = []
+    if device.type not in caps.devices:
+        reasons.append(f"runs on {caps.devices}, not {device.type}")
+    if caps.head_sizes and spec.head_size not in caps.head_sizes:
+        reasons.append(f"head size {spec.head_size} not in {caps.head_sizes}")
+    if spec.dtype not in caps.dtypes:
+        reasons.append(f"dtype {spec.dtype} not in {caps.dtypes}")
+    if spec.kv_cache_dtype not in caps.kv_cache_dtypes:
+        reasons.append(f"kv cache dtype {spec.kv_cache_dtype!r} not in {caps.kv_cache_dtypes}")
+    if caps.block_sizes and spec.block_size not in caps.block_sizes:
+        reasons.append(f"block size {spec.block_size} not in {caps.block_sizes}")
+    if spec.local_attention_chunk and not caps.supports_local_attention:
+        reasons.append("no chunked local attention")
+    if (device.type == "cuda" and caps.min_compute_capability and compute_capability
+            and compute_capability < caps.min_compute_capability):
+        reasons.append(f"needs compute capability >= {caps.min_compute_capability}, "
+                       f"device has {compute_capability}")
+    return reasons

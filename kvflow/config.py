@@ -1,0 +1,325 @@
+"""Engine configuration: frozen sub-configs, each validated once at construction.
+
+`EngineConfig.create(**LLM kwargs)` resolves the model (path, GGUF conversion, default model),
+reads config.json into a normalised `ModelConfig`, and checks cross-field constraints. Every error
+is a ValueError naming the field and the allowed range. Values that depend on the device (the
+number of KV blocks, a max_model_len fitted to memory) are filled in later by the worker's memory
+plan through `dataclasses.replace`, never by mutation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+logger = logging.getLogger("kvflow")
+
+_STR_TO_DTYPE = {
+    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+def _fail(field_name: str, message: str) -> ValueError:
+    return ValueError(f"{field_name}: {message}")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise _fail("device", f"must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise _fail("device", "CUDA was requested but no CUDA device is available")
+    return torch.device(device)
+
+
+# ---------------------------------------------------------------------------------- model
+@dataclass(frozen=True)
+class ModelConfig:
+    """config.json normalised across transformers v4 and v5 spellings."""
+    model: str                       # directory with config.json (+ weights, tokenizer)
+    architecture: str
+    model_type: str
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: Optional[dict]     # always has "rope_type" when set
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool             # q/k/v projection biases (Qwen2)
+    dtype: torch.dtype               # compute and weight dtype
+    max_model_len: int
+    eos_token_ids: tuple[int, ...]
+    bos_token_id: Optional[int]
+    hf_config: dict = field(repr=False, compare=False, hash=False)
+    tokenizer: Optional[str] = None  # directory; None = no tokenizer (token-id prompts only)
+    load_format: str = "auto"
+    seed: int = 0
+    # Where the model came from (a .gguf file) when it was converted; for messages only.
+    source: Optional[str] = None
+
+    @property
+    def q_size(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+
+def read_hf_config(model_dir: str) -> dict:
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        raise _fail("model", f"no config.json in {model_dir!r}")
+    with open(path) as f:
+        cfg = json.load(f)
+    # Multimodal checkpoints nest the language model's config (Llama 4, Qwen-VL): flatten it.
+    if "text_config" in cfg and "hidden_size" not in cfg:
+        text = dict(cfg["text_config"])
+        text.setdefault("architectures", cfg.get("architectures"))
+        text.setdefault("torch_dtype", cfg.get("torch_dtype", cfg.get("dtype")))
+        cfg = text
+    return cfg
+
+
+def normalize_rope(cfg: dict) -> tuple[float, Optional[dict]]:
+    """(rope_theta, rope_scaling) from v4 (`rope_theta`, `rope_scaling`) or v5
+    (`rope_parameters`) spellings. rope_scaling keeps every key and always names `rope_type`."""
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and "full_attention" in params:  # per-layer-type form
+        params = params["full_attention"]
+    if isinstance(params, dict):
+        theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    else:
+        theta = float(cfg.get("rope_theta", 10000.0))
+        scaling = dict(cfg.get("rope_scaling") or {})
+    if scaling:
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        scaling.pop("type", None)
+        scaling["rope_type"] = rope_type
+        if rope_type == "default":
+            scaling = None
+    return theta, (scaling or None)
+
+
+def _resolve_dtype(dtype: Any, cfg_dtype: Optional[str], device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type == "cpu":
+            # CPU matmuls in bf16/fp16 are slow and lossy; fp32 is both faster and exact-er.
+            return torch.float32
+        d = _STR_TO_DTYPE.get(str(cfg_dtype or "bfloat16").replace("torch.", ""), torch.bfloat16)
+        return torch.bfloat16 if d == torch.float32 else d
+    if dtype not in _STR_TO_DTYPE:
+        raise _fail("dtype", f"must be 'auto' or one of {sorted(_STR_TO_DTYPE)}, got {dtype!r}")
+    return _STR_TO_DTYPE[dtype]
+
+
+def _eos_ids(cfg: dict, model_dir: str) -> tuple[int, ...]:
+    ids: list[int] = []
+    for src in (cfg, _read_json(os.path.join(model_dir, "generation_config.json"))):
+        eos = src.get("eos_token_id")
+        if isinstance(eos, int):
+            ids.append(eos)
+        elif isinstance(eos, list):
+            ids.extend(int(e) for e in eos)
+    return tuple(dict.fromkeys(ids))
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def build_model_config(model: str, *, dtype: Any, device: torch.device,
+                       max_model_len: Optional[int], tokenizer: Optional[str],
+                       skip_tokenizer_init: bool, load_format: str, seed: int,
+                       source: Optional[str] = None) -> ModelConfig:
+    cfg = read_hf_config(model)
+    archs = cfg.get("architectures") or []
+    if not archs:
+        raise _fail("model", f"config.json of {model!r} has no 'architectures'")
+    hidden = int(cfg["hidden_size"])
+    heads = int(cfg["num_attention_heads"])
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    if heads % kv_heads:
+        raise _fail("num_key_value_heads", f"{kv_heads} must divide num_attention_heads={heads}")
+    theta, scaling = normalize_rope(cfg)
+    max_pos = int(cfg.get("max_position_embeddings") or 2048)
+    if max_model_len is None:
+        max_len = max_pos
+    else:
+        if not isinstance(max_model_len, int) or max_model_len < 1:
+            raise _fail("max_model_len", f"must be a positive integer, got {max_model_len!r}")
+        if max_model_len > max_pos and os.environ.get("KVFLOW_ALLOW_LONG_MAX_MODEL_LEN") != "1":
+            raise _fail("max_model_len",
+                        f"{max_model_len} exceeds the model's max_position_embeddings={max_pos} "
+                        "(set KVFLOW_ALLOW_LONG_MAX_MODEL_LEN=1 to override)")
+        max_len = max_model_len
+    tok_dir = None if skip_tokenizer_init else (tokenizer or model)
+    return ModelConfig(
+        model=model, architecture=archs[0], model_type=str(cfg.get("model_type", "")),
+        hidden_size=hidden, intermediate_size=int(cfg.get("intermediate_size") or 4 * hidden),
+        num_hidden_layers=int(cfg["num_hidden_layers"]), num_attention_heads=heads,
+        num_key_value_heads=kv_heads, head_dim=head_dim, vocab_size=int(cfg["vocab_size"]),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
+        max_position_embeddings=max_pos,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
+        dtype=_resolve_dtype(dtype, cfg.get("torch_dtype", cfg.get("dtype")), device),
+        max_model_len=max_len, eos_token_ids=_eos_ids(cfg, model),
+        bos_token_id=cfg.get("bos_token_id"), hf_config=cfg, tokenizer=tok_dir,
+        load_format=load_format, seed=seed, source=source)
+
+
+# ---------------------------------------------------------------------------------- cache
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory: Optional[int] = None   # bytes; overrides the profiled plan when set
+    kv_cache_dtype: str = "auto"
+    num_blocks: Optional[int] = None        # set by the memory plan
+
+    def __post_init__(self):
+        if not isinstance(self.block_size, int) or self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise _fail("block_size", f"must be a power of two >= 1 (16 is typical), got {self.block_size!r}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise _fail("gpu_memory_utilization", f"must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        if self.kv_cache_memory is not None and (not isinstance(self.kv_cache_memory, int)
+                                                 or self.kv_cache_memory <= 0):
+            raise _fail("kv_cache_memory", f"must be a positive number of bytes, got {self.kv_cache_memory!r}")
+        if self.kv_cache_dtype not in ("auto",):
+            raise _fail("kv_cache_dtype", f"must be 'auto', got {self.kv_cache_dtype!r}")
+
+
+# ---------------------------------------------------------------------------------- scheduler
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    max_model_len: int = 2048
+    enable_chunked_prefill: bool = True
+    # A single prefill takes at most this many tokens of a step's budget, so decodes of other
+    # requests keep flowing while a long prompt is processed (0 = no extra cap).
+    long_prefill_token_threshold: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
+            raise _fail("max_num_seqs", f"must be an integer >= 1, got {self.max_num_seqs!r}")
+        if not isinstance(self.max_num_batched_tokens, int) or self.max_num_batched_tokens < 1:
+            raise _fail("max_num_batched_tokens",
+                        f"must be an integer >= 1, got {self.max_num_batched_tokens!r}")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise _fail("max_num_batched_tokens",
+                        f"must be >= max_model_len={self.max_model_len} without chunked prefill")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    rank: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise _fail("tensor_parallel_size", f"must be an integer >= 1, got {self.tensor_parallel_size!r}")
+
+
+@dataclass(frozen=True)
+class CompilationConfig:
+    enforce_eager: bool = False
+
+
+# ---------------------------------------------------------------------------------- engine
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig
+    scheduler: SchedulerConfig
+    parallel: ParallelConfig
+    compilation: CompilationConfig
+    device: torch.device
+    # Whether max_model_len was given by the user (else the memory plan may shrink it).
+    max_model_len_explicit: bool = False
+
+    def replace(self, **changes) -> "EngineConfig":
+        return dataclasses.replace(self, **changes)
+
+
+_CPU_DEFAULT_KV_BYTES = 2 << 30
+
+
+def resolve_model_path(model: Optional[str]) -> tuple[str, Optional[str]]:
+    """(HF-style directory, original source when converted). None = the embedded default model."""
+    from kvflow.models import gguf  # local import: keeps `import kvflow` light
+
+    source = None
+    if model is None:
+        model = gguf.default_model_path()
+    model = os.path.expanduser(model)
+    if gguf.is_gguf(model):
+        source = model
+        model = gguf.convert_gguf(model)
+    elif not os.path.isdir(model):
+        raise _fail("model", f"{model!r} is not a model directory or .gguf file "
+                             "(no model can be downloaded here; pass a local path)")
+    return model, source
+
+
+def create_engine_config(model: Optional[str] = None, *, tokenizer: Optional[str] = None,
+                         skip_tokenizer_init: bool = False, dtype: Any = "auto",
+                         device: str = "auto", max_model_len: Optional[int] = None,
+                         block_size: int = 16, max_num_seqs: int = 256,
+                         max_num_batched_tokens: Optional[int] = None,
+                         enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
+                         gpu_memory_utilization: float = 0.9, kv_cache_memory: Optional[int] = None,
+                         kv_cache_dtype: str = "auto", seed: int = 0, load_format: str = "auto",
+                         enforce_eager: bool = False, tensor_parallel_size: int = 1,
+                         **unknown) -> EngineConfig:
+    if unknown:
+        raise TypeError(f"unexpected engine arguments: {sorted(unknown)}")
+    if load_format not in ("auto", "safetensors", "dummy", "gguf"):
+        raise _fail("load_format", f"must be one of auto, safetensors, gguf, dummy; got {load_format!r}")
+    if not isinstance(seed, int):
+        raise _fail("seed", f"must be an integer, got {seed!r}")
+    dev = resolve_device(device)
+    path, source = resolve_model_path(model)
+    mcfg = build_model_config(path, dtype=dtype, device=dev, max_model_len=max_model_len,
+                              tokenizer=tokenizer, skip_tokenizer_init=skip_tokenizer_init,
+                              load_format=load_format, seed=seed, source=source)
+    if dev.type == "cpu" and kv_cache_memory is None:
+        kv_cache_memory = _CPU_DEFAULT_KV_BYTES
+    cache = CacheConfig(block_size=block_size, enable_prefix_caching=bool(enable_prefix_caching),
+                        gpu_memory_utilization=gpu_memory_utilization,
+                        kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype)
+    if max_num_batched_tokens is None:
+        max_num_batched_tokens = 8192 if enable_chunked_prefill else max(8192, mcfg.max_model_len)
+    sched = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                            max_model_len=mcfg.max_model_len,
+                            enable_chunked_prefill=bool(enable_chunked_prefill))
+    par = ParallelConfig(tensor_parallel_size=tensor_parallel_size)
+    if par.tensor_parallel_size != 1:
+        raise _fail("tensor_parallel_size", "only 1 is supported by this build")
+    return EngineConfig(model=mcfg, cache=cache, scheduler=sched, parallel=par,
+                        compilation=CompilationConfig(enforce_eager=bool(enforce_eager)),
+                        device=dev, max_model_len_explicit=max_model_len is not None)

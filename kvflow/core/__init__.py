@@ -1,0 +1,1 @@
+"""Scheduling and KV-block bookkeeping. CPU only: nothing here imports torch.cuda."""

@@ -1,0 +1,238 @@
+"""Continuous-batching scheduler.
+
+One rule drives everything (see kvflow/request.py): each step, running requests and then waiting
+ones are granted tokens under a budget until num_computed_tokens meets num_tokens. A prompt larger
+than the budget is split across steps (chunked prefill) and shares steps with decodes. When the
+KV pool runs dry the most recently admitted running request is preempted: its blocks are freed and
+it is recomputed later from the prefix cache and its token history (preemption by recompute).
+
+Fairness: running requests are served in admission order before any waiting one is admitted, and
+a preempted request goes back to the front of the waiting queue, so nothing starves.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+from kvflow.core.kv_cache_manager import KVCacheManager
+from kvflow.core.sched_output import (CachedRequestData, EngineCoreOutput, NewRequestData,
+                                      RunnerOutput, SchedulerOutput)
+from kvflow.request import Request, RequestStatus
+
+
+@dataclass
+class SchedulerStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    num_preemptions: int = 0
+
+
+class Scheduler:
+    def __init__(self, *, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
+                 num_blocks: int, block_size: int, enable_prefix_caching: bool,
+                 enable_chunked_prefill: bool = True, long_prefill_token_threshold: int = 0):
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.block_size = block_size
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.long_prefill_token_threshold = long_prefill_token_threshold
+        self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        # Requests the runner should forget at the next step.
+        self._finished_for_runner: set[str] = set()
+        self.num_preemptions = 0
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request_id {request.request_id!r} is already in use")
+        if request.max_tokens < 1:
+            raise ValueError(f"prompt has {request.num_prompt_tokens} tokens but max_model_len is "
+                             f"{self.max_model_len}: the prompt must be shorter than max_model_len "
+                             "so at least one token can be generated")
+        if request.num_tokens > self.kv.pool.num_blocks * self.block_size:
+            raise ValueError(f"prompt has {request.num_prompt_tokens} tokens but the KV cache holds "
+                             f"only {self.kv.pool.num_blocks * self.block_size}")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
+        """Finish requests from outside the step loop (abort, stop string, error)."""
+        assert status.finished
+        done = []
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is None or req.is_finished:
+                continue
+            if req.status == RequestStatus.RUNNING:
+                self.running.remove(req)
+            else:
+                self.waiting.remove(req)
+            req.status = status
+            self._free(req)
+            done.append(req)
+        return done
+
+    def _free(self, req: Request) -> None:
+        self.kv.free(req)
+        self._finished_for_runner.add(req.request_id)
+        del self.requests[req.request_id]
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # ------------------------------------------------------------------ schedule
+    def _cap(self, req: Request, num_new: int, budget: int) -> int:
+        if self.long_prefill_token_threshold:
+            num_new = min(num_new, self.long_prefill_token_threshold)
+        return min(num_new, budget)
+
+    def _preempt(self, victim: Request) -> None:
+        self.kv.free(victim)
+        victim.status = RequestStatus.PREEMPTED
+        victim.num_computed_tokens = 0
+        victim.num_preemptions += 1
+        self.num_preemptions += 1
+        self._finished_for_runner.add(victim.request_id)
+        self.waiting.appendleft(victim)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        num_scheduled: dict[str, int] = {}
+        cached: list[CachedRequestData] = []
+        new: list[NewRequestData] = []
+        preempted_any = False
+
+        # 1) Running requests, in admission order.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = self._cap(req, req.num_tokens - req.num_computed_tokens, budget)
+            if num_new <= 0:
+                i += 1
+                continue
+            while True:
+                new_blocks = self.kv.allocate_slots(req, num_new)
+                if new_blocks is not None:
+                    break
+                victim = self.running.pop()  # the latest admitted, never one already scheduled
+                self._preempt(victim)
+                preempted_any = True
+                if victim is req:
+                    break
+            if new_blocks is None:
+                break
+            num_scheduled[req.request_id] = num_new
+            budget -= num_new
+            cached.append(CachedRequestData(req.request_id, [b.block_id for b in new_blocks],
+                                            req.num_computed_tokens))
+            i += 1
+
+        # 2) Waiting requests, while there is room. After a preemption nothing new is admitted
+        #    this step: the pool is known to be short.
+        while (not preempted_any and self.waiting and budget > 0
+               and len(self.running) < self.max_num_seqs):
+            req = self.waiting[0]
+            hits, num_hit = self.kv.get_computed_blocks(req)
+            num_new = req.num_tokens - num_hit
+            if not self.enable_chunked_prefill and num_new > budget:
+                break
+            num_new = self._cap(req, num_new, budget)
+            new_blocks = self.kv.allocate_slots(req, num_new, hits)
+            if new_blocks is None:
+                break
+            self.waiting.popleft()
+            req.status = RequestStatus.RUNNING
+            req.num_computed_tokens = num_hit
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_hit
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = time.time()
+            self.running.append(req)
+            num_scheduled[req.request_id] = num_new
+            budget -= num_new
+            new.append(NewRequestData(req.request_id, list(req.all_token_ids), req.num_prompt_tokens,
+                                      req.sampling_params, self.kv.get_block_ids(req.request_id),
+                                      num_hit))
+
+        out = SchedulerOutput(new_reqs=new, cached_reqs=cached, num_scheduled_tokens=num_scheduled,
+                              total_num_scheduled_tokens=self.max_num_batched_tokens - budget,
+                              finished_req_ids=self._finished_for_runner)
+        self._finished_for_runner = set()
+        # The runner computes these tokens in this step; advance now so the next schedule()
+        # (possibly before update_from_output, in an overlapped loop) sees them as computed.
+        for rid, n in num_scheduled.items():
+            self.requests[rid].num_computed_tokens += n
+        return out
+
+    # ------------------------------------------------------------------ update
+    def update_from_output(self, sched: SchedulerOutput, out: RunnerOutput) -> list[EngineCoreOutput]:
+        results = []
+        for rid in sched.num_scheduled_tokens:
+            req = self.requests.get(rid)
+            if req is None or req.is_finished:
+                continue  # aborted while the step ran
+            if rid in out.errors:
+                req.status = RequestStatus.FINISHED_ERROR
+                self.running.remove(req)
+                self._free(req)
+                results.append(EngineCoreOutput(rid, [], "error", error=out.errors[rid],
+                                                num_cached_tokens=max(req.num_cached_tokens, 0)))
+                continue
+            new_tokens = out.sampled_token_ids.get(rid) or []
+            accepted = []
+            for tok in new_tokens:
+                req.append_output_token(tok)
+                accepted.append(tok)
+                if self._check_stop(req, tok):
+                    break
+            prompt_lp = out.prompt_logprobs.get(rid)
+            if not accepted and prompt_lp is None:
+                continue  # partial prefill: nothing to report
+            if accepted and req.first_token_time is None:
+                req.first_token_time = time.time()
+            results.append(EngineCoreOutput(
+                rid, accepted, req.status.finish_reason, req.stop_reason,
+                logprobs=out.logprobs.get(rid), prompt_logprobs=prompt_lp,
+                num_cached_tokens=max(req.num_cached_tokens, 0)))
+            if req.is_finished:
+                self.running.remove(req)
+                self._free(req)
+        return results
+
+    def _check_stop(self, req: Request, tok: int) -> bool:
+        sp = req.sampling_params
+        if tok in req.stop_token_ids and req.num_output_tokens >= sp.min_tokens:
+            req.status = RequestStatus.FINISHED_STOPPED
+            # vLLM: stop_reason is the stop token id; None when it was EOS.
+            req.stop_reason = tok if tok in sp.stop_token_ids else None
+        elif req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len:
+            req.status = RequestStatus.FINISHED_LENGTH
+        else:
+            return False
+        return True
+
+    # ------------------------------------------------------------------ stats
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(num_running=len(self.running), num_waiting=len(self.waiting),
+                              kv_cache_usage=self.kv.usage,
+                              prefix_cache_queries=self.kv.stats.queries,
+                              prefix_cache_hits=self.kv.stats.hits,
+                              num_preemptions=self.num_preemptions)
+
+    def reset_prefix_cache(self) -> bool:
+        return self.kv.reset_prefix_cache()
+
+    def get_request(self, rid: str) -> Optional[Request]:
+        return self.requests.get(rid)

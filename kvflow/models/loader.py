@@ -1,0 +1,107 @@
+"""One generic loader: build the model from its config, then feed it checkpoint tensors.
+
+The loader maps checkpoint names onto parameters (through the model's `packed_modules` for fused
+parameters) and calls each parameter's own `weight_loader`, which knows how to slice for tensor
+parallelism. It never inspects shapes itself.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from kvflow.config import ModelConfig
+from kvflow.layers.linear import default_weight_loader
+from kvflow.models.registry import get_model_class
+
+logger = logging.getLogger("kvflow")
+
+# Checkpoint tensors that carry no model state we use.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def iterate_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        files = [os.path.join(model_dir, name) for name in files]
+    else:
+        files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    if not files:
+        raise ValueError(f"model: no *.safetensors weights in {model_dir!r} "
+                         "(use load_format='dummy' for random weights)")
+    for path in files:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    params = dict(model.named_parameters())  # tied parameters appear once
+    packed = getattr(model, "packed_modules", [])
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    seen: set[str] = set()
+    unexpected = []
+    for name, tensor in weights:
+        if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+            continue
+        shard = None
+        target = name
+        for param_name, ckpt_name, shard_id in packed:
+            if f".{ckpt_name}." in name:
+                target, shard = name.replace(f".{ckpt_name}.", f".{param_name}."), shard_id
+                break
+        param = params.get(target)
+        if param is None:
+            unexpected.append(name)
+            continue
+        loader = getattr(param, "weight_loader", default_weight_loader)
+        try:
+            loader(param, tensor, shard) if shard is not None else loader(param, tensor)
+        except ValueError as e:
+            raise ValueError(f"checkpoint tensor {name!r}: {e}") from None
+        seen.add(target)
+    missing = sorted(set(params) - seen)
+    if missing:
+        raise ValueError(f"checkpoint is missing weights for {len(missing)} parameters, e.g. {missing[:5]}")
+    if unexpected:
+        logger.warning("ignored %d checkpoint tensors with no matching parameter, e.g. %s",
+                       len(unexpected), unexpected[:5])
+
+
+def init_dummy_weights(model: nn.Module, seed: int) -> None:
+    """Random weights for benchmarks: speed does not depend on values. Small uniform values
+    keep activations finite through deep stacks."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    for p in model.parameters():
+        cpu = torch.empty(p.shape, dtype=torch.float32).uniform_(-1e-3, 1e-3, generator=gen) \
+            if p.numel() < (1 << 22) else None
+        if cpu is not None:
+            p.data.copy_(cpu)
+        else:  # large tensors: generate on the device, seeded, to keep startup fast
+            g = torch.Generator(device=p.device).manual_seed(seed + p.numel())
+            p.data.uniform_(-1e-3, 1e-3, generator=g)
+
+
+def build_model(cfg: ModelConfig, device: torch.device) -> nn.Module:
+    cls = get_model_class(cfg.architecture)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(cfg.dtype)
+    try:
+        with torch.device(device):
+            model = cls(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    if cfg.load_format == "dummy":
+        init_dummy_weights(model, cfg.seed)
+    else:
+        load_weights(model, iterate_safetensors(cfg.model))
+    return model.eval()

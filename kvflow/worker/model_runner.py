@@ -1,0 +1,258 @@
+"""Turns a SchedulerOutput into one forward pass and a RunnerOutput.
+
+The runner keeps, per live request, a row in two persistent host arrays — its token ids and its
+block table — so each step's inputs are gathered with a handful of vectorised numpy operations
+instead of Python loops over tokens:
+
+    token_buf   [max_num_seqs, max_model_len]        int32
+    block_buf   [max_num_seqs, max_blocks_per_req]   int32
+
+Per step, for B scheduled requests and T scheduled tokens (request order = scheduler order):
+    positions [T], input_ids [T], slot_mapping [T], query_start_loc [B+1], seq_lens [B],
+    block_table [B, max_blocks], logits_indices [S] (last token of each request that catches up
+    with its num_tokens this step, S <= B).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from kvflow.attention.backend import AttentionMetadata, AttentionSpec
+from kvflow.attention.layer import Attention
+from kvflow.attention.selector import select_backend
+from kvflow.config import EngineConfig
+from kvflow.core.sched_output import LogprobsLists, RunnerOutput, SchedulerOutput
+from kvflow.forward_context import set_forward_context
+from kvflow.sample import Sampler, SamplingMetadata, compute_topk_logprobs
+from kvflow.sampling_params import SamplingParams
+
+logger = logging.getLogger("kvflow")
+
+
+@dataclass
+class RequestState:
+    req_id: str
+    row: int
+    num_prompt_tokens: int
+    params: SamplingParams
+    num_tokens: int
+    num_computed_tokens: int
+    num_blocks: int
+    generator: Optional[torch.Generator]
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model: nn.Module, device: torch.device):
+        self.config = config
+        self.model = model
+        self.device = device
+        mc, sc = config.model, config.scheduler
+        self.vocab_size = mc.vocab_size
+        self.block_size = config.cache.block_size
+        self.max_model_len = mc.max_model_len
+        self.max_num_reqs = sc.max_num_seqs
+        self.max_blocks_per_req = -(-self.max_model_len // self.block_size)
+        self.token_buf = np.zeros((self.max_num_reqs, self.max_model_len), dtype=np.int32)
+        self.block_buf = np.zeros((self.max_num_reqs, self.max_blocks_per_req), dtype=np.int32)
+        self.free_rows = list(range(self.max_num_reqs - 1, -1, -1))
+        self.requests: dict[str, RequestState] = {}
+        self.sampler = Sampler()
+        self.attn_layers = [m for m in model.modules() if isinstance(m, Attention)]
+        self.kv_caches: list[torch.Tensor] = []
+        self.backend = None
+        self._pin = device.type == "cuda"
+
+    # ------------------------------------------------------------------ setup
+    def attention_spec(self, layer: Attention) -> AttentionSpec:
+        return AttentionSpec(num_heads=layer.num_heads, num_kv_heads=layer.num_kv_heads,
+                             head_size=layer.head_dim, scale=layer.scale, dtype=self.config.model.dtype,
+                             kv_cache_dtype=self.config.cache.kv_cache_dtype,
+                             block_size=self.block_size,
+                             local_attention_chunk=layer.local_attention_chunk)
+
+    def bind_attention_backend(self, requested: Optional[str] = None) -> None:
+        specs = [self.attention_spec(layer) for layer in self.attn_layers]
+        # The most demanding spec decides (a local-attention layer needs a backend that has it).
+        key = max(specs, key=lambda s: s.local_attention_chunk is not None)
+        self.backend = select_backend(key, self.device, requested)
+        for layer, spec in zip(self.attn_layers, specs):
+            layer.impl = self.backend.make_impl(spec)
+
+    def kv_cache_shape(self, num_blocks: int, layer: Attention) -> tuple[int, ...]:
+        return (2, num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
+
+    def bytes_per_block(self) -> int:
+        itemsize = torch.empty((), dtype=self.config.model.dtype).element_size()
+        return sum(2 * self.block_size * layer.num_kv_heads * layer.head_dim * itemsize
+                   for layer in self.attn_layers)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        # Zeroed: padded reads of never-written slots must not inject NaN/Inf.
+        self.kv_caches = [torch.zeros(self.kv_cache_shape(num_blocks, layer),
+                                      dtype=self.config.model.dtype, device=self.device)
+                          for layer in self.attn_layers]
+        for layer, cache in zip(self.attn_layers, self.kv_caches):
+            layer.kv_cache = cache
+
+    def release_kv_cache(self) -> None:
+        for layer in self.attn_layers:
+            layer.kv_cache = None
+        self.kv_caches = []
+
+    # ------------------------------------------------------------------ state
+    def _update_states(self, so: SchedulerOutput) -> None:
+        for rid in so.finished_req_ids:
+            st = self.requests.pop(rid, None)
+            if st is not None:
+                self.free_rows.append(st.row)
+        for nr in so.new_reqs:
+            if nr.req_id in self.requests:  # resumed without an explicit drop; start over
+                self.free_rows.append(self.requests.pop(nr.req_id).row)
+            row = self.free_rows.pop()
+            n = len(nr.token_ids)
+            self.token_buf[row, :n] = nr.token_ids
+            self.block_buf[row, :len(nr.block_ids)] = nr.block_ids
+            gen = None
+            if nr.sampling_params.seed is not None:
+                gen = torch.Generator(device=self.device).manual_seed(nr.sampling_params.seed)
+            self.requests[nr.req_id] = RequestState(nr.req_id, row, nr.num_prompt_tokens,
+                                                    nr.sampling_params, n, nr.num_computed_tokens,
+                                                    len(nr.block_ids), gen)
+        for cr in so.cached_reqs:
+            st = self.requests[cr.req_id]
+            if cr.new_block_ids:
+                self.block_buf[st.row, st.num_blocks:st.num_blocks + len(cr.new_block_ids)] = cr.new_block_ids
+                st.num_blocks += len(cr.new_block_ids)
+            st.num_computed_tokens = cr.num_computed_tokens
+
+    def _to_device(self, arr: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        t = torch.from_numpy(arr).to(dtype)
+        if self.device.type == "cpu":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
+    # ------------------------------------------------------------------ step
+    @torch.inference_mode()
+    def execute_model(self, so: SchedulerOutput) -> RunnerOutput:
+        self._update_states(so)
+        if so.is_empty:
+            return RunnerOutput(sampled_token_ids={})
+        req_ids = list(so.num_scheduled_tokens)
+        states = [self.requests[r] for r in req_ids]
+        b = len(states)
+        rows = np.fromiter((s.row for s in states), dtype=np.int64, count=b)
+        nsched = np.fromiter((so.num_scheduled_tokens[r] for r in req_ids), dtype=np.int64, count=b)
+        computed = np.fromiter((s.num_computed_tokens for s in states), dtype=np.int64, count=b)
+        num_tokens = np.fromiter((s.num_tokens for s in states), dtype=np.int64, count=b)
+
+        cu = np.cumsum(nsched)
+        total = int(cu[-1])
+        starts = cu - nsched
+        req_idx = np.repeat(np.arange(b), nsched)                         # [T]
+        positions = computed[req_idx] + np.arange(total) - starts[req_idx]  # [T]
+        input_ids = self.token_buf[rows[req_idx], positions]
+        seq_lens = computed + nsched                                       # [B]
+        slot_mapping = (self.block_buf[rows[req_idx], positions // self.block_size].astype(np.int64)
+                        * self.block_size + positions % self.block_size)
+        max_blocks = int(-(-seq_lens.max() // self.block_size))
+        block_table = self.block_buf[rows, :max_blocks]
+        sampling = seq_lens == num_tokens                                  # [B] caught up -> sample
+        logits_indices = cu[sampling] - 1
+
+        md = AttentionMetadata(
+            num_actual_tokens=total, max_query_len=int(nsched.max()), max_seq_len=int(seq_lens.max()),
+            query_start_loc=self._to_device(np.concatenate([[0], cu]), torch.int32),
+            seq_lens=self._to_device(seq_lens, torch.int32),
+            block_table=self._to_device(np.ascontiguousarray(block_table), torch.int32),
+            slot_mapping=self._to_device(slot_mapping, torch.int64),
+            query_start_loc_cpu=torch.from_numpy(np.concatenate([[0], cu]).astype(np.int32)),
+            seq_lens_cpu=torch.from_numpy(seq_lens.astype(np.int32)),
+            is_decode_only=bool((nsched == 1).all()))
+        ids_t = self._to_device(input_ids, torch.int64)
+        pos_t = self._to_device(positions, torch.int64)
+        with set_forward_context(md):
+            hidden = self.model(ids_t, pos_t)                              # [T, hidden]
+
+        out = RunnerOutput(sampled_token_ids={r: [] for r in req_ids})
+        self._prompt_logprobs(states, starts, computed, nsched, hidden, out)
+        sample_states = [s for s, flag in zip(states, sampling) if flag]
+        if not sample_states:
+            return out
+        logits = self.model.compute_logits(hidden[self._to_device(logits_indices, torch.int64)])
+        meta = self._sampling_metadata(sample_states)
+        result = self.sampler(logits, meta)
+        tokens = result.sampled_token_ids.tolist()
+        lp = result.logprobs
+        if lp is not None:
+            lp_ids, lp_vals, lp_ranks = lp.token_ids.tolist(), lp.logprobs.tolist(), lp.ranks.tolist()
+        for i, (st, tok) in enumerate(zip(sample_states, tokens)):
+            if st.num_tokens < self.max_model_len:
+                self.token_buf[st.row, st.num_tokens] = tok
+            st.num_tokens += 1
+            out.sampled_token_ids[st.req_id] = [tok]
+            k = st.params.logprobs
+            if k is not None and lp is not None:
+                out.logprobs[st.req_id] = LogprobsLists([lp_ids[i][:k + 1]], [lp_vals[i][:k + 1]],
+                                                        [lp_ranks[i]])
+        return out
+
+    def _sampling_metadata(self, states: list[RequestState]) -> SamplingMetadata:
+        params = [s.params for s in states]
+        needs_history = any(p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0
+                            or p.min_tokens for p in params)
+        if needs_history:
+            outs = [self.token_buf[s.row, s.num_prompt_tokens:s.num_tokens].tolist() for s in states]
+            prompts = [self.token_buf[s.row, :s.num_prompt_tokens].tolist() for s in states]
+        else:
+            outs = [[] for _ in states]
+            prompts = outs
+        gens = {i: s.generator for i, s in enumerate(states) if s.generator is not None}
+        return SamplingMetadata.build(params, outs, prompts, gens, self.vocab_size, self.device)
+
+    def _prompt_logprobs(self, states, starts, computed, nsched, hidden, out: RunnerOutput) -> None:
+        """Logprobs of each prompt token given its prefix, for requests that asked. Position p's
+        hidden state predicts token p+1; positions p+1 < num_prompt_tokens are prompt targets."""
+        for i, st in enumerate(states):
+            k = st.params.prompt_logprobs
+            if k is None:
+                continue
+            first, last = int(computed[i]), int(computed[i] + nsched[i])  # positions [first, last)
+            last = min(last, st.num_prompt_tokens - 1)
+            if last <= first:
+                continue
+            idx = torch.arange(int(starts[i]), int(starts[i]) + last - first, device=hidden.device)
+            logits = self.model.compute_logits(hidden[idx])
+            targets = torch.from_numpy(self.token_buf[st.row, first + 1:last + 1].astype(np.int64))
+            lp = compute_topk_logprobs(logits, targets.to(hidden.device), k)
+            out.prompt_logprobs[st.req_id] = LogprobsLists(lp.token_ids.tolist(), lp.logprobs.tolist(),
+                                                           lp.ranks.tolist())
+
+    # ------------------------------------------------------------------ profiling
+    @torch.inference_mode()
+    def dummy_run(self, num_tokens: int, num_reqs: int) -> None:
+        """A forward + sampling pass of the largest step shape, writing into block 0 only.
+        Used to measure peak activation memory before the KV cache is sized."""
+        num_reqs = max(1, min(num_reqs, num_tokens))
+        per_req = [num_tokens // num_reqs] * num_reqs
+        per_req[-1] += num_tokens - sum(per_req)
+        cu = np.cumsum(per_req)
+        nb = -(-max(per_req) // self.block_size)
+        md = AttentionMetadata(
+            num_actual_tokens=num_tokens, max_query_len=max(per_req), max_seq_len=max(per_req),
+            query_start_loc=self._to_device(np.concatenate([[0], cu]), torch.int32),
+            seq_lens=self._to_device(np.array(per_req), torch.int32),
+            block_table=self._to_device(np.zeros((num_reqs, nb), dtype=np.int32), torch.int32),
+            slot_mapping=self._to_device(np.full(num_tokens, -1, dtype=np.int64), torch.int64))
+        ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
+        pos = torch.from_numpy(np.concatenate([np.arange(n) for n in per_req])).to(self.device)
+        with set_forward_context(md):
+            hidden = self.model(ids, pos)
+        logits = self.model.compute_logits(hidden[torch.from_numpy(cu - 1).to(self.device)])
+        params = [SamplingParams(temperature=1.0, top_p=0.9, top_k=50)] * num_reqs
+        self.sampler(logits, SamplingMetadata.build(params, [[]] * num_reqs, [[]] * num_reqs, {},
+                                                    self.vocab_size, self.device))

@@ -1,0 +1,124 @@
+"""A worker owns one device: it loads the model, plans memory, allocates the KV cache and runs
+steps through its ModelRunner.
+
+Memory plan (computed before the KV cache is allocated, logged on one line):
+  GPU: budget = total * gpu_memory_utilization; KV = budget - non-torch memory (CUDA context,
+       other processes' share is excluded by construction) - torch peak of a max-size dummy step.
+  CPU: KV = kv_cache_memory (default 2 GiB).
+  kv_cache_memory, when given, overrides the GPU plan too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+import time
+
+import torch
+
+from kvflow.config import EngineConfig
+from kvflow.core.sched_output import RunnerOutput, SchedulerOutput
+from kvflow.models.loader import build_model
+from kvflow.worker.model_runner import ModelRunner
+
+logger = logging.getLogger("kvflow")
+GiB = 1 << 30
+
+
+@dataclasses.dataclass
+class MemoryPlan:
+    weights_bytes: int
+    activation_peak_bytes: int
+    kv_cache_bytes: int
+    num_blocks: int
+    block_size: int
+    max_model_len: int
+    max_concurrency: float
+
+    def describe(self) -> str:
+        return (f"memory plan: weights {self.weights_bytes / GiB:.2f} GiB, activation peak "
+                f"{self.activation_peak_bytes / GiB:.2f} GiB, KV cache {self.kv_cache_bytes / GiB:.2f} GiB "
+                f"= {self.num_blocks} blocks x {self.block_size} tokens "
+                f"({self.num_blocks * self.block_size} tokens), max concurrency "
+                f"{self.max_concurrency:.1f} requests of {self.max_model_len} tokens")
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, attention_backend: str | None = None):
+        self.config = config
+        self.device = config.device
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        torch.manual_seed(config.model.seed)
+        t0 = time.perf_counter()
+        self.model = build_model(config.model, self.device)
+        self.load_time_s = time.perf_counter() - t0
+        self.weights_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        logger.info("loaded %s (%s) in %.2f s, %.2f GiB", config.model.architecture,
+                    config.model.source or config.model.model, self.load_time_s,
+                    self.weights_bytes / GiB)
+        self.runner = ModelRunner(config, self.model, self.device)
+        self.runner.bind_attention_backend(attention_backend)
+        self.plan: MemoryPlan | None = None
+
+    # ------------------------------------------------------------------ memory
+    def _profile_peak(self) -> int:
+        sc = self.config.scheduler
+        num_tokens = sc.max_num_batched_tokens
+        num_reqs = max(min(sc.max_num_seqs, num_tokens), -(-num_tokens // self.config.model.max_model_len))
+        # One block is enough: the dummy step reads block 0 and writes nothing.
+        scratch = [torch.zeros(self.runner.kv_cache_shape(1, l), dtype=self.config.model.dtype,
+                               device=self.device) for l in self.runner.attn_layers]
+        for l, c in zip(self.runner.attn_layers, scratch):
+            l.kv_cache = c
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            self.runner.dummy_run(num_tokens, num_reqs)
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - base
+        else:
+            self.runner.dummy_run(min(num_tokens, 256), min(num_reqs, 4))  # smoke test only
+            peak = 0
+        self.runner.release_kv_cache()
+        del scratch
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return peak
+
+    def plan_memory(self) -> MemoryPlan:
+        cc = self.config.cache
+        peak = self._profile_peak()
+        per_block = self.runner.bytes_per_block()
+        if cc.kv_cache_memory is not None:
+            kv_bytes = cc.kv_cache_memory
+        else:
+            free, total = torch.cuda.mem_get_info(self.device)
+            non_torch = (total - free) - torch.cuda.memory_reserved(self.device)
+            kv_bytes = int(total * cc.gpu_memory_utilization - non_torch
+                           - torch.cuda.memory_allocated(self.device) - peak)
+            # Reserve room for CUDA-graph pools and allocator fragmentation.
+            kv_bytes -= int(0.01 * total)
+        num_blocks = max(kv_bytes // per_block, 0)
+        mc = self.config.model
+        blocks_per_seq = -(-mc.max_model_len // cc.block_size)
+        if num_blocks < blocks_per_seq:
+            need = blocks_per_seq * per_block
+            if self.config.max_model_len_explicit or num_blocks < 1:
+                raise ValueError(
+                    f"max_model_len: {mc.max_model_len} tokens need {need / GiB:.2f} GiB of KV cache "
+                    f"for one request, but only {max(kv_bytes, 0) / GiB:.2f} GiB is available; raise "
+                    "gpu_memory_utilization / kv_cache_memory or lower max_model_len")
+        self.plan = MemoryPlan(self.weights_bytes, peak, num_blocks * per_block, int(num_blocks),
+                               cc.block_size, mc.max_model_len,
+                               num_blocks / max(blocks_per_seq, 1))
+        return self.plan
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        self.runner.allocate_kv_cache(num_blocks)
+
+    # ------------------------------------------------------------------ steps
+    def execute_model(self, so: SchedulerOutput) -> RunnerOutput:
+        return self.runner.execute_model(so)
