@@ -6,6 +6,7 @@ the allowed range so that the server can turn it into an HTTP 400 with `param` s
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -32,7 +33,8 @@ def _is_int(x) -> bool:
 
 
 def _is_num(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    # NaN and inf fail every range check silently (all comparisons are False): reject them here.
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass

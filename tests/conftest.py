@@ -1,0 +1,117 @@
+"""Shared fixtures: tiny random Hugging Face models written to disk, and engine helpers.
+
+Every engine built through `make_llm` is checked after each test: all KV blocks must be back in
+the pool (nothing leaked), whatever the test did.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _kvflow_cache_dir(tmp_path_factory):
+    # GGUF conversions etc. go to a per-session cache unless the caller chose one (CI keeps one
+    # across runs to make the second start fast).
+    if "KVFLOW_CACHE_DIR" not in os.environ:
+        os.environ["KVFLOW_CACHE_DIR"] = str(tmp_path_factory.mktemp("kvflow-cache"))
+    yield
+
+
+TINY = dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+            eos_token_id=383, bos_token_id=1)
+
+
+def make_hf_model(kind: str, **overrides):
+    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+                              Qwen3Config, Qwen3ForCausalLM)
+    classes = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+               "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
+    cfg_cls, model_cls = classes[kind]
+    kw = dict(TINY)
+    if kind == "qwen3":
+        kw["head_dim"] = 16
+    kw.update(overrides)
+    torch.manual_seed(1234)
+    model = model_cls(cfg_cls(**kw)).eval()
+    # Random init leaves norms at 1 and biases at 0; perturb them so those paths are tested too.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def save_hf_model(model, path, rope_spelling: str = "v5") -> str:
+    """Write the model; rope_spelling 'v4' rewrites config.json to rope_theta/rope_scaling."""
+    model.save_pretrained(path)
+    if rope_spelling == "v4":
+        cfg_path = os.path.join(path, "config.json")
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+        params = cfg.pop("rope_parameters")
+        cfg["rope_theta"] = params.pop("rope_theta")
+        if params.get("rope_type", "default") != "default":
+            cfg["rope_scaling"] = params
+        with open(cfg_path, "w") as f:
+            json.dump(cfg, f)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    model = make_hf_model("llama")
+    return model, save_hf_model(model, tmp_path_factory.mktemp("tiny-llama"))
+
+
+_ENGINES = []
+
+
+@pytest.fixture
+def make_llm():
+    from kvflow import LLM
+
+    def make(model_dir, **kw):
+        kw.setdefault("skip_tokenizer_init", True)
+        kw.setdefault("kv_cache_memory", 8 << 20)
+        kw.setdefault("device", "cpu")
+        llm = LLM(model_dir, **kw)
+        _ENGINES.append(llm)
+        return llm
+
+    yield make
+    engines = list(_ENGINES)
+    _ENGINES.clear()
+    for llm in engines:
+        eng = llm.llm_engine
+        assert not eng.has_unfinished_requests(), "test left requests in the engine"
+        assert eng.num_free_blocks() == eng.num_total_blocks(), "KV blocks leaked"
+
+
+def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    # An explicit attention mask: otherwise generate() infers padding from pad_token_id and
+    # masks real prompt tokens that happen to equal it.
+    ids = torch.tensor([prompt])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                         do_sample=False, eos_token_id=None, pad_token_id=0,
+                         min_new_tokens=max_new_tokens)
+    toks = out[0, len(prompt):].tolist()
+    assert len(toks) == max_new_tokens
+    return toks

@@ -1,0 +1,267 @@
+"""Engine behaviour on a tiny random Llama: every scheduling path gives HF's greedy tokens, bad
+input fails cleanly, and no KV block is ever leaked (checked by the make_llm fixture)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from kvflow import SamplingParams
+from tests.conftest import hf_greedy
+
+GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+
+
+def _block_bytes(block_size: int) -> int:
+    # tiny model: 2 layers x (K, V) x block_size x 2 KV heads x head_dim 16 x fp32
+    return 2 * 2 * block_size * 2 * 16 * 4
+
+
+def _prompts(seed=0, lengths=(3, 17, 40, 64, 5, 29)):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 383, size=n).tolist() for n in lengths]
+
+
+def _gen(llm, prompts, params=GREEDY):
+    return llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama):
+    hf, _ = tiny_llama
+    return {tuple(p): hf_greedy(hf, p, 16) for p in _prompts()}
+
+
+def _check(outs, prompts, reference):
+    for p, o in zip(prompts, outs):
+        assert o.outputs[0].token_ids == reference[tuple(p)], f"prompt of {len(p)} tokens differs"
+
+
+def test_alone_and_batched(tiny_llama, reference, make_llm):
+    llm = make_llm(tiny_llama[1])
+    prompts = _prompts()
+    for p in prompts:  # one at a time
+        _check(_gen(llm, [p]), [p], reference)
+    _check(_gen(llm, prompts), prompts, reference)
+
+
+def test_chunked_prefill_tiny_budget(tiny_llama, reference, make_llm):
+    llm = make_llm(tiny_llama[1], max_num_batched_tokens=7, enable_prefix_caching=False)
+    prompts = _prompts()
+    _check(_gen(llm, prompts), prompts, reference)
+
+
+def test_forced_preemption(tiny_llama, reference, make_llm):
+    # 24 blocks of 4 tokens: the six requests need far more together, so some are preempted
+    # and recomputed.
+    llm2 = make_llm(tiny_llama[1], block_size=4, kv_cache_memory=24 * _block_bytes(4),
+                    enable_prefix_caching=False)
+    prompts = _prompts()
+    _check(_gen(llm2, prompts), prompts, reference)
+    assert llm2.llm_engine.scheduler.num_preemptions > 0
+
+
+def test_prefix_cache_hits(tiny_llama, reference, make_llm):
+    llm = make_llm(tiny_llama[1])
+    prompts = _prompts()
+    first = _gen(llm, prompts)
+    second = _gen(llm, prompts)
+    _check(first, prompts, reference)
+    _check(second, prompts, reference)
+    long = [o for o, p in zip(second, prompts) if len(p) > 16]
+    assert all(o.num_cached_tokens > 0 for o in long)
+    assert all(o.num_cached_tokens % 16 == 0 and o.num_cached_tokens < len(o.prompt_token_ids) for o in second)
+    stats = llm.llm_engine.stats()
+    assert stats["prefix_cache_hits"] > 0
+
+
+def test_shared_prefix_in_one_batch(tiny_llama, make_llm):
+    hf, path = tiny_llama
+    llm = make_llm(path, block_size=4)
+    base = _prompts(3, (37,))[0]
+    prompts = [base + [i] for i in range(4)]
+    outs = _gen(llm, prompts)
+    for p, o in zip(prompts, outs):
+        assert o.outputs[0].token_ids == hf_greedy(hf, p, 16)
+
+
+def test_preemption_with_prefix_cache_and_chunking(tiny_llama, reference, make_llm):
+    llm2 = make_llm(tiny_llama[1], block_size=4, max_num_batched_tokens=10,
+                    kv_cache_memory=30 * _block_bytes(4))
+    prompts = _prompts()
+    _check(_gen(llm2, prompts), prompts, reference)
+    _check(_gen(llm2, prompts), prompts, reference)
+
+
+def test_n_and_seed(tiny_llama, make_llm):
+    llm = make_llm(tiny_llama[1])
+    p = _prompts(5, (12,))
+    sp = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=10, ignore_eos=True)
+    a = _gen(llm, p, sp)[0]
+    assert [c.index for c in a.outputs] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in a.outputs}) > 1
+    # Same seed, different batch company: identical samples.
+    others = _prompts(6, (20, 3, 9))
+    b = _gen(llm, others + p, [SamplingParams(temperature=1.0, max_tokens=7)] * 3 + [sp])[-1]
+    assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
+
+
+def test_stop_token_and_min_tokens(tiny_llama, reference, make_llm):
+    llm = make_llm(tiny_llama[1])
+    p = _prompts()[2]
+    ref = reference[tuple(p)]
+    stop_tok = ref[5]
+    first = ref.index(stop_tok)
+    o = _gen(llm, [p], SamplingParams(temperature=0, max_tokens=16, stop_token_ids=[stop_tok]))[0].outputs[0]
+    assert o.token_ids == ref[:first + 1] and o.finish_reason == "stop" and o.stop_reason == stop_tok
+    # min_tokens masks stop tokens until that many tokens exist.
+    o = _gen(llm, [p], SamplingParams(temperature=0, max_tokens=16, stop_token_ids=[stop_tok],
+                                      min_tokens=first + 2))[0].outputs[0]
+    assert len(o.token_ids) >= first + 2 and stop_tok not in o.token_ids[:first + 2]
+
+
+def test_max_tokens_and_max_model_len(tiny_llama, make_llm):
+    llm = make_llm(tiny_llama[1], max_model_len=48)
+    outs = _gen(llm, [_prompts()[2]], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))
+    assert len(outs[0].outputs[0].token_ids) == 48 - 40
+    assert outs[0].outputs[0].finish_reason == "length"
+
+
+def test_too_long_prompt_fails_alone(tiny_llama, reference, make_llm):
+    llm = make_llm(tiny_llama[1], max_model_len=50)
+    prompts = _prompts()
+    bad = list(range(60))
+    outs = _gen(llm, prompts[:2] + [bad] + prompts[2:3])
+    assert outs[2].outputs[0].finish_reason == "error"
+    assert "max_model_len=50" in outs[2].error
+    for p, o in zip(prompts[:3], [outs[0], outs[1], outs[3]]):
+        # Generation stops at max_model_len: the 40-token prompt gets 10 tokens.
+        assert o.outputs[0].token_ids == reference[tuple(p)][:50 - len(p)]
+
+
+def test_logprobs_match_hf(tiny_llama, make_llm):
+    hf, path = tiny_llama
+    llm = make_llm(path)
+    p = _prompts()[1]
+    o = _gen(llm, [p], SamplingParams(temperature=0, max_tokens=4, logprobs=3, prompt_logprobs=2,
+                                      ignore_eos=True))[0]
+    with torch.no_grad():
+        full = torch.tensor([p + o.outputs[0].token_ids])
+        ref = torch.log_softmax(hf(full).logits[0].float(), -1)
+    for i, (tok, lps) in enumerate(zip(o.outputs[0].token_ids, o.outputs[0].logprobs)):
+        row = ref[len(p) - 1 + i]
+        assert abs(lps[tok].logprob - row[tok].item()) < 1e-4
+        assert lps[tok].rank == 1  # greedy picks the top token
+        top = torch.topk(row, 3).indices.tolist()
+        assert set(top) <= set(lps)
+    assert o.prompt_logprobs[0] is None and len(o.prompt_logprobs) == len(p)
+    for j in range(1, len(p)):
+        assert abs(o.prompt_logprobs[j][p[j]].logprob - ref[j - 1, p[j]].item()) < 1e-4
+    assert o.outputs[0].cumulative_logprob == pytest.approx(
+        sum(d[t].logprob for d, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)), abs=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(n=0), "n"), (dict(temperature=-0.1), "temperature"),
+    (dict(temperature=float("nan")), "temperature"), (dict(temperature=float("inf")), "temperature"),
+    (dict(repetition_penalty=float("inf")), "repetition_penalty"), (dict(top_p=float("nan")), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(top_p=0.0), "top_p"), (dict(top_k=-2), "top_k"), (dict(min_p=1.5), "min_p"),
+    (dict(presence_penalty=3.0), "presence_penalty"), (dict(frequency_penalty=-2.5), "frequency_penalty"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(max_tokens=0), "max_tokens"),
+    (dict(max_tokens=-1), "max_tokens"), (dict(min_tokens=-1), "min_tokens"),
+    (dict(min_tokens=5, max_tokens=2), "min_tokens"), (dict(logprobs=-1), "logprobs"),
+    (dict(prompt_logprobs=-3), "prompt_logprobs"), (dict(stop=[""]), "stop"),
+    (dict(stop_token_ids=[-1]), "stop_token_ids"), (dict(logit_bias={"x": 1}), "logit_bias"),
+    (dict(logit_bias={5: 500}), "logit_bias"), (dict(seed=1.5), "seed"),
+    (dict(detokenize=False, stop=["x"]), "stop"), (dict(n=1.5), "n"), (dict(ignore_eos="yes"), "ignore_eos"),
+])
+def test_invalid_sampling_params(kwargs, field):
+    with pytest.raises(ValueError, match=field) as e:
+        SamplingParams(**kwargs)
+    assert getattr(e.value, "param", field) == field
+
+
+def test_out_of_vocab_ids_rejected(tiny_llama, make_llm):
+    llm = make_llm(tiny_llama[1])
+    with pytest.raises(ValueError, match="logit_bias"):
+        _gen(llm, [[1, 2]], SamplingParams(logit_bias={10_000: 1.0}))
+    outs = _gen(llm, [[1, 999_999]])
+    assert outs[0].outputs[0].finish_reason == "error" and "prompt" in outs[0].error
+    outs = _gen(llm, [[]])
+    assert outs[0].outputs[0].finish_reason == "error"
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(block_size=12), "block_size"), (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization"),
+    (dict(max_num_seqs=0), "max_num_seqs"), (dict(max_model_len=100_000), "max_model_len"),
+    (dict(max_num_batched_tokens=0), "max_num_batched_tokens"), (dict(device="tpu"), "device"),
+    (dict(load_format="pickle"), "load_format"), (dict(dtype="int3"), "dtype"),
+    (dict(kv_cache_memory=-5), "kv_cache_memory"),
+])
+def test_invalid_engine_args(tiny_llama, kwargs, field):
+    from kvflow import LLM
+    kw = dict(skip_tokenizer_init=True, device="cpu", kv_cache_memory=1 << 20)
+    kw.update(kwargs)
+    with pytest.raises(ValueError, match=field):
+        LLM(tiny_llama[1], **kw)
+
+
+def test_max_model_len_that_cannot_fit_says_how_much(tiny_llama):
+    from kvflow import LLM
+    with pytest.raises(ValueError, match=r"max_model_len: 1024 tokens need .* GiB"):
+        LLM(tiny_llama[1], skip_tokenizer_init=True, device="cpu", kv_cache_memory=64 << 10,
+            max_model_len=1024)
+
+
+def test_max_model_len_fitted_to_memory(tiny_llama, make_llm, caplog):
+    llm = make_llm(tiny_llama[1], kv_cache_memory=256 << 10)
+    cap = llm.llm_engine.num_total_blocks() * 16
+    assert llm.llm_engine.max_model_len == cap < 1024
+    assert "max_model_len is set to" in caplog.text
+
+
+def test_abort_frees_blocks(tiny_llama, make_llm):
+    llm = make_llm(tiny_llama[1])
+    eng = llm.llm_engine
+    for i, p in enumerate(_prompts()):
+        eng.add_request(f"r{i}", {"prompt_token_ids": p}, SamplingParams(max_tokens=50, ignore_eos=True))
+    for _ in range(3):
+        eng.step()
+    assert eng.num_free_blocks() < eng.num_total_blocks()
+    outs = eng.abort_request([f"r{i}" for i in range(6)])
+    assert {o.outputs[0].finish_reason for o in outs} == {"abort"}
+    assert not eng.has_unfinished_requests()
+    assert eng.num_free_blocks() == eng.num_total_blocks()
+
+
+def test_duplicate_request_id_rejected(tiny_llama, make_llm):
+    llm = make_llm(tiny_llama[1])
+    eng = llm.llm_engine
+    eng.add_request("x", [1, 2, 3], SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="request_id"):
+        eng.add_request("x", [1, 2, 3], SamplingParams(max_tokens=2))
+    while eng.has_unfinished_requests():
+        eng.step()
+
+
+def test_failed_step_fails_its_requests_and_engine_keeps_serving(tiny_llama, reference, make_llm):
+    llm = make_llm(tiny_llama[1])
+    eng = llm.llm_engine
+    worker = eng.executor.worker
+    real = worker.runner.execute_model
+    calls = {"n": 0}
+
+    def flaky(so):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("injected failure")
+        return real(so)
+
+    worker.runner.execute_model = flaky
+    try:
+        outs = _gen(llm, _prompts()[:2])
+        assert all(o.outputs[0].finish_reason == "error" and "injected" in o.error for o in outs)
+    finally:
+        worker.runner.execute_model = real
+    prompts = _prompts()
+    _check(_gen(llm, prompts), prompts, reference)
