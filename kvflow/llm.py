@@ -4,14 +4,13 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional, Sequence, Union
 
+from kvflow.engine.chat import Conversation, render_chat
 from kvflow.engine.llm_engine import LLMEngine, PromptType
 from kvflow.engine.output_processor import OutputKind
 from kvflow.outputs import CompletionOutput, RequestOutput
 from kvflow.sampling_params import SamplingParams, SamplingParamError
 
 logger = logging.getLogger("kvflow")
-
-Conversation = list[dict[str, Any]]
 
 
 class LLM:
@@ -101,14 +100,8 @@ class LLM:
 
     def render_chat(self, conversation: Conversation, add_generation_prompt: bool = True,
                     chat_template: Optional[str] = None, chat_template_kwargs: Optional[dict] = None) -> dict:
-        tok = self.get_tokenizer()
-        if tok is None:
-            raise ValueError("messages: chat needs a tokenizer")
-        text = tok.apply_chat_template(conversation, tokenize=False, chat_template=chat_template,
-                                       add_generation_prompt=add_generation_prompt,
-                                       **(chat_template_kwargs or {}))
-        # The template already wrote BOS and friends: do not add them twice.
-        return {"prompt": text, "prompt_token_ids": tok(text, add_special_tokens=False).input_ids}
+        return render_chat(self.get_tokenizer(), conversation, add_generation_prompt, chat_template,
+                           chat_template_kwargs)
 
 
 def _as_prompt_list(prompts) -> list:

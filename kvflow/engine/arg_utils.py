@@ -1,0 +1,37 @@
+"""Engine options on the command line, shared by every CLI subcommand (names as vLLM's)."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    g.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--block-size", type=int, default=16)
+    g.add_argument("--max-num-seqs", type=int, default=256)
+    g.add_argument("--max-num-batched-tokens", type=int, default=None)
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    g.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache size in bytes")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--load-format", default="auto", help="auto, safetensors, gguf, dummy")
+    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs, no torch.compile")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    g.add_argument("--attention-backend", default=None, help="force a backend (triton, torch)")
+    g.add_argument("--skip-tokenizer-init", action="store_true")
+
+
+ENGINE_ARG_NAMES = ("tokenizer", "dtype", "device", "max_model_len", "block_size", "max_num_seqs",
+                    "max_num_batched_tokens", "enable_prefix_caching", "enable_chunked_prefill",
+                    "gpu_memory_utilization", "kv_cache_memory", "seed", "load_format",
+                    "enforce_eager", "tensor_parallel_size", "attention_backend",
+                    "skip_tokenizer_init")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """LLM()/LLMEngine.from_engine_args keyword arguments from parsed CLI args."""
+    return {k: getattr(args, k) for k in ENGINE_ARG_NAMES if hasattr(args, k)}

@@ -1,0 +1,150 @@
+"""Scheduler, KV cache manager and block pool, without a model: invariants under random load."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from kvflow.core.block_hash import extend_block_hashes, hash_block
+from kvflow.core.block_pool import BlockPool
+from kvflow.core.sched_output import RunnerOutput
+from kvflow.core.scheduler import Scheduler
+from kvflow.request import Request, RequestStatus
+from kvflow.sampling_params import SamplingParams
+
+
+def _req(rid, n_prompt, max_tokens=8, seed=0, prefix=()):
+    rng = random.Random(seed)
+    ids = list(prefix) + [rng.randrange(1000) for _ in range(n_prompt - len(prefix))]
+    return Request(rid, ids, SamplingParams(max_tokens=max_tokens, ignore_eos=True), max_model_len=4096)
+
+
+def _fake_step(s: Scheduler, rng: random.Random, vocab=1000):
+    so = s.schedule()
+    sampled = {}
+    for rid, n in so.num_scheduled_tokens.items():
+        req = s.requests[rid]
+        # Mirrors the runner: sample once a request has caught up with its tokens.
+        sampled[rid] = [rng.randrange(vocab)] if req.num_computed_tokens == req.num_tokens else []
+    return so, s.update_from_output(so, RunnerOutput(sampled_token_ids=sampled))
+
+
+def _check_invariants(s: Scheduler):
+    kv = s.kv
+    in_use = {b.block_id for blocks in kv.req_to_blocks.values() for b in blocks}
+    held = sum(b.ref_cnt > 0 for b in kv.pool.blocks)
+    assert held == len(in_use)
+    assert kv.pool.num_free_blocks + held == kv.pool.num_blocks
+    for r in s.running:
+        assert r.status == RequestStatus.RUNNING
+        assert r.num_computed_tokens <= r.num_tokens
+        assert len(kv.req_to_blocks.get(r.request_id, [])) * s.block_size >= r.num_computed_tokens
+    for b in kv.pool.blocks:
+        assert (b.ref_cnt == 0) == (b.block_id in kv.pool.free_queue)
+        if b.block_hash is not None:
+            assert kv.pool.cached[b.block_hash] is b
+    assert len(s.running) <= s.max_num_seqs
+
+
+def test_block_hash_chain():
+    a = hash_block(None, [1, 2, 3, 4])
+    assert a == hash_block(None, [1, 2, 3, 4]) and a != hash_block(None, [1, 2, 3, 5])
+    assert hash_block(a, [5, 6]) != hash_block(hash_block(None, [9, 9, 9, 9]), [5, 6])
+    hs = []
+    extend_block_hashes(hs, list(range(10)), 4)
+    assert len(hs) == 2 and hs[1] == hash_block(hs[0], [4, 5, 6, 7])
+
+
+def test_block_pool_lru_and_refcounts():
+    pool = BlockPool(4, enable_caching=True)
+    blocks = pool.get_new_blocks(3)
+    for i, b in enumerate(blocks):
+        pool.cache_block(b, bytes([i]))
+    pool.free_blocks(reversed(blocks))        # tail first: block 2 evicted first
+    assert pool.num_free_blocks == 4
+    hit = pool.get_cached_block(bytes([0]))
+    pool.touch([hit])
+    assert hit.ref_cnt == 1 and pool.num_free_blocks == 3
+    new = pool.get_new_blocks(2)               # block 3 (never cached), then block 2 (evicted)
+    assert [b.block_id for b in new] == [3, 2]
+    assert pool.get_cached_block(bytes([2])) is None and pool.get_cached_block(bytes([1])) is not None
+    with pytest.raises(RuntimeError):
+        pool.get_new_blocks(5)
+    assert not pool.reset_prefix_cache()       # blocks in use
+    pool.free_blocks([hit] + new)
+    assert pool.reset_prefix_cache() and not pool.cached
+
+
+def test_prefix_hit_leaves_one_token_to_compute():
+    s = Scheduler(max_num_seqs=4, max_num_batched_tokens=256, max_model_len=4096, num_blocks=32,
+                  block_size=4, enable_prefix_caching=True)
+    rng = random.Random(0)
+    r1 = _req("a", 16)
+    s.add_request(r1)
+    while s.has_unfinished_requests():
+        _fake_step(s, rng)
+    r2 = _req("b", 16)       # same prompt (same seed), block-aligned
+    s.add_request(r2)
+    so = s.schedule()
+    assert r2.num_cached_tokens == 12  # 3 of 4 blocks: the last token must be recomputed
+    assert so.num_scheduled_tokens["b"] == 4
+    s.finish_requests(["b"], RequestStatus.FINISHED_ABORTED)
+    assert s.kv.num_free_blocks == 32
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_load_no_leaks_no_starvation(seed):
+    rng = random.Random(seed)
+    block_size = rng.choice([2, 4, 16])
+    s = Scheduler(max_num_seqs=rng.choice([2, 5, 64]), max_num_batched_tokens=rng.choice([7, 32, 512]),
+                  max_model_len=4096, num_blocks=rng.choice([40, 80, 400]), block_size=block_size,
+                  enable_prefix_caching=rng.random() < 0.7, enable_chunked_prefill=True)
+    shared = [rng.randrange(1000) for _ in range(24)]
+    added, finished, aborted = 0, set(), set()
+    for step in range(3000):
+        if added < 60 and rng.random() < 0.3:
+            prefix = shared if rng.random() < 0.5 else ()
+            s.add_request(_req(f"r{added}", rng.randint(len(prefix) + 1, 60), rng.randint(1, 20),
+                               seed=rng.randrange(10 ** 6), prefix=prefix))
+            added += 1
+        if rng.random() < 0.03 and s.requests:
+            victim = rng.choice(list(s.requests))
+            for r in s.finish_requests([victim], RequestStatus.FINISHED_ABORTED):
+                aborted.add(r.request_id)
+        so, outs = _fake_step(s, rng)
+        assert so.total_num_scheduled_tokens <= s.max_num_batched_tokens
+        finished |= {o.req_id for o in outs if o.finish_reason}
+        _check_invariants(s)
+        if added >= 60 and not s.has_unfinished_requests():
+            break
+    assert not s.has_unfinished_requests(), "requests starved"
+    assert finished | aborted == {f"r{i}" for i in range(added)}
+    assert s.kv.num_free_blocks == s.kv.pool.num_blocks
+    assert not s.kv.req_to_blocks
+
+
+def test_preemption_recomputes_from_scratch():
+    s = Scheduler(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=4096, num_blocks=6,
+                  block_size=4, enable_prefix_caching=False)
+    rng = random.Random(1)
+    for i in range(3):
+        s.add_request(_req(f"p{i}", 6, max_tokens=12, seed=i))
+    seen_preempt = False
+    for _ in range(500):
+        so, _ = _fake_step(s, rng)
+        if s.num_preemptions:
+            seen_preempt = True
+            for nr in so.new_reqs:  # a resumed request restarts with its whole history
+                assert len(nr.token_ids) == s.requests[nr.req_id].num_tokens or nr.num_computed_tokens == 0
+        _check_invariants(s)
+        if not s.has_unfinished_requests():
+            break
+    assert seen_preempt and not s.has_unfinished_requests()
+    assert s.kv.num_free_blocks == 6
+
+
+def test_prompt_larger_than_cache_rejected():
+    s = Scheduler(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=4096, num_blocks=2,
+                  block_size=4, enable_prefix_caching=False)
+    with pytest.raises(ValueError, match="KV cache holds only 8"):
+        s.add_request(_req("x", 20))
