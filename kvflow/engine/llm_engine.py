@@ -50,6 +50,7 @@ class LLMEngine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
         self.startup_s = time.perf_counter() - t0
+        logger.info("engine ready in %.2f s", self.startup_s)
         self._next_id = 0
 
     @classmethod
@@ -193,6 +194,12 @@ class LLMEngine:
     def get_tokenizer(self):
         return self.tokenizer
 
+    def startup_timings(self) -> dict[str, float]:
+        """Seconds spent in each startup phase (and GiB of CUDA graphs), plus time to ready."""
+        t = {k: round(v, 3) for k, v in self.executor.worker.timings.items()}
+        t["ready_s"] = round(self.startup_s, 3)
+        return t
+
     def num_free_blocks(self) -> int:
         return self.scheduler.kv.num_free_blocks
 
@@ -207,3 +214,11 @@ class LLMEngine:
         return dict(num_running=s.num_running, num_waiting=s.num_waiting,
                     kv_cache_usage=s.kv_cache_usage, prefix_cache_queries=s.prefix_cache_queries,
                     prefix_cache_hits=s.prefix_cache_hits, num_preemptions=s.num_preemptions)
+
+    # ------------------------------------------------------------------ serving helpers
+    def get_scheduler_requests(self, request_id: str) -> list[Request]:
+        """The scheduler's Request objects of a request's samples (one per n), for timing
+        metrics: callers keep the references, which stay readable after the request finishes
+        (e.g. `first_scheduled_time`). Empty for an unknown or finished request."""
+        reqs = (self.scheduler.get_request(cid) for cid in self.output_processor.child_ids(request_id))
+        return [r for r in reqs if r is not None]

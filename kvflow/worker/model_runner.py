@@ -65,7 +65,9 @@ class ModelRunner:
         self.attn_layers = [m for m in model.modules() if isinstance(m, Attention)]
         self.kv_caches: list[torch.Tensor] = []
         self.backend = None
-        self._pin = device.type == "cuda"
+        # Persistent pinned host buffers for H2D copies (allocating pinned memory per step is slow).
+        self._pinned: dict[str, torch.Tensor] = {}
+        self.graphs = None  # DecodeGraphs once captured
 
     # ------------------------------------------------------------------ setup
     def attention_spec(self, layer: Attention) -> AttentionSpec:
@@ -130,11 +132,19 @@ class ModelRunner:
                 st.num_blocks += len(cr.new_block_ids)
             st.num_computed_tokens = cr.num_computed_tokens
 
-    def _to_device(self, arr: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-        t = torch.from_numpy(arr).to(dtype)
+    def _to_device(self, arr: np.ndarray, dtype: torch.dtype, name: str = "") -> torch.Tensor:
         if self.device.type == "cpu":
-            return t
-        return t.pin_memory().to(self.device, non_blocking=True)
+            return torch.from_numpy(np.ascontiguousarray(arr)).to(dtype)
+        # Reusing one pinned buffer per input is safe: each step ends with a host sync on the
+        # sampled tokens, so the previous copy out of it has completed.
+        key = name or str(arr.shape)
+        buf = self._pinned.get(key)
+        if buf is None or buf.dtype != dtype or buf.numel() < arr.size:
+            buf = torch.empty(max(arr.size, 1024), dtype=dtype).pin_memory()
+            self._pinned[key] = buf
+        view = buf[:arr.size].view(arr.shape)
+        view.numpy()[...] = arr
+        return view.to(self.device, non_blocking=True)
 
     # ------------------------------------------------------------------ step
     @torch.inference_mode()
@@ -164,26 +174,37 @@ class ModelRunner:
         sampling = seq_lens == num_tokens                                  # [B] caught up -> sample
         logits_indices = cu[sampling] - 1
 
-        md = AttentionMetadata(
-            num_actual_tokens=total, max_query_len=int(nsched.max()), max_seq_len=int(seq_lens.max()),
-            query_start_loc=self._to_device(np.concatenate([[0], cu]), torch.int32),
-            seq_lens=self._to_device(seq_lens, torch.int32),
-            block_table=self._to_device(np.ascontiguousarray(block_table), torch.int32),
-            slot_mapping=self._to_device(slot_mapping, torch.int64),
-            query_start_loc_cpu=torch.from_numpy(np.concatenate([[0], cu]).astype(np.int32)),
-            seq_lens_cpu=torch.from_numpy(seq_lens.astype(np.int32)),
-            is_decode_only=bool((nsched == 1).all()))
-        ids_t = self._to_device(input_ids, torch.int64)
-        pos_t = self._to_device(positions, torch.int64)
-        with set_forward_context(md):
-            hidden = self.model(ids_t, pos_t)                              # [T, hidden]
-
         out = RunnerOutput(sampled_token_ids={r: [] for r in req_ids})
-        self._prompt_logprobs(states, starts, computed, nsched, hidden, out)
         sample_states = [s for s, flag in zip(states, sampling) if flag]
-        if not sample_states:
-            return out
-        logits = self.model.compute_logits(hidden[self._to_device(logits_indices, torch.int64)])
+        decode_only = total == b
+        if (decode_only and self.graphs is not None and self.graphs.can_run(b)
+                and not any(s.params.prompt_logprobs is not None for s in states)):
+            logits = self.graphs.run(input_ids, positions, slot_mapping, seq_lens,
+                                     self.block_buf[rows])
+            if not sample_states:
+                return out
+            if len(sample_states) < b:
+                logits = logits[torch.from_numpy(np.flatnonzero(sampling)).to(self.device)]
+        else:
+            md = AttentionMetadata(
+                num_actual_tokens=total, max_query_len=int(nsched.max()),
+                max_seq_len=int(seq_lens.max()),
+                query_start_loc=self._to_device(np.concatenate([[0], cu]), torch.int32, "qsl"),
+                seq_lens=self._to_device(seq_lens, torch.int32, "seq_lens"),
+                block_table=self._to_device(np.ascontiguousarray(block_table), torch.int32, "bt"),
+                slot_mapping=self._to_device(slot_mapping, torch.int64, "slots"),
+                query_start_loc_cpu=torch.from_numpy(np.concatenate([[0], cu]).astype(np.int32)),
+                seq_lens_cpu=torch.from_numpy(seq_lens.astype(np.int32)),
+                is_decode_only=decode_only)
+            ids_t = self._to_device(input_ids, torch.int64, "ids")
+            pos_t = self._to_device(positions, torch.int64, "pos")
+            with set_forward_context(md):
+                hidden = self.model(ids_t, pos_t)                          # [T, hidden]
+            self._prompt_logprobs(states, starts, computed, nsched, hidden, out)
+            if not sample_states:
+                return out
+            logits = self.model.compute_logits(
+                hidden[self._to_device(logits_indices, torch.int64, "logits_idx")])
         meta = self._sampling_metadata(sample_states)
         result = self.sampler(logits, meta)
         tokens = result.sampled_token_ids.tolist()
@@ -231,6 +252,13 @@ class ModelRunner:
             lp = compute_topk_logprobs(logits, targets.to(hidden.device), k)
             out.prompt_logprobs[st.req_id] = LogprobsLists(lp.token_ids.tolist(), lp.logprobs.tolist(),
                                                            lp.ranks.tolist())
+
+    def capture_cuda_graphs(self, buckets: Optional[list[int]] = None) -> None:
+        from kvflow.worker.cuda_graphs import DecodeGraphs, default_buckets
+        self.graphs = DecodeGraphs(self.model, self.device, self.max_model_len, self.block_size,
+                                   self.max_blocks_per_req,
+                                   buckets or default_buckets(self.max_num_reqs))
+        self.graphs.capture()
 
     # ------------------------------------------------------------------ profiling
     @torch.inference_mode()

@@ -60,6 +60,7 @@ class Worker:
         self.runner = ModelRunner(config, self.model, self.device)
         self.runner.bind_attention_backend(attention_backend)
         self.plan: MemoryPlan | None = None
+        self.timings: dict[str, float] = {"model_load_s": self.load_time_s}
 
     # ------------------------------------------------------------------ memory
     def _profile_peak(self) -> int:
@@ -90,7 +91,9 @@ class Worker:
 
     def plan_memory(self) -> MemoryPlan:
         cc = self.config.cache
+        t0 = time.perf_counter()
         peak = self._profile_peak()
+        self.timings["profile_s"] = time.perf_counter() - t0
         per_block = self.runner.bytes_per_block()
         if cc.kv_cache_memory is not None:
             kv_bytes = cc.kv_cache_memory
@@ -99,7 +102,10 @@ class Worker:
             non_torch = (total - free) - torch.cuda.memory_reserved(self.device)
             kv_bytes = int(total * cc.gpu_memory_utilization - non_torch
                            - torch.cuda.memory_allocated(self.device) - peak)
-            # Reserve room for CUDA-graph pools and allocator fragmentation.
+            # Reserve room for CUDA graphs (their shared logits buffer and pool of decode-size
+            # activations) and allocator fragmentation.
+            if self.use_cuda_graphs:
+                kv_bytes -= self._graph_reserve_bytes()
             kv_bytes -= int(0.01 * total)
         num_blocks = max(kv_bytes // per_block, 0)
         mc = self.config.model
@@ -116,8 +122,28 @@ class Worker:
                                num_blocks / max(blocks_per_seq, 1))
         return self.plan
 
+    def _graph_reserve_bytes(self) -> int:
+        from kvflow.worker.cuda_graphs import default_buckets
+        max_bs = default_buckets(self.config.scheduler.max_num_seqs)[-1]
+        mc = self.config.model
+        logits = max_bs * mc.vocab_size * 4
+        # Decode activations of the largest bucket are a few hidden/intermediate rows per token.
+        acts = max_bs * (4 * mc.hidden_size + 2 * mc.intermediate_size + mc.vocab_size) * 4
+        return logits + acts
+
     def initialize_cache(self, num_blocks: int) -> None:
+        t0 = time.perf_counter()
         self.runner.allocate_kv_cache(num_blocks)
+        self.timings["kv_cache_alloc_s"] = time.perf_counter() - t0
+        if self.use_cuda_graphs:
+            self.runner.capture_cuda_graphs()
+            self.timings["cuda_graph_s"] = self.runner.graphs.capture_s
+            self.timings["cuda_graph_gib"] = self.runner.graphs.capture_bytes / GiB
+
+    @property
+    def use_cuda_graphs(self) -> bool:
+        return (self.device.type == "cuda" and not self.config.compilation.enforce_eager
+                and self.runner.backend.capabilities.supports_cuda_graphs)
 
     # ------------------------------------------------------------------ steps
     def execute_model(self, so: SchedulerOutput) -> RunnerOutput:

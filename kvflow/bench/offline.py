@@ -1,0 +1,169 @@
+"""Offline benchmarks: the three workloads of vLLM's reference numbers, reproduced exactly.
+
+The workloads (same RNG calls, lengths and sampling settings as the reference script that drove
+vLLM, so the numbers compare one to one):
+  nanovllm      random.seed(0); 256 prompts of randint(100, 1024) token ids randint(0, 10000);
+                output lengths randint(100, 1024); temperature 0.6; ignore_eos. Figure: output
+                tokens / wall s.
+  decode1       random.Random(1): three 128-token prompts; 512 greedy tokens; run 1 warms up,
+                run 2 (fresh prompt, no prefix hit) is timed; a third prompt measures prefill + 1
+                token. Figure: ms per output token.
+  throughput8k  random.Random(2): 1000 prompts of 512 tokens, 256 output tokens each,
+                temperature 0.6, ignore_eos. Figure: output tokens / wall s.
+
+Each record is one JSON line with the reference's field names, plus startup timings.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from typing import Callable
+
+from kvflow.sampling_params import SamplingParams
+
+
+def _prompts(ids_list):
+    return [{"prompt_token_ids": ids} for ids in ids_list]
+
+
+def _n_out(outputs) -> int:
+    return sum(len(o.outputs[0].token_ids) for o in outputs)
+
+
+def wl_nanovllm(llm, base: dict, temperature: float) -> dict:
+    random.seed(0)
+    num_seqs, max_in, max_out = 256, 1024, 1024
+    prompt_ids = [[random.randint(0, 10000) for _ in range(random.randint(100, max_in))]
+                  for _ in range(num_seqs)]
+    sps = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=random.randint(100, max_out),
+                          detokenize=False) for _ in range(num_seqs)]
+    llm.generate(_prompts([[1, 2, 3, 4, 5, 6, 7, 8]]), SamplingParams(max_tokens=16, detokenize=False),
+                 use_tqdm=False)
+    t = time.perf_counter()
+    outs = llm.generate(_prompts(prompt_ids), sps, use_tqdm=False)
+    dt = time.perf_counter() - t
+    total = sum(sp.max_tokens for sp in sps)
+    n_in = sum(len(p) for p in prompt_ids)
+    return dict(base, record="workload", workload="nanovllm", num_seqs=num_seqs, input_tokens=n_in,
+                total_output_tokens=total, actual_output_tokens=_n_out(outs), wall_s=round(dt, 4),
+                output_tok_s=round(total / dt, 2), total_tok_s=round((n_in + total) / dt, 2))
+
+
+def wl_decode1(llm, base: dict, temperature: float) -> dict:
+    rng = random.Random(1)
+    prompts = [[rng.randrange(10000) for _ in range(128)] for _ in range(3)]
+    sp = SamplingParams(temperature=0.0, max_tokens=512, ignore_eos=True, detokenize=False)
+    llm.generate(_prompts([prompts[0]]), sp, use_tqdm=False)
+    t = time.perf_counter()
+    outs = llm.generate(_prompts([prompts[1]]), sp, use_tqdm=False)
+    dt = time.perf_counter() - t
+    n = _n_out(outs)
+    sp1 = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True, detokenize=False)
+    t = time.perf_counter()
+    llm.generate(_prompts([prompts[2]]), sp1, use_tqdm=False)
+    t1 = time.perf_counter() - t
+    return dict(base, record="workload", workload="decode1", input_tokens=128, output_tokens=n,
+                wall_s=round(dt, 4), ms_per_output_token=round(dt * 1000 / n, 4),
+                first_token_s=round(t1, 4), decode_ms_per_token=round((dt - t1) * 1000 / max(n - 1, 1), 4),
+                output_tok_s=round(n / dt, 2))
+
+
+def wl_throughput8k(llm, base: dict, temperature: float) -> dict:
+    rng = random.Random(2)
+    num, n_in_each, n_out_each = 1000, 512, 256
+    prompts = [[rng.randrange(10000) for _ in range(n_in_each)] for _ in range(num)]
+    sp = SamplingParams(temperature=temperature, max_tokens=n_out_each, ignore_eos=True, detokenize=False)
+    llm.generate(_prompts([[rng.randrange(10000) for _ in range(64)]]),
+                 SamplingParams(max_tokens=16, detokenize=False), use_tqdm=False)
+    t = time.perf_counter()
+    outs = llm.generate(_prompts(prompts), sp, use_tqdm=False)
+    dt = time.perf_counter() - t
+    n = _n_out(outs)
+    return dict(base, record="workload", workload="throughput8k", num_prompts=num,
+                input_tokens=num * n_in_each, output_tokens=n, temperature=temperature,
+                wall_s=round(dt, 4), output_tok_s=round(n / dt, 2),
+                total_tok_s=round((num * n_in_each + n) / dt, 2), requests_s=round(num / dt, 3))
+
+
+WORKLOADS: dict[str, Callable] = {"nanovllm": wl_nanovllm, "decode1": wl_decode1,
+                                  "throughput8k": wl_throughput8k}
+
+
+def _git_commit() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run(args) -> list[dict]:
+    import torch
+
+    from kvflow import LLM, __version__
+    from kvflow.engine.arg_utils import engine_kwargs
+
+    names = list(WORKLOADS) if args.workload == "all" else args.workload.split(",")
+    for w in names:
+        if w not in WORKLOADS:
+            raise ValueError(f"workload: unknown {w!r}; choose from {list(WORKLOADS)} or 'all'")
+    kw = engine_kwargs(args)
+    kw["skip_tokenizer_init"] = True  # token-id prompts, as the reference
+    t0 = time.perf_counter()
+    llm = LLM(args.model, **kw)
+    init_s = time.perf_counter() - t0
+    eng = llm.llm_engine
+    base = dict(model=os.path.basename(os.path.normpath(args.model or "default")), engine="kvflow",
+                kvflow=__version__, commit=_git_commit())
+    info = dict(torch=torch.__version__)
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    init = dict(base, record="init", llm_constructor_s=round(init_s, 3),
+                enforce_eager=bool(kw.get("enforce_eager")), max_model_len=eng.max_model_len,
+                gpu_memory_utilization=kw.get("gpu_memory_utilization"),
+                kv_cache_tokens=eng.num_total_blocks() * eng.config.cache.block_size,
+                **eng.startup_timings(), **info)
+    records = [init]
+    _emit(init, args.out)
+    for w in names:
+        rec = WORKLOADS[w](llm, base, args.temperature)
+        if torch.cuda.is_available():
+            rec["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_reserved() / 2 ** 30, 2)
+        records.append(rec)
+        _emit(rec, args.out)
+    return records
+
+
+def _emit(rec: dict, out: str | None) -> None:
+    line = json.dumps(rec)
+    print(line, flush=True)
+    if out:
+        with open(out, "a") as f:
+            f.write(line + "\n")
+
+
+def add_offline_args(p) -> None:
+    p.add_argument("--model", default=None, help="directory with config.json (dummy weights)")
+    p.add_argument("--temperature", type=float, default=0.6, help="temperature for throughput8k")
+    p.add_argument("--out", default=None, help="append JSON lines to this file")
+
+
+def main_throughput(args) -> int:
+    args.workload = args.workload or "nanovllm,throughput8k"
+    run(args)
+    return 0
+
+
+def main_latency(args) -> int:
+    args.workload = "decode1"
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit("use: kvflow bench throughput|latency")

@@ -1,0 +1,130 @@
+"""CUDA graphs for decode steps.
+
+A decode step (every request computes exactly one token) of B requests runs a graph captured for
+the smallest bucket >= B. Graph inputs live in persistent device buffers whose addresses never
+change; each step copies the real inputs into their first B rows and pads the rest:
+
+    input_ids [max_bs] int64, positions [max_bs] int64, slot_mapping [max_bs] int64 (-1 = no write)
+    seq_lens [max_bs] int32 (pad rows: 1, reading slot 0 of block 0, finite and ignored)
+    query_start_loc [max_bs + 1] int32 = arange (one query token per row, fixed)
+    block_table [max_bs, max_blocks_per_req] int32 (only the used columns are refreshed; the
+        attention kernel never reads past a row's seq_len)
+
+The graph covers the model forward and the LM head (logits [bucket, vocab] float32 is a static
+output); sampling runs outside, on logits[:B]. The attention backend must read every length from
+these tensors (host-side max_seq_len is passed as the max_model_len upper bound), which the
+backend declares with `supports_cuda_graphs`.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from kvflow.attention.backend import AttentionMetadata
+from kvflow.forward_context import set_forward_context
+
+logger = logging.getLogger("kvflow")
+
+
+def default_buckets(max_num_seqs: int, limit: int = 512) -> list[int]:
+    top = min(max_num_seqs, limit)
+    sizes = [1, 2, 4] + list(range(8, 32, 8)) + list(range(32, 256, 16)) + list(range(256, top + 1, 32))
+    out = sorted({s for s in sizes if s <= top} | {top})
+    return out
+
+
+class DecodeGraphs:
+    def __init__(self, model, device: torch.device, max_model_len: int, block_size: int,
+                 max_blocks_per_req: int, buckets: list[int]):
+        self.model = model
+        self.device = device
+        self.max_model_len = max_model_len
+        self.block_size = block_size
+        self.buckets = sorted(buckets)
+        self.max_bs = self.buckets[-1]
+        n = self.max_bs
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
+        self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
+        self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
+        self.block_table = torch.zeros((n, max_blocks_per_req), dtype=torch.int32, device=device)
+        # Pinned staging, one H2D copy each: ids | positions | slots | seq_lens, and block tables.
+        # Reuse is safe: every step ends with a host sync on the sampled tokens.
+        self._stage = torch.zeros((4, n), dtype=torch.int64).pin_memory()
+        self._stage_np = self._stage.numpy()
+        self._bt_stage = torch.zeros((n, max_blocks_per_req), dtype=torch.int32).pin_memory()
+        self._bt_stage_np = self._bt_stage.numpy()
+        # One logits buffer shared by all graphs (a per-graph output would cost
+        # sum(buckets) x vocab x 4 bytes: gigabytes for a 150k vocabulary).
+        self.logits = torch.empty((n, model.config.vocab_size), dtype=torch.float32, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool = None
+        self.capture_s = 0.0
+        self.capture_bytes = 0
+
+    def _metadata(self, bs: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            num_actual_tokens=bs, max_query_len=1, max_seq_len=self.max_model_len,
+            query_start_loc=self.query_start_loc[:bs + 1], seq_lens=self.seq_lens[:bs],
+            block_table=self.block_table[:bs], slot_mapping=self.slot_mapping[:bs],
+            is_decode_only=True)
+
+    def _forward(self, bs: int) -> None:
+        with set_forward_context(self._metadata(bs)):
+            hidden = self.model(self.input_ids[:bs], self.positions[:bs])
+        self.logits[:bs].copy_(self.model.compute_logits(hidden))
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        t0 = time.perf_counter()
+        torch.cuda.synchronize(self.device)
+        free_before = torch.cuda.mem_get_info(self.device)[0]
+        self.pool = torch.cuda.graph_pool_handle()
+        # Largest first: smaller graphs reuse the pool's blocks.
+        for bs in reversed(self.buckets):
+            for _ in range(2):  # warm up (autotuning, lazy init) outside the graph
+                self._forward(bs)
+            torch.cuda.synchronize(self.device)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self.pool):
+                self._forward(bs)
+            self.graphs[bs] = g
+        torch.cuda.synchronize(self.device)
+        self.capture_s = time.perf_counter() - t0
+        self.capture_bytes = max(free_before - torch.cuda.mem_get_info(self.device)[0], 0)
+        logger.info("captured %d CUDA graphs (decode batch sizes %d..%d) in %.2f s, %.2f GiB",
+                    len(self.graphs), self.buckets[0], self.max_bs, self.capture_s,
+                    self.capture_bytes / 2 ** 30)
+
+    def can_run(self, num_reqs: int) -> bool:
+        return bool(self.graphs) and num_reqs <= self.max_bs
+
+    def run(self, input_ids: np.ndarray, positions: np.ndarray, slot_mapping: np.ndarray,
+            seq_lens: np.ndarray, block_table: np.ndarray) -> torch.Tensor:
+        """All arrays describe B decode requests (B tokens); block_table is [B, max_blocks_per_req]
+        (full rows). Returns logits [B, vocab]."""
+        b = input_ids.shape[0]
+        bs = next(s for s in self.buckets if s >= b)
+        st = self._stage_np
+        st[0, :b] = input_ids
+        st[1, :b] = positions
+        st[2, :b] = slot_mapping
+        st[3, :b] = seq_lens
+        if bs > b:  # padding rows: no KV write, one harmless context token
+            st[0, b:bs] = 0
+            st[1, b:bs] = 0
+            st[2, b:bs] = -1
+            st[3, b:bs] = 1
+        stage = self._stage.to(self.device, non_blocking=True)
+        self.input_ids[:bs].copy_(stage[0, :bs])
+        self.positions[:bs].copy_(stage[1, :bs])
+        self.slot_mapping[:bs].copy_(stage[2, :bs])
+        self.seq_lens[:bs].copy_(stage[3, :bs])
+        self._bt_stage_np[:b] = block_table
+        self.block_table[:b].copy_(self._bt_stage[:b], non_blocking=True)
+        self.graphs[bs].replay()
+        return self.logits[:b]
