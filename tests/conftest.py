@@ -34,6 +34,10 @@ def _kvflow_cache_dir(tmp_path_factory):
     yield
 
 
+# The same suite runs on the GPU machine with KVFLOW_TEST_DEVICE=cuda (fp32, so HF parity holds
+# to the same tolerances; bf16 has its own tests in test_gpu.py).
+DEVICE = os.environ.get("KVFLOW_TEST_DEVICE", "cpu")
+
 TINY = dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
             eos_token_id=383, bos_token_id=1)
@@ -91,7 +95,7 @@ def make_llm():
     def make(model_dir, **kw):
         kw.setdefault("skip_tokenizer_init", True)
         kw.setdefault("kv_cache_memory", 8 << 20)
-        kw.setdefault("device", "cpu")
+        kw.setdefault("device", DEVICE)
         llm = LLM(model_dir, **kw)
         _ENGINES.append(llm)
         return llm

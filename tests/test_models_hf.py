@@ -41,18 +41,18 @@ def _kvflow_logits(llm, ids: list[int], split: int) -> torch.Tensor:
     eng = llm.llm_engine
     runner = eng.executor.worker.runner
     assert not eng.has_unfinished_requests()
-    n, bs = len(ids), runner.block_size
-    table = torch.arange(-(-n // bs), dtype=torch.int32).unsqueeze(0)
+    n, bs, dev = len(ids), runner.block_size, runner.device
+    table = torch.arange(-(-n // bs), dtype=torch.int32, device=dev).unsqueeze(0)
     outs = []
     for lo, hi in ((0, split), (split, n)):
         md = AttentionMetadata(
             num_actual_tokens=hi - lo, max_query_len=hi - lo, max_seq_len=hi,
-            query_start_loc=torch.tensor([0, hi - lo], dtype=torch.int32),
-            seq_lens=torch.tensor([hi], dtype=torch.int32), block_table=table,
-            slot_mapping=torch.arange(lo, hi, dtype=torch.int64))
+            query_start_loc=torch.tensor([0, hi - lo], dtype=torch.int32, device=dev),
+            seq_lens=torch.tensor([hi], dtype=torch.int32, device=dev), block_table=table,
+            slot_mapping=torch.arange(lo, hi, dtype=torch.int64, device=dev))
         with torch.inference_mode(), set_forward_context(md):
-            h = runner.model(torch.tensor(ids[lo:hi]), torch.arange(lo, hi))
-            outs.append(runner.model.compute_logits(h))
+            h = runner.model(torch.tensor(ids[lo:hi], device=dev), torch.arange(lo, hi, device=dev))
+            outs.append(runner.model.compute_logits(h).cpu())
     eng.reset_prefix_cache()  # blocks 0.. were written behind the scheduler's back
     return torch.cat(outs)
 
@@ -102,4 +102,4 @@ def test_unknown_architecture_lists_supported(tmp_path):
     cfg["architectures"] = ["FancyNewForCausalLM"]
     json.dump(cfg, open(f"{path}/config.json", "w"))
     with pytest.raises(ValueError, match="FancyNewForCausalLM.*LlamaForCausalLM.*Qwen2ForCausalLM.*Qwen3ForCausalLM"):
-        LLM(path, skip_tokenizer_init=True, device="cpu", kv_cache_memory=1 << 20)
+        LLM(path, skip_tokenizer_init=True, kv_cache_memory=1 << 20)

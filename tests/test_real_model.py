@@ -20,7 +20,8 @@ def smollm():
         default_model_path()
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         pytest.skip(str(e))
-    llm = LLM(device="cpu", kv_cache_memory=256 << 20, max_model_len=2048)
+    from tests.conftest import DEVICE
+    llm = LLM(device=DEVICE, kv_cache_memory=256 << 20, max_model_len=2048)
     yield llm
     eng = llm.llm_engine
     assert eng.num_free_blocks() == eng.num_total_blocks()

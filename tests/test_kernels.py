@@ -1,0 +1,332 @@
+"""Triton kernels vs their torch references.
+
+On a machine without a GPU the kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1,
+set here before triton is imported) on tiny shapes. With TRITON_INTERPRET=0 and a CUDA device
+the same tests run compiled on the GPU, plus the `gpu`-marked class with realistic shapes:
+    TRITON_INTERPRET=0 pytest tests/test_kernels.py
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from kvflow.attention.backend import AttentionMetadata, AttentionSpec  # noqa: E402
+from kvflow.attention.triton_backend import TritonAttentionBackend  # noqa: E402
+from kvflow.kernels import (  # noqa: E402
+    AttentionConfig, choose_config, fused_add_rms_norm, ref_cos_sin_cache,
+    ref_fused_add_rms_norm, ref_paged_attention, ref_reshape_and_cache, ref_rms_norm,
+    ref_rotary_embedding, ref_silu_and_mul, reshape_and_cache, rms_norm, rotary_embedding,
+    silu_and_mul, unified_attention)
+from kvflow.kernels import norm as norm_mod  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if INTERPRET:
+    DEVICE = "cpu"
+elif torch.cuda.is_available():
+    DEVICE = "cuda"
+else:
+    pytest.skip("compiled Triton needs CUDA (set TRITON_INTERPRET=1 for CPU)",
+                allow_module_level=True)
+
+TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2.5e-2}
+
+
+def _close(out, ref, dtype, scale=1.0):
+    assert not torch.isnan(out).any(), "NaN in output"
+    torch.testing.assert_close(out.float(), ref.float(), atol=TOL[dtype] * scale,
+                               rtol=TOL[dtype] * scale)
+
+
+def make_paged_batch(q_lens, seq_lens, num_heads, num_kv_heads, head_size, block_size, dtype,
+                     device=DEVICE, pad_tokens=0, seed=0):
+    """Random queries and a NaN-poisoned paged cache holding each request's whole context.
+
+    Blocks are assigned in random order; unused block-table entries point at a NaN block, so
+    any unmasked read outside a request's context shows up as NaN in the output."""
+    g = torch.Generator().manual_seed(seed)
+    n_blocks = [-(-s // block_size) for s in seq_lens]
+    num_blocks = sum(n_blocks) + 2
+    max_blocks = max(n_blocks + [1]) + 1
+    poison = num_blocks - 1
+    perm = torch.randperm(num_blocks - 1, generator=g)
+    block_table = torch.full((len(seq_lens), max_blocks), poison, dtype=torch.int32)
+    i = 0
+    for r, nb in enumerate(n_blocks):
+        block_table[r, :nb] = perm[i:i + nb].to(torch.int32)
+        i += nb
+    kv_cache = torch.full((2, num_blocks, block_size, num_kv_heads, head_size), float("nan"),
+                          dtype=dtype)
+    for r, s in enumerate(seq_lens):
+        pos = torch.arange(s)
+        slots = block_table[r].long()[pos // block_size] * block_size + pos % block_size
+        flat = kv_cache.view(2, -1, num_kv_heads, head_size)
+        flat[:, slots] = torch.randn(2, s, num_kv_heads, head_size, generator=g).to(dtype)
+    qsl = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
+    qsl[1:] = torch.tensor(q_lens, dtype=torch.int32).cumsum(0)
+    T = int(qsl[-1]) + pad_tokens
+    query = torch.randn(T, num_heads, head_size, generator=g).to(dtype)
+    to = dict(device=device)
+    return (query.to(**to), kv_cache.to(**to), qsl.to(**to),
+            torch.tensor(seq_lens, dtype=torch.int32, device=device), block_table.to(**to))
+
+
+def _check_attention(q_lens, seq_lens, H, KV, D, block_size, dtype, **kw):
+    query, kv_cache, qsl, sl, bt = make_paged_batch(q_lens, seq_lens, H, KV, D, block_size,
+                                                    dtype, pad_tokens=kw.pop("pad_tokens", 0))
+    max_q = kw.pop("max_query_len", max(q_lens))
+    max_s = kw.pop("max_seq_len", max(seq_lens))
+    out = torch.full_like(query, float("nan"))
+    unified_attention(query, kv_cache[0], kv_cache[1], qsl, sl, bt, max_q, max_s, D ** -0.5,
+                      out=out, **kw)
+    ref = ref_paged_attention(query, kv_cache[0], kv_cache[1], qsl, sl, bt, D ** -0.5)
+    n = int(qsl[-1])
+    _close(out[:n], ref[:n], dtype)
+
+
+# Mixed batch: prefill (q == seq), chunked prefill over a cached prefix, decodes (one short).
+MIXED_Q = [13, 6, 1, 1]
+MIXED_S = [13, 45, 37, 2]
+
+
+class TestAttention:
+    @pytest.mark.parametrize("qpk,block_size,dtype", [
+        (1, 16, torch.float32), (2, 32, torch.float16), (4, 16, torch.bfloat16),
+        (2, 16, torch.float32), (4, 32, torch.float32)])
+    def test_mixed_batch_default_config(self, qpk, block_size, dtype):
+        _check_attention(MIXED_Q, MIXED_S, 2 * qpk, 2, 32, block_size, dtype)
+
+    @pytest.mark.parametrize("qpk,block_size", [(1, 16), (2, 32), (4, 16)])
+    def test_multi_qblock_search(self, qpk, block_size):
+        # block_q 4 < max_query_len: programs binary-search their request; 16-token KV tiles
+        # inside 32-token blocks take the scalar block-table path.
+        cfg = AttentionConfig(block_m=16, block_q=4, block_n=16, num_warps=4, num_stages=2,
+                              num_splits=1, direct=False)
+        _check_attention(MIXED_Q, MIXED_S, 2 * qpk, 2, 32, block_size, torch.float32,
+                         config=cfg)
+
+    def test_prefill_config_large_tiles(self):
+        # 40-token query x QPK 4 exceeds the decode config: 128-row tiles, search mapping.
+        cfg = choose_config(60, 3, 8, 2, 32, 40, 70, torch.float32)
+        assert not cfg.direct and cfg.block_m == 128
+        _check_attention([40, 19, 1], [70, 19, 64], 8, 2, 32, 16, torch.float32)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    def test_split_kv_forced_decode(self, dtype):
+        _check_attention([1, 1, 1], [150, 3, 64], 4, 2, 32, 16, dtype, num_splits=4)
+
+    def test_split_kv_forced_mixed(self):
+        # Segments also partition chunked-prefill rows; some segments are empty for some rows.
+        _check_attention(MIXED_Q, MIXED_S, 4, 2, 32, 16, torch.float32, num_splits=3)
+
+    def test_split_kv_search_path(self):
+        cfg = AttentionConfig(block_m=16, block_q=8, block_n=16, num_warps=4, num_stages=2,
+                              num_splits=2, direct=False)
+        _check_attention(MIXED_Q, MIXED_S, 4, 2, 32, 32, torch.float16, config=cfg)
+
+    @pytest.mark.parametrize("num_splits", [None, 2])
+    def test_decodes_first_two_launches(self, num_splits):
+        # Decode slice on decode tiles, prefill slice (query_start_loc[0] > 0) on 128-row
+        # tiles with the search mapping.
+        _check_attention([1, 1, 1, 40, 19], [30, 64, 5, 70, 19], 8, 2, 32, 16, torch.float32,
+                         num_decode_reqs=3, num_splits=num_splits)
+
+    def test_head_size_64_and_non_power_of_two(self):
+        _check_attention([5, 1], [20, 33], 4, 2, 64, 16, torch.float16)
+        _check_attention([5, 1], [20, 33], 2, 1, 80, 16, torch.float32)
+
+    def test_odd_block_size(self):
+        # block size 24 with 16-token tiles: tiles straddle blocks (vector block-table path).
+        _check_attention(MIXED_Q, MIXED_S, 4, 2, 32, 24, torch.float32)
+
+    def test_upper_bounds_and_padding(self):
+        # As under CUDA graphs: max lens are upper bounds, padded requests have q_len 0 and
+        # seq_len 0, and token rows past query_start_loc[-1] exist.
+        _check_attention([3, 1, 0, 0], [30, 9, 0, 0], 4, 2, 32, 16, torch.float32,
+                         max_query_len=64, max_seq_len=4096, pad_tokens=3)
+        _check_attention([1, 1, 0], [30, 9, 0], 4, 2, 32, 16, torch.float32,
+                         max_query_len=1, max_seq_len=8192, pad_tokens=2)
+
+    def test_choose_config_split_heuristic(self):
+        small = choose_config(2, 2, 32, 8, 128, 1, 32768, torch.bfloat16, num_sms=132)
+        assert small.direct and small.num_splits > 1 and small.block_m == 16
+        big = choose_config(256, 256, 32, 8, 128, 1, 32768, torch.bfloat16, num_sms=132)
+        assert big.num_splits == 1
+        short = choose_config(2, 2, 32, 8, 128, 1, 300, torch.bfloat16, num_sms=132)
+        assert short.num_splits == 1
+        prefill = choose_config(8192, 2, 32, 8, 128, 4096, 4096, torch.bfloat16)
+        assert not prefill.direct and prefill.block_m == 128 and prefill.block_q == 32
+
+
+class TestReshapeAndCache:
+    @pytest.mark.parametrize("dtype,block_size,KV,D", [
+        (torch.float32, 16, 2, 32), (torch.bfloat16, 32, 3, 64), (torch.float16, 16, 1, 80)])
+    def test_matches_reference_and_skips_padding(self, dtype, block_size, KV, D):
+        T, num_blocks = 11, 4
+        fused = torch.randn(T, 3 * KV, D).to(dtype).to(DEVICE)      # strided K/V views
+        key, value = fused[:, :KV], fused[:, KV:2 * KV]
+        slots = torch.randperm(num_blocks * block_size)[:T]
+        slots[[2, 7]] = -1
+        cache = torch.full((2, num_blocks, block_size, KV, D), float("nan"), dtype=dtype,
+                           device=DEVICE)
+        ref = cache.clone()
+        reshape_and_cache(key, value, cache[0], cache[1], slots.to(DEVICE))
+        ref_reshape_and_cache(key, value, ref[0], ref[1], slots.to(DEVICE))
+        assert torch.equal(cache.isnan(), ref.isnan())
+        assert torch.equal(cache.nan_to_num(), ref.nan_to_num())
+
+
+class TestNormActivationRotary:
+    @pytest.mark.parametrize("dtype,N", [(torch.float32, 96), (torch.bfloat16, 64),
+                                         (torch.float16, 100)])
+    def test_rms_norm(self, dtype, N):
+        x = torch.randn(5, N).to(dtype).to(DEVICE)
+        w = (1 + 0.1 * torch.randn(N)).to(dtype).to(DEVICE)
+        _close(rms_norm(x, w, 1e-6), ref_rms_norm(x, w, 1e-6), dtype)
+        r = torch.randn(5, N).to(dtype).to(DEVICE)
+        out, res = fused_add_rms_norm(x, r, w, 1e-6)
+        ref_out, ref_res = ref_fused_add_rms_norm(x, r, w, 1e-6)
+        _close(res, ref_res, dtype)
+        _close(out, ref_out, dtype)
+
+    def test_rms_norm_two_pass(self, monkeypatch):
+        monkeypatch.setattr(norm_mod, "_MAX_SINGLE", 64)
+        monkeypatch.setattr(norm_mod, "_CHUNK", 32)
+        x = torch.randn(3, 2, 100).to(DEVICE)                      # 3-D input, ragged chunks
+        r = torch.randn(3, 2, 100).to(DEVICE)
+        w = torch.randn(100).to(DEVICE)
+        _close(rms_norm(x, w, 1e-5), ref_rms_norm(x, w, 1e-5), torch.float32)
+        out, res = fused_add_rms_norm(x, r, w, 1e-5)
+        ref_out, ref_res = ref_fused_add_rms_norm(x, r, w, 1e-5)
+        _close(out, ref_out, torch.float32)
+        _close(res, ref_res, torch.float32)
+
+    @pytest.mark.parametrize("dtype,inter", [(torch.float32, 80), (torch.bfloat16, 64)])
+    def test_silu_and_mul(self, dtype, inter):
+        x = torch.randn(7, 2 * inter).to(dtype).to(DEVICE)
+        _close(silu_and_mul(x), ref_silu_and_mul(x), dtype)
+
+    @pytest.mark.parametrize("is_neox,rot,dtype", [(True, 32, torch.float32),
+                                                   (True, 16, torch.bfloat16),
+                                                   (False, 32, torch.float16)])
+    def test_rotary(self, is_neox, rot, dtype):
+        T, H, KV, D = 6, 4, 2, 32
+        qkv = torch.randn(T, (H + 2 * KV) * D).to(dtype).to(DEVICE)
+        q = qkv[:, :H * D].view(T, H, D)                            # strided views, in place
+        k = qkv[:, H * D:(H + KV) * D].view(T, KV, D)
+        cache = ref_cos_sin_cache(rot, 64).to(DEVICE)
+        positions = torch.randint(0, 64, (T,)).to(DEVICE)
+        ref_q, ref_k = q.clone(), k.clone()
+        ref_rotary_embedding(positions, ref_q, ref_k, cache, is_neox)
+        rotary_embedding(positions, q, k, cache, is_neox)
+        _close(q, ref_q, dtype)
+        _close(k, ref_k, dtype)
+
+
+def _backend_step(q_lens, seq_lens, H, KV, D, block_size, dtype, device):
+    """One backend forward: the last q_len tokens of each request are new (K/V given, not yet
+    cached); returns (out, ref, n_tokens)."""
+    query, kv_cache, qsl, sl, bt = make_paged_batch(q_lens, seq_lens, H, KV, D, block_size,
+                                                    dtype, device=device, pad_tokens=2)
+    T = query.shape[0]
+    slots, new_k, new_v = [], [], []
+    for r, (ql, s) in enumerate(zip(q_lens, seq_lens)):
+        pos = torch.arange(s - ql, s, device=device)
+        sl_r = bt[r].long()[pos // block_size] * block_size + pos % block_size
+        slots.append(sl_r)
+        new_k.append(kv_cache[0].view(-1, KV, D)[sl_r].clone())
+        new_v.append(kv_cache[1].view(-1, KV, D)[sl_r].clone())
+        kv_cache[:, sl_r // block_size, sl_r % block_size] = float("nan")   # not yet cached
+    pad = torch.full((2,), -1, dtype=torch.long, device=device)
+    slot_mapping = torch.cat(slots + [pad])
+    key = torch.cat(new_k + [torch.randn(2, KV, D, device=device).to(dtype)])
+    value = torch.cat(new_v + [torch.randn(2, KV, D, device=device).to(dtype)])
+    md = AttentionMetadata(num_actual_tokens=int(qsl[-1]), max_query_len=max(q_lens),
+                           max_seq_len=max(seq_lens), query_start_loc=qsl, seq_lens=sl,
+                           block_table=bt, slot_mapping=slot_mapping,
+                           is_decode_only=all(q == 1 for q in q_lens))
+    backend = TritonAttentionBackend()
+    impl = backend.make_impl(AttentionSpec(H, KV, D, D ** -0.5, dtype, block_size=block_size))
+    ref_cache = kv_cache.clone()
+    out = impl.forward(query, key, value, kv_cache, md)
+    ref_reshape_and_cache(key, value, ref_cache[0], ref_cache[1], slot_mapping)
+    ref = ref_paged_attention(query, ref_cache[0], ref_cache[1], qsl, sl, bt, D ** -0.5)
+    assert T == key.shape[0]
+    return out, ref, int(qsl[-1])
+
+
+def test_backend_forward_writes_cache_then_attends():
+    out, ref, n = _backend_step(MIXED_Q, MIXED_S, 4, 2, 32, 16, torch.float32, DEVICE)
+    _close(out[:n], ref[:n], torch.float32)
+
+
+def test_backend_capabilities():
+    caps = TritonAttentionBackend.capabilities
+    assert TritonAttentionBackend.name == "triton"
+    assert caps.devices == ("cuda",) and caps.supports_cuda_graphs
+    assert 64 in caps.head_sizes and 128 in caps.head_sizes and 256 in caps.head_sizes
+    assert set(caps.dtypes) == {torch.float16, torch.bfloat16, torch.float32}
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: realistic shapes, compiled kernels
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs CUDA, compiled")
+class TestGPU:
+    def test_decode_64x2k_bf16(self):
+        g = torch.Generator().manual_seed(1)
+        seq = torch.randint(1500, 2600, (64,), generator=g).tolist()
+        _check_attention([1] * 64, seq, 32, 8, 128, 16, torch.bfloat16)
+
+    def test_mixed_prefill_chunk_decode(self):
+        q = [512, 256, 1, 1, 1, 1, 300]
+        s = [512, 3000, 2048, 17, 4000, 1, 300]
+        _check_attention(q, s, 32, 8, 128, 16, torch.bfloat16)
+        _check_attention(q, s, 28, 4, 128, 32, torch.float16)
+        # decodes first, two launches
+        _check_attention([1, 1, 1, 1, 512, 256, 300], [2048, 17, 4000, 1, 512, 3000, 300],
+                         32, 8, 128, 16, torch.bfloat16, num_decode_reqs=4)
+
+    @pytest.mark.parametrize("D,dtype", [(64, torch.bfloat16), (256, torch.bfloat16),
+                                         (128, torch.float32), (96, torch.float16)])
+    def test_head_sizes_dtypes(self, D, dtype):
+        _check_attention([200, 1, 1, 64], [700, 1000, 5, 64], 16, 4, D, 16, dtype)
+
+    def test_split_kv_long_context(self):
+        cfg = choose_config(2, 2, 32, 8, 128, 1, 16384, torch.bfloat16,
+                            num_sms=torch.cuda.get_device_properties(0).multi_processor_count)
+        assert cfg.num_splits > 1
+        _check_attention([1, 1], [16384, 9000], 32, 8, 128, 16, torch.bfloat16)
+        _check_attention([64], [16384], 32, 8, 128, 16, torch.bfloat16)   # chunk, long prefix
+
+    def test_backend_forward(self):
+        out, ref, n = _backend_step([300, 1, 1, 64], [300, 2000, 9, 1064], 32, 8, 128, 16,
+                                    torch.bfloat16, "cuda")
+        _close(out[:n], ref[:n], torch.bfloat16)
+
+    def test_cuda_graph_replay_with_new_lengths(self):
+        B, H, KV, D, bs = 8, 32, 8, 128, 16
+        seq = [100, 2000, 3000, 5, 1, 700, 4095, 64]
+        query, kv_cache, qsl, sl, bt = make_paged_batch([1] * B, seq, H, KV, D, bs,
+                                                        torch.bfloat16, device="cuda")
+        out = torch.empty_like(query)
+
+        def step():
+            unified_attention(query, kv_cache[0], kv_cache[1], qsl, sl, bt, 1, 4096,
+                              D ** -0.5, out=out)
+        step()                                   # compile outside capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        for shrink in (0, 50, 999):
+            sl.copy_((torch.tensor(seq) - shrink).clamp(min=1).to(torch.int32))
+            query.normal_()
+            graph.replay()
+            torch.cuda.synchronize()
+            ref = ref_paged_attention(query, kv_cache[0], kv_cache[1], qsl, sl, bt, D ** -0.5)
+            _close(out, ref, torch.bfloat16)
