@@ -223,8 +223,11 @@ class SchedulerConfig:
     # A single prefill takes at most this many tokens of a step's budget, so decodes of other
     # requests keep flowing while a long prompt is processed (0 = no extra cap).
     long_prefill_token_threshold: int = 0
+    policy: str = "fcfs"   # or "priority" (lower SamplingParams priority value runs first)
 
     def __post_init__(self):
+        if self.policy not in ("fcfs", "priority"):
+            raise _fail("scheduling_policy", f"must be 'fcfs' or 'priority', got {self.policy!r}")
         if not isinstance(self.max_num_seqs, int) or self.max_num_seqs < 1:
             raise _fail("max_num_seqs", f"must be an integer >= 1, got {self.max_num_seqs!r}")
         if not isinstance(self.max_num_batched_tokens, int) or self.max_num_batched_tokens < 1:
@@ -295,7 +298,7 @@ def create_engine_config(model: Optional[str] = None, *, tokenizer: Optional[str
                          gpu_memory_utilization: float = 0.9, kv_cache_memory: Optional[int] = None,
                          kv_cache_dtype: str = "auto", seed: int = 0, load_format: str = "auto",
                          enforce_eager: bool = False, tensor_parallel_size: int = 1,
-                         **unknown) -> EngineConfig:
+                         scheduling_policy: str = "fcfs", **unknown) -> EngineConfig:
     if unknown:
         raise TypeError(f"unexpected engine arguments: {sorted(unknown)}")
     if load_format not in ("auto", "safetensors", "dummy", "gguf"):
@@ -316,7 +319,8 @@ def create_engine_config(model: Optional[str] = None, *, tokenizer: Optional[str
         max_num_batched_tokens = 8192 if enable_chunked_prefill else max(8192, mcfg.max_model_len)
     sched = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                             max_model_len=mcfg.max_model_len,
-                            enable_chunked_prefill=bool(enable_chunked_prefill))
+                            enable_chunked_prefill=bool(enable_chunked_prefill),
+                            policy=scheduling_policy)
     par = ParallelConfig(tensor_parallel_size=tensor_parallel_size)
     if par.tensor_parallel_size != 1:
         raise _fail("tensor_parallel_size", "only 1 is supported by this build")

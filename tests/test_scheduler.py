@@ -148,3 +148,27 @@ def test_prompt_larger_than_cache_rejected():
                   block_size=4, enable_prefix_caching=False)
     with pytest.raises(ValueError, match="KV cache holds only 8"):
         s.add_request(_req("x", 20))
+
+
+def test_priority_policy_orders_admission_and_preemption():
+    s = Scheduler(max_num_seqs=1, max_num_batched_tokens=256, max_model_len=4096, num_blocks=64,
+                  block_size=4, enable_prefix_caching=False, policy="priority")
+    reqs = [_req("low", 8, seed=1), _req("high", 8, seed=2), _req("mid", 8, seed=3)]
+    for r, prio in zip(reqs, (5, -1, 2)):
+        r.priority = prio
+        s.add_request(r)
+    order = []
+    rng = random.Random(0)
+    while s.has_unfinished_requests():
+        so, _ = _fake_step(s, rng)
+        order.extend(nr.req_id for nr in so.new_reqs)
+    assert order == ["high", "mid", "low"]
+
+
+def test_priority_needs_priority_policy():
+    s = Scheduler(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=4096, num_blocks=8,
+                  block_size=4, enable_prefix_caching=False)
+    r = _req("x", 4)
+    r.priority = 3
+    with pytest.raises(ValueError, match="priority"):
+        s.add_request(r)

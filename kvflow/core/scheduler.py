@@ -8,10 +8,16 @@ it is recomputed later from the prefix cache and its token history (preemption b
 
 Fairness: running requests are served in admission order before any waiting one is admitted, and
 a preempted request goes back to the front of the waiting queue, so nothing starves.
+
+Policies: "fcfs" (default) orders by arrival; "priority" orders waiting and running requests by
+(priority, arrival) — lower value first, as vLLM — so the lowest-priority running request is the
+one preempted and the highest-priority waiting one is admitted first.
 """
 from __future__ import annotations
 
 import time
+import bisect
+import itertools
 from collections import deque
 from dataclasses import dataclass
 from typing import Iterable, Optional
@@ -20,6 +26,7 @@ from kvflow.core.kv_cache_manager import KVCacheManager
 from kvflow.core.sched_output import (CachedRequestData, EngineCoreOutput, NewRequestData,
                                       RunnerOutput, SchedulerOutput)
 from kvflow.request import Request, RequestStatus
+from kvflow.sampling_params import SamplingParamError
 
 
 @dataclass
@@ -32,10 +39,66 @@ class SchedulerStats:
     num_preemptions: int = 0
 
 
+class FCFSQueue:
+    """Waiting requests in arrival order; preempted ones go back to the front."""
+
+    def __init__(self):
+        self._q: deque[Request] = deque()
+
+    def add(self, req: Request) -> None:
+        self._q.append(req)
+
+    def add_preempted(self, req: Request) -> None:
+        self._q.appendleft(req)
+
+    def peek(self) -> Request:
+        return self._q[0]
+
+    def pop(self) -> Request:
+        return self._q.popleft()
+
+    def remove(self, req: Request) -> None:
+        self._q.remove(req)
+
+    def __len__(self) -> int:
+        return len(self._q)
+
+    def __bool__(self) -> bool:
+        return bool(self._q)
+
+
+class PriorityQueue(FCFSQueue):
+    """Waiting requests ordered by (priority, arrival); a preempted request keeps its key, so it
+    comes back before later arrivals of its priority."""
+
+    def __init__(self):
+        self._q: list = []  # sorted (priority, arrival, seq, request)
+        self._seq = itertools.count()
+
+    def add(self, req: Request) -> None:
+        bisect.insort(self._q, (req.priority, req.arrival_time, next(self._seq), req),
+                      key=lambda e: e[:3])
+
+    add_preempted = add
+
+    def peek(self) -> Request:
+        return self._q[0][3]
+
+    def pop(self) -> Request:
+        return self._q.pop(0)[3]
+
+    def remove(self, req: Request) -> None:
+        self._q = [e for e in self._q if e[3] is not req]
+
+
 class Scheduler:
     def __init__(self, *, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
                  num_blocks: int, block_size: int, enable_prefix_caching: bool,
-                 enable_chunked_prefill: bool = True, long_prefill_token_threshold: int = 0):
+                 enable_chunked_prefill: bool = True, long_prefill_token_threshold: int = 0,
+                 policy: str = "fcfs"):
+        if policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling_policy: must be 'fcfs' or 'priority', got {policy!r}")
+        self.policy = policy
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
@@ -44,25 +107,32 @@ class Scheduler:
         self.long_prefill_token_threshold = long_prefill_token_threshold
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
         self.requests: dict[str, Request] = {}
-        self.waiting: deque[Request] = deque()
+        self.waiting = PriorityQueue() if policy == "priority" else FCFSQueue()
         self.running: list[Request] = []
         # Requests the runner should forget at the next step.
         self._finished_for_runner: set[str] = set()
         self.num_preemptions = 0
 
     # ------------------------------------------------------------------ requests
-    def add_request(self, request: Request) -> None:
+    def check_request(self, request: Request) -> None:
+        """Raise SamplingParamError (a ValueError naming the field) if the request can never run."""
         if request.request_id in self.requests:
-            raise ValueError(f"request_id {request.request_id!r} is already in use")
+            raise SamplingParamError("request_id", f"request_id: {request.request_id!r} is already in use")
         if request.max_tokens < 1:
-            raise ValueError(f"prompt has {request.num_prompt_tokens} tokens but max_model_len is "
+            raise SamplingParamError("prompt", f"prompt: prompt has {request.num_prompt_tokens} tokens but max_model_len is "
                              f"{self.max_model_len}: the prompt must be shorter than max_model_len "
                              "so at least one token can be generated")
         if request.num_tokens > self.kv.pool.num_blocks * self.block_size:
-            raise ValueError(f"prompt has {request.num_prompt_tokens} tokens but the KV cache holds "
+            raise SamplingParamError("prompt", f"prompt: prompt has {request.num_prompt_tokens} tokens but the KV cache holds "
                              f"only {self.kv.pool.num_blocks * self.block_size}")
+        if request.priority != 0 and self.policy != "priority":
+            raise SamplingParamError("priority", "priority: request priorities need "
+                                                 "scheduling_policy='priority'")
+
+    def add_request(self, request: Request) -> None:
+        self.check_request(request)
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        self.waiting.add(request)
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
         """Finish requests from outside the step loop (abort, stop string, error)."""
@@ -105,7 +175,7 @@ class Scheduler:
         victim.num_preemptions += 1
         self.num_preemptions += 1
         self._finished_for_runner.add(victim.request_id)
-        self.waiting.appendleft(victim)
+        self.waiting.add_preempted(victim)
 
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
@@ -114,6 +184,9 @@ class Scheduler:
         new: list[NewRequestData] = []
         preempted_any = False
 
+        if self.policy == "priority":
+            # Highest priority first; the tail (popped on preemption) is the lowest.
+            self.running.sort(key=lambda r: (r.priority, r.arrival_time))
         # 1) Running requests, in admission order.
         i = 0
         while i < len(self.running) and budget > 0:
@@ -143,7 +216,7 @@ class Scheduler:
         #    this step: the pool is known to be short.
         while (not preempted_any and self.waiting and budget > 0
                and len(self.running) < self.max_num_seqs):
-            req = self.waiting[0]
+            req = self.waiting.peek()
             hits, num_hit = self.kv.get_computed_blocks(req)
             num_new = req.num_tokens - num_hit
             if not self.enable_chunked_prefill and num_new > budget:
@@ -152,7 +225,7 @@ class Scheduler:
             new_blocks = self.kv.allocate_slots(req, num_new, hits)
             if new_blocks is None:
                 break
-            self.waiting.popleft()
+            self.waiting.pop()
             req.status = RequestStatus.RUNNING
             req.num_computed_tokens = num_hit
             if req.num_cached_tokens < 0:

@@ -42,7 +42,7 @@ class LLMEngine:
             max_model_len=config.model.max_model_len, num_blocks=plan.num_blocks,
             block_size=cc.block_size, enable_prefix_caching=cc.enable_prefix_caching,
             enable_chunked_prefill=sc.enable_chunked_prefill,
-            long_prefill_token_threshold=sc.long_prefill_token_threshold)
+            long_prefill_token_threshold=sc.long_prefill_token_threshold, policy=sc.policy)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.memory_plan = plan
         eos = set(config.model.eos_token_ids)
@@ -130,7 +130,7 @@ class LLMEngine:
         request_id = self.new_request_id() if request_id is None else str(request_id)
         if self.output_processor.has_request(request_id):
             raise SamplingParamError("request_id", f"request_id: {request_id!r} is already in use")
-        children = []
+        requests = []
         for i in range(params.n):
             child = params if params.n == 1 else params.clone()
             if params.n > 1:
@@ -138,11 +138,15 @@ class LLMEngine:
                 # Distinct but reproducible streams for seeded n > 1.
                 child.seed = None if params.seed is None else params.seed + i
             cid = request_id if params.n == 1 else f"{i}_{request_id}"
-            children.append((cid, child))
-        self.output_processor.add_request(request_id, prompt_text, prompt_token_ids, children, output_kind)
-        for cid, child in children:
-            self.scheduler.add_request(Request(cid, prompt_token_ids, child, self.max_model_len,
-                                               arrival_time=arrival_time, priority=priority))
+            requests.append(Request(cid, prompt_token_ids, child, self.max_model_len,
+                                    arrival_time=arrival_time, priority=priority))
+        for req in requests:  # validate everything before any state changes
+            self.scheduler.check_request(req)
+        self.output_processor.add_request(request_id, prompt_text, prompt_token_ids,
+                                          [(r.request_id, r.sampling_params) for r in requests],
+                                          output_kind)
+        for req in requests:
+            self.scheduler.add_request(req)
         return request_id
 
     def abort_request(self, request_ids) -> list[RequestOutput]:
