@@ -1,0 +1,78 @@
+"""The Triton attention backend: paged KV cache write + unified paged attention.
+
+Every step is two launches (three with split-KV): reshape_and_cache writes the new tokens' K/V
+at metadata.slot_mapping, then unified_attention serves prefill, chunked prefill with cached
+prefix, and decode rows of one varlen batch (see kvflow/kernels/attention.py for the design).
+
+CUDA graphs: the kernels read every per-request length from query_start_loc / seq_lens (device
+tensors), and derive their grids from tensor shapes (T, B, KV heads). The host ints
+metadata.max_query_len / max_seq_len only pick the tile configuration and split count, so a
+graph runner may pass fixed upper bounds for a captured batch shape; padded requests (q_len 0)
+and padded token rows (slot -1, rows past query_start_loc[-1]) are ignored.
+"""
+from __future__ import annotations
+
+import torch
+
+from kvflow.attention.backend import AttentionMetadata, AttentionSpec, BackendCapabilities
+
+# Head sizes: any multiple of 16 in [32, 256] (non powers of two are padded to the next power
+# of two inside the kernel, with masked loads).
+_HEAD_SIZES = tuple(range(32, 257, 16))
+
+
+class TritonAttentionImpl:
+    def __init__(self, spec: AttentionSpec):
+        if spec.num_heads % spec.num_kv_heads:
+            raise ValueError(f"num_heads {spec.num_heads} is not a multiple of num_kv_heads "
+                             f"{spec.num_kv_heads}")
+        if spec.local_attention_chunk:
+            raise ValueError("the triton backend has no chunked local attention")
+        if spec.kv_cache_dtype != "auto":
+            raise ValueError(f"kv cache dtype {spec.kv_cache_dtype!r} is not supported")
+        self.spec = spec
+        self.num_heads = spec.num_heads
+        self.num_kv_heads = spec.num_kv_heads
+        self.head_size = spec.head_size
+        self.scale = spec.scale
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+        """query [T, H, D], key/value [T, KV, D] (may be None when the K/V are already
+        cached), kv_cache [2, num_blocks, block_size, KV, D] -> out [T, H, D]."""
+        # Imported here so that importing the backend (e.g. for selection on a machine
+        # without triton) does not require triton.
+        from kvflow.kernels.attention import unified_attention
+        from kvflow.kernels.kv_cache import reshape_and_cache
+
+        key_cache, value_cache = kv_cache[0], kv_cache[1]
+        if key is not None and value is not None:
+            reshape_and_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
+        out = torch.empty_like(query)
+        # Proposed AttentionMetadata field (absent today): how many leading requests are
+        # decodes (q_len <= 1). With it, mixed batches run decode rows on decode tiles.
+        num_decode_reqs = getattr(metadata, "num_decode_reqs", 0) or 0
+        unified_attention(query, key_cache, value_cache, metadata.query_start_loc,
+                          metadata.seq_lens, metadata.block_table,
+                          max_query_len=1 if metadata.is_decode_only else metadata.max_query_len,
+                          max_seq_len=metadata.max_seq_len, scale=self.scale, out=out,
+                          num_decode_reqs=num_decode_reqs)
+        return out
+
+
+class TritonAttentionBackend:
+    name = "triton"
+    capabilities = BackendCapabilities(
+        head_sizes=_HEAD_SIZES,
+        dtypes=(torch.float16, torch.bfloat16, torch.float32),
+        kv_cache_dtypes=("auto",),
+        block_sizes=(),                 # any: tokens are gathered one block-table entry each
+        supports_local_attention=False,
+        # bf16 tl.dot needs Ampere tensor cores; the configurations are tuned for Hopper.
+        min_compute_capability=(8, 0),
+        supports_cuda_graphs=True,
+        devices=("cuda",),
+    )
+
+    def make_impl(self, spec: AttentionSpec) -> TritonAttentionImpl:
+        return TritonAttentionImpl(spec)

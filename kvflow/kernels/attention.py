@@ -1,0 +1,452 @@
+"""Unified paged attention for varlen batches (prefill, chunked prefill with prefix, decode).
+
+Design
+------
+One kernel, `_attention_kernel`, serves every request shape. A program owns
+    (one q-block of one request) x (one KV head) x (one KV segment)
+where a q-block is BLOCK_Q consecutive query tokens of a request, and the program's tile rows are
+all (token, query head) pairs of that q-block and of the QPK = H / KV query heads sharing the KV
+head (GQA packing): BLOCK_M = BLOCK_Q * QPK_PAD rows, row m = (token m // QPK_PAD, head m %
+QPK_PAD). Each K/V tile is therefore loaded once per KV head group, not once per query head, and
+decode with GQA still feeds the tensor cores with >= 16 rows.
+
+Per KV tile (BLOCK_N tokens gathered through the block table; each token's D values are
+contiguous) it runs flash-attention's online softmax in base 2: scores are multiplied by
+scale * log2(e) (folded into one FMA with the max subtraction) and exponentiated with exp2;
+both matmuls are tl.dot with fp32 accumulation. The KV loop is split in two: tiles that lie
+entirely at or before the program's first query position need no mask at all (the bulk of the
+work), the remaining (diagonal / tail) tiles apply the causal and length masks.
+
+Mapping programs to requests without host data (CUDA-graph safe):
+  * DIRECT: when BLOCK_Q >= max_query_len (decode, spec-decode, short chunks) every request is
+    one q-block and program i serves request i; grid dim 0 = num_reqs.
+  * SEARCH: otherwise request i owns q-blocks starting at
+    start(i) = qsl[i] // BLOCK_Q + i - qsl[0] // BLOCK_Q (strictly increasing in i, leaving room
+    for ceil(q_len_i / BLOCK_Q) blocks), so grid dim 0 = T // BLOCK_Q + num_reqs + 1 is an
+    upper bound and a program binary-searches query_start_loc for its request; programs that
+    land in a gap exit at once. Programs run highest q-block first (heaviest causal work first).
+  Actual lengths are always read from query_start_loc / seq_lens; the host ints max_query_len /
+  max_seq_len only choose the configuration, so upper bounds (as a graph runner passes) are
+  correct. Requests with q_len 0 (padding) do nothing.
+
+Split-KV (flash-decoding): when the grid above would not fill the GPU (small batch, few KV
+heads) and contexts are long, grid dim 2 = num_splits segments partition each program's KV
+range; each writes an unnormalised fp32 partial (acc, running max m, sum l) and
+`_merge_splits_kernel` combines them: out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s.
+Empty segments write (0, -1e30, 0) and weigh nothing. This works for any q_len, so chunked
+prefill of one request over a long prefix is split as well.
+
+Mixed batches: with `num_decode_reqs` (decodes ordered first, as the runner schedules them) the
+decode requests and the rest run as two launches over slices of the same metadata tensors, so
+decode rows get 16-row tiles instead of 128-row prefill tiles that are mostly padding.
+
+Tuning knobs (all in `choose_config`; `config=` overrides, e.g. for benchmarking; defaults
+measured on an H200, see choose_config):
+  block_m/block_q: prefill 128 rows; decode-like max(16, next_pow2(max_q) * QPK_PAD) <= 64.
+  block_n: prefill 128 for D = 128, else 64; decode 64 (32 for D > 128); halved for fp32.
+  num_warps / num_stages: prefill 8 / 3 (2 for D > 128): wgmma with cp.async pipelining of
+  the gathered K/V tiles; decode 4 / 2.
+  fp32 uses 3xTF32 dots (tensor cores, about fp32 accuracy).
+  Shared memory: stages, then block_n, then block_m shrink until Q + K/V buffers (_smem_bytes)
+  fit the device's opt-in limit (227 KB on Hopper, less on Ampere/Ada).
+  num_splits: only when (q-blocks x KV heads) < #SMs; about 2 waves, >= MIN_SPLIT_TOKENS per
+  segment, a power of two <= MAX_SPLITS.
+Invariants: K/V of every context position < seq_len has been written; block_table entries past
+the request's blocks may be anything (they are never dereferenced unmasked); KV cache strides
+are shared by K and V and the head dim is contiguous; block * block_stride and token-row
+offsets are computed in int64.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+MIN_SPLIT_TOKENS = 256     # fewest context tokens per split-KV segment
+MAX_SPLITS = 32
+# Start of the running max: finite, so rows that see only masked scores stay NaN-free.
+_EMPTY_MAX = tl.constexpr(-1.0e30)
+
+
+@triton.jit
+def _find_request(qsl_ptr, num_reqs, pid, base, BLOCK_Q: tl.constexpr):
+    """Largest i in [0, num_reqs) with start(i) = qsl[i] // BLOCK_Q + i - base <= pid, where
+    base = qsl[0] // BLOCK_Q (start(0) == 0)."""
+    lo = tl.full([], 0, tl.int32)          # invariant: start(lo) <= pid
+    hi = tl.full([], 0, tl.int32) + num_reqs
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        ok = tl.load(qsl_ptr + mid) // BLOCK_Q + mid - base <= pid
+        lo = tl.where(ok, mid, lo)
+        hi = tl.where(ok, hi, mid)
+    return lo
+
+
+@triton.jit
+def _attend_tile(acc, m_i, l_i, q, k_base, v_base, bt_row, tile, q_pos, seq_len, qk_scale,
+                 stride_cb, stride_ct,
+                 BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr,
+                 HEAD_PAD: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
+    """One online-softmax step over KV tile `tile` (BLOCK_N context tokens).
+
+    acc [BLOCK_M, HEAD_PAD] fp32, m_i/l_i [BLOCK_M] fp32 (m in log2 units), q [BLOCK_M, HEAD_PAD].
+    MASKED=False promises every token of the tile is < seq_len and <= every row's q_pos.
+    """
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_PAD)
+    start = tile * BLOCK_N
+    kpos = start + offs_n                                               # [BLOCK_N]
+    if BLOCK_SIZE % BLOCK_N == 0:
+        # The tile lies in one physical block: one scalar block-table read. `start` < seq_len
+        # always, so the entry is valid even for masked tiles.
+        blk = tl.load(bt_row + start // BLOCK_SIZE).to(tl.int64)
+        row_off = blk * stride_cb + ((start % BLOCK_SIZE) + offs_n) * stride_ct   # [BLOCK_N]
+    else:
+        # The tile spans BLOCK_N / BLOCK_SIZE blocks: one vector read of their entries.
+        if MASKED:
+            blk = tl.load(bt_row + kpos // BLOCK_SIZE, mask=kpos < seq_len, other=0)
+        else:
+            blk = tl.load(bt_row + kpos // BLOCK_SIZE)
+        row_off = blk.to(tl.int64) * stride_cb + (kpos % BLOCK_SIZE) * stride_ct
+    kv_off = row_off[:, None] + offs_d[None, :]                        # [BLOCK_N, HEAD_PAD]
+
+    if MASKED:
+        # Positions >= seq_len may hold garbage (even NaN): keep them out of both matmuls.
+        kv_mask = (kpos < seq_len)[:, None] & (offs_d < HEAD)[None, :]
+        k = tl.load(k_base + kv_off, mask=kv_mask, other=0.0)
+    elif HEAD != HEAD_PAD:
+        k = tl.load(k_base + kv_off, mask=(offs_d < HEAD)[None, :], other=0.0)
+    else:
+        k = tl.load(k_base + kv_off)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC)                   # [BLOCK_M, BLOCK_N]
+    if MASKED:
+        keep = (kpos[None, :] <= q_pos[:, None]) & (kpos < seq_len)[None, :]
+        s = tl.where(keep, s, float("-inf"))
+
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)                   # qk_scale > 0
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])                     # one FMA + ex2
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+
+    if MASKED:
+        v = tl.load(v_base + kv_off, mask=kv_mask, other=0.0)
+    elif HEAD != HEAD_PAD:
+        v = tl.load(v_base + kv_off, mask=(offs_d < HEAD)[None, :], other=0.0)
+    else:
+        v = tl.load(v_base + kv_off)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attention_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, m_ptr, l_ptr,
+    qsl_ptr, seq_lens_ptr, bt_ptr,
+    qk_scale, num_reqs, num_splits,
+    stride_qt, stride_qh,            # query [T, H, D]
+    stride_ot, stride_oh,            # out [T, H, D], or split partial acc [T, H, S, HEAD_PAD]
+    stride_mt, stride_mh,            # split partial m / l [T, H, S]
+    stride_cb, stride_ct, stride_ch,  # K and V caches [num_blocks, block_size, KV, D]
+    stride_bt,                       # block_table [B, max_blocks]
+    QPK: tl.constexpr, QPK_PAD: tl.constexpr, HEAD: tl.constexpr, HEAD_PAD: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
+):
+    kv_head = tl.program_id(1)
+    seg = tl.program_id(2)
+    if DIRECT:
+        req = tl.program_id(0)
+        q_block = 0
+    else:
+        # Highest q-blocks first: under the causal mask they carry the most KV tiles, so the
+        # last wave holds the cheap ones (less tail imbalance).
+        pid_q = tl.num_programs(0) - 1 - tl.program_id(0)
+        base = tl.load(qsl_ptr) // BLOCK_Q   # qsl[0] > 0 when launched on a slice of requests
+        req = _find_request(qsl_ptr, num_reqs, pid_q, base, BLOCK_Q)
+        q_block = pid_q - (tl.load(qsl_ptr + req) // BLOCK_Q + req - base)
+    q_start = tl.load(qsl_ptr + req)
+    q_len = tl.load(qsl_ptr + req + 1) - q_start
+    if q_block * BLOCK_Q >= q_len:      # gap program, or a padding request
+        return
+    seq_len = tl.load(seq_lens_ptr + req)
+    ctx_len = seq_len - q_len           # context tokens before this request's first query
+
+    # Rows: (query token, head of the KV group); see module docstring.
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_PAD)
+    tok_in_block = offs_m // QPK_PAD
+    q_tok = q_block * BLOCK_Q + tok_in_block                   # index within the request
+    head = kv_head * QPK + offs_m % QPK_PAD
+    row_ok = (q_tok < q_len) & (offs_m % QPK_PAD < QPK) & (tok_in_block < BLOCK_Q)
+    q_pos = ctx_len + q_tok                                    # absolute position
+    tok = (q_start + q_tok).to(tl.int64)                       # row of the flattened batch
+    d_ok = offs_d < HEAD
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)   # [BLOCK_M, HEAD_PAD]
+
+    # KV range of this q-block: [0, kv_end); tiles before num_full need no mask.
+    first_pos = ctx_len + q_block * BLOCK_Q
+    kv_end = ctx_len + tl.minimum(q_len, (q_block + 1) * BLOCK_Q)
+    num_tiles = tl.cdiv(kv_end, BLOCK_N)
+    num_full = (first_pos + 1) // BLOCK_N
+    if SPLIT:
+        per_seg = tl.cdiv(num_tiles, num_splits)
+        t0 = seg * per_seg
+        t1 = tl.minimum(t0 + per_seg, num_tiles)
+    else:
+        t0 = 0
+        t1 = num_tiles
+
+    bt_row = bt_ptr + req.to(tl.int64) * stride_bt
+    k_base = k_cache_ptr + kv_head * stride_ch
+    v_base = v_cache_ptr + kv_head * stride_ch
+    m_i = tl.full([BLOCK_M], _EMPTY_MAX, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
+    for t in range(t0, tl.minimum(t1, num_full)):
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_base, v_base, bt_row, t, q_pos,
+                                     seq_len, qk_scale, stride_cb, stride_ct, BLOCK_SIZE,
+                                     BLOCK_N, HEAD, HEAD_PAD, False, PREC)
+    for t in range(tl.maximum(t0, num_full), t1):
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_base, v_base, bt_row, t, q_pos,
+                                     seq_len, qk_scale, stride_cb, stride_ct, BLOCK_SIZE,
+                                     BLOCK_N, HEAD, HEAD_PAD, True, PREC)
+
+    if SPLIT:
+        # Unnormalised partial; empty segments store (0, _EMPTY_MAX, 0). Partial rows are
+        # numbered from this launch's first token, qsl[0].
+        prow = tok - tl.load(qsl_ptr)
+        o_ptrs = (out_ptr + prow[:, None] * stride_ot + head[:, None] * stride_oh
+                  + seg * HEAD_PAD + offs_d[None, :])
+        tl.store(o_ptrs, acc, mask=row_ok[:, None])
+        ml_off = prow * stride_mt + head * stride_mh + seg
+        tl.store(m_ptr + ml_off, m_i, mask=row_ok)
+        tl.store(l_ptr + ml_off, l_i, mask=row_ok)
+    else:
+        # Every valid row saw key 0 (position 0 <= its position), so l_i > 0; rows that are
+        # not stored may have l_i == 0.
+        o = acc * (1.0 / tl.where(l_i > 0.0, l_i, 1.0))[:, None]
+        o_ptrs = out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _merge_splits_kernel(out_ptr, acc_ptr, m_ptr, l_ptr, qsl_ptr, num_reqs, num_splits,
+                         stride_ot, stride_oh, stride_at, stride_ah, stride_mt, stride_mh,
+                         HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    """out[t, h] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s  (M = max_s m_s).
+    Program r merges partial row r, i.e. token t = qsl[0] + r."""
+    r = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    t = r + tl.load(qsl_ptr)
+    if t >= tl.load(qsl_ptr + num_reqs):     # padding row: no partials were written
+        return
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, HEAD_PAD)
+    s_ok = offs_s < num_splits
+    ml_off = r * stride_mt + h * stride_mh + offs_s
+    m = tl.load(m_ptr + ml_off, mask=s_ok, other=float("-inf"))       # [SPLITS_PAD]
+    l = tl.load(l_ptr + ml_off, mask=s_ok, other=0.0)
+    w = tl.math.exp2(m - tl.max(m, 0))
+    acc = tl.load(acc_ptr + r * stride_at + h * stride_ah + offs_s[:, None] * HEAD_PAD
+                  + offs_d[None, :], mask=s_ok[:, None], other=0.0)    # [SPLITS_PAD, HEAD_PAD]
+    o = tl.sum(acc * w[:, None], 0) / tl.sum(w * l, 0)
+    tl.store(out_ptr + t * stride_ot + h * stride_oh + offs_d,
+             o.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side
+# ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AttentionConfig:
+    block_m: int       # tile rows = block_q * next_pow2(QPK) (or more, padded to >= 16)
+    block_q: int       # query tokens per program
+    block_n: int       # KV tokens per tile
+    num_warps: int
+    num_stages: int
+    num_splits: int    # KV segments per program; 1 = no split-KV
+    direct: bool       # one program per request (needs block_q >= max_query_len)
+
+
+_DEVICE_LIMITS: dict[int, tuple[int, int]] = {}
+_H100_LIMITS = (132, 227 * 1024)             # SMs, opt-in shared memory per block
+
+
+def _device_limits(device: torch.device) -> tuple[int, int]:
+    """(multiprocessor count, opt-in shared memory per block) of a CUDA device; H100/H200
+    values elsewhere (they only steer the heuristics)."""
+    if device.type != "cuda":
+        return _H100_LIMITS
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _DEVICE_LIMITS:
+        props = torch.cuda.get_device_properties(idx)
+        smem = getattr(props, "shared_memory_per_block_optin", 0)
+        if not smem:   # older torch: by architecture
+            smem = {(9, 0): 227 * 1024, (8, 0): 163 * 1024}.get((props.major, props.minor),
+                                                                99 * 1024)
+        _DEVICE_LIMITS[idx] = (props.multi_processor_count, smem)
+    return _DEVICE_LIMITS[idx]
+
+
+def _num_sms(device: torch.device) -> int:
+    return _device_limits(device)[0]
+
+
+def _smem_bytes(block_m: int, block_n: int, head_pad: int, elem: int, stages: int) -> int:
+    """Shared memory of a configuration, an upper bound fitted to Triton 3.6's allocation for
+    this kernel on sm_90: the Q tile plus max(stages - 1, 2) K and V tile buffers; fp32
+    (3xTF32 dots) keeps up to 1.5x that."""
+    tiles = (block_m + 2 * max(stages - 1, 2) * block_n) * head_pad * elem
+    return (tiles * 3 // 2 if elem == 4 else tiles) + 4096
+
+
+def choose_config(num_tokens: int, num_reqs: int, num_heads: int, num_kv_heads: int,
+                  head_size: int, max_query_len: int, max_seq_len: int, dtype: torch.dtype,
+                  num_sms: int = 132, num_splits: Optional[int] = None,
+                  smem_limit: int = 227 * 1024) -> AttentionConfig:
+    """Tile configuration by shape. Only host ints are read; upper bounds are fine.
+
+    Defaults were measured on an H200 (bf16, block size 16, Triton 3.6): decode 64-token
+    tiles / 2 stages reached 3.9-4.4 TB/s; prefill 128x128 tiles / 8 warps / 3 stages for
+    D=128, 128x64 for D=64 and (2 stages) D=256 were the fastest of the sweep."""
+    qpk_pad = triton.next_power_of_2(num_heads // num_kv_heads)
+    head_pad = triton.next_power_of_2(head_size)
+    elem = dtype.itemsize
+    max_query_len = max(1, max_query_len)
+    bq_small = triton.next_power_of_2(max_query_len)
+    if bq_small * qpk_pad <= 64:
+        # Decode-like: every request fits one q-block; memory-bound, small tiles, 4 warps.
+        block_q = bq_small
+        block_m = max(16, block_q * qpk_pad)
+        block_n = 64 if head_pad <= 128 else 32
+        num_warps, num_stages, direct = 4, 2, True
+    else:
+        block_m = max(128, qpk_pad)
+        block_q = block_m // qpk_pad
+        block_n = 128 if head_pad == 128 else 64
+        num_warps, num_stages = 8, (3 if head_pad <= 128 else 2)
+        direct = block_q >= max_query_len
+    if elem == 4:
+        block_n = max(16, block_n // 2)                 # 4-byte tiles: halve the KV tile
+    # Fit shared memory: fewer stages, then narrower KV tiles, then fewer query rows.
+    while _smem_bytes(block_m, block_n, head_pad, elem, num_stages) > smem_limit:
+        if num_stages > 2:
+            num_stages -= 1
+        elif block_n > 16:
+            block_n //= 2
+        elif block_m // 2 >= max(16, qpk_pad):
+            block_m //= 2
+            block_q = block_m // qpk_pad
+            direct = direct and block_q >= max_query_len
+        else:
+            break
+
+    n_qblocks = num_reqs if direct else num_tokens // block_q + num_reqs
+    programs = max(1, n_qblocks * num_kv_heads)
+    if num_splits is None:
+        num_splits = 1
+        if programs < num_sms and max_seq_len >= 2 * MIN_SPLIT_TOKENS:
+            want = triton.cdiv(2 * num_sms, programs)
+            cap = max_seq_len // MIN_SPLIT_TOKENS
+            num_splits = min(triton.next_power_of_2(want), MAX_SPLITS)
+            while num_splits > cap:
+                num_splits //= 2
+            num_splits = max(1, num_splits)
+    return AttentionConfig(block_m, block_q, block_n, num_warps, num_stages, num_splits, direct)
+
+
+def unified_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                      query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
+                      block_table: torch.Tensor, max_query_len: int, max_seq_len: int,
+                      scale: float, out: Optional[torch.Tensor] = None,
+                      config: Optional[AttentionConfig] = None,
+                      num_splits: Optional[int] = None,
+                      num_decode_reqs: int = 0) -> torch.Tensor:
+    """Causal paged attention of a varlen batch; semantics of `ref_paged_attention`.
+
+    query [T, H, D] (head dim contiguous; T may include padding rows past query_start_loc[-1],
+    whose output is unspecified); key_cache/value_cache [num_blocks, block_size, KV, D] (same
+    strides); query_start_loc [B + 1] int32; seq_lens [B] int32; block_table [B, max_blocks]
+    int32. max_query_len / max_seq_len may be upper bounds. num_splits forces the split-KV
+    segment count (1 disables it); config overrides the heuristics (one launch).
+    num_decode_reqs = n > 0 promises the first n requests have q_len <= 1 (decodes ordered
+    first): a mixed batch then runs as two launches, decode tiles for those n and prefill tiles
+    for the rest, instead of 128-row prefill tiles that are 1/QPK_PAD full on decode rows.
+    Returns out [T, H, D].
+    """
+    T, H, D = query.shape
+    _, block_size, KV, Dk = key_cache.shape
+    assert Dk == D and H % KV == 0, (query.shape, key_cache.shape)
+    assert key_cache.stride() == value_cache.stride()
+    assert query.stride(2) == 1 and key_cache.stride(3) == 1
+    B = seq_lens.shape[0]
+    if out is None:
+        out = torch.empty_like(query)
+    if T == 0 or B == 0:
+        return out
+    num_sms, smem = _device_limits(query.device)
+    parts = [(0, B, T, max_query_len)]
+    if config is None and max_query_len > 1 and 0 < num_decode_reqs < B:
+        # A slice's query_start_loc stays absolute. The decode slice has <= nd tokens; the
+        # rest keeps T as its token bound (decodes with q_len 0 would leave it > T - nd).
+        nd = num_decode_reqs
+        parts = [(0, nd, nd, 1), (nd, B, T, max_query_len)]
+    for r0, r1, n_tok, max_q in parts:
+        cfg = config or choose_config(n_tok, r1 - r0, H, KV, D, max_q, max_seq_len, query.dtype,
+                                      num_sms, num_splits, smem)
+        _launch(query, key_cache, value_cache, out, query_start_loc[r0:r1 + 1],
+                seq_lens[r0:r1], block_table[r0:r1], n_tok, max_q, scale, cfg)
+    return out
+
+
+def _launch(query, key_cache, value_cache, out, query_start_loc, seq_lens, block_table,
+            num_tokens: int, max_query_len: int, scale: float, cfg: AttentionConfig) -> None:
+    """One attention launch (+ merge) over the requests of these (possibly sliced) tensors;
+    num_tokens bounds their query token count (qsl[-1] - qsl[0]) and sizes the split-KV
+    partials."""
+    T, H, D = query.shape
+    _, block_size, KV, _ = key_cache.shape
+    B = seq_lens.shape[0]
+    qpk = H // KV
+    assert cfg.block_m >= cfg.block_q * triton.next_power_of_2(qpk)
+    assert not cfg.direct or cfg.block_q >= max_query_len
+    head_pad = triton.next_power_of_2(D)
+    # Search grid: start(i) - start(0) <= (qsl[i] - qsl[0]) // block_q + 1 + i (see module doc).
+    grid0 = B if cfg.direct else num_tokens // cfg.block_q + B + 1
+    split = cfg.num_splits > 1
+    # fp32: 3xTF32 on the tensor cores (about fp32 accuracy); "ieee" would use FMA loops that
+    # spill heavily at these tile sizes. Irrelevant for fp16/bf16.
+    prec = "tf32x3" if query.dtype == torch.float32 else "tf32"
+    common = dict(QPK=qpk, QPK_PAD=triton.next_power_of_2(qpk), HEAD=D, HEAD_PAD=head_pad,
+                  BLOCK_SIZE=block_size, BLOCK_M=cfg.block_m, BLOCK_Q=cfg.block_q,
+                  BLOCK_N=cfg.block_n, DIRECT=cfg.direct, SPLIT=split, PREC=prec,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    qk_scale = scale * LOG2E
+    cache_strides = (key_cache.stride(0), key_cache.stride(1), key_cache.stride(2))
+    if not split:
+        _attention_kernel[(grid0, KV, 1)](
+            query, key_cache, value_cache, out, out, out,
+            query_start_loc, seq_lens, block_table, qk_scale, B, 1,
+            query.stride(0), query.stride(1), out.stride(0), out.stride(1), 0, 0,
+            *cache_strides, block_table.stride(0), **common)
+        return
+
+    S = cfg.num_splits
+    rows = min(num_tokens, T)
+    acc = torch.empty((rows, H, S, head_pad), dtype=torch.float32, device=query.device)
+    m = torch.empty((rows, H, S), dtype=torch.float32, device=query.device)
+    l = torch.empty_like(m)
+    _attention_kernel[(grid0, KV, S)](
+        query, key_cache, value_cache, acc, m, l,
+        query_start_loc, seq_lens, block_table, qk_scale, B, S,
+        query.stride(0), query.stride(1), acc.stride(0), acc.stride(1), m.stride(0), m.stride(1),
+        *cache_strides, block_table.stride(0), **common)
+    _merge_splits_kernel[(rows, H)](
+        out, acc, m, l, query_start_loc, B, S, out.stride(0), out.stride(1),
+        acc.stride(0), acc.stride(1), m.stride(0), m.stride(1), HEAD=D, HEAD_PAD=head_pad,
+        SPLITS_PAD=triton.next_power_of_2(S), num_warps=4 if head_pad * S <= 4096 else 8)
