@@ -39,6 +39,9 @@ class AttentionMetadata:
     seq_lens_cpu: Optional[torch.Tensor] = None         # [B] int32
     # True when every request has exactly one query token (pure decode step).
     is_decode_only: bool = False
+    # The first num_decode_reqs requests have exactly one query token (the runner orders decodes
+    # first), so a backend can give them decode-shaped tiles in a mixed batch.
+    num_decode_reqs: int = 0
 
     @property
     def num_reqs(self) -> int:

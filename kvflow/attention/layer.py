@@ -1,7 +1,21 @@
 """The attention layer models use. It knows heads and scale only; the backend implementation
-and the KV cache tensor are bound by the model runner after the model is built."""
+and the KV cache tensor are bound by the model runner after the model is built.
+
+Under torch.compile the whole attention call (KV cache write + paged attention) is one opaque
+custom op, `kvflow::unified_attention`, so dynamo traces everything else of the forward as a
+single graph that serves every batch size: the op's only graph inputs are q/k/v and a constant
+layer name; the per-step metadata (varying batch structure) is read from the forward context
+inside the op, and the KV cache is state of the layer, looked up through the name. Keeping the
+cache out of the graph is deliberate: its size (num_blocks) is decided by the memory plan after
+compilation and may be reallocated, and none of that may enter compiled code or its cache key.
+It is also sound: no other graph op reads the cache, and each layer's op depends on the previous
+layer's output, so the compiler can neither drop nor reorder the hidden writes.
+
+Eager execution calls the backend directly, exactly as before (the op adds nothing there).
+"""
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -9,6 +23,9 @@ from torch import nn
 
 from kvflow.attention.backend import AttentionImpl
 from kvflow.forward_context import get_forward_context
+
+# name -> layer, for the custom op. Weak: a dropped model frees its names.
+_LAYERS: "weakref.WeakValueDictionary[str, Attention]" = weakref.WeakValueDictionary()
 
 
 class Attention(nn.Module):
@@ -23,9 +40,21 @@ class Attention(nn.Module):
         self.impl: Optional[AttentionImpl] = None
         # [2, num_blocks, block_size, num_kv_heads, head_dim]; bound by the runner.
         self.kv_cache: Optional[torch.Tensor] = None
+        # Process-unique name under which the custom op finds this layer; set by
+        # bind_attention_layers() before the model is compiled (None = eager only).
+        self.layer_name: Optional[str] = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, H*D], k/v [T, KV*D] -> [T, H*D]."""
+        if torch.compiler.is_compiling():
+            if self.layer_name is None:
+                raise RuntimeError("an Attention layer is being compiled without a name: compile "
+                                   "through kvflow.compilation.compile_model (or call "
+                                   "kvflow.attention.layer.bind_attention_layers first)")
+            return torch.ops.kvflow.unified_attention(q, k, v, self.layer_name)
+        return self.forward_eager(q, k, v)
+
+    def forward_eager(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         md = get_forward_context().attn_metadata
         t = q.shape[0]
         out = self.impl.forward(q.view(t, self.num_heads, self.head_dim),
@@ -33,3 +62,43 @@ class Attention(nn.Module):
                                 v.view(t, self.num_kv_heads, self.head_dim),
                                 self.kv_cache, md)
         return out.view(t, self.num_heads * self.head_dim)
+
+
+def bind_attention_layers(model: nn.Module) -> list[str]:
+    """Give every Attention layer of `model` a process-unique name and register it for the
+    custom op; returns the names in module order. Idempotent for an already bound layer.
+
+    The name is a constant of the compiled graph, so it is deterministic: the module path
+    ("model.layers.0.self_attn.attn"), identical in every process that serves the model, which
+    keeps compiled artifacts shareable. Only when another live model in this process already
+    holds that name (tests, several engines) is a suffix added ("...attn#1")."""
+    names = []
+    for path, module in model.named_modules():
+        if not isinstance(module, Attention):
+            continue
+        if module.layer_name is None or _LAYERS.get(module.layer_name) is not module:
+            name, i = path, 0
+            while _LAYERS.get(name) not in (None, module):
+                i += 1
+                name = f"{path}#{i}"
+            module.layer_name = name
+            _LAYERS[name] = module
+        names.append(module.layer_name)
+    return names
+
+
+@torch.library.custom_op("kvflow::unified_attention", mutates_args=())
+def unified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      layer_name: str) -> torch.Tensor:
+    """Attention.forward_eager of the layer registered as `layer_name` (writes its KV cache).
+    No argument is declared mutated: the KV cache is not an argument (see the module doc)."""
+    layer = _LAYERS.get(layer_name)
+    if layer is None:
+        raise RuntimeError(f"no live Attention layer is registered as {layer_name!r}")
+    return layer.forward_eager(q, k, v)
+
+
+@unified_attention.register_fake
+def _unified_attention_fake(q, k, v, layer_name):
+    # Same shape and dtype as q, contiguous (every backend returns a fresh contiguous tensor).
+    return q.new_empty(q.shape)

@@ -49,14 +49,11 @@ class TritonAttentionImpl:
         if key is not None and value is not None:
             reshape_and_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
         out = torch.empty_like(query)
-        # Proposed AttentionMetadata field (absent today): how many leading requests are
-        # decodes (q_len <= 1). With it, mixed batches run decode rows on decode tiles.
-        num_decode_reqs = getattr(metadata, "num_decode_reqs", 0) or 0
         unified_attention(query, key_cache, value_cache, metadata.query_start_loc,
                           metadata.seq_lens, metadata.block_table,
                           max_query_len=1 if metadata.is_decode_only else metadata.max_query_len,
                           max_seq_len=metadata.max_seq_len, scale=self.scale, out=out,
-                          num_decode_reqs=num_decode_reqs)
+                          num_decode_reqs=metadata.num_decode_reqs)
         return out
 
 

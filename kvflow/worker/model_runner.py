@@ -152,7 +152,8 @@ class ModelRunner:
         self._update_states(so)
         if so.is_empty:
             return RunnerOutput(sampled_token_ids={})
-        req_ids = list(so.num_scheduled_tokens)
+        # Decodes first (stable): attention backends give them decode-shaped tiles.
+        req_ids = sorted(so.num_scheduled_tokens, key=lambda r: so.num_scheduled_tokens[r] != 1)
         states = [self.requests[r] for r in req_ids]
         b = len(states)
         rows = np.fromiter((s.row for s in states), dtype=np.int64, count=b)
@@ -195,7 +196,8 @@ class ModelRunner:
                 slot_mapping=self._to_device(slot_mapping, torch.int64, "slots"),
                 query_start_loc_cpu=torch.from_numpy(np.concatenate([[0], cu]).astype(np.int32)),
                 seq_lens_cpu=torch.from_numpy(seq_lens.astype(np.int32)),
-                is_decode_only=decode_only)
+                is_decode_only=decode_only, num_decode_reqs=int(np.argmax(nsched != 1))
+                if not decode_only else b)
             ids_t = self._to_device(input_ids, torch.int64, "ids")
             pos_t = self._to_device(positions, torch.int64, "pos")
             with set_forward_context(md):

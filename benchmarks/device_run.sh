@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One device call: install carried wheels, run the GPU checks and/or benchmarks.
+#   bash benchmarks/device_run.sh tests            # GPU suite
+#   bash benchmarks/device_run.sh bench MODEL...   # offline benchmarks (configs under benchmarks/configs)
+# Results land in $OUT (bench.jsonl, logs).
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export KVFLOW_CACHE_DIR=${KVFLOW_CACHE_DIR:-/tmp/kvflow-cache}
+nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+mode=${1:-tests}; shift || true
+case "$mode" in
+  tests)
+    KVFLOW_TEST_DEVICE=cuda timeout 500 python3 -m pytest -q -x --timeout=300 -p no:cacheprovider \
+      tests/test_gpu.py tests/test_models_hf.py tests/test_engine.py "$@" 2>&1 | tee "$OUT/tests.log" | tail -25
+    ;;
+  bench)
+    extra=${BENCH_ARGS:-}
+    for m in "$@"; do
+      python3 -m kvflow.cli --log-level ${LOG_LEVEL:-INFO} bench throughput --model benchmarks/configs/$m \
+        --workload ${WORKLOADS:-nanovllm,decode1,throughput8k} --max-model-len 4096 --dtype bfloat16 \
+        --out "$OUT/bench.jsonl" $extra 2>&1 | tee -a "$OUT/bench.log" | grep -E "record|Error|error|Traceback|ready|plan|graphs|compile" 
+    done
+    ;;
+esac
