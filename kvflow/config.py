@@ -31,12 +31,16 @@ def _fail(field_name: str, message: str) -> ValueError:
 
 
 def resolve_device(device: str) -> torch.device:
+    """A concrete device; CUDA always with an index (memory queries and graphs need one)."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda") and not str(device).startswith("cuda:"):
         raise _fail("device", f"must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise _fail("device", "CUDA was requested but no CUDA device is available")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise _fail("device", "CUDA was requested but no CUDA device is available")
+        dev = torch.device(device)
+        return torch.device("cuda", torch.cuda.current_device() if dev.index is None else dev.index)
     return torch.device(device)
 
 
