@@ -1,13 +1,13 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from kvflow.layers import ops
 
 
 class SiluAndMul(nn.Module):
     """x: [..., 2 * I] = gate | up  ->  silu(gate) * up: [..., I]."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = x.chunk(2, dim=-1)
-        return F.silu(gate) * up
+        return ops.silu_and_mul(x)

@@ -6,12 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-
-def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Same arithmetic as HF: normalise in float32, cast back, then scale.
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+from kvflow.layers import ops
 
 
 class RMSNorm(nn.Module):
@@ -23,6 +18,5 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
         """Without residual: norm(x). With residual: (norm(x + residual), x + residual)."""
         if residual is None:
-            return rms_norm_ref(x, self.weight, self.eps)
-        x = x + residual
-        return rms_norm_ref(x, self.weight, self.eps), x
+            return ops.rms_norm(x, self.weight, self.eps)
+        return ops.fused_add_rms_norm(x, residual, self.weight, self.eps)

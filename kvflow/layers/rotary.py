@@ -15,6 +15,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from kvflow.layers import ops
+
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
@@ -91,20 +93,5 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_sin_cache", cache, persistent=False)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """positions [T]; q [T, H*D] or [T, H, D]; k likewise. Returns rotated (q, k)."""
-        cos_sin = self.cos_sin_cache.index_select(0, positions)  # [T, rotary_dim]
-        cos, sin = cos_sin.chunk(2, dim=-1)                        # [T, rotary_dim/2] each
-        return self._apply(q, cos, sin), self._apply(k, cos, sin)
-
-    def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x = x.view(shape[0], -1, self.head_dim)                     # [T, H, D]
-        rot, rest = x[..., :self.rotary_dim], x[..., self.rotary_dim:]
-        x1, x2 = rot.chunk(2, dim=-1)
-        # HF casts cos/sin to the activation dtype before multiplying; do the same so bf16
-        # results match too.
-        c = torch.cat([cos, cos], -1).unsqueeze(1).to(x.dtype)
-        s_ = torch.cat([sin, sin], -1).unsqueeze(1).to(x.dtype)
-        rotated = rot * c + torch.cat([-x2, x1], dim=-1) * s_
-        out = rotated if rest.shape[-1] == 0 else torch.cat([rotated, rest], dim=-1)
-        return out.reshape(shape)
+        """positions [T]; q [T, H*D]; k [T, KV*D]. Returns rotated (q, k)."""
+        return ops.rotary(positions, q, k, self.cos_sin_cache, self.head_dim)

@@ -53,8 +53,8 @@ class LlamaAttention(nn.Module):
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))    # [T, H*D], [T, KV*D] x2
         if self.q_norm is not None:
             t = q.shape[0]
-            q = self.q_norm(q.reshape(t, -1, self.head_dim)).reshape(t, -1)
-            k = self.k_norm(k.reshape(t, -1, self.head_dim)).reshape(t, -1)
+            q = self.q_norm(q.reshape(t, -1, self.head_dim)).view(t, -1)
+            k = self.k_norm(k.reshape(t, -1, self.head_dim)).view(t, -1)
         q, k = self.rotary_emb(positions, q, k)
         return self.o_proj(self.attn(q, k, v))
 
