@@ -38,7 +38,7 @@ def _kvflow_cache_dir(tmp_path_factory):
 # to the same tolerances; bf16 has its own tests in test_gpu.py).
 DEVICE = os.environ.get("KVFLOW_TEST_DEVICE", "cpu")
 
-TINY = dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+TINY = dict(vocab_size=384, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
             eos_token_id=383, bos_token_id=1)
 
@@ -51,7 +51,7 @@ def make_hf_model(kind: str, **overrides):
     cfg_cls, model_cls = classes[kind]
     kw = dict(TINY)
     if kind == "qwen3":
-        kw["head_dim"] = 16
+        kw["head_dim"] = 32
     kw.update(overrides)
     torch.manual_seed(1234)
     model = model_cls(cfg_cls(**kw)).eval()

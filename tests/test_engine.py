@@ -13,8 +13,8 @@ GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 
 
 def _block_bytes(block_size: int) -> int:
-    # tiny model: 2 layers x (K, V) x block_size x 2 KV heads x head_dim 16 x fp32
-    return 2 * 2 * block_size * 2 * 16 * 4
+    # tiny model: 2 layers x (K, V) x block_size x 2 KV heads x head_dim 32 x fp32
+    return 2 * 2 * block_size * 2 * 32 * 4
 
 
 def _prompts(seed=0, lengths=(3, 17, 40, 64, 5, 29)):
