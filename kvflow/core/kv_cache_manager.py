@@ -8,6 +8,9 @@ from kvflow.core.block_pool import BlockPool, KVCacheBlock
 from kvflow.request import Request
 
 
+_NO_BLOCKS: list = []  # shared, never mutated
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -65,7 +68,17 @@ class KVCacheManager:
         """Make room for `num_new_tokens` more tokens of `request` after its computed ones
         (plus `new_computed_blocks`, prefix hits being adopted now). Returns the newly allocated
         blocks, or None (nothing changed) when the pool cannot supply them."""
-        blocks = self.req_to_blocks.setdefault(request.request_id, [])
+        rid = request.request_id
+        blocks = self.req_to_blocks.get(rid)
+        if blocks is not None and not new_computed_blocks:
+            # Fast path (every decode step but one per block): the tokens fit the last block.
+            total = request.num_computed_tokens + num_new_tokens
+            if total <= len(blocks) * self.block_size:
+                if self.enable_caching and total // self.block_size > self.num_cached_blocks.get(rid, 0):
+                    self._cache_full_blocks(request, blocks, total)
+                return _NO_BLOCKS
+        if blocks is None:
+            blocks = self.req_to_blocks[rid] = []
         num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
         total = num_computed + num_new_tokens
         need = cdiv(total, self.block_size) - len(blocks) - len(new_computed_blocks)
