@@ -17,6 +17,8 @@ from typing import Any, Optional
 
 import torch
 
+from kvflow import envs
+
 logger = logging.getLogger("kvflow")
 
 _STR_TO_DTYPE = {
@@ -174,7 +176,7 @@ def build_model_config(model: str, *, dtype: Any, device: torch.device,
     else:
         if not isinstance(max_model_len, int) or max_model_len < 1:
             raise _fail("max_model_len", f"must be a positive integer, got {max_model_len!r}")
-        if max_model_len > max_pos and os.environ.get("KVFLOW_ALLOW_LONG_MAX_MODEL_LEN") != "1":
+        if max_model_len > max_pos and not envs.allow_long_max_model_len():
             raise _fail("max_model_len",
                         f"{max_model_len} exceeds the model's max_position_embeddings={max_pos} "
                         "(set KVFLOW_ALLOW_LONG_MAX_MODEL_LEN=1 to override)")

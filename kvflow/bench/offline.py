@@ -131,12 +131,30 @@ def run(args) -> list[dict]:
     records = [init]
     _emit(init, args.out)
     for w in names:
+        if eng.step_trace is not None:
+            eng.step_trace.clear()
         rec = WORKLOADS[w](llm, base, args.temperature)
+        if eng.step_trace:
+            rec["step_trace"] = summarize_trace(eng.step_trace)
         if torch.cuda.is_available():
             rec["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_reserved() / 2 ** 30, 2)
         records.append(rec)
         _emit(rec, args.out)
     return records
+
+
+def summarize_trace(trace: list) -> dict:
+    """Where the steps' time went: decode-only vs mixed steps, host phases vs execution."""
+    out = {}
+    for kind, sel in (("decode", lambda r: r[0] == r[1]), ("mixed", lambda r: r[0] != r[1])):
+        rows = [r for r in trace if sel(r)]
+        if rows:
+            out[kind] = dict(steps=len(rows), tokens=sum(r[1] for r in rows),
+                             schedule_s=round(sum(r[2] for r in rows), 3),
+                             execute_s=round(sum(r[3] for r in rows), 3),
+                             update_s=round(sum(r[4] for r in rows), 3),
+                             mean_reqs=round(sum(r[0] for r in rows) / len(rows), 1))
+    return out
 
 
 def _emit(rec: dict, out: str | None) -> None:

@@ -12,6 +12,7 @@ import traceback
 from dataclasses import replace
 from typing import Any, Optional, Union
 
+from kvflow import envs
 from kvflow.config import EngineConfig, create_engine_config
 from kvflow.core.scheduler import Scheduler
 from kvflow.engine.output_processor import OutputKind, OutputProcessor
@@ -52,6 +53,7 @@ class LLMEngine:
         self.startup_s = time.perf_counter() - t0
         logger.info("engine ready in %.2f s", self.startup_s)
         self._next_id = 0
+        self.step_trace: Optional[list] = [] if envs.step_trace() else None
 
     @classmethod
     def from_engine_args(cls, model: Optional[str] = None, attention_backend: Optional[str] = None,
@@ -169,17 +171,24 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ step
     def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter() if self.step_trace is not None else 0.0
         so = self.scheduler.schedule()
+        t1 = time.perf_counter() if self.step_trace is not None else 0.0
         try:
             ro = self.executor.execute_model(so)
         except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the engine
             logger.error("step failed; failing its %d requests:\n%s", len(so.num_scheduled_tokens),
                          traceback.format_exc())
             return self._fail(list(so.num_scheduled_tokens), f"{type(e).__name__}: {e}")
+        t2 = time.perf_counter() if self.step_trace is not None else 0.0
         core_outs = self.scheduler.update_from_output(so, ro)
         outputs, stopped = self.output_processor.process(core_outs)
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        if self.step_trace is not None:
+            # (requests, tokens, schedule s, execute s, update s)
+            self.step_trace.append((len(so.num_scheduled_tokens), so.total_num_scheduled_tokens,
+                                    t1 - t0, t2 - t1, time.perf_counter() - t2))
         return outputs
 
     def _fail(self, child_ids: list[str], message: str) -> list[RequestOutput]:

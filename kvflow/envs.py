@@ -1,0 +1,19 @@
+"""Environment variables kvflow reads, in one place (names, defaults, meaning)."""
+from __future__ import annotations
+
+import os
+
+
+def cache_dir() -> str:
+    """KVFLOW_CACHE_DIR: root of kvflow's caches (GGUF conversions, compiled graphs)."""
+    return os.path.expanduser(os.environ.get("KVFLOW_CACHE_DIR", "~/.cache/kvflow"))
+
+
+def allow_long_max_model_len() -> bool:
+    """KVFLOW_ALLOW_LONG_MAX_MODEL_LEN=1: accept max_model_len above max_position_embeddings."""
+    return os.environ.get("KVFLOW_ALLOW_LONG_MAX_MODEL_LEN") == "1"
+
+
+def step_trace() -> bool:
+    """KVFLOW_STEP_TRACE=1: record per-step timings in LLMEngine.step_trace (benchmarks)."""
+    return os.environ.get("KVFLOW_STEP_TRACE") == "1"
