@@ -96,6 +96,8 @@ def make_llm():
         kw.setdefault("skip_tokenizer_init", True)
         kw.setdefault("kv_cache_memory", 8 << 20)
         kw.setdefault("device", DEVICE)
+        # dtype "auto" would pick bf16 on CUDA; the HF-parity suite is an fp32 suite.
+        kw.setdefault("dtype", "float32")
         llm = LLM(model_dir, **kw)
         _ENGINES.append(llm)
         return llm

@@ -14,6 +14,7 @@ Per step, for B scheduled requests and T scheduled tokens (request order = sched
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 from typing import Optional
@@ -264,25 +265,50 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ profiling
     @torch.inference_mode()
-    def dummy_run(self, num_tokens: int, num_reqs: int) -> None:
-        """A forward + sampling pass of the largest step shape, writing into block 0 only.
-        Used to measure peak activation memory before the KV cache is sized."""
-        num_reqs = max(1, min(num_reqs, num_tokens))
-        per_req = [num_tokens // num_reqs] * num_reqs
-        per_req[-1] += num_tokens - sum(per_req)
-        cu = np.cumsum(per_req)
-        nb = -(-max(per_req) // self.block_size)
+    def dummy_run(self, query_lens: list[int], context_lens: Optional[list[int]] = None,
+                  sample: bool = True) -> None:
+        """A forward (+ sampling) pass of a given batch shape that writes no KV (slots -1) and
+        reads only block 0. Used to measure peak activation memory before the KV cache is sized,
+        and to compile every kernel configuration a real step will need before serving."""
+        context_lens = context_lens or query_lens
+        b = len(query_lens)
+        cu = np.cumsum(query_lens)
+        t = int(cu[-1])
+        nb = -(-max(context_lens) // self.block_size)
         md = AttentionMetadata(
-            num_actual_tokens=num_tokens, max_query_len=max(per_req), max_seq_len=max(per_req),
+            num_actual_tokens=t, max_query_len=max(query_lens), max_seq_len=max(context_lens),
             query_start_loc=self._to_device(np.concatenate([[0], cu]), torch.int32),
-            seq_lens=self._to_device(np.array(per_req), torch.int32),
-            block_table=self._to_device(np.zeros((num_reqs, nb), dtype=np.int32), torch.int32),
-            slot_mapping=self._to_device(np.full(num_tokens, -1, dtype=np.int64), torch.int64))
-        ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
-        pos = torch.from_numpy(np.concatenate([np.arange(n) for n in per_req])).to(self.device)
+            seq_lens=self._to_device(np.array(context_lens), torch.int32),
+            block_table=self._to_device(np.zeros((b, nb), dtype=np.int32), torch.int32),
+            slot_mapping=self._to_device(np.full(t, -1, dtype=np.int64), torch.int64),
+            is_decode_only=max(query_lens) == 1,
+            num_decode_reqs=sum(1 for _ in itertools.takewhile(lambda q: q == 1, query_lens)))
+        ids = torch.zeros(t, dtype=torch.int64, device=self.device)
+        pos = torch.from_numpy(np.concatenate([np.arange(c - q, c) for q, c in
+                                               zip(query_lens, context_lens)])).to(self.device)
         with set_forward_context(md):
             hidden = self.model(ids, pos)
+        if not sample:
+            return
         logits = self.model.compute_logits(hidden[torch.from_numpy(cu - 1).to(self.device)])
-        params = [SamplingParams(temperature=1.0, top_p=0.9, top_k=50)] * num_reqs
-        self.sampler(logits, SamplingMetadata.build(params, [[]] * num_reqs, [[]] * num_reqs, {},
+        params = [SamplingParams(temperature=1.0, top_p=0.9, top_k=50)] * b
+        self.sampler(logits, SamplingMetadata.build(params, [[]] * b, [[]] * b, {},
                                                     self.vocab_size, self.device))
+
+    def warm_up(self, max_num_tokens: int) -> None:
+        """Run the batch shapes serving will hit (long prefill, many prefills, decodes mixed
+        with prefill chunks, chunks over long contexts, eager decode) so that Triton compiles
+        their kernel configurations now, not inside the first requests."""
+        L = self.max_model_len
+        chunk = min(max_num_tokens, L)
+        shapes = [
+            ([chunk], [chunk]),                                       # one long prefill
+            ([min(512, L - 1)] * max(1, min(8, max_num_tokens // 512)), None),  # many prefills
+            ([1] * 64 + [min(256, L // 2)], [min(1024, L)] * 64 + [min(1024, L)]),  # mixed
+            ([min(16, L // 4)], [L]),                                 # chunk over a long prefix
+            ([1] * min(self.max_num_reqs, 8), [L] * min(self.max_num_reqs, 8)),  # eager decode
+        ]
+        for q, c in shapes:
+            self.dummy_run(q, c, sample=False)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

@@ -76,11 +76,11 @@ class Worker:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            self.runner.dummy_run(num_tokens, num_reqs)
+            self.runner.dummy_run(*self._profile_shape(num_tokens, num_reqs))
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() - base
         else:
-            self.runner.dummy_run(min(num_tokens, 256), min(num_reqs, 4))  # smoke test only
+            self.runner.dummy_run(*self._profile_shape(min(num_tokens, 256), min(num_reqs, 4)))
             peak = 0
         self.runner.release_kv_cache()
         del scratch
@@ -88,6 +88,12 @@ class Worker:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         return peak
+
+    def _profile_shape(self, num_tokens: int, num_reqs: int) -> tuple[list[int], list[int]]:
+        """num_tokens spread over num_reqs requests (each within max_model_len)."""
+        per = [num_tokens // num_reqs] * num_reqs
+        per[-1] += num_tokens - sum(per)
+        return per, per
 
     def plan_memory(self) -> MemoryPlan:
         cc = self.config.cache
@@ -135,6 +141,10 @@ class Worker:
         t0 = time.perf_counter()
         self.runner.allocate_kv_cache(num_blocks)
         self.timings["kv_cache_alloc_s"] = time.perf_counter() - t0
+        if self.device.type == "cuda" and self.runner.backend.name != "torch":
+            t0 = time.perf_counter()
+            self.runner.warm_up(self.config.scheduler.max_num_batched_tokens)
+            self.timings["kernel_warmup_s"] = time.perf_counter() - t0
         if self.use_cuda_graphs:
             self.runner.capture_cuda_graphs()
             self.timings["cuda_graph_s"] = self.runner.graphs.capture_s
