@@ -230,6 +230,8 @@ class SchedulerConfig:
     # requests keep flowing while a long prompt is processed (0 = no extra cap).
     long_prefill_token_threshold: int = 0
     policy: str = "fcfs"   # or "priority" (lower SamplingParams priority value runs first)
+    # Overlap scheduling of step N+1 with the device running step N (default: on for CUDA).
+    async_scheduling: bool = False
 
     def __post_init__(self):
         if self.policy not in ("fcfs", "priority"):
@@ -304,7 +306,8 @@ def create_engine_config(model: Optional[str] = None, *, tokenizer: Optional[str
                          gpu_memory_utilization: float = 0.9, kv_cache_memory: Optional[int] = None,
                          kv_cache_dtype: str = "auto", seed: int = 0, load_format: str = "auto",
                          enforce_eager: bool = False, tensor_parallel_size: int = 1,
-                         scheduling_policy: str = "fcfs", **unknown) -> EngineConfig:
+                         scheduling_policy: str = "fcfs", async_scheduling: Optional[bool] = None,
+                         **unknown) -> EngineConfig:
     if unknown:
         raise TypeError(f"unexpected engine arguments: {sorted(unknown)}")
     if load_format not in ("auto", "safetensors", "dummy", "gguf"):
@@ -326,7 +329,9 @@ def create_engine_config(model: Optional[str] = None, *, tokenizer: Optional[str
     sched = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                             max_model_len=mcfg.max_model_len,
                             enable_chunked_prefill=bool(enable_chunked_prefill),
-                            policy=scheduling_policy)
+                            policy=scheduling_policy,
+                            async_scheduling=(dev.type == "cuda") if async_scheduling is None
+                            else bool(async_scheduling))
     par = ParallelConfig(tensor_parallel_size=tensor_parallel_size)
     if par.tensor_parallel_size != 1:
         raise _fail("tensor_parallel_size", "only 1 is supported by this build")

@@ -62,6 +62,9 @@ class Request:
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(self.prompt_token_ids)
         self.num_computed_tokens = 0
+        # Tokens sampled by a step that has been launched but whose result is not back yet
+        # (overlapped scheduling). They count toward what the next step may compute.
+        self.num_output_placeholders = 0
         # Prompt tokens served from the prefix cache at first scheduling (-1 = not yet scheduled).
         self.num_cached_tokens = -1
         self.num_preemptions = 0

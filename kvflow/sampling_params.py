@@ -153,6 +153,13 @@ class SamplingParams:
         return self.temperature < SAMPLING_EPS
 
     @property
+    def needs_history(self) -> bool:
+        """Sampling reads this request's previous tokens (penalties, min_tokens) or needs
+        per-position prompt logits: its steps cannot overlap with the previous one."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.min_tokens or self.prompt_logprobs is not None)
+
+    @property
     def all_stop_token_ids(self) -> frozenset:
         ids = set(self.stop_token_ids)
         if not self.ignore_eos:

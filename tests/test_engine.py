@@ -248,7 +248,7 @@ def test_failed_step_fails_its_requests_and_engine_keeps_serving(tiny_llama, ref
     llm = make_llm(tiny_llama[1])
     eng = llm.llm_engine
     worker = eng.executor.worker
-    real = worker.runner.execute_model
+    real = worker.runner.launch
     calls = {"n": 0}
 
     def flaky(so):
@@ -257,11 +257,52 @@ def test_failed_step_fails_its_requests_and_engine_keeps_serving(tiny_llama, ref
             raise RuntimeError("injected failure")
         return real(so)
 
-    worker.runner.execute_model = flaky
+    worker.runner.launch = flaky
     try:
         outs = _gen(llm, _prompts()[:2])
         assert all(o.outputs[0].finish_reason == "error" and "injected" in o.error for o in outs)
     finally:
-        worker.runner.execute_model = real
+        worker.runner.launch = real
     prompts = _prompts()
     _check(_gen(llm, prompts), prompts, reference)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(), dict(max_num_batched_tokens=7, enable_prefix_caching=False),
+    dict(block_size=4, kv_cache_memory=24 * _block_bytes(4), enable_prefix_caching=False),
+    dict(block_size=4, max_num_batched_tokens=10, kv_cache_memory=30 * _block_bytes(4)),
+], ids=["batched", "chunked", "preempted", "preempted-chunked-prefix"])
+def test_async_scheduling_gives_identical_outputs(tiny_llama, reference, make_llm, kw):
+    """Overlapped scheduling (step N+1 launched before step N's tokens are applied) changes
+    nothing observable: same tokens, same finish reasons, no leaks, also with preemption."""
+    llm = make_llm(tiny_llama[1], async_scheduling=True, **kw)
+    assert llm.llm_engine.async_scheduling
+    prompts = _prompts()
+    _check(_gen(llm, prompts), prompts, reference)
+    _check(_gen(llm, prompts), prompts, reference)  # again, with prefix hits where enabled
+    p = prompts[2]
+    ref = reference[tuple(p)]
+    o = _gen(llm, [p], SamplingParams(temperature=0, max_tokens=16, stop_token_ids=[ref[5]]))[0].outputs[0]
+    assert o.token_ids == ref[:ref.index(ref[5]) + 1] and o.finish_reason == "stop"
+    sp = SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=9, ignore_eos=True)
+    sync = make_llm(tiny_llama[1], async_scheduling=False, **kw)
+    assert ([c.token_ids for c in _gen(llm, [p], sp)[0].outputs]
+            == [c.token_ids for c in _gen(sync, [p], sp)[0].outputs])
+
+
+def test_async_scheduling_with_penalties_and_aborts(tiny_llama, make_llm):
+    llm = make_llm(tiny_llama[1], async_scheduling=True)
+    sync = make_llm(tiny_llama[1], async_scheduling=False)
+    sp = [SamplingParams(temperature=0, max_tokens=12, repetition_penalty=1.3, ignore_eos=True),
+          SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, min_tokens=4)]
+    prompts = _prompts()[:2]
+    assert [o.outputs[0].token_ids for o in _gen(llm, prompts, sp)] == \
+        [o.outputs[0].token_ids for o in _gen(sync, prompts, sp)]
+    eng = llm.llm_engine
+    for i, p in enumerate(_prompts()):
+        eng.add_request(f"a{i}", {"prompt_token_ids": p}, SamplingParams(max_tokens=40, ignore_eos=True))
+    for _ in range(4):
+        eng.step()
+    eng.abort_request([f"a{i}" for i in range(3)])
+    while eng.has_unfinished_requests():
+        eng.step()

@@ -191,7 +191,12 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = self._cap(req, req.num_tokens - req.num_computed_tokens, budget)
+            pending = req.num_output_placeholders
+            if pending and (req.num_output_tokens + pending >= req.max_tokens
+                            or req.num_tokens + pending >= self.max_model_len):
+                i += 1  # its in-flight token ends it: nothing more to compute
+                continue
+            num_new = self._cap(req, req.num_tokens + pending - req.num_computed_tokens, budget)
             if num_new <= 0:
                 i += 1
                 continue
@@ -217,6 +222,8 @@ class Scheduler:
         while (not preempted_any and self.waiting and budget > 0
                and len(self.running) < self.max_num_seqs):
             req = self.waiting.peek()
+            if req.num_output_placeholders:
+                break  # preempted with a token still in flight: resume once it has arrived
             hits, num_hit = self.kv.get_computed_blocks(req)
             num_new = req.num_tokens - num_hit
             if not self.enable_chunked_prefill and num_new > budget:
@@ -245,8 +252,12 @@ class Scheduler:
         self._finished_for_runner = set()
         # The runner computes these tokens in this step; advance now so the next schedule()
         # (possibly before update_from_output, in an overlapped loop) sees them as computed.
+        # A request that catches up samples a token: count it as a placeholder until it arrives.
         for rid, n in num_scheduled.items():
-            self.requests[rid].num_computed_tokens += n
+            req = self.requests[rid]
+            req.num_computed_tokens += n
+            if req.num_computed_tokens == req.num_tokens + req.num_output_placeholders:
+                req.num_output_placeholders += 1
         return out
 
     # ------------------------------------------------------------------ update
@@ -256,6 +267,8 @@ class Scheduler:
             req = self.requests.get(rid)
             if req is None or req.is_finished:
                 continue  # aborted while the step ran
+            if rid in out.sampled_token_ids and out.sampled_token_ids[rid] and req.num_output_placeholders:
+                req.num_output_placeholders -= 1
             if rid in out.errors:
                 req.status = RequestStatus.FINISHED_ERROR
                 self.running.remove(req)
@@ -280,7 +293,10 @@ class Scheduler:
                 logprobs=out.logprobs.get(rid), prompt_logprobs=prompt_lp,
                 num_cached_tokens=max(req.num_cached_tokens, 0)))
             if req.is_finished:
-                self.running.remove(req)
+                if req in self.running:
+                    self.running.remove(req)
+                else:  # preempted while its last token was in flight
+                    self.waiting.remove(req)
                 self._free(req)
         return results
 

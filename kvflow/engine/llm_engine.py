@@ -54,6 +54,8 @@ class LLMEngine:
         logger.info("engine ready in %.2f s", self.startup_s)
         self._next_id = 0
         self.step_trace: Optional[list] = [] if envs.step_trace() else None
+        self.async_scheduling = config.scheduler.async_scheduling
+        self._pending = None  # (SchedulerOutput, handle) launched but not yet applied
 
     @classmethod
     def from_engine_args(cls, model: Optional[str] = None, attention_backend: Optional[str] = None,
@@ -164,32 +166,63 @@ class LLMEngine:
         return outs
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or self._pending is not None
 
     def get_num_unfinished_requests(self) -> int:
         return self.scheduler.get_num_unfinished_requests()
 
     # ------------------------------------------------------------------ step
     def step(self) -> list[RequestOutput]:
-        t0 = time.perf_counter() if self.step_trace is not None else 0.0
+        """One engine iteration. With async scheduling, step N+1 is scheduled and launched
+        before step N's tokens are applied, so host work overlaps device work; the outputs
+        returned are step N's. Requests whose sampling reads their own history (penalties,
+        min_tokens, prompt logprobs) force a synchronous step."""
+        trace = self.step_trace is not None
+        if self._pending is not None and (not self.async_scheduling or self._needs_sync()):
+            return self._complete(*self._pending)
+        t0 = time.perf_counter() if trace else 0.0
         so = self.scheduler.schedule()
-        t1 = time.perf_counter() if self.step_trace is not None else 0.0
+        t1 = time.perf_counter() if trace else 0.0
         try:
-            ro = self.executor.execute_model(so)
+            handle = self.executor.launch(so)
         except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the engine
-            logger.error("step failed; failing its %d requests:\n%s", len(so.num_scheduled_tokens),
-                         traceback.format_exc())
-            return self._fail(list(so.num_scheduled_tokens), f"{type(e).__name__}: {e}")
-        t2 = time.perf_counter() if self.step_trace is not None else 0.0
+            return self._step_failed(so, e) + (self._complete(*self._pending) if self._pending else [])
+        if not self.async_scheduling:
+            outputs = self._complete(so, handle)
+        else:
+            outputs = self._complete(*self._pending) if self._pending is not None else []
+            # An empty step has nothing in flight (e.g. every running request waits for its
+            # last token); pending it would keep the loop alive forever.
+            self._pending = (so, handle) if not so.is_empty else None
+        if trace:
+            # (requests, tokens, schedule s, launch + complete s)
+            self.step_trace.append((len(so.num_scheduled_tokens), so.total_num_scheduled_tokens,
+                                    t1 - t0, time.perf_counter() - t1, 0.0))
+        return outputs
+
+    def _needs_sync(self) -> bool:
+        return any(r.sampling_params.needs_history for r in self.scheduler.running) or any(
+            r.sampling_params.needs_history for r in self.scheduler.requests.values()
+            if r.status == RequestStatus.WAITING)
+
+    def _complete(self, so, handle) -> list[RequestOutput]:
+        """Wait for a launched step and apply its tokens."""
+        if self._pending is not None and self._pending[1] is handle:
+            self._pending = None
+        try:
+            ro = self.executor.resolve(handle)
+        except Exception as e:  # noqa: BLE001
+            return self._step_failed(so, e)
         core_outs = self.scheduler.update_from_output(so, ro)
         outputs, stopped = self.output_processor.process(core_outs)
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
-        if self.step_trace is not None:
-            # (requests, tokens, schedule s, execute s, update s)
-            self.step_trace.append((len(so.num_scheduled_tokens), so.total_num_scheduled_tokens,
-                                    t1 - t0, t2 - t1, time.perf_counter() - t2))
         return outputs
+
+    def _step_failed(self, so, e: Exception) -> list[RequestOutput]:
+        logger.error("step failed; failing its %d requests:\n%s", len(so.num_scheduled_tokens),
+                     traceback.format_exc())
+        return self._fail(list(so.num_scheduled_tokens), f"{type(e).__name__}: {e}")
 
     def _fail(self, child_ids: list[str], message: str) -> list[RequestOutput]:
         self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ERROR)

@@ -19,6 +19,12 @@ class UniProcExecutor:
     def execute_model(self, so: SchedulerOutput) -> RunnerOutput:
         return self.worker.execute_model(so)
 
+    def launch(self, so: SchedulerOutput):
+        return self.worker.runner.launch(so)
+
+    def resolve(self, handle) -> RunnerOutput:
+        return self.worker.runner.resolve(handle)
+
     def check_health(self) -> None:
         pass
 

@@ -53,11 +53,11 @@ class DecodeGraphs:
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.block_table = torch.zeros((n, max_blocks_per_req), dtype=torch.int32, device=device)
         # Pinned staging, one H2D copy each: ids | positions | slots | seq_lens, and block tables.
-        # Reuse is safe: every step ends with a host sync on the sampled tokens.
-        self._stage = torch.zeros((4, n), dtype=torch.int64).pin_memory()
-        self._stage_np = self._stage.numpy()
-        self._bt_stage = torch.zeros((n, max_blocks_per_req), dtype=torch.int32).pin_memory()
-        self._bt_stage_np = self._bt_stage.numpy()
+        # Two sets, alternating by step parity (the runner's overlapped scheduling may launch
+        # step N+1 while step N's copies are still queued).
+        self._stage = [torch.zeros((4, n), dtype=torch.int64).pin_memory() for _ in range(2)]
+        self._bt_stage = [torch.zeros((n, max_blocks_per_req), dtype=torch.int32).pin_memory()
+                          for _ in range(2)]
         # One logits buffer shared by all graphs (a per-graph output would cost
         # sum(buckets) x vocab x 4 bytes: gigabytes for a 150k vocabulary).
         self.logits = torch.empty((n, model.config.vocab_size), dtype=torch.float32, device=device)
@@ -104,12 +104,13 @@ class DecodeGraphs:
         return bool(self.graphs) and num_reqs <= self.max_bs
 
     def run(self, input_ids: np.ndarray, positions: np.ndarray, slot_mapping: np.ndarray,
-            seq_lens: np.ndarray, block_table: np.ndarray) -> torch.Tensor:
+            seq_lens: np.ndarray, block_table: np.ndarray, parity: int = 0, fill=None,
+            source: torch.Tensor | None = None) -> torch.Tensor:
         """All arrays describe B decode requests (B tokens); block_table is [B, max_blocks_per_req]
         (full rows). Returns logits [B, vocab]."""
         b = input_ids.shape[0]
         bs = next(s for s in self.buckets if s >= b)
-        st = self._stage_np
+        st = self._stage[parity].numpy()
         st[0, :b] = input_ids
         st[1, :b] = positions
         st[2, :b] = slot_mapping
@@ -119,12 +120,15 @@ class DecodeGraphs:
             st[1, b:bs] = 0
             st[2, b:bs] = -1
             st[3, b:bs] = 1
-        stage = self._stage.to(self.device, non_blocking=True)
+        stage = self._stage[parity].to(self.device, non_blocking=True)
         self.input_ids[:bs].copy_(stage[0, :bs])
         self.positions[:bs].copy_(stage[1, :bs])
         self.slot_mapping[:bs].copy_(stage[2, :bs])
         self.seq_lens[:bs].copy_(stage[3, :bs])
-        self._bt_stage_np[:b] = block_table
-        self.block_table[:b].copy_(self._bt_stage[:b], non_blocking=True)
+        if fill is not None:  # (token indices, rows): input ids still on the device
+            self.input_ids[fill[0]] = source[fill[1]]
+        bt = self._bt_stage[parity]
+        bt.numpy()[:b] = block_table
+        self.block_table[:b].copy_(bt[:b], non_blocking=True)
         self.graphs[bs].replay()
         return self.logits[:b]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -45,6 +45,19 @@ class RequestState:
     num_computed_tokens: int
     num_blocks: int
     generator: Optional[torch.Generator]
+    # Trailing tokens of num_tokens whose ids are still on the device (launched, not resolved).
+    pending: int = 0
+
+
+@dataclass
+class StepHandle:
+    """A launched step: device results plus what resolve() needs to turn them into a
+    RunnerOutput. `event` marks the end of the step's device work."""
+    out: RunnerOutput
+    sample_states: list = field(default_factory=list)
+    tokens_host: Optional[torch.Tensor] = None        # pinned [S] int64, filled asynchronously
+    logprobs: Optional[tuple] = None                  # (ids, vals, ranks) device tensors
+    event: Optional[torch.cuda.Event] = None
 
 
 class ModelRunner:
@@ -69,6 +82,15 @@ class ModelRunner:
         # Persistent pinned host buffers for H2D copies (allocating pinned memory per step is slow).
         self._pinned: dict[str, torch.Tensor] = {}
         self.graphs = None  # DecodeGraphs once captured
+        # Last sampled token of each row, on the device: the next step's input for a decode
+        # whose token is still in flight (overlapped scheduling).
+        self.last_sampled = torch.zeros(self.max_num_reqs, dtype=torch.int64, device=device)
+        # Host staging alternates between two sets by step parity: with overlapped scheduling
+        # the device may still be reading step N's inputs while step N+1's are written, but
+        # step N-1 (same parity as N+1) has completed before N+1 is launched.
+        self._parity = 0
+        self._tokens_host = [torch.zeros(self.max_num_reqs, dtype=torch.int64,
+                                         pin_memory=device.type == "cuda") for _ in range(2)]
 
     # ------------------------------------------------------------------ setup
     def attention_spec(self, layer: Attention) -> AttentionSpec:
@@ -134,11 +156,11 @@ class ModelRunner:
             st.num_computed_tokens = cr.num_computed_tokens
 
     def _to_device(self, arr: np.ndarray, dtype: torch.dtype, name: str = "") -> torch.Tensor:
+        """Copy a host array to the device through a persistent pinned buffer (per name and
+        step parity; see __init__)."""
         if self.device.type == "cpu":
             return torch.from_numpy(np.ascontiguousarray(arr)).to(dtype)
-        # Reusing one pinned buffer per input is safe: each step ends with a host sync on the
-        # sampled tokens, so the previous copy out of it has completed.
-        key = name or str(arr.shape)
+        key = (name or str(arr.shape), self._parity)
         buf = self._pinned.get(key)
         if buf is None or buf.dtype != dtype or buf.numel() < arr.size:
             buf = torch.empty(max(arr.size, 1024), dtype=dtype).pin_memory()
@@ -150,9 +172,16 @@ class ModelRunner:
     # ------------------------------------------------------------------ step
     @torch.inference_mode()
     def execute_model(self, so: SchedulerOutput) -> RunnerOutput:
+        return self.resolve(self.launch(so))
+
+    @torch.inference_mode()
+    def launch(self, so: SchedulerOutput) -> StepHandle:
+        """Queue the step's device work; returns before the GPU is done. Inputs of decodes
+        whose previous token is still in flight are taken from `last_sampled` on the device."""
         self._update_states(so)
         if so.is_empty:
-            return RunnerOutput(sampled_token_ids={})
+            return StepHandle(RunnerOutput(sampled_token_ids={}))
+        self._parity ^= 1
         # Decodes first (stable): attention backends give them decode-shaped tiles.
         req_ids = sorted(so.num_scheduled_tokens, key=lambda r: so.num_scheduled_tokens[r] != 1)
         states = [self.requests[r] for r in req_ids]
@@ -161,13 +190,16 @@ class ModelRunner:
         nsched = np.fromiter((so.num_scheduled_tokens[r] for r in req_ids), dtype=np.int64, count=b)
         computed = np.fromiter((s.num_computed_tokens for s in states), dtype=np.int64, count=b)
         num_tokens = np.fromiter((s.num_tokens for s in states), dtype=np.int64, count=b)
+        pending = np.fromiter((s.pending for s in states), dtype=np.int64, count=b)
 
         cu = np.cumsum(nsched)
         total = int(cu[-1])
         starts = cu - nsched
         req_idx = np.repeat(np.arange(b), nsched)                         # [T]
         positions = computed[req_idx] + np.arange(total) - starts[req_idx]  # [T]
-        input_ids = self.token_buf[rows[req_idx], positions]
+        input_ids = self.token_buf[rows[req_idx], np.minimum(positions, self.max_model_len - 1)]
+        # Tokens not on the host yet: at most the last position of a request with a pending token.
+        from_device = np.flatnonzero(positions >= (num_tokens - pending)[req_idx])
         seq_lens = computed + nsched                                       # [B]
         slot_mapping = (self.block_buf[rows[req_idx], positions // self.block_size].astype(np.int64)
                         * self.block_size + positions % self.block_size)
@@ -177,14 +209,20 @@ class ModelRunner:
         logits_indices = cu[sampling] - 1
 
         out = RunnerOutput(sampled_token_ids={r: [] for r in req_ids})
+        handle = StepHandle(out)
         sample_states = [s for s, flag in zip(states, sampling) if flag]
         decode_only = total == b
+        fill = None
+        if from_device.size:
+            fill = (self._to_device(from_device, torch.int64, "fill_idx"),
+                    self._to_device(rows[req_idx[from_device]], torch.int64, "fill_rows"))
         if (decode_only and self.graphs is not None and self.graphs.can_run(b)
                 and not any(s.params.prompt_logprobs is not None for s in states)):
             logits = self.graphs.run(input_ids, positions, slot_mapping, seq_lens,
-                                     self.block_buf[rows])
+                                     self.block_buf[rows], self._parity, fill=fill,
+                                     source=self.last_sampled)
             if not sample_states:
-                return out
+                return handle
             if len(sample_states) < b:
                 logits = logits[torch.from_numpy(np.flatnonzero(sampling)).to(self.device)]
         else:
@@ -200,27 +238,55 @@ class ModelRunner:
                 is_decode_only=decode_only, num_decode_reqs=int(np.argmax(nsched != 1))
                 if not decode_only else b)
             ids_t = self._to_device(input_ids, torch.int64, "ids")
+            if fill is not None:
+                ids_t[fill[0]] = self.last_sampled[fill[1]]
             pos_t = self._to_device(positions, torch.int64, "pos")
             with set_forward_context(md):
                 hidden = self.model(ids_t, pos_t)                          # [T, hidden]
             self._prompt_logprobs(states, starts, computed, nsched, hidden, out)
             if not sample_states:
-                return out
+                return handle
             logits = self.model.compute_logits(
                 hidden[self._to_device(logits_indices, torch.int64, "logits_idx")])
-        meta = self._sampling_metadata(sample_states)
-        result = self.sampler(logits, meta)
-        tokens = result.sampled_token_ids.tolist()
-        lp = result.logprobs
-        if lp is not None:
-            lp_ids, lp_vals, lp_ranks = lp.token_ids.tolist(), lp.logprobs.tolist(), lp.ranks.tolist()
-        for i, (st, tok) in enumerate(zip(sample_states, tokens)):
-            if st.num_tokens < self.max_model_len:
-                self.token_buf[st.row, st.num_tokens] = tok
+        result = self.sampler(logits, self._sampling_metadata(sample_states))
+        tokens = result.sampled_token_ids                                  # [S] on device
+        sample_rows = self._to_device(np.fromiter((s.row for s in sample_states), dtype=np.int64,
+                                                  count=len(sample_states)), torch.int64, "srows")
+        self.last_sampled[sample_rows] = tokens
+        n = len(sample_states)
+        handle.tokens_host = self._tokens_host[self._parity][:n]
+        handle.tokens_host.copy_(tokens, non_blocking=True)
+        if result.logprobs is not None:
+            lp = result.logprobs
+            handle.logprobs = (lp.token_ids, lp.logprobs, lp.ranks)
+        if self.device.type == "cuda":
+            handle.event = torch.cuda.Event()
+            handle.event.record()
+        for st in sample_states:  # the token exists from now on; its id arrives at resolve()
             st.num_tokens += 1
+            st.pending += 1
+        handle.sample_states = sample_states
+        return handle
+
+    def resolve(self, handle: StepHandle) -> RunnerOutput:
+        """Wait for a launched step and return its sampled tokens (and logprobs)."""
+        out = handle.out
+        if not handle.sample_states:
+            return out
+        if handle.event is not None:
+            handle.event.synchronize()
+        tokens = handle.tokens_host.tolist()
+        if handle.logprobs is not None:
+            lp_ids, lp_vals, lp_ranks = (t.tolist() for t in handle.logprobs)
+        for i, (st, tok) in enumerate(zip(handle.sample_states, tokens)):
             out.sampled_token_ids[st.req_id] = [tok]
+            if self.requests.get(st.req_id) is st:  # still live (not dropped meanwhile)
+                pos = st.num_tokens - st.pending
+                if pos < self.max_model_len:
+                    self.token_buf[st.row, pos] = tok
+                st.pending -= 1
             k = st.params.logprobs
-            if k is not None and lp is not None:
+            if k is not None and handle.logprobs is not None:
                 out.logprobs[st.req_id] = LogprobsLists([lp_ids[i][:k + 1]], [lp_vals[i][:k + 1]],
                                                         [lp_ranks[i]])
         return out
