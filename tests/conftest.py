@@ -14,6 +14,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Without a GPU, Triton kernels can only run in its interpreter. Decide once for the whole session,
+# before any test module imports kvflow.kernels: a kernel module imported in compiled mode and
+# another in interpreted mode cannot call each other.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -163,6 +163,8 @@ class LLMEngine:
             ro = self.output_processor.abort(rid)
             if ro is not None:
                 outs.append(ro)
+        if self._pending is not None and not self.scheduler.has_unfinished_requests():
+            self._complete(*self._pending)  # nothing left to overlap with: drain the last step
         return outs
 
     def has_unfinished_requests(self) -> bool:

@@ -370,11 +370,17 @@ class ModelRunner:
         shapes = [
             ([chunk], [chunk]),                                       # one long prefill
             ([min(512, L - 1)] * max(1, min(8, max_num_tokens // 512)), None),  # many prefills
+            ([min(256, L - 1)] * max(1, min(16, max_num_tokens // 256)), None),  # 16 of them
             ([1] * 64 + [min(256, L // 2)], [min(1024, L)] * 64 + [min(1024, L)]),  # mixed
             ([min(16, L // 4)], [L]),                                 # chunk over a long prefix
             ([1] * min(self.max_num_reqs, 8), [L] * min(self.max_num_reqs, 8)),  # eager decode
         ]
+        # Triton specializes integer arguments on divisibility by 16 (and == 1): run each shape
+        # with an even and an odd token count so both variants are compiled now.
         for q, c in shapes:
             self.dummy_run(q, c, sample=False)
+            q_odd = q[:-1] + [max(1, q[-1] - 1)] if q[-1] > 1 else q[:-1] + [2]
+            c_odd = None if c is None else c[:-1] + [max(c[-1], q_odd[-1])]
+            self.dummy_run(q_odd, c_odd, sample=False)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
