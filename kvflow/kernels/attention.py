@@ -142,7 +142,16 @@ def _attend_tile(acc, m_i, l_i, q, k_base, v_base, bt_row, tile, q_pos, seq_len,
     return acc, m_new, l_i
 
 
-@triton.jit
+# Batch-dependent arguments are not specialized: a mixed batch's prefill launch receives slices
+# (qsl[nd:], seq_lens[nd:], block_table[nd:], query[t0:]) whose 16-byte alignment and counts
+# change with the number of decodes nd; specializing on them compiled a new variant for many
+# step shapes (about a second each on a cold machine, inside the first requests).
+_NO_SPECIALIZE = dict(do_not_specialize=["num_reqs", "num_splits"],
+                      do_not_specialize_on_alignment=["q_ptr", "out_ptr", "m_ptr", "l_ptr",
+                                                      "qsl_ptr", "seq_lens_ptr", "bt_ptr"])
+
+
+@triton.jit(**_NO_SPECIALIZE)
 def _attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, m_ptr, l_ptr,
     qsl_ptr, seq_lens_ptr, bt_ptr,
@@ -234,7 +243,8 @@ def _attention_kernel(
         tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_reqs", "num_splits"],
+            do_not_specialize_on_alignment=["out_ptr", "acc_ptr", "m_ptr", "l_ptr", "qsl_ptr"])
 def _merge_splits_kernel(out_ptr, acc_ptr, m_ptr, l_ptr, qsl_ptr, num_reqs, num_splits,
                          stride_ot, stride_oh, stride_at, stride_ah, stride_mt, stride_mh,
                          HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr):
