@@ -103,3 +103,18 @@ def test_unknown_architecture_lists_supported(tmp_path):
     json.dump(cfg, open(f"{path}/config.json", "w"))
     with pytest.raises(ValueError, match="FancyNewForCausalLM.*LlamaForCausalLM.*Qwen2ForCausalLM.*Qwen3ForCausalLM"):
         LLM(path, skip_tokenizer_init=True, kv_cache_memory=1 << 20)
+
+
+def test_sharded_safetensors_checkpoint(tmp_path, make_llm):
+    """A checkpoint split into shards with model.safetensors.index.json loads identically."""
+    import os
+    hf = make_hf_model("qwen2")
+    path = tmp_path / "sharded"
+    hf.save_pretrained(path, max_shard_size="100KB")
+    assert os.path.isfile(path / "model.safetensors.index.json")
+    assert len([f for f in os.listdir(path) if f.endswith(".safetensors")]) > 1
+    llm = make_llm(str(path))
+    ids = np.random.default_rng(5).integers(0, 383, size=40).tolist()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].float()
+    assert (_kvflow_logits(llm, ids, split=17) - ref).abs().max().item() < 1e-4
