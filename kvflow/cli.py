@@ -66,7 +66,8 @@ def _optional_subcommands():
     for module, name in (("kvflow.server.cli_args", "add_serve_parser"),
                          ("kvflow.cli_cache", "add_cache_parser"),
                          ("kvflow.bench.cli", "add_bench_parser"),
-                         ("kvflow.kv_transfer.proxy", "add_proxy_parser")):
+                         ("kvflow.kv_transfer.proxy", "add_proxy_parser"),
+                         ("kvflow.eval.cli", "add_eval_parser")):
         try:
             mod = __import__(module, fromlist=[name])
             hooks.append(getattr(mod, name))

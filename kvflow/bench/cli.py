@@ -1,4 +1,4 @@
-"""`kvflow bench throughput | latency` (offline, dummy weights) and later `serve`."""
+"""`kvflow bench throughput | latency` (offline, dummy weights) and `serve` (online)."""
 from __future__ import annotations
 
 from kvflow.engine.arg_utils import add_engine_args
@@ -18,3 +18,8 @@ def add_bench_parser(subparsers) -> None:
     offline.add_offline_args(lat)
     add_engine_args(lat)
     lat.set_defaults(func=offline.main_latency, load_format="dummy")
+    from kvflow.bench import serve  # online: needs only httpx, not the engine
+
+    srv = sub.add_parser("serve", help="online load generator against an OpenAI-compatible server")
+    serve.add_serve_args(srv)
+    srv.set_defaults(func=serve.main_serve)
