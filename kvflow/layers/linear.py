@@ -4,6 +4,10 @@ Each parameter carries a `weight_loader(param, loaded_weight, shard_id=None)`; t
 loader only maps checkpoint names to parameters and calls it. Column-parallel layers split the
 output dimension across tensor-parallel ranks, row-parallel ones the input dimension (followed by
 an all-reduce). With one rank the narrowing is the identity.
+
+With a `quant_config` (e.g. GPTQ) the layer holds no dense `weight`: its quant method creates
+the quantized parameters and computes the product. Those loaders shard through the geometry
+every layer states once: `_out_shard(shard_id)` and `_in_shard()` (see LinearBase).
 """
 from __future__ import annotations
 
@@ -27,11 +31,15 @@ def _param(shape, dtype=None) -> nn.Parameter:
 
 
 class LinearBase(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool):
+    def __init__(self, in_features: int, out_features: int, bias: bool, quant_config=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.weight = _param((out_features, in_features))   # [out, in] as in HF checkpoints
-        self.weight.weight_loader = self.weight_loader
+        self.quant_method = quant_config.get_linear_method() if quant_config is not None else None
+        if self.quant_method is None:
+            self.weight = _param((out_features, in_features))   # [out, in] as in HF checkpoints
+            self.weight.weight_loader = self.weight_loader
+        else:
+            self.quant_method.create_weights(self)
         if bias:
             self.bias = _param((out_features,))
             self.bias.weight_loader = self.weight_loader
@@ -39,10 +47,21 @@ class LinearBase(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.quant_method is not None:
+            return self.quant_method.apply(self, x, self.bias)
         return F.linear(x, self.weight, self.bias)
 
     def weight_loader(self, param, loaded, shard_id=None):
         default_weight_loader(param, loaded)
+
+    # Shard geometry (used by quantized loaders; the dense loaders below predate it).
+    def _out_shard(self, shard_id=None) -> tuple[int, int, int]:
+        """-> (offset in this rank's output, size, offset in the checkpoint's output dim)."""
+        return 0, self.out_features, 0
+
+    def _in_shard(self) -> tuple[int, int, int]:
+        """-> (offset in the checkpoint's input dim, size on this rank, checkpoint size)."""
+        return 0, self.in_features, self.in_features
 
 
 class ReplicatedLinear(LinearBase):
@@ -52,24 +71,34 @@ class ReplicatedLinear(LinearBase):
 class ColumnParallelLinear(LinearBase):
     """Output dim split across ranks; output stays sharded (no gather) for the next row layer."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 quant_config=None):
         tp = get_tp_size()
         assert out_features % tp == 0, f"{out_features} not divisible by tp={tp}"
-        super().__init__(in_features, out_features // tp, bias)
+        super().__init__(in_features, out_features // tp, bias, quant_config)
 
     def weight_loader(self, param, loaded, shard_id=None):
         n = param.shape[0]
         default_weight_loader(param, loaded.narrow(0, get_tp_rank() * n, n))
+
+    def _out_shard(self, shard_id=None):
+        return 0, self.out_features, get_tp_rank() * self.out_features
 
 
 class MergedColumnParallelLinear(LinearBase):
     """Several column-parallel outputs stored as one matrix (gate_proj | up_proj); each
     checkpoint tensor is loaded into its slice, shard_id = its index."""
 
-    def __init__(self, in_features: int, output_sizes: Sequence[int], bias: bool = False):
+    def __init__(self, in_features: int, output_sizes: Sequence[int], bias: bool = False,
+                 quant_config=None):
         tp = get_tp_size()
         self.output_sizes = [s // tp for s in output_sizes]
-        super().__init__(in_features, sum(self.output_sizes), bias)
+        super().__init__(in_features, sum(self.output_sizes), bias, quant_config)
+
+    def _out_shard(self, shard_id=None):
+        assert shard_id is not None, "merged linear needs a shard id"
+        size = self.output_sizes[shard_id]
+        return sum(self.output_sizes[:shard_id]), size, get_tp_rank() * size
 
     def weight_loader(self, param, loaded, shard_id=None):
         assert shard_id is not None, "merged linear needs a shard id"
@@ -85,7 +114,7 @@ class QKVParallelLinear(LinearBase):
     than ranks, each KV head is replicated on tp/num_kv_heads ranks."""
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
-                 bias: bool = False):
+                 bias: bool = False, quant_config=None):
         tp = get_tp_size()
         assert num_heads % tp == 0, f"num_heads={num_heads} not divisible by tp={tp}"
         self.head_dim = head_dim
@@ -98,7 +127,16 @@ class QKVParallelLinear(LinearBase):
             self.num_kv_heads, self.kv_replicas = 1, tp // num_kv_heads
         self.q_size = self.num_heads * head_dim
         self.kv_size = self.num_kv_heads * head_dim
-        super().__init__(hidden_size, self.q_size + 2 * self.kv_size, bias)
+        super().__init__(hidden_size, self.q_size + 2 * self.kv_size, bias, quant_config)
+
+    def _out_shard(self, shard_id=None):
+        rank = get_tp_rank()
+        if shard_id == "q":
+            return 0, self.q_size, rank * self.q_size
+        if shard_id in ("k", "v"):
+            offset = self.q_size + (0 if shard_id == "k" else self.kv_size)
+            return offset, self.kv_size, (rank // self.kv_replicas) * self.kv_size
+        raise ValueError(f"qkv shard id must be q, k or v, got {shard_id!r}")
 
     def weight_loader(self, param, loaded, shard_id=None):
         rank = get_tp_rank()
@@ -119,10 +157,15 @@ class QKVParallelLinear(LinearBase):
 class RowParallelLinear(LinearBase):
     """Input dim split across ranks; partial outputs are summed with an all-reduce."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 quant_config=None):
         tp = get_tp_size()
         assert in_features % tp == 0
-        super().__init__(in_features // tp, out_features, bias)
+        self._in_full = in_features
+        super().__init__(in_features // tp, out_features, bias, quant_config)
+
+    def _in_shard(self):
+        return get_tp_rank() * self.in_features, self.in_features, self._in_full
 
     def weight_loader(self, param, loaded, shard_id=None):
         if param.dim() == 2:
@@ -132,7 +175,10 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Bias added once, after the reduction.
-        out = tp_all_reduce(F.linear(x, self.weight))
+        if self.quant_method is not None:
+            out = tp_all_reduce(self.quant_method.apply(self, x))
+        else:
+            out = tp_all_reduce(F.linear(x, self.weight))
         return out if self.bias is None else out + self.bias
 
 

@@ -18,15 +18,18 @@ from kvflow.layers.activation import SiluAndMul
 from kvflow.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from kvflow.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from kvflow.layers.norm import RMSNorm
+from kvflow.layers.quantization import get_quant_config
 from kvflow.layers.rotary import RotaryEmbedding
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, hidden: int, intermediate: int, bias: bool = False):
+    def __init__(self, hidden: int, intermediate: int, bias: bool = False, quant_config=None):
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(hidden, [intermediate, intermediate], bias=bias)
+        self.gate_up_proj = MergedColumnParallelLinear(hidden, [intermediate, intermediate],
+                                                       bias=bias, quant_config=quant_config)
         self.act_fn = SiluAndMul()
-        self.down_proj = RowParallelLinear(intermediate, hidden, bias=bias)
+        self.down_proj = RowParallelLinear(intermediate, hidden, bias=bias,
+                                           quant_config=quant_config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
@@ -34,12 +37,14 @@ class LlamaMLP(nn.Module):
 
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, qkv_bias: bool, o_bias: bool,
-                 qk_norm: bool):
+                 qk_norm: bool, quant_config=None):
         super().__init__()
         hd = cfg.head_dim
         self.qkv_proj = QKVParallelLinear(cfg.hidden_size, hd, cfg.num_attention_heads,
-                                          cfg.num_key_value_heads, bias=qkv_bias)
-        self.o_proj = RowParallelLinear(cfg.num_attention_heads * hd, cfg.hidden_size, bias=o_bias)
+                                          cfg.num_key_value_heads, bias=qkv_bias,
+                                          quant_config=quant_config)
+        self.o_proj = RowParallelLinear(cfg.num_attention_heads * hd, cfg.hidden_size, bias=o_bias,
+                                        quant_config=quant_config)
         self.rotary_emb = rotary
         self.head_dim = hd
         if qk_norm:
@@ -63,10 +68,12 @@ class LlamaDecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, qkv_bias: bool, o_bias: bool,
                  qk_norm: bool, mlp_bias: bool):
         super().__init__()
+        # Quantized checkpoints (GPTQ) quantize the four projections only; None -> dense.
+        qc = get_quant_config(cfg.hf_config)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = LlamaAttention(cfg, rotary, qkv_bias, o_bias, qk_norm)
+        self.self_attn = LlamaAttention(cfg, rotary, qkv_bias, o_bias, qk_norm, quant_config=qc)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = LlamaMLP(cfg.hidden_size, cfg.intermediate_size, mlp_bias)
+        self.mlp = LlamaMLP(cfg.hidden_size, cfg.intermediate_size, mlp_bias, quant_config=qc)
 
     def forward(self, positions, hidden, residual: Optional[torch.Tensor]):
         if residual is None:

@@ -44,7 +44,10 @@ def iterate_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
-def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
+                 strict: bool = True) -> set[str]:
+    """Returns the names of the parameters written. strict=False allows a subset (a trainer
+    sending updated weights in several batches); strict raises on any missing parameter."""
     params = dict(model.named_parameters())  # tied parameters appear once
     packed = getattr(model, "packed_modules", [])
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
@@ -69,12 +72,15 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) 
         except ValueError as e:
             raise ValueError(f"checkpoint tensor {name!r}: {e}") from None
         seen.add(target)
-    missing = sorted(set(params) - seen)
-    if missing:
+    # Parameters with a correct default may be absent (e.g. GPTQ g_idx without act-order).
+    missing = sorted(n for n in set(params) - seen
+                     if not getattr(params[n], "optional_in_checkpoint", False))
+    if missing and strict:
         raise ValueError(f"checkpoint is missing weights for {len(missing)} parameters, e.g. {missing[:5]}")
     if unexpected:
         logger.warning("ignored %d checkpoint tensors with no matching parameter, e.g. %s",
                        len(unexpected), unexpected[:5])
+    return seen
 
 
 def init_dummy_weights(model: nn.Module, seed: int) -> None:
@@ -82,6 +88,8 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
     keep activations finite through deep stacks."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     for p in model.parameters():
+        if not p.is_floating_point():
+            continue  # quantized codes / group indices: created valid, random ones need not be
         cpu = torch.empty(p.shape, dtype=torch.float32).uniform_(-1e-3, 1e-3, generator=gen) \
             if p.numel() < (1 << 22) else None
         if cpu is not None:
