@@ -1,7 +1,15 @@
-"""Tensor-parallel group state. Single-process today (world size 1); the multi-process executor
-sets the rank and size before building the model, and layers read them here."""
+"""Tensor-parallel group state. World size 1 in a single process; the multi-process executor
+(kvflow/executor/multiproc.py) calls `init_tp_group` in each worker BEFORE the model is built,
+because layers read the rank and size at construction time to size their shards.
+
+Invariant: every rank of the group calls the collectives below in the same order with tensors
+of the same shape (the model is identical on all ranks and every rank runs every step).
+"""
 from __future__ import annotations
 
+import datetime
+import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -42,3 +50,31 @@ def tp_all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(_TP.size)]
     torch.distributed.all_gather(parts, x.contiguous(), group=_TP.group)
     return torch.cat(parts, dim=dim)
+
+
+# ---------------------------------------------------------------------------------- setup
+def free_tcp_port() -> int:
+    """A port free right now on the loopback interface (the rendezvous of one engine's ranks)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_tp_group(rank: int, size: int, init_method: str, device: torch.device,
+                  timeout_s: float = 600.0) -> None:
+    """Join the process group (NCCL on CUDA, gloo on CPU) and make it the TP group."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "gloo":
+        # All ranks live on one host: keep gloo on loopback whatever the hostname resolves to.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.distributed.init_process_group(
+        backend, init_method=init_method, rank=rank, world_size=size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        **({"device_id": device} if device.type == "cuda" else {}))
+    set_tp(rank, size, torch.distributed.group.WORLD)
+
+
+def destroy_tp_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    set_tp(0, 1, None)

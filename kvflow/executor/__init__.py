@@ -1,0 +1,17 @@
+"""Executors run the model for the engine: in-process (one device) or one worker process per
+tensor-parallel rank. Both expose plan_memory, initialize_cache, launch/resolve, execute_model,
+check_health, shutdown and a `timings` dict."""
+from __future__ import annotations
+
+
+class ExecutorDeadError(RuntimeError):
+    """A worker process died (or stopped answering): no step can run any more. LLMEngine lets
+    this escape step() instead of failing only that step's requests."""
+
+
+def make_executor(config, attention_backend=None):
+    if config.parallel.tensor_parallel_size > 1:
+        from kvflow.executor.multiproc import MultiprocExecutor
+        return MultiprocExecutor(config, attention_backend)
+    from kvflow.executor.uniproc import UniProcExecutor
+    return UniProcExecutor(config, attention_backend)

@@ -10,6 +10,10 @@ class UniProcExecutor:
     def __init__(self, config: EngineConfig, attention_backend: str | None = None):
         self.worker = Worker(config, attention_backend)
 
+    @property
+    def timings(self) -> dict[str, float]:
+        return self.worker.timings
+
     def plan_memory(self) -> MemoryPlan:
         return self.worker.plan_memory()
 
@@ -24,6 +28,22 @@ class UniProcExecutor:
 
     def resolve(self, handle) -> RunnerOutput:
         return self.worker.runner.resolve(handle)
+
+    # Sleep mode (kvflow/worker/sleep.py); a multi-process executor broadcasts these.
+    def sleep(self, level: int) -> int:
+        return self.worker.sleeper.sleep(level)
+
+    def wake_up(self, tags=None) -> None:
+        self.worker.sleeper.wake_up(tags)
+
+    def reload_weights(self, weights=None) -> int:
+        return self.worker.sleeper.reload_weights(weights)
+
+    def serving_error(self):
+        return self.worker.sleeper.serving_error()
+
+    def is_sleeping(self) -> bool:
+        return self.worker.sleeper.is_sleeping
 
     def check_health(self) -> None:
         pass

@@ -28,7 +28,9 @@ class VocabParallelEmbedding(nn.Module):
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param, loaded, shard_id=None):
-        rows = min(self.end, self.vocab_size) - self.start
+        # A rank whose slice lies entirely in the padding (tiny vocab, many ranks) holds no
+        # real rows: clamp at 0, or the slice below would count from the end.
+        rows = max(min(self.end, self.vocab_size) - self.start, 0)
         if loaded.shape[0] != self.vocab_size or loaded.shape[1] != param.shape[1]:
             raise ValueError(f"embedding shape mismatch: expected ({self.vocab_size}, {param.shape[1]}), "
                              f"checkpoint {tuple(loaded.shape)}")
