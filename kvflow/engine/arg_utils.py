@@ -26,13 +26,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="overlap host scheduling with device execution (default: on for CUDA)")
+    g.add_argument("--enable-sleep-mode", action="store_true",
+                   help="allow sleep/wake_up (server: POST /sleep, POST /wake_up, GET /is_sleeping)")
 
 
 ENGINE_ARG_NAMES = ("tokenizer", "dtype", "device", "max_model_len", "block_size", "max_num_seqs",
                     "max_num_batched_tokens", "enable_prefix_caching", "enable_chunked_prefill",
                     "gpu_memory_utilization", "kv_cache_memory", "seed", "load_format",
                     "enforce_eager", "tensor_parallel_size", "attention_backend",
-                    "skip_tokenizer_init", "scheduling_policy", "async_scheduling")
+                    "skip_tokenizer_init", "scheduling_policy", "async_scheduling",
+                    "enable_sleep_mode")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:

@@ -12,6 +12,9 @@ Threading model (the invariants everything below relies on):
 - Per iteration the engine thread applies new requests, then aborts, then runs one step. An abort
   posted before a step therefore takes effect before that step: a disconnected client's KV blocks
   are freed within one engine step.
+- Whole-engine operations (sleep / wake_up / reload_weights) are posted as commands into
+  `_commands` and run by the engine thread between steps, after that iteration's new requests
+  and aborts; their results go back to the caller's event loop the same way outputs do.
 - If the engine thread itself fails (anything escaping an iteration), the engine is dead: every
   in-flight stream raises `EngineDeadError`, new requests are refused, `is_healthy()` is False.
   A failure inside one request's step is not that: LLMEngine.step fails only that step's
@@ -27,6 +30,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterable, Optional
 
+from kvflow.engine.llm_engine import EngineSleepingError as _CoreSleepingError
 from kvflow.engine.llm_engine import LLMEngine, PromptType
 from kvflow.engine.output_processor import OutputKind
 from kvflow.metrics import (EngineStats, FinishedRequestStats, IterationStats, LoggingStatLogger,
@@ -45,6 +49,10 @@ class EngineDeadError(RuntimeError):
 
 class EngineShutdownError(RuntimeError):
     """The engine is draining or stopped and accepts no new requests."""
+
+
+class EngineAsleepError(EngineShutdownError):
+    """The engine is in sleep mode (or its weights await a reload); the server answers 503."""
 
 
 class EngineOverloadedError(RuntimeError):
@@ -149,6 +157,8 @@ class AsyncLLM:
         # Guarded by _cond.
         self._new: deque[tuple[RequestStream, dict]] = deque()
         self._aborts: deque[tuple[str, Optional[str]]] = deque()
+        # (fn(deliveries) -> result, loop, future): run on the engine thread between steps.
+        self._commands: deque[tuple[Any, asyncio.AbstractEventLoop, asyncio.Future]] = deque()
         self._streams: dict[str, RequestStream] = {}   # accepted and not yet finished
         self._in_transit = 0     # drained from _new, not yet visible in the stats snapshot
         self._accepting = True
@@ -186,7 +196,10 @@ class AsyncLLM:
         return self._snapshot
 
     def is_healthy(self) -> bool:
-        return self._dead is None and self._thread.is_alive()
+        # workers_alive: a dead tensor-parallel worker is reported even while the engine idles
+        # (read-only check, safe from any thread; the next step raises and kills the engine).
+        return (self._dead is None and self._thread.is_alive()
+                and getattr(self.engine, "workers_alive", lambda: True)())
 
     @property
     def dead_error(self) -> Optional[BaseException]:
@@ -269,6 +282,43 @@ class AsyncLLM:
         if not self._accepting:
             raise EngineShutdownError(SHUTDOWN_MESSAGE)
 
+    # ------------------------------------------------------------------ engine commands
+    async def run_in_engine_thread(self, fn) -> Any:
+        """Run `fn(engine)` on the engine thread between two steps; returns its result (or
+        raises its exception) on the caller's event loop."""
+        return await self._post(lambda deliveries: fn(self.engine))
+
+    async def _post(self, fn) -> Any:
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        with self._cond:
+            if self._dead is not None:
+                raise EngineDeadError(f"the engine is dead: {self._dead!r}")
+            if self._stop:
+                raise EngineShutdownError(SHUTDOWN_MESSAGE)
+            self._commands.append((fn, loop, fut))
+            self._cond.notify()
+        return await fut
+
+    async def sleep(self, level: int = 1, in_flight: str = "abort") -> int:
+        """LLMEngine.sleep on the engine thread; the requests it finishes or aborts are
+        delivered to their streams. Returns the bytes released."""
+        def cmd(deliveries):
+            now = time.time()
+            for out in self.engine.sleep(level, in_flight):
+                self._handle_output(out, now, deliveries, None)
+            return self.engine.last_sleep_freed_bytes
+        return await self._post(cmd)
+
+    async def wake_up(self, tags: Optional[list[str]] = None) -> None:
+        await self.run_in_engine_thread(lambda e: e.wake_up(tags))
+
+    async def is_sleeping(self) -> bool:
+        return await self.run_in_engine_thread(lambda e: e.is_sleeping())
+
+    async def reload_weights(self, weights=None) -> int:
+        return await self.run_in_engine_thread(lambda e: e.reload_weights(weights))
+
     # ------------------------------------------------------------------ shutdown
     def stop_accepting(self) -> None:
         with self._cond:
@@ -293,7 +343,8 @@ class AsyncLLM:
 
     # ------------------------------------------------------------------ engine thread
     def _has_work(self) -> bool:  # under _cond, engine thread
-        return bool(self._new or self._aborts) or self.engine.has_unfinished_requests()
+        return bool(self._new or self._aborts or self._commands) or \
+            self.engine.has_unfinished_requests()
 
     def _run(self) -> None:
         try:
@@ -307,11 +358,13 @@ class AsyncLLM:
                         break
                     new, self._new = list(self._new), deque()
                     aborts, self._aborts = list(self._aborts), deque()
+                    commands, self._commands = list(self._commands), deque()
                     self._in_transit = len(new)
                 self.last_step_time = time.monotonic()
                 deliveries: list[tuple[RequestStream, Any]] = []
                 self._apply_new(new, deliveries)
                 self._apply_aborts(aborts, deliveries)
+                self._run_commands(commands, deliveries)
                 if self.engine.has_unfinished_requests():
                     self._activity = True
                     self._step(deliveries)
@@ -335,6 +388,10 @@ class AsyncLLM:
                                         output_kind=OutputKind.DELTA,
                                         prompt_token_ids=kw["prompt_token_ids"],
                                         prompt_text=kw["prompt_text"])
+            except _CoreSleepingError as e:
+                self._forget(rid)
+                deliveries.append((stream, EngineAsleepError(str(e))))
+                continue
             except Exception as e:  # noqa: BLE001 - a bad request fails alone
                 if not isinstance(e, ValueError):
                     logger.exception("adding request %s failed", rid)
@@ -345,6 +402,14 @@ class AsyncLLM:
                                            self.engine.get_scheduler_requests(rid))
             self._unscheduled.add(rid)
             deliveries.append((stream, _ACCEPTED))
+
+    def _run_commands(self, commands: list, deliveries: list) -> None:
+        for fn, loop, fut in commands:
+            try:
+                result, exc = fn(deliveries), None
+            except Exception as e:  # noqa: BLE001 - the caller gets it; the engine goes on
+                result, exc = None, e
+            _settle(loop, fut, result, exc)
 
     def _apply_aborts(self, aborts: list[tuple[str, Optional[str]]], deliveries: list) -> None:
         for rid, message in aborts:
@@ -484,6 +549,8 @@ class AsyncLLM:
         with self._cond:
             new, self._new = list(self._new), deque()
             aborts, self._aborts = list(self._aborts), deque()
+            commands, self._commands = list(self._commands), deque()
+        _fail_commands(commands, EngineShutdownError(SHUTDOWN_MESSAGE))
         deliveries: list = [(stream, EngineShutdownError(SHUTDOWN_MESSAGE)) for stream, _ in new]
         for stream, _ in new:
             self._forget(stream.request_id)
@@ -502,12 +569,30 @@ class AsyncLLM:
             self._streams.clear()
             self._new.clear()
             self._aborts.clear()
+            commands, self._commands = list(self._commands), deque()
             self._cond.notify_all()
         err = f"the engine died: {type(exc).__name__}: {exc}"
+        _fail_commands(commands, EngineDeadError(err))
         try:
             self._deliver([(s, EngineDeadError(err)) for s in streams])
         except BaseException:  # noqa: BLE001 - best effort; the thread is ending anyway
             logger.exception("could not notify requests of the engine's death")
+
+
+def _settle(loop: asyncio.AbstractEventLoop, fut: asyncio.Future, result: Any,
+            exc: Optional[BaseException]) -> None:
+    def done() -> None:
+        if not fut.done():  # the caller may have been cancelled
+            fut.set_exception(exc) if exc is not None else fut.set_result(result)
+    try:
+        loop.call_soon_threadsafe(done)
+    except RuntimeError:
+        pass  # the caller's loop is closed: nobody waits for the result
+
+
+def _fail_commands(commands: list, exc: BaseException) -> None:
+    for _, loop, fut in commands:
+        _settle(loop, fut, None, exc)
 
 
 def _put_all(items: list[tuple[RequestStream, Any]]) -> None:

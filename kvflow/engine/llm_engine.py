@@ -17,7 +17,7 @@ from kvflow.config import EngineConfig, create_engine_config
 from kvflow.core.scheduler import Scheduler
 from kvflow.engine.output_processor import OutputKind, OutputProcessor
 from kvflow.engine.tokenizer import load_tokenizer
-from kvflow.executor.uniproc import UniProcExecutor
+from kvflow.executor import ExecutorDeadError, make_executor
 from kvflow.outputs import RequestOutput
 from kvflow.request import Request, RequestStatus
 from kvflow.sampling_params import SamplingParams, SamplingParamError
@@ -26,16 +26,28 @@ logger = logging.getLogger("kvflow")
 
 PromptType = Union[str, list[int], dict]
 
+SLEEP_ABORT_MESSAGE = "aborted: the engine was put to sleep"
+
+
+class EngineSleepingError(RuntimeError):
+    """The engine cannot serve now: it is asleep, or sleep(level=2) discarded the weights and
+    reload_weights() has not restored them."""
+
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, attention_backend: Optional[str] = None):
         t0 = time.perf_counter()
         self.tokenizer = load_tokenizer(config.model.tokenizer) if config.model.tokenizer else None
-        self.executor = UniProcExecutor(config, attention_backend)
-        plan = self.executor.plan_memory()
-        config = self._fit_max_model_len(config, plan)
-        self.config = config
-        self.executor.initialize_cache(plan.num_blocks)
+        # One process, or one worker process per tensor-parallel rank.
+        self.executor = make_executor(config, attention_backend)
+        try:
+            plan = self.executor.plan_memory()
+            config = self._fit_max_model_len(config, plan)
+            self.config = config
+            self.executor.initialize_cache(plan.num_blocks)
+        except BaseException:
+            self.executor.shutdown()  # no orphan worker processes when startup fails
+            raise
         logger.info(plan.describe())
         cc, sc = config.cache, config.scheduler
         self.scheduler = Scheduler(
@@ -123,7 +135,11 @@ class LLMEngine:
                     params: Optional[SamplingParams] = None, *, arrival_time: Optional[float] = None,
                     priority: int = 0, output_kind: OutputKind = OutputKind.CUMULATIVE,
                     prompt_token_ids: Optional[list[int]] = None, prompt_text: Optional[str] = None) -> str:
-        """Validate and enqueue. Raises ValueError (the request is not added) on bad input."""
+        """Validate and enqueue. Raises ValueError (the request is not added) on bad input,
+        EngineSleepingError while the engine cannot serve (sleep mode)."""
+        sleeping = self.executor.serving_error()
+        if sleeping is not None:
+            raise EngineSleepingError(sleeping)
         params = (params or SamplingParams()).clone()
         params.verify_for_model(self.config.model.vocab_size)
         if params.detokenize and self.tokenizer is None and params.stop:
@@ -187,6 +203,8 @@ class LLMEngine:
         t1 = time.perf_counter() if trace else 0.0
         try:
             handle = self.executor.launch(so)
+        except ExecutorDeadError:
+            raise  # no step can run any more: the engine is dead, not just this step
         except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the engine
             return self._step_failed(so, e) + (self._complete(*self._pending) if self._pending else [])
         if not self.async_scheduling:
@@ -213,6 +231,8 @@ class LLMEngine:
             self._pending = None
         try:
             ro = self.executor.resolve(handle)
+        except ExecutorDeadError:
+            raise
         except Exception as e:  # noqa: BLE001
             return self._step_failed(so, e)
         core_outs = self.scheduler.update_from_output(so, ro)
@@ -244,9 +264,18 @@ class LLMEngine:
 
     def startup_timings(self) -> dict[str, float]:
         """Seconds spent in each startup phase (and GiB of CUDA graphs), plus time to ready."""
-        t = {k: round(v, 3) for k, v in self.executor.worker.timings.items()}
+        t = {k: round(v, 3) for k, v in self.executor.timings.items()}
         t["ready_s"] = round(self.startup_s, 3)
         return t
+
+    def shutdown(self) -> None:
+        """Stop the executor's worker processes (if any). Idempotent."""
+        self.executor.shutdown()
+
+    def workers_alive(self) -> bool:
+        """False once a worker process of the executor has died (read-only, any thread)."""
+        alive = getattr(self.executor, "workers_alive", None)
+        return True if alive is None else alive()
 
     def num_free_blocks(self) -> int:
         return self.scheduler.kv.num_free_blocks
@@ -270,3 +299,66 @@ class LLMEngine:
         (e.g. `first_scheduled_time`). Empty for an unknown or finished request."""
         reqs = (self.scheduler.get_request(cid) for cid in self.output_processor.child_ids(request_id))
         return [r for r in reqs if r is not None]
+
+    # ------------------------------------------------------------------ sleep mode
+    # Mechanics live in kvflow/worker/sleep.py; here: request handling around them. Invariant
+    # at the moment the worker releases memory: no request is in the engine, no step is
+    # launched-but-unapplied (_pending), every KV block is free and the prefix cache is empty
+    # (the KV contents are about to be lost).
+    def _require_sleep_mode(self, what: str) -> None:
+        if not self.config.cache.enable_sleep_mode:
+            raise RuntimeError(f"{what}: sleep mode is off; create the engine with "
+                               "enable_sleep_mode=True (server: --enable-sleep-mode)")
+
+    def sleep(self, level: int = 1, in_flight: str = "abort") -> list[RequestOutput]:
+        """Release the KV cache and the weights (level 1: offloaded to CPU, restored exactly on
+        wake; level 2: discarded, reload_weights() needed after wake). Requests in flight are
+        aborted (finish_reason "abort") or, with in_flight="finish", run to completion first.
+        Returns the final outputs of those requests."""
+        self._require_sleep_mode("sleep")
+        if level not in (1, 2):
+            raise ValueError(f"level: must be 1 or 2, got {level!r}")
+        if in_flight not in ("abort", "finish"):
+            raise ValueError(f"in_flight: must be 'abort' or 'finish', got {in_flight!r}")
+        if self.executor.is_sleeping():
+            raise RuntimeError("sleep: the engine is already sleeping; call wake_up() first")
+        outs: list[RequestOutput] = []
+        if in_flight == "finish":
+            while self.has_unfinished_requests():
+                outs.extend(self.step())
+        else:
+            for rid in list(self.output_processor.parents):
+                self.scheduler.finish_requests(self.output_processor.child_ids(rid),
+                                               RequestStatus.FINISHED_ABORTED)
+                ro = self.output_processor.abort(rid, reason="abort", error=SLEEP_ABORT_MESSAGE)
+                if ro is not None:
+                    outs.append(ro)
+        while self._pending is not None:  # the launched step reads the KV cache: let it land
+            outs.extend(self._complete(*self._pending))
+        if self.scheduler.has_unfinished_requests() or not self.scheduler.reset_prefix_cache():
+            raise RuntimeError("sleep: KV blocks are still in use after draining the requests")
+        self.last_sleep_freed_bytes = self.executor.sleep(level)
+        return outs
+
+    def wake_up(self, tags: Optional[list[str]] = None) -> None:
+        """Take back device memory: tags "weights" and/or "kv_cache" (None = both), in any
+        order. The engine serves again once both are awake (and, after level 2, the weights
+        are reloaded)."""
+        self._require_sleep_mode("wake_up")
+        if isinstance(tags, str):
+            tags = [tags]
+        self.executor.wake_up(tags)
+
+    def is_sleeping(self) -> bool:
+        return self.executor.is_sleeping()
+
+    def reload_weights(self, weights=None) -> int:
+        """New weight values: None re-reads the checkpoint; otherwise an iterable of
+        (checkpoint name, tensor). The prefix cache is reset (KV computed with the old weights
+        is stale). Returns the number of parameters written."""
+        if self.has_unfinished_requests():
+            raise RuntimeError("reload_weights: requests are in flight; finish or abort them first")
+        n = self.executor.reload_weights(weights)
+        if not self.scheduler.reset_prefix_cache():
+            raise RuntimeError("reload_weights: the prefix cache could not be reset")
+        return n

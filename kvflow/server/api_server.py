@@ -22,14 +22,15 @@ from contextlib import asynccontextmanager
 from typing import Optional
 
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import kvflow
-from kvflow.engine.async_engine import SHUTDOWN_MESSAGE, AsyncLLM
+from kvflow.engine.async_engine import (SHUTDOWN_MESSAGE, AsyncLLM, EngineDeadError,
+                                        EngineShutdownError)
 from kvflow.metrics.prometheus import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from kvflow.metrics.prometheus import PrometheusStatLogger
 from kvflow.server import cli_args
@@ -44,7 +45,7 @@ logger = logging.getLogger("kvflow")
 
 # Routes that need the API key when one is set (vLLM protects /v1/*); health, version and
 # metrics stay open for load balancers and scrapers.
-_PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+_PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize", "/sleep", "/wake_up", "/is_sleeping")
 
 
 # ---------------------------------------------------------------------------------- middleware
@@ -255,6 +256,10 @@ def build_app(async_engine: AsyncLLM, args: argparse.Namespace) -> FastAPI:
                               "tokens")
         return {"prompt": await base.detokenize(body.tokens)}
 
+    # ---------------------------------------------------------------- sleep mode
+    if engine_cfg.cache.enable_sleep_mode:  # only with --enable-sleep-mode (as vLLM)
+        _add_sleep_routes(app, async_engine)
+
     # ---------------------------------------------------------------- middleware
     api_key = cli_args.api_key(args)
     app.add_middleware(GuardMiddleware, api_key=api_key,
@@ -264,6 +269,36 @@ def build_app(async_engine: AsyncLLM, args: argparse.Namespace) -> FastAPI:
                        allow_credentials=bool(getattr(args, "allow_credentials", False)),
                        allow_methods=["*"], allow_headers=["*"])
     return app
+
+
+def _add_sleep_routes(app: FastAPI, async_engine: AsyncLLM) -> None:
+    """POST /sleep?level=1|2[&in_flight=abort|finish], POST /wake_up[?tags=weights&tags=kv_cache]
+    (comma-separated works too), GET /is_sleeping. Bad arguments answer 400, a call that does
+    not fit the current state (already asleep, ...) 409."""
+    async def call(coro):
+        try:
+            return await coro
+        except (EngineShutdownError, EngineDeadError) as e:
+            raise APIError(503, str(e)) from None
+        except ValueError as e:
+            raise bad_request(str(e)) from None
+        except RuntimeError as e:
+            raise APIError(409, str(e)) from None
+
+    @app.post("/sleep")
+    async def sleep(level: int = 1, in_flight: str = "abort"):
+        freed = await call(async_engine.sleep(level, in_flight))
+        return {"is_sleeping": True, "level": level, "freed_bytes": int(freed)}
+
+    @app.post("/wake_up")
+    async def wake_up(tags: Optional[list[str]] = Query(None)):
+        flat = None if tags is None else [t.strip() for v in tags for t in v.split(",") if t.strip()]
+        await call(async_engine.wake_up(flat))
+        return {"is_sleeping": await async_engine.is_sleeping()}
+
+    @app.get("/is_sleeping")
+    async def is_sleeping():
+        return {"is_sleeping": await async_engine.is_sleeping()}
 
 
 # ---------------------------------------------------------------------------------- run

@@ -61,6 +61,8 @@ class Worker:
         self.runner.bind_attention_backend(attention_backend)
         self.plan: MemoryPlan | None = None
         self.timings: dict[str, float] = {"model_load_s": self.load_time_s}
+        from kvflow.worker.sleep import SleepManager
+        self.sleeper = SleepManager(self)  # sleep / wake_up / reload_weights (sleep mode)
 
     # ------------------------------------------------------------------ memory
     def _profile_peak(self) -> int:
@@ -158,3 +160,18 @@ class Worker:
     # ------------------------------------------------------------------ steps
     def execute_model(self, so: SchedulerOutput) -> RunnerOutput:
         return self.runner.execute_model(so)
+
+    def apply_sampled_tokens(self, sampled: dict[str, list[int]]) -> None:
+        """Tensor parallelism: overwrite this rank's copy of the tokens sampled last step with
+        the driver's (rank 0's), so that every rank's host history (next inputs, penalties)
+        is rank 0's even where its own sampler drew differently. Steps are synchronous here:
+        the last len(toks) tokens of each request are the ones sampled last step."""
+        runner = self.runner
+        for rid, toks in sampled.items():
+            st = runner.requests.get(rid)
+            if st is None or not toks or st.pending:
+                continue
+            end = min(st.num_tokens, runner.max_model_len)
+            start = max(st.num_tokens - len(toks), 0)
+            if start < end:
+                runner.token_buf[st.row, start:end] = toks[:end - start]
