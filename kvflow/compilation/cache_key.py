@@ -48,6 +48,7 @@ IGNORED: dict[str, str] = {
     "cache.gpu_memory_utilization": "sizes the KV cache, which is kept out of the compiled graph",
     "cache.kv_cache_memory": "sizes the KV cache, which is kept out of the compiled graph",
     "cache.num_blocks": "KV cache size; the cache is layer state outside the compiled graph",
+    "cache.enable_sleep_mode": "frees / restores weight and KV memory between steps; same graph",
     "scheduler.enable_chunked_prefill": "changes per-step metadata only, read inside the op",
     "scheduler.long_prefill_token_threshold": "scheduling policy only",
     "scheduler.policy": "request ordering (fcfs / priority) only",
