@@ -1,32 +1,26 @@
-"""Elementwise ops with one dispatch point: fused Triton kernels on CUDA in eager mode, plain
-torch everywhere else (CPU, and under torch.compile, where inductor fuses the torch ops itself).
-
-Each torch path is the reference the kernels are tested against (kvflow/kernels/reference.py
-holds the same arithmetic); both follow HF's rounding.
+"""Elementwise ops with one dispatch point: fused Triton kernels on CUDA in eager mode, their
+plain-torch references (kvflow/kernels/reference.py) everywhere else — on CPU, and under
+torch.compile, where inductor fuses the torch ops itself. One definition of the arithmetic: the
+references are what the kernels are tested against (fp32 compute, one rounding; identical to
+HF transformers in fp32).
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-try:
-    from kvflow import kernels as _k
-    _HAS_TRITON = _k.HAS_TRITON
-except ImportError:  # pragma: no cover - kernels always import; triton may not
-    _HAS_TRITON = False
+from kvflow import kernels as _k
+from kvflow.kernels import reference as _ref
 
 
 def _use_kernels(x: torch.Tensor) -> bool:
-    return _HAS_TRITON and x.is_cuda and not torch.compiler.is_compiling()
+    return _k.HAS_TRITON and x.is_cuda and not torch.compiler.is_compiling()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if _use_kernels(x):
         from kvflow.kernels.norm import rms_norm as kernel
         return kernel(x, weight, eps)
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
+    return _ref.ref_rms_norm(x, weight, eps)
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
@@ -35,8 +29,7 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     if _use_kernels(x):
         from kvflow.kernels.norm import fused_add_rms_norm as kernel
         return kernel(x, residual, weight, eps)
-    x = x + residual
-    return rms_norm(x, weight, eps), x
+    return _ref.ref_fused_add_rms_norm(x, residual, weight, eps)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -44,32 +37,18 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if _use_kernels(x):
         from kvflow.kernels.activation import silu_and_mul as kernel
         return kernel(x)
-    gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return _ref.ref_silu_and_mul(x)
 
 
 def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
            head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Neox-style rotary on q [T, H*D] and k [T, KV*D] (views into a fused qkv output are fine).
-    The kernel path rotates in place; the torch path returns new tensors."""
+    """Neox-style rotary, in place, on q [T, H*D] and k [T, KV*D] (views into a fused qkv
+    output are fine). Returns (q, k)."""
     t = q.shape[0]
+    qv, kv = q.view(t, -1, head_dim), k.view(t, -1, head_dim)
     if _use_kernels(q):
         from kvflow.kernels.rotary import rotary_embedding as kernel
-        kernel(positions, q.view(t, -1, head_dim), k.view(t, -1, head_dim), cos_sin_cache)
-        return q, k
-    cos, sin = cos_sin_cache.index_select(0, positions).chunk(2, dim=-1)  # [T, rot/2] each
-    return _rotate(q, cos, sin, head_dim), _rotate(k, cos, sin, head_dim)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
-    shape = x.shape
-    x = x.reshape(shape[0], -1, head_dim)                          # [T, H, D]
-    rot_dim = cos.shape[-1] * 2
-    rot, rest = x[..., :rot_dim], x[..., rot_dim:]
-    x1, x2 = rot.chunk(2, dim=-1)
-    # HF casts cos/sin to the activation dtype before multiplying; do the same.
-    c = torch.cat([cos, cos], -1).unsqueeze(1).to(x.dtype)
-    s = torch.cat([sin, sin], -1).unsqueeze(1).to(x.dtype)
-    rotated = rot * c + torch.cat([-x2, x1], dim=-1) * s
-    out = rotated if rest.shape[-1] == 0 else torch.cat([rotated, rest], dim=-1)
-    return out.reshape(shape)
+        kernel(positions, qv, kv, cos_sin_cache)
+    else:
+        _ref.ref_rotary_embedding(positions, qv, kv, cos_sin_cache)
+    return q, k
