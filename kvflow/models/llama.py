@@ -6,7 +6,7 @@ that map onto fused parameters are declared in `packed_modules`.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -66,14 +66,20 @@ class LlamaAttention(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, qkv_bias: bool, o_bias: bool,
-                 qk_norm: bool, mlp_bias: bool):
+                 qk_norm: bool, mlp_bias: bool, mlp: Optional[nn.Module] = None,
+                 mlp_name: str = "mlp"):
+        """mlp / mlp_name: a replacement feed-forward block (MoE models) and the attribute it is
+        registered under, which is its checkpoint name (Mixtral: `block_sparse_moe`)."""
         super().__init__()
         # Quantized checkpoints (GPTQ) quantize the four projections only; None -> dense.
         qc = get_quant_config(cfg.hf_config)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = LlamaAttention(cfg, rotary, qkv_bias, o_bias, qk_norm, quant_config=qc)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = LlamaMLP(cfg.hidden_size, cfg.intermediate_size, mlp_bias, quant_config=qc)
+        if mlp is None:
+            mlp = LlamaMLP(cfg.hidden_size, cfg.intermediate_size, mlp_bias, quant_config=qc)
+        self.mlp_name = mlp_name
+        setattr(self, mlp_name, mlp)
 
     def forward(self, positions, hidden, residual: Optional[torch.Tensor]):
         if residual is None:
@@ -83,11 +89,15 @@ class LlamaDecoderLayer(nn.Module):
             hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(positions, hidden)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        return getattr(self, self.mlp_name)(hidden), residual
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, qkv_bias: bool, o_bias: bool, qk_norm: bool, mlp_bias: bool):
+    def __init__(self, cfg: ModelConfig, qkv_bias: bool, o_bias: bool, qk_norm: bool, mlp_bias: bool,
+                 make_mlp: Optional[Callable[[int], Optional[nn.Module]]] = None,
+                 mlp_name: str = "mlp"):
+        """make_mlp(layer_index) -> the layer's feed-forward block, or None for the dense
+        LlamaMLP (MoE models mix both)."""
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         hf = cfg.hf_config
@@ -96,8 +106,9 @@ class LlamaModel(nn.Module):
                                  cfg.rope_theta, cfg.rope_scaling,
                                  float(hf.get("partial_rotary_factor", 1.0)))
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(cfg, rotary, qkv_bias, o_bias, qk_norm, mlp_bias)
-            for _ in range(cfg.num_hidden_layers))
+            LlamaDecoderLayer(cfg, rotary, qkv_bias, o_bias, qk_norm, mlp_bias,
+                              mlp=make_mlp(i) if make_mlp is not None else None, mlp_name=mlp_name)
+            for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

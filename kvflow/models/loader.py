@@ -50,6 +50,8 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
     sending updated weights in several batches); strict raises on any missing parameter."""
     params = dict(model.named_parameters())  # tied parameters appear once
     packed = getattr(model, "packed_modules", [])
+    # MoE: per-expert checkpoint tensors -> stacked parameters, shard id (expert id, w1/w2/w3).
+    experts = getattr(model, "expert_params_mapping", [])
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     seen: set[str] = set()
     unexpected = []
@@ -58,10 +60,15 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
             continue
         shard = None
         target = name
-        for param_name, ckpt_name, shard_id in packed:
-            if f".{ckpt_name}." in name:
-                target, shard = name.replace(f".{ckpt_name}.", f".{param_name}."), shard_id
+        for param_frag, ckpt_frag, expert_id, which in (experts if ".experts." in name else ()):
+            if name.endswith(ckpt_frag):   # checked before packed: Qwen3-MoE experts say gate_proj
+                target, shard = name[:-len(ckpt_frag)] + param_frag, (expert_id, which)
                 break
+        else:
+            for param_name, ckpt_name, shard_id in packed:
+                if f".{ckpt_name}." in name:
+                    target, shard = name.replace(f".{ckpt_name}.", f".{param_name}."), shard_id
+                    break
         param = params.get(target)
         if param is None:
             unexpected.append(name)

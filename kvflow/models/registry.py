@@ -7,6 +7,8 @@ _MODELS = {
     "LlamaForCausalLM": ("kvflow.models.llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": ("kvflow.models.qwen2", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("kvflow.models.qwen3", "Qwen3ForCausalLM"),
+    "MixtralForCausalLM": ("kvflow.models.mixtral", "MixtralForCausalLM"),
+    "Qwen3MoeForCausalLM": ("kvflow.models.qwen3_moe", "Qwen3MoeForCausalLM"),
 }
 
 

@@ -1,0 +1,152 @@
+"""Fused MoE for CUDA: tokens sorted and padded per expert, two grouped GEMMs.
+
+Layout (built with torch ops only, no host sync, so it is CUDA-graph/compile friendly):
+  * the T*K (token, expert) pairs are sorted by expert and each expert's group padded to a
+    multiple of BLOCK_M; `sorted_pairs[p]` is the pair index at padded row p (T*K = padding);
+  * `block_expert[b]` is the expert of padded block b (E for blocks past the end: they exit).
+The grid is sized by the worst case T*K + E*(BLOCK_M-1) rows, known from shapes alone.
+
+Kernel 1: rows of x gathered by pair, times the expert's gate and up tiles in one pass (two
+accumulators), silu(gate)*up stored per padded row -> h [P, I].
+Kernel 2: h times the expert's down tile, scaled by the routing weight, stored per pair ->
+[T*K, H]; the K partial outputs of a token are summed in torch (deterministic, no atomics).
+The torch reference is kvflow.layers.moe.fused_moe_torch.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, w13_ptr, h_ptr, pairs_ptr, block_expert_ptr,
+                    num_pairs, top_k, num_experts, H, I,
+                    stride_xt, stride_we, stride_wn, stride_hp,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    IEEE: tl.constexpr):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if e >= num_experts:
+        return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                 # padded rows
+    pair = tl.load(pairs_ptr + rows)
+    valid = pair < num_pairs
+    token = (pair // top_k).to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                 # intermediate columns
+    col_ok = cols < I
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    w_base = w13_ptr + e * stride_we
+    for k0 in range(0, H, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < H
+        a = tl.load(x_ptr + token[:, None] * stride_xt + ks[None, :],
+                    mask=valid[:, None] & k_ok[None, :], other=0.0)           # [BM, BK]
+        wmask = k_ok[:, None] & col_ok[None, :]
+        bg = tl.load(w_base + cols[None, :] * stride_wn + ks[:, None], mask=wmask, other=0.0)
+        bu = tl.load(w_base + (cols[None, :] + I) * stride_wn + ks[:, None], mask=wmask,
+                     other=0.0)                                              # [BK, BN]
+        if IEEE:  # fp32 models: keep full precision (HF parity), not TF32
+            acc_g = tl.dot(a, bg, acc_g, input_precision="ieee")
+            acc_u = tl.dot(a, bu, acc_u, input_precision="ieee")
+        else:
+            acc_g = tl.dot(a, bg, acc_g)
+            acc_u = tl.dot(a, bu, acc_u)
+    # Round gate/up to the activation dtype first, as the unfused path (linear -> silu_and_mul).
+    g = acc_g.to(h_ptr.dtype.element_ty).to(tl.float32)
+    u = acc_u.to(h_ptr.dtype.element_ty).to(tl.float32)
+    out = g * tl.sigmoid(g) * u
+    tl.store(h_ptr + rows[:, None].to(tl.int64) * stride_hp + cols[None, :],
+             out.to(h_ptr.dtype.element_ty), mask=valid[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _down_kernel(h_ptr, w2_ptr, out_ptr, pairs_ptr, block_expert_ptr, weights_ptr,
+                 num_pairs, num_experts, H, I,
+                 stride_hp, stride_we, stride_wn, stride_op,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 IEEE: tl.constexpr):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if e >= num_experts:
+        return
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(pairs_ptr + rows)
+    valid = pair < num_pairs
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                 # hidden columns
+    col_ok = cols < H
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    w_base = w2_ptr + e * stride_we
+    for k0 in range(0, I, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < I
+        a = tl.load(h_ptr + rows[:, None].to(tl.int64) * stride_hp + ks[None, :],
+                    mask=valid[:, None] & k_ok[None, :], other=0.0)           # [BM, BK]
+        b = tl.load(w_base + cols[None, :] * stride_wn + ks[:, None],
+                    mask=k_ok[:, None] & col_ok[None, :], other=0.0)         # [BK, BN]
+        if IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+    # Reference rounds the expert output to the activation dtype before weighting.
+    acc = acc.to(out_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(weights_ptr + pair, mask=valid, other=0.0)
+    acc = acc * w[:, None]
+    tl.store(out_ptr + pair[:, None].to(tl.int64) * stride_op + cols[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=valid[:, None] & col_ok[None, :])
+
+
+def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+    """topk_ids [T, K] -> (sorted_pairs [P] int32, block_expert [P // block_m] int32) with
+    P = T*K + E*(block_m-1) rounded up to block_m: the worst case, so no host sync."""
+    flat = topk_ids.reshape(-1)
+    n = flat.numel()
+    dev = flat.device
+    p = triton.cdiv(n + num_experts * (block_m - 1), block_m) * block_m
+    order = torch.argsort(flat, stable=True)                       # pair indices by expert
+    counts = torch.bincount(flat, minlength=num_experts)           # [E]
+    starts = torch.cumsum(counts, 0) - counts                      # unpadded group starts
+    padded = (counts + block_m - 1) // block_m * block_m
+    pad_end = torch.cumsum(padded, 0)                              # [E]
+    pad_start = pad_end - padded
+    e_sorted = flat[order]
+    dest = pad_start[e_sorted] + torch.arange(n, device=dev) - starts[e_sorted]
+    sorted_pairs = torch.full((p,), n, dtype=torch.int32, device=dev)
+    sorted_pairs[dest] = order.to(torch.int32)
+    block_start = torch.arange(0, p, block_m, device=dev)
+    # Expert e owns blocks in [pad_start[e], pad_end[e]); past the last one -> E (exit).
+    block_expert = torch.searchsorted(pad_end, block_start, right=True).to(torch.int32)
+    return sorted_pairs, block_expert
+
+
+@torch.compiler.disable  # launched eagerly from compiled graphs (a graph break), not traced
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, block_m: int = 16, block_n: int = 64,
+              block_k: int = 32) -> torch.Tensor:
+    """x [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_* [T, K] -> [T, H] (x.dtype)."""
+    t, h = x.shape
+    k = topk_ids.shape[1]
+    e, two_i, _ = w13.shape
+    inter = two_i // 2
+    if t == 0:
+        return torch.zeros_like(x)
+    x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
+    pairs, block_expert = align_by_expert(topk_ids, e, block_m)
+    p = pairs.numel()
+    hbuf = torch.empty((p, inter), dtype=x.dtype, device=x.device)     # [P, I] padded rows
+    out = torch.empty((t * k, h), dtype=x.dtype, device=x.device)      # [T*K, H] per pair
+    weights = topk_weights.reshape(-1).float().contiguous()
+    ieee = x.dtype == torch.float32
+    nblocks = p // block_m
+    _gate_up_kernel[(nblocks, triton.cdiv(inter, block_n))](
+        x, w13, hbuf, pairs, block_expert, t * k, k, e, h, inter,
+        x.stride(0), w13.stride(0), w13.stride(1), hbuf.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee)
+    _down_kernel[(nblocks, triton.cdiv(h, block_n))](
+        hbuf, w2, out, pairs, block_expert, weights, t * k, e, h, inter,
+        hbuf.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee)
+    # Sum each token's K expert outputs in fp32 (the reference accumulates in x.dtype via
+    # index_add; identical in fp32).
+    return out.view(t, k, h).float().sum(1).to(x.dtype)

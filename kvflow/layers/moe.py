@@ -1,0 +1,166 @@
+"""Mixture-of-experts block: a replicated router, softmax top-k routing, stacked expert weights.
+
+Expert weights live in two stacked parameters so one kernel call can serve every expert:
+    w13 [E, 2*I, H]   gate (w1) rows then up (w3) rows, like MergedColumnParallelLinear
+    w2  [E, H, I]     down projection
+Checkpoints store one tensor per expert and projection (Mixtral `experts.{e}.w1/w2/w3`,
+Qwen3-MoE `experts.{e}.gate_proj/up_proj/down_proj`). A model lists them in
+`expert_params_mapping` (see `make_expert_params_mapping`); the generic loader turns a checkpoint
+name into the stacked parameter's name plus shard id `(expert_id, "w1"|"w3"|"w2")`, and the
+parameter's `weight_loader` copies the tensor into that expert's slice.
+
+Tensor parallelism shards every expert's intermediate dim I across ranks: w13 column-wise (each
+rank holds rows [r*I/tp, (r+1)*I/tp) of both gate and up), w2 row-wise, and the combined output is
+all-reduced — the same split as the dense MLP, so the router and the combine are replicated.
+Expert parallelism (whole experts per rank, all-to-all dispatch) is future work.
+
+Compute: `fused_moe` — a Triton grouped GEMM on CUDA when available (kvflow/kernels/fused_moe.py),
+else the torch reference `fused_moe_torch` (tokens sorted by expert, one matmul per expert on its
+contiguous rows, weighted scatter-add combine).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kvflow.distributed import get_tp_rank, get_tp_size, tp_all_reduce
+from kvflow.layers import ops
+from kvflow.layers.linear import ReplicatedLinear, _checked, _param
+
+try:
+    from kvflow.kernels import HAS_TRITON as _HAS_TRITON
+except ImportError:  # pragma: no cover - kernels always import; triton may not
+    _HAS_TRITON = False
+
+# Checkpoint projection name -> our shard name, per checkpoint spelling.
+MIXTRAL_EXPERT_NAMES = {"w1": "w1", "w3": "w3", "w2": "w2"}
+QWEN_EXPERT_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+
+
+def make_expert_params_mapping(num_experts: int, ckpt_names: dict[str, str]
+                               ) -> list[tuple[str, str, int, str]]:
+    """-> [(parameter fragment, checkpoint fragment, expert id, shard name)], e.g.
+    (".experts.w13", ".experts.3.w1.weight", 3, "w1"). Fragments carry their dots and the
+    `.weight` suffix so expert 1 never matches expert 10 and the result is the parameter name."""
+    out = []
+    for e in range(num_experts):
+        for ckpt, which in ckpt_names.items():
+            param = "w2" if which == "w2" else "w13"
+            out.append((f".experts.{param}", f".experts.{e}.{ckpt}.weight", e, which))
+    return out
+
+
+def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits [T, E] -> (weights [T, K] float32, expert ids [T, K] int64).
+    Softmax in float32 before top-k, as HF does; renormalised top-k weights sum to 1."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+@torch.compiler.disable  # data-dependent per-expert row counts: keep it out of the graph
+def fused_moe_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                    topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """Reference MoE: x [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_* [T, K] -> [T, H].
+
+    The T*K (token, expert) pairs are sorted by expert so each expert's rows are one contiguous
+    slice of the gathered activations; the loop is over experts that received tokens, never over
+    tokens. Outputs are weighted and scatter-added back to their tokens."""
+    t, k = topk_ids.shape
+    num_experts = w13.shape[0]
+    flat_ids = topk_ids.reshape(-1)                                   # [T*K]
+    order = torch.argsort(flat_ids, stable=True)                      # pairs grouped by expert
+    token_of = order // k                                             # [T*K] source token
+    xs = x.index_select(0, token_of)                                  # [T*K, H] sorted rows
+    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()  # one host sync
+    out = torch.empty_like(xs)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows = xs[start:start + n]                                    # [n, H]
+        h = ops.silu_and_mul(F.linear(rows, w13[e]))                  # [n, I]
+        out[start:start + n] = F.linear(h, w2[e])                     # [n, H]
+        start += n
+    w = topk_weights.reshape(-1).index_select(0, order)               # [T*K] float32
+    out = (out.float() * w.unsqueeze(1)).to(x.dtype)
+    return torch.zeros_like(x).index_add_(0, token_of, out)
+
+
+def fused_moe(x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
+    """Dispatch point: the Triton kernel on CUDA, the torch reference elsewhere. Both are
+    excluded from torch.compile tracing (a graph break around the experts)."""
+    if x.is_cuda and _HAS_TRITON:
+        from kvflow.kernels.fused_moe import fused_moe as kernel
+        return kernel(x, w13, w2, topk_weights, topk_ids)
+    return fused_moe_torch(x, w13, w2, topk_weights, topk_ids)
+
+
+class FusedMoE(nn.Module):
+    """The experts of one layer, stacked; intermediate dim sharded across TP ranks."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        tp = get_tp_size()
+        if intermediate_size % tp:
+            raise ValueError(f"tensor_parallel_size={tp} must divide the experts' "
+                             f"intermediate size ({intermediate_size})")
+        self.num_experts = num_experts
+        self.intermediate = intermediate_size // tp                   # per rank
+        self.w13 = _param((num_experts, 2 * self.intermediate, hidden_size))  # [E, 2I/tp, H]
+        self.w2 = _param((num_experts, hidden_size, self.intermediate))       # [E, H, I/tp]
+        self.w13.weight_loader = self.weight_loader
+        self.w2.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        """shard_id = (expert id, "w1" | "w3" | "w2"); loaded is that expert's full
+        checkpoint tensor ([I, H] for w1/w3, [H, I] for w2)."""
+        if not (isinstance(shard_id, tuple) and len(shard_id) == 2):
+            raise ValueError(f"expert weights need an (expert id, w1/w2/w3) shard id, got {shard_id!r}")
+        expert, which = shard_id
+        if not 0 <= expert < self.num_experts:
+            raise ValueError(f"expert id {expert} out of range (model has {self.num_experts})")
+        n, start = self.intermediate, get_tp_rank() * self.intermediate
+        full_i, hidden = n * get_tp_size(), self.w2.shape[1]
+        if which in ("w1", "w3"):
+            want = (full_i, hidden)
+            dst = param.data[expert].narrow(0, 0 if which == "w1" else n, n)   # [I/tp, H]
+        elif which == "w2":
+            want = (hidden, full_i)
+            dst = param.data[expert]                                            # [H, I/tp]
+        else:
+            raise ValueError(f"expert shard must be w1, w2 or w3, got {which!r}")
+        # Check the whole tensor before narrowing: a transposed [I, H] would otherwise slice.
+        if tuple(loaded.shape) != want:
+            raise ValueError(f"shape mismatch: expert {which} expects {want}, checkpoint "
+                             f"{tuple(loaded.shape)}")
+        src = loaded.narrow(0 if which != "w2" else 1, start, n)
+        dst.copy_(_checked(src, dst))
+
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor,
+                topk_ids: torch.Tensor) -> torch.Tensor:
+        # Each rank computes the partial down-projection over its slice of I; sum them.
+        return tp_all_reduce(fused_moe(x, self.w13, self.w2, topk_weights, topk_ids))
+
+
+class SparseMoeBlock(nn.Module):
+    """Router + experts. Parameter names match the checkpoints: `gate.weight` [E, H] and the
+    stacked `experts.w13` / `experts.w2`."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
+                 renormalize: bool):
+        super().__init__()
+        if not 0 < top_k <= num_experts:
+            raise ValueError(f"num_experts_per_tok={top_k} must be in [1, num_experts={num_experts}]")
+        self.top_k, self.renormalize = top_k, renormalize
+        self.gate = ReplicatedLinear(hidden_size, num_experts, bias=False)
+        self.experts = FusedMoE(num_experts, hidden_size, intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H] -> [T, H]."""
+        weights, ids = select_experts(self.gate(x), self.top_k, self.renormalize)
+        return self.experts(x, weights, ids)
