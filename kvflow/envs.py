@@ -17,3 +17,8 @@ def allow_long_max_model_len() -> bool:
 def step_trace() -> bool:
     """KVFLOW_STEP_TRACE=1: record per-step timings in LLMEngine.step_trace (benchmarks)."""
     return os.environ.get("KVFLOW_STEP_TRACE") == "1"
+
+
+def fused_moe_kernel() -> bool:
+    """KVFLOW_FUSED_MOE=1: use the Triton fused-MoE kernel on CUDA (not yet validated on GPU)."""
+    return os.environ.get("KVFLOW_FUSED_MOE") == "1"
