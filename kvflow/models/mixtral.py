@@ -29,6 +29,9 @@ def num_experts(hf: dict) -> int:
 
 
 class MixtralForCausalLM(LlamaForCausalLM):
+    # The expert dispatch reads per-expert counts back to the host: not capturable in a CUDA
+    # graph (the Triton fused-MoE path is, once validated on GPU).
+    supports_cuda_graphs = False
     def __init__(self, cfg: ModelConfig):
         check_moe_supported(cfg)
         if cfg.hf_config.get("sliding_window") is not None:

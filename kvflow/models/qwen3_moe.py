@@ -22,6 +22,9 @@ def is_sparse_layer(hf: dict, layer: int) -> bool:
 
 
 class Qwen3MoeForCausalLM(LlamaForCausalLM):
+    # The expert dispatch reads per-expert counts back to the host: not capturable in a CUDA
+    # graph (the Triton fused-MoE path is, once validated on GPU).
+    supports_cuda_graphs = False
     def __init__(self, cfg: ModelConfig):
         check_moe_supported(cfg)
         super().__init__(cfg)

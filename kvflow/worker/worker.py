@@ -155,7 +155,8 @@ class Worker:
     @property
     def use_cuda_graphs(self) -> bool:
         return (self.device.type == "cuda" and not self.config.compilation.enforce_eager
-                and self.runner.backend.capabilities.supports_cuda_graphs)
+                and self.runner.backend.capabilities.supports_cuda_graphs
+                and getattr(self.model, "supports_cuda_graphs", True))
 
     # ------------------------------------------------------------------ steps
     def execute_model(self, so: SchedulerOutput) -> RunnerOutput:
