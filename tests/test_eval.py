@@ -8,7 +8,8 @@ import json
 import pytest
 
 from kvflow.eval import gsm8k, mmlu
-from kvflow.eval.common import package_file, wilson_interval
+from kvflow.assets import package_file
+from kvflow.eval.common import wilson_interval
 from tests.test_server import ServerThread, chat_model_dir, make_engine, serve_args  # noqa: F401
 
 pytestmark = pytest.mark.timeout(120)

