@@ -211,6 +211,11 @@ def build_model_config(model: str, *, dtype: Any, device: torch.device,
 
 
 # ---------------------------------------------------------------------------------- cache
+# Accepted kv_cache_dtype spellings -> canonical name. "auto" stores K/V in the model dtype;
+# "fp8" stores float8 e4m3 (torch.float8_e4m3fn) with a per-layer k_scale/v_scale.
+KV_CACHE_DTYPES = {"auto": "auto", "fp8": "fp8", "fp8_e4m3": "fp8"}
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     block_size: int = 16
@@ -231,8 +236,11 @@ class CacheConfig:
         if self.kv_cache_memory is not None and (not isinstance(self.kv_cache_memory, int)
                                                  or self.kv_cache_memory <= 0):
             raise _fail("kv_cache_memory", f"must be a positive number of bytes, got {self.kv_cache_memory!r}")
-        if self.kv_cache_dtype not in ("auto",):
-            raise _fail("kv_cache_dtype", f"must be 'auto', got {self.kv_cache_dtype!r}")
+        if not isinstance(self.kv_cache_dtype, str) or self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise _fail("kv_cache_dtype", f"must be one of {sorted(KV_CACHE_DTYPES)}, "
+                                          f"got {self.kv_cache_dtype!r}")
+        # One canonical spelling downstream (backend capabilities, compile cache key).
+        object.__setattr__(self, "kv_cache_dtype", KV_CACHE_DTYPES[self.kv_cache_dtype])
 
 
 # ---------------------------------------------------------------------------------- scheduler

@@ -10,6 +10,8 @@ KV cache layout (one tensor per attention layer), shared by every backend and by
     kv_cache: [2, num_blocks, block_size, num_kv_heads, head_size]   (K at index 0, V at index 1)
 A token at position p of a request lives in slot
     slot = block_table[p // block_size] * block_size + p % block_size.
+With kv_cache_dtype "fp8" the tensor is torch.float8_e4m3fn and holds K / k_scale and
+V / v_scale (per-layer float32 scalars held by the Attention layer), saturated to +-448.
 """
 from __future__ import annotations
 
@@ -75,11 +77,15 @@ class AttentionSpec:
 
 class AttentionImpl(Protocol):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                kv_cache: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+                kv_cache: torch.Tensor, metadata: AttentionMetadata,
+                k_scale: Optional[torch.Tensor] = None,
+                v_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         """query [T, H, D], key/value [T, KV, D] for the new tokens (T may exceed
         metadata.num_actual_tokens when padded); writes the new K/V into kv_cache at
         metadata.slot_mapping, then returns attention output [T, H, D] (rows past
-        num_actual_tokens are unspecified)."""
+        num_actual_tokens are unspecified). k_scale/v_scale (float32 scalars, the layer's) are
+        the per-tensor scales of an fp8 cache: stored = K / k_scale; a backend that declares
+        only "auto" caches may ignore them."""
         ...
 
 

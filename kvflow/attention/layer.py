@@ -43,6 +43,24 @@ class Attention(nn.Module):
         # Process-unique name under which the custom op finds this layer; set by
         # bind_attention_layers() before the model is compiled (None = eager only).
         self.layer_name: Optional[str] = None
+        # Per-tensor scales of a quantized (fp8) KV cache: stored = K / k_scale, read back as
+        # stored * k_scale. 1.0 unless the checkpoint provides them (load_kv_scale). Buffers so
+        # they follow the model's device; non-persistent (not in state_dict) but still listed
+        # by named_buffers(), so sleep level 2 backs them up. float32, shape [1] rather than
+        # 0-d: code that handles every buffer as bytes (digests, backups) cannot view a 0-d
+        # tensor as uint8; [1] broadcasts like a scalar.
+        self.register_buffer("k_scale", torch.ones(1, dtype=torch.float32), persistent=False)
+        self.register_buffer("v_scale", torch.ones(1, dtype=torch.float32), persistent=False)
+
+    def load_kv_scale(self, which: str, value: torch.Tensor) -> None:
+        """Write a checkpoint's k_scale / v_scale (a scalar, or a 1-element tensor)."""
+        if value.numel() != 1:
+            raise ValueError(f"{which} must be a single per-tensor scale, got shape "
+                             f"{tuple(value.shape)}")
+        scale = float(value.reshape(()).float())
+        if not (scale > 0 and scale < float("inf")):
+            raise ValueError(f"{which} must be a finite positive number, got {scale}")
+        getattr(self, which).fill_(scale)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [T, H*D], k/v [T, KV*D] -> [T, H*D]."""
@@ -60,7 +78,7 @@ class Attention(nn.Module):
         out = self.impl.forward(q.view(t, self.num_heads, self.head_dim),
                                 k.view(t, self.num_kv_heads, self.head_dim),
                                 v.view(t, self.num_kv_heads, self.head_dim),
-                                self.kv_cache, md)
+                                self.kv_cache, md, self.k_scale, self.v_scale)
         return out.view(t, self.num_heads * self.head_dim)
 
 

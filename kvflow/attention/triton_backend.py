@@ -12,6 +12,8 @@ and padded token rows (slot -1, rows past query_start_loc[-1]) are ignored.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from kvflow.attention.backend import AttentionMetadata, AttentionSpec, BackendCapabilities
@@ -37,9 +39,12 @@ class TritonAttentionImpl:
         self.scale = spec.scale
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                kv_cache: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
+                kv_cache: torch.Tensor, metadata: AttentionMetadata,
+                k_scale: Optional[torch.Tensor] = None,
+                v_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         """query [T, H, D], key/value [T, KV, D] (may be None when the K/V are already
-        cached), kv_cache [2, num_blocks, block_size, KV, D] -> out [T, H, D]."""
+        cached), kv_cache [2, num_blocks, block_size, KV, D] -> out [T, H, D]. The KV scales
+        are unused: this backend declares only "auto" caches (no fp8 kernels yet)."""
         # Imported here so that importing the backend (e.g. for selection on a machine
         # without triton) does not require triton.
         from kvflow.kernels.attention import unified_attention

@@ -17,6 +17,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     g.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache size in bytes")
+    g.add_argument("--kv-cache-dtype", default="auto",
+                   help="auto (model dtype), fp8 / fp8_e4m3 (float8 e4m3, per-layer scales)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--load-format", default="auto", help="auto, safetensors, gguf, dummy")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs, no torch.compile")
@@ -32,8 +34,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 ENGINE_ARG_NAMES = ("tokenizer", "dtype", "device", "max_model_len", "block_size", "max_num_seqs",
                     "max_num_batched_tokens", "enable_prefix_caching", "enable_chunked_prefill",
-                    "gpu_memory_utilization", "kv_cache_memory", "seed", "load_format",
-                    "enforce_eager", "tensor_parallel_size", "attention_backend",
+                    "gpu_memory_utilization", "kv_cache_memory", "kv_cache_dtype", "seed",
+                    "load_format", "enforce_eager", "tensor_parallel_size", "attention_backend",
                     "skip_tokenizer_init", "scheduling_policy", "async_scheduling",
                     "enable_sleep_mode")
 

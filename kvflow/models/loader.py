@@ -15,6 +15,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
+from kvflow.attention.layer import Attention
 from kvflow.config import ModelConfig
 from kvflow.layers.linear import default_weight_loader
 from kvflow.models.registry import get_model_class
@@ -23,6 +24,20 @@ logger = logging.getLogger("kvflow")
 
 # Checkpoint tensors that carry no model state we use.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+# Per-layer fp8 KV cache scales (buffers of the Attention layer, not parameters): FP8
+# checkpoints spell them "<layer>.self_attn.k_scale" or "<layer>.self_attn.attn.k_scale".
+_KV_SCALE_SUFFIXES = (".k_scale", ".v_scale")
+
+
+def _kv_scale_target(attn_layers: dict, name: str):
+    """(Attention layer, "k_scale" | "v_scale") a checkpoint scale belongs to, or (None, _)."""
+    prefix, which = name.rsplit(".", 1)
+    for path in (prefix, prefix + ".attn"):
+        if path in attn_layers:
+            return attn_layers[path], which
+    return None, which
 
 
 def iterate_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -55,8 +70,21 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     seen: set[str] = set()
     unexpected = []
+    attn_layers = None
     for name, tensor in weights:
         if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
+            continue
+        if name.endswith(_KV_SCALE_SUFFIXES):
+            if attn_layers is None:
+                attn_layers = {n: m for n, m in model.named_modules() if isinstance(m, Attention)}
+            layer, which = _kv_scale_target(attn_layers, name)
+            if layer is None:
+                unexpected.append(name)
+            else:
+                try:
+                    layer.load_kv_scale(which, tensor)
+                except ValueError as e:
+                    raise ValueError(f"checkpoint tensor {name!r}: {e}") from None
             continue
         shard = None
         target = name

@@ -111,15 +111,29 @@ class ModelRunner:
     def kv_cache_shape(self, num_blocks: int, layer: Attention) -> tuple[int, ...]:
         return (2, num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
 
+    @property
+    def kv_cache_torch_dtype(self) -> torch.dtype:
+        """Storage dtype of the KV cache tensors: the model dtype, or float8 e4m3 for "fp8"."""
+        if self.config.cache.kv_cache_dtype == "fp8":
+            return torch.float8_e4m3fn
+        return self.config.model.dtype
+
+    def kv_scales(self) -> Optional[list[tuple[float, float]]]:
+        """Per-layer (k_scale, v_scale) of an fp8 cache (for KVLayout.from_config), else None."""
+        if self.config.cache.kv_cache_dtype != "fp8":
+            return None
+        return [(float(l.k_scale), float(l.v_scale)) for l in self.attn_layers]
+
     def bytes_per_block(self) -> int:
-        itemsize = torch.empty((), dtype=self.config.model.dtype).element_size()
+        # 1 byte per element for fp8: the same kv_cache_memory holds 2x the blocks of bf16.
+        itemsize = torch.empty((), dtype=self.kv_cache_torch_dtype).element_size()
         return sum(2 * self.block_size * layer.num_kv_heads * layer.head_dim * itemsize
                    for layer in self.attn_layers)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         # Zeroed: padded reads of never-written slots must not inject NaN/Inf.
         self.kv_caches = [torch.zeros(self.kv_cache_shape(num_blocks, layer),
-                                      dtype=self.config.model.dtype, device=self.device)
+                                      dtype=self.kv_cache_torch_dtype, device=self.device)
                           for layer in self.attn_layers]
         for layer, cache in zip(self.attn_layers, self.kv_caches):
             layer.kv_cache = cache

@@ -70,8 +70,9 @@ class Worker:
         num_tokens = sc.max_num_batched_tokens
         num_reqs = max(min(sc.max_num_seqs, num_tokens), -(-num_tokens // self.config.model.max_model_len))
         # One block is enough: the dummy step reads block 0 and writes nothing.
-        scratch = [torch.zeros(self.runner.kv_cache_shape(1, l), dtype=self.config.model.dtype,
-                               device=self.device) for l in self.runner.attn_layers]
+        scratch = [torch.zeros(self.runner.kv_cache_shape(1, l),
+                               dtype=self.runner.kv_cache_torch_dtype, device=self.device)
+                   for l in self.runner.attn_layers]
         for l, c in zip(self.runner.attn_layers, scratch):
             l.kv_cache = c
         if self.device.type == "cuda":
