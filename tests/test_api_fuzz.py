@@ -15,8 +15,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from tests.test_server import (MODEL, ServerThread, chat_model_dir, make_engine, serve_args,  # noqa: E402,F401
-                               wait_engine_clean)
+from tests.test_server import MODEL, chat_model_dir, live_server, wait_engine_clean  # noqa: E402,F401
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -33,14 +32,11 @@ _CAPS = {"max_tokens": 3, "max_completion_tokens": 3, "n": 2, "best_of": 2, "log
 
 @pytest.fixture(scope="module")
 def server(chat_model_dir):
-    engine = make_engine(chat_model_dir)
-    with ServerThread(engine, serve_args()) as srv:
-        srv.engine = engine
+    with live_server(chat_model_dir) as srv:
         schema = httpx.get(srv.url + "/openapi.json", timeout=10).json()
         srv.fields = {path: _request_fields(schema, path)
                       for path in ("/v1/completions", "/v1/chat/completions")}
         yield srv
-    engine.shutdown(graceful=False)
 
 
 def _request_fields(schema: dict, path: str) -> list[str]:

@@ -12,7 +12,7 @@ from kvflow.bench.datasets import (iter_json_array, load_sharegpt_conversations,
                                    sharegpt_default_path, sharegpt_requests)
 from kvflow.bench.metrics import RequestResult, parse_goodput, summarize
 from kvflow.bench.serve import arrival_gaps
-from tests.test_server import ServerThread, chat_model_dir, make_engine, serve_args  # noqa: F401
+from tests.test_server import chat_model_dir, live_server  # noqa: F401
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -108,10 +108,8 @@ def test_summarize_definitions():
 # ---------------------------------------------------------------------------------- live server
 @pytest.fixture(scope="module")
 def server(chat_model_dir):  # noqa: F811
-    engine = make_engine(chat_model_dir, max_model_len=1024)
-    with ServerThread(engine, serve_args()) as srv:
+    with live_server(chat_model_dir, max_model_len=1024) as srv:
         yield srv
-    engine.shutdown(graceful=False)
 
 
 def _run_cli(*argv) -> int:

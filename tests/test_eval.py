@@ -10,7 +10,7 @@ import pytest
 from kvflow.eval import gsm8k, mmlu
 from kvflow.assets import package_file
 from kvflow.eval.common import wilson_interval
-from tests.test_server import ServerThread, chat_model_dir, make_engine, serve_args  # noqa: F401
+from tests.test_server import chat_model_dir, live_server  # noqa: F401
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -100,10 +100,8 @@ def test_mmlu_packaged_file_skips_malformed():
 # ---------------------------------------------------------------------------------- live server
 @pytest.fixture(scope="module")
 def server(chat_model_dir):  # noqa: F811
-    engine = make_engine(chat_model_dir, max_model_len=1024)
-    with ServerThread(engine, serve_args()) as srv:
+    with live_server(chat_model_dir, max_model_len=1024) as srv:
         yield srv
-    engine.shutdown(graceful=False)
 
 
 def _eval(*argv) -> int:

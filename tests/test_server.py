@@ -8,6 +8,7 @@ test_server_errors.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.util
 import os
 import re
@@ -106,6 +107,18 @@ class ServerThread:
     def async_client(self, **kw):
         kw.setdefault("api_key", "unused")
         return openai.AsyncOpenAI(base_url=self.url + "/v1", max_retries=0, timeout=60, **kw)
+
+
+@contextlib.contextmanager
+def live_server(model_dir, *serve_argv: str, **engine_kw):
+    """A real server over a fresh engine; `srv.engine` is the engine. Shut down on exit."""
+    engine = make_engine(model_dir, **engine_kw)
+    try:
+        with ServerThread(engine, serve_args(*serve_argv)) as srv:
+            srv.engine = engine
+            yield srv
+    finally:
+        engine.shutdown(graceful=False)
 
 
 def wait_engine_clean(engine, timeout: float = 10.0) -> None:

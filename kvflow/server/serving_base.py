@@ -82,6 +82,15 @@ class OpenAIServing:
         raise APIError(404, f"The model `{name}` does not exist. Served models: "
                             f"{', '.join(self.served_names)}", param="model", code="model_not_found")
 
+    def model_and_params(self, req) -> tuple[str, SamplingParams]:
+        """The served model name and the request's SamplingParams; an unknown model is a 404,
+        an invalid parameter a 400 naming it."""
+        model = self.resolve_model(req.model)
+        try:
+            return model, req.to_sampling_params()
+        except ValueError as e:
+            raise from_value_error(e) from e
+
     @property
     def tokenizer(self):
         return self.engine.get_tokenizer()

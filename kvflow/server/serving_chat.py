@@ -13,7 +13,7 @@ from starlette.requests import Request
 
 from kvflow.engine.async_engine import RequestStream
 from kvflow.outputs import Logprob
-from kvflow.server.errors import APIError, from_value_error
+from kvflow.server.errors import APIError
 from kvflow.server.protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk,
                                     ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
                                     ChatMessageOut, ChatTokenLogprob, DeltaMessage, TopLogprob,
@@ -27,11 +27,7 @@ _ROLE = "assistant"
 
 class ChatServing(OpenAIServing):
     async def create(self, req: ChatCompletionRequest, raw: Request):
-        model = self.resolve_model(req.model)
-        try:
-            params = req.to_sampling_params()
-        except ValueError as e:
-            raise from_value_error(e) from e
+        model, params = self.model_and_params(req)
         conversation = [m.to_template() for m in req.messages]
         text, ids = await self.render_chat(
             conversation, add_generation_prompt=req.add_generation_prompt is not False,

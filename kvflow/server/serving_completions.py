@@ -11,7 +11,7 @@ from starlette.requests import Request
 
 from kvflow.engine.async_engine import RequestStream
 from kvflow.outputs import Logprob
-from kvflow.server.errors import APIError, from_value_error
+from kvflow.server.errors import APIError
 from kvflow.server.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest,
                                     CompletionResponse, make_usage)
 from kvflow.server.serving_base import (SSE_DONE, ChoiceState, EventStreamResponse,
@@ -32,11 +32,7 @@ class _Prompt:
 
 class CompletionServing(OpenAIServing):
     async def create(self, req: CompletionRequest, raw: Request):
-        model = self.resolve_model(req.model)
-        try:
-            params = req.to_sampling_params()
-        except ValueError as e:
-            raise from_value_error(e) from e
+        model, params = self.model_and_params(req)
         prompts: list[_Prompt] = []
         many = len(req.prompts) > 1
         for i, p in enumerate(req.prompts):
