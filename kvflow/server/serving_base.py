@@ -91,6 +91,20 @@ class OpenAIServing:
         except ValueError as e:
             raise from_value_error(e) from e
 
+    async def drain(self, streams: list, on_output: Callable[[int, RequestOutput], None]) -> None:
+        """Feed every output of `streams` (with its stream index) to `on_output` until all
+        finish. A failed request or a dead engine becomes an APIError."""
+        try:
+            async for i, out in merge_streams(streams):
+                on_output(i, out)
+                err = output_error(out) if out.finished else None
+                if err is not None:
+                    raise err
+        except APIError:
+            raise
+        except Exception as e:  # noqa: BLE001 - engine death and friends
+            raise engine_error(e) from e
+
     @property
     def tokenizer(self):
         return self.engine.get_tokenizer()

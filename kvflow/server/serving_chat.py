@@ -13,7 +13,6 @@ from starlette.requests import Request
 
 from kvflow.engine.async_engine import RequestStream
 from kvflow.outputs import Logprob
-from kvflow.server.errors import APIError
 from kvflow.server.protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk,
                                     ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
                                     ChatMessageOut, ChatTokenLogprob, DeltaMessage, TopLogprob,
@@ -52,18 +51,13 @@ class ChatServing(OpenAIServing):
     # ------------------------------------------------------------------ whole response
     async def _full(self, ctx: "_Ctx") -> ChatCompletionResponse:
         choices = [ChoiceState() for _ in range(ctx.n)]
-        try:
-            async for _, out in merge_streams([ctx.stream]):
-                ctx.cached_tokens = out.num_cached_tokens
-                for c in out.outputs:
-                    choices[c.index].add(c)
-                err = output_error(out) if out.finished else None
-                if err is not None:
-                    raise err
-        except APIError:
-            raise
-        except Exception as e:  # noqa: BLE001 - engine death and friends
-            raise engine_error(e) from e
+
+        def fold(_: int, out) -> None:
+            ctx.cached_tokens = out.num_cached_tokens
+            for c in out.outputs:
+                choices[c.index].add(c)
+
+        await self.drain([ctx.stream], fold)
         out_choices = [
             ChatChoice(index=k, message=ChatMessageOut(role=_ROLE, content=ctx.echo + st.text),
                        logprobs=self._logprobs(ctx, st.token_ids, st.logprobs),

@@ -11,7 +11,6 @@ from starlette.requests import Request
 
 from kvflow.engine.async_engine import RequestStream
 from kvflow.outputs import Logprob
-from kvflow.server.errors import APIError
 from kvflow.server.protocol import (CompletionChoice, CompletionLogprobs, CompletionRequest,
                                     CompletionResponse, make_usage)
 from kvflow.server.serving_base import (SSE_DONE, ChoiceState, EventStreamResponse,
@@ -60,16 +59,7 @@ class CompletionServing(OpenAIServing):
     # ------------------------------------------------------------------ whole response
     async def _full(self, ctx: "_Ctx") -> CompletionResponse:
         choices = [ChoiceState() for _ in range(len(ctx.prompts) * ctx.n)]
-        try:
-            async for i, out in merge_streams(ctx.streams):
-                self._fold(ctx, i, out, choices)
-                err = output_error(out) if out.finished else None
-                if err is not None:
-                    raise err
-        except APIError:
-            raise
-        except Exception as e:  # noqa: BLE001 - engine death and friends
-            raise engine_error(e) from e
+        await self.drain(ctx.streams, lambda i, out: self._fold(ctx, i, out, choices))
         out_choices = []
         for k, st in enumerate(choices):
             prompt = ctx.prompts[k // ctx.n]
