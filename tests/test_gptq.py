@@ -75,27 +75,28 @@ KCFG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)
 
 
 @pytest.mark.parametrize("bits, gs, sym, act, v2, split", [
-    (4, 32, True, False, False, 1),     # ONE_GROUP path
+    (4, 32, True, False, False, 1),     # ONE_GROUP path (scale/zero folded out of the dot)
     (4, 32, False, True, False, 2),     # act-order g_idx, split K
     (8, -1, False, False, True, 1),     # one group
     (8, 32, True, True, True, 4),
     (4, 16, False, False, True, 2),     # group smaller than BLOCK_K: per-row groups
 ])
-def test_kernel_matches_reference(bits, gs, sym, act, v2, split):
+@pytest.mark.parametrize("m, gemv", [(5, False), (1, True), (3, True)])
+def test_kernel_matches_reference(bits, gs, sym, act, v2, split, m, gemv):
     w4a16, dev = _kernel()
     g = torch.Generator().manual_seed(1)
-    k, n, m = 128, 64, 5
+    k, n = 128, 64
     t, _ = rtn_quantize(torch.randn(k, n, generator=g), bits, gs, sym, act, v2)
     t = {name: v.to(dev) for name, v in t.items()}
     x = torch.randn(m, k, generator=g).to(dev)
     zo = 0 if v2 else 1
     ref = gptq_gemm_ref(x, t["qweight"], t["qzeros"], t["scales"], t["g_idx"], bits, zo)
     out = w4a16.gptq_gemm(x, t["qweight"], t["qzeros"], t["scales"], t["g_idx"] if act else None,
-                          bits, gs, zo, config=dict(KCFG, SPLIT_K=split))
+                          bits, gs, zo, config=dict(KCFG, SPLIT_K=split, GEMV=gemv))
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("m, act", [(1, False), (70, True)])
+@pytest.mark.parametrize("m, act", [(1, False), (1, True), (3, False), (70, True)])
 def test_kernel_default_configs(m, act):
     """The shape-picked configs (decode: split K; prefill: big tiles), masked edges."""
     w4a16, dev = _kernel()
