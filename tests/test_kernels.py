@@ -188,6 +188,45 @@ class TestReshapeAndCache:
         assert torch.equal(cache.nan_to_num(), ref.nan_to_num())
 
 
+class TestFP8Cache:
+    """fp8 (e4m3) caches: the write quantizes exactly like the torch backend's reference, and
+    attention over an fp8 cache equals the reference over the dequantized cache."""
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    def test_write_matches_torch_backend(self, dtype):
+        from kvflow.attention.torch_backend import write_kv_cache
+        T, KV, D, bs, nb = 9, 2, 32, 16, 3
+        key = (torch.randn(T, KV, D) * 300).to(dtype).to(DEVICE)   # some values saturate
+        value = torch.randn(T, KV, D).to(dtype).to(DEVICE)
+        slots = torch.randperm(nb * bs)[:T]
+        slots[4] = -1
+        slots = slots.to(DEVICE)
+        ks = torch.tensor(0.5, device=DEVICE)
+        vs = torch.tensor(0.03, device=DEVICE)
+        cache = torch.zeros((2, nb, bs, KV, D), dtype=torch.float8_e4m3fn, device=DEVICE)
+        ref = cache.clone()
+        reshape_and_cache(key, value, cache[0], cache[1], slots, ks, vs)
+        write_kv_cache(key, value, ref, slots, ks, vs)
+        assert torch.equal(cache.view(torch.uint8), ref.view(torch.uint8))
+        assert cache.float().abs().max() == 448.0              # saturated, not NaN
+        assert not cache.float().isnan().any()
+
+    @pytest.mark.parametrize("num_splits", [1, 3])
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    def test_attention_matches_dequantized_reference(self, dtype, num_splits):
+        query, kv, qsl, sl, bt = make_paged_batch(MIXED_Q, MIXED_S, 4, 2, 32, 16, dtype)
+        ks = torch.tensor(0.25, device=DEVICE)
+        vs = torch.tensor(2.0, device=DEVICE)
+        kv8 = torch.stack([(kv[0].float() / ks), (kv[1].float() / vs)]).to(torch.float8_e4m3fn)
+        deq = torch.stack([kv8[0].float() * ks, kv8[1].float() * vs]).to(dtype)
+        out = torch.full_like(query, float("nan"))
+        unified_attention(query, kv8[0], kv8[1], qsl, sl, bt, max(MIXED_Q), max(MIXED_S),
+                          32 ** -0.5, out=out, num_splits=num_splits, k_scale=ks, v_scale=vs)
+        ref = ref_paged_attention(query, deq[0], deq[1], qsl, sl, bt, 32 ** -0.5)
+        n = int(qsl[-1])
+        _close(out[:n], ref[:n], dtype)
+
+
 class TestNormActivationRotary:
     @pytest.mark.parametrize("dtype,N", [(torch.float32, 96), (torch.bfloat16, 64),
                                          (torch.float16, 100)])

@@ -60,6 +60,8 @@ class BackendCapabilities:
     min_compute_capability: Optional[tuple[int, int]] = None  # None: also runs on CPU
     supports_cuda_graphs: bool = False
     devices: tuple[str, ...] = ("cuda",)
+    # fp8 KV caches may need a newer GPU than the backend itself (e4m3 casts: sm89+).
+    fp8_min_compute_capability: Optional[tuple[int, int]] = None
 
 
 @dataclass(frozen=True)
@@ -118,4 +120,9 @@ def unsupported_reasons(backend: AttentionBackend, spec: AttentionSpec, device: 
             and compute_capability < caps.min_compute_capability):
         reasons.append(f"needs compute capability >= {caps.min_compute_capability}, "
                        f"device has {compute_capability}")
+    if (spec.kv_cache_dtype == "fp8" and device.type == "cuda"
+            and caps.fp8_min_compute_capability and compute_capability
+            and compute_capability < caps.fp8_min_compute_capability):
+        reasons.append(f"fp8 kv cache needs compute capability >= "
+                       f"{caps.fp8_min_compute_capability}, device has {compute_capability}")
     return reasons

@@ -30,7 +30,7 @@ class TritonAttentionImpl:
                              f"{spec.num_kv_heads}")
         if spec.local_attention_chunk:
             raise ValueError("the triton backend has no chunked local attention")
-        if spec.kv_cache_dtype != "auto":
+        if spec.kv_cache_dtype not in TritonAttentionBackend.capabilities.kv_cache_dtypes:
             raise ValueError(f"kv cache dtype {spec.kv_cache_dtype!r} is not supported")
         self.spec = spec
         self.num_heads = spec.num_heads
@@ -43,8 +43,9 @@ class TritonAttentionImpl:
                 k_scale: Optional[torch.Tensor] = None,
                 v_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
         """query [T, H, D], key/value [T, KV, D] (may be None when the K/V are already
-        cached), kv_cache [2, num_blocks, block_size, KV, D] -> out [T, H, D]. The KV scales
-        are unused: this backend declares only "auto" caches (no fp8 kernels yet)."""
+        cached), kv_cache [2, num_blocks, block_size, KV, D] -> out [T, H, D]. With an fp8
+        cache, k_scale / v_scale (float32 scalars) quantize on write and dequantize on read,
+        both inside the kernels."""
         # Imported here so that importing the backend (e.g. for selection on a machine
         # without triton) does not require triton.
         from kvflow.kernels.attention import unified_attention
@@ -52,13 +53,15 @@ class TritonAttentionImpl:
 
         key_cache, value_cache = kv_cache[0], kv_cache[1]
         if key is not None and value is not None:
-            reshape_and_cache(key, value, key_cache, value_cache, metadata.slot_mapping)
+            reshape_and_cache(key, value, key_cache, value_cache, metadata.slot_mapping,
+                              k_scale, v_scale)
         out = torch.empty_like(query)
         unified_attention(query, key_cache, value_cache, metadata.query_start_loc,
                           metadata.seq_lens, metadata.block_table,
                           max_query_len=1 if metadata.is_decode_only else metadata.max_query_len,
                           max_seq_len=metadata.max_seq_len, scale=self.scale, out=out,
-                          num_decode_reqs=metadata.num_decode_reqs)
+                          num_decode_reqs=metadata.num_decode_reqs,
+                          k_scale=k_scale, v_scale=v_scale)
         return out
 
 
@@ -67,7 +70,9 @@ class TritonAttentionBackend:
     capabilities = BackendCapabilities(
         head_sizes=_HEAD_SIZES,
         dtypes=(torch.float16, torch.bfloat16, torch.float32),
-        kv_cache_dtypes=("auto",),
+        # fp8 = e4m3 with per-tensor scales; Triton lowers e4m3 casts from Ada/Hopper on.
+        kv_cache_dtypes=("auto", "fp8"),
+        fp8_min_compute_capability=(8, 9),
         block_sizes=(),                 # any: tokens are gathered one block-table entry each
         supports_local_attention=False,
         # bf16 tl.dot needs Ampere tensor cores; the configurations are tuned for Hopper.

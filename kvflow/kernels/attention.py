@@ -122,7 +122,9 @@ def _attend_tile(acc, m_i, l_i, q, k_base, v_base, bt_row, tile, q_pos, seq_len,
         k = tl.load(k_base + kv_off, mask=(offs_d < HEAD)[None, :], other=0.0)
     else:
         k = tl.load(k_base + kv_off)
-    s = tl.dot(q, tl.trans(k), input_precision=PREC)                   # [BLOCK_M, BLOCK_N]
+    # An fp8 cache holds K / k_scale: upcast exactly (e4m3 fits in bf16/fp16/fp32); the scale
+    # is folded into qk_scale by the caller.
+    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PREC)       # [BLOCK_M, BLOCK_N]
     if MASKED:
         keep = (kpos[None, :] <= q_pos[:, None]) & (kpos < seq_len)[None, :]
         s = tl.where(keep, s, float("-inf"))
@@ -138,7 +140,7 @@ def _attend_tile(acc, m_i, l_i, q, k_base, v_base, bt_row, tile, q_pos, seq_len,
         v = tl.load(v_base + kv_off, mask=(offs_d < HEAD)[None, :], other=0.0)
     else:
         v = tl.load(v_base + kv_off)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
+    acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None], input_precision=PREC)
     return acc, m_new, l_i
 
 
@@ -155,7 +157,7 @@ _NO_SPECIALIZE = dict(do_not_specialize=["num_reqs", "num_splits", "stride_bt"],
 @triton.jit(**_NO_SPECIALIZE)
 def _attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, m_ptr, l_ptr,
-    qsl_ptr, seq_lens_ptr, bt_ptr,
+    qsl_ptr, seq_lens_ptr, bt_ptr, k_scale_ptr, v_scale_ptr,
     qk_scale, num_reqs, num_splits,
     stride_qt, stride_qh,            # query [T, H, D]
     stride_ot, stride_oh,            # out [T, H, D], or split partial acc [T, H, S, HEAD_PAD]
@@ -165,6 +167,7 @@ def _attention_kernel(
     QPK: tl.constexpr, QPK_PAD: tl.constexpr, HEAD: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     kv_head = tl.program_id(1)
     seg = tl.program_id(2)
@@ -211,6 +214,9 @@ def _attention_kernel(
         t0 = 0
         t1 = num_tiles
 
+    if KV_FP8:
+        # Scales are read on the device (not baked in), so CUDA graphs see reloaded scales.
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
     bt_row = bt_ptr + req.to(tl.int64) * stride_bt
     k_base = k_cache_ptr + kv_head * stride_ch
     v_base = v_cache_ptr + kv_head * stride_ch
@@ -226,6 +232,8 @@ def _attention_kernel(
                                      seq_len, qk_scale, stride_cb, stride_ct, BLOCK_SIZE,
                                      BLOCK_N, HEAD, HEAD_PAD, True, PREC)
 
+    if KV_FP8:
+        acc = acc * tl.load(v_scale_ptr)      # P @ (V / v_scale) * v_scale; linear in acc
     if SPLIT:
         # Unnormalised partial; empty segments store (0, _EMPTY_MAX, 0). Partial rows are
         # numbered from this launch's first token, qsl[0].
@@ -377,7 +385,9 @@ def unified_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
                       scale: float, out: Optional[torch.Tensor] = None,
                       config: Optional[AttentionConfig] = None,
                       num_splits: Optional[int] = None,
-                      num_decode_reqs: int = 0) -> torch.Tensor:
+                      num_decode_reqs: int = 0,
+                      k_scale: Optional[torch.Tensor] = None,
+                      v_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Causal paged attention of a varlen batch; semantics of `ref_paged_attention`.
 
     query [T, H, D] (head dim contiguous; T may include padding rows past query_start_loc[-1],
@@ -388,6 +398,8 @@ def unified_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
     num_decode_reqs = n > 0 promises the first n requests have q_len <= 1 (decodes ordered
     first): a mixed batch then runs as two launches, decode tiles for those n and prefill tiles
     for the rest, instead of 128-row prefill tiles that are 1/QPK_PAD full on decode rows.
+    An fp8 (float8_e4m3fn) cache holds K / k_scale and V / v_scale; k_scale / v_scale are
+    float32 scalar tensors (default 1.0).
     Returns out [T, H, D].
     """
     T, H, D = query.shape
@@ -411,12 +423,14 @@ def unified_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
         cfg = config or choose_config(n_tok, r1 - r0, H, KV, D, max_q, max_seq_len, query.dtype,
                                       num_sms, num_splits, smem)
         _launch(query, key_cache, value_cache, out, query_start_loc[r0:r1 + 1],
-                seq_lens[r0:r1], block_table[r0:r1], n_tok, max_q, scale, cfg)
+                seq_lens[r0:r1], block_table[r0:r1], n_tok, max_q, scale, cfg, k_scale, v_scale)
     return out
 
 
 def _launch(query, key_cache, value_cache, out, query_start_loc, seq_lens, block_table,
-            num_tokens: int, max_query_len: int, scale: float, cfg: AttentionConfig) -> None:
+            num_tokens: int, max_query_len: int, scale: float, cfg: AttentionConfig,
+            k_scale: Optional[torch.Tensor] = None,
+            v_scale: Optional[torch.Tensor] = None) -> None:
     """One attention launch (+ merge) over the requests of these (possibly sliced) tensors;
     num_tokens bounds their query token count (qsl[-1] - qsl[0]) and sizes the split-KV
     partials."""
@@ -436,13 +450,21 @@ def _launch(query, key_cache, value_cache, out, query_start_loc, seq_lens, block
     common = dict(QPK=qpk, QPK_PAD=triton.next_power_of_2(qpk), HEAD=D, HEAD_PAD=head_pad,
                   BLOCK_SIZE=block_size, BLOCK_M=cfg.block_m, BLOCK_Q=cfg.block_q,
                   BLOCK_N=cfg.block_n, DIRECT=cfg.direct, SPLIT=split, PREC=prec,
+                  KV_FP8=key_cache.dtype == torch.float8_e4m3fn,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if common["KV_FP8"]:
+        one = None
+        if k_scale is None or v_scale is None:
+            one = torch.ones((), dtype=torch.float32, device=query.device)
+        scales = (k_scale if k_scale is not None else one, v_scale if v_scale is not None else one)
+    else:
+        scales = (seq_lens, seq_lens)      # unread placeholders
     qk_scale = scale * LOG2E
     cache_strides = (key_cache.stride(0), key_cache.stride(1), key_cache.stride(2))
     if not split:
         _attention_kernel[(grid0, KV, 1)](
             query, key_cache, value_cache, out, out, out,
-            query_start_loc, seq_lens, block_table, qk_scale, B, 1,
+            query_start_loc, seq_lens, block_table, *scales, qk_scale, B, 1,
             query.stride(0), query.stride(1), out.stride(0), out.stride(1), 0, 0,
             *cache_strides, block_table.stride(0), **common)
         return
@@ -454,7 +476,7 @@ def _launch(query, key_cache, value_cache, out, query_start_loc, seq_lens, block
     l = torch.empty_like(m)
     _attention_kernel[(grid0, KV, S)](
         query, key_cache, value_cache, acc, m, l,
-        query_start_loc, seq_lens, block_table, qk_scale, B, S,
+        query_start_loc, seq_lens, block_table, *scales, qk_scale, B, S,
         query.stride(0), query.stride(1), acc.stride(0), acc.stride(1), m.stride(0), m.stride(1),
         *cache_strides, block_table.stride(0), **common)
     _merge_splits_kernel[(rows, H)](
