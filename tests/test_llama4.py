@@ -99,3 +99,59 @@ def test_logits_match_hf(chunk, block_size, tmp_path, make_llm):
     ours = runner_logits(llm, ids, splits=[37, 38, 90])
     diff = (ours - ref).abs().max().item()
     assert diff < 1e-4, f"max abs logit diff {diff}"
+
+
+# Prompt lengths: inside chunk 0 (20), crossing chunk 0 -> 1 during decode (28 + 8), crossing one
+# boundary (45) and two (75) in the prompt, and four (130). Each runs where it fits.
+PROMPT_LENS = (20, 28, 45, 75, 130)
+_HF_CACHE: dict = {}
+
+
+def hf_greedy_nocache(model, prompt: list[int], n: int) -> list[int]:
+    """Greedy continuation by full recomputation (no KV cache): HF's chunked mask over absolute
+    positions is the whole definition, with no cache-layer subtleties."""
+    key = (tuple(prompt), n)
+    if key not in _HF_CACHE:
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(n):
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+        _HF_CACHE[key] = ids[len(prompt):]
+    return _HF_CACHE[key]
+
+
+def _prompts(max_model_len: int) -> list[tuple[list[int], int]]:
+    rng = np.random.default_rng(7)
+    base = rng.integers(2, VOCAB - 1, size=max(PROMPT_LENS)).tolist()
+    out = []
+    for i, n in enumerate(PROMPT_LENS):
+        if n >= max_model_len:
+            continue
+        # Shared prefixes (the first tokens of `base`) so prefix caching has something to hit;
+        # distinct tails.
+        prompt = base[:n - 3] + [3 + i, 5 + i, 7 + i]
+        out.append((prompt, min(8, max_model_len - n)))
+    return out
+
+
+@pytest.mark.parametrize("prefix_caching", [False, True], ids=["nocache", "prefixcache"])
+@pytest.mark.parametrize("chunked_prefill", [False, True], ids=["whole", "chunked"])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("max_model_len", [24, 32, 48, 100, 256])
+def test_greedy_matches_hf(llama4, make_llm, max_model_len, block_size, chunked_prefill,
+                           prefix_caching):
+    from kvflow import SamplingParams
+    hf, path = llama4
+    llm = make_llm(path, max_model_len=max_model_len, block_size=block_size,
+                   enable_chunked_prefill=chunked_prefill, enable_prefix_caching=prefix_caching,
+                   max_num_batched_tokens=16 if chunked_prefill else max_model_len,
+                   max_num_seqs=4)
+    prompts = _prompts(max_model_len)
+    for rnd in range(2):   # the second round re-reads cached prefixes when caching is on
+        outs = llm.generate([{"prompt_token_ids": p} for p, _ in prompts],
+                            [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+                             for _, n in prompts], use_tqdm=False)
+        for (p, n), o in zip(prompts, outs):
+            assert o.outputs[0].token_ids == hf_greedy_nocache(hf, p, n), (len(p), rnd)
+        if rnd == 1 and prefix_caching and max_model_len > 2 * block_size:
+            assert max(o.num_cached_tokens for o in outs) > 0
