@@ -155,3 +155,46 @@ def test_greedy_matches_hf(llama4, make_llm, max_model_len, block_size, chunked_
             assert o.outputs[0].token_ids == hf_greedy_nocache(hf, p, n), (len(p), rnd)
         if rnd == 1 and prefix_caching and max_model_len > 2 * block_size:
             assert max(o.num_cached_tokens for o in outs) > 0
+
+
+def test_conditional_generation_checkpoint_serves_text(tmp_path, make_llm, caplog):
+    """A Llama4ForConditionalGeneration checkpoint: the language model loads from under
+    `language_model.`, the vision tower and projector are skipped with one log line."""
+    hf = make_llama4(conditional=True)
+    hf.save_pretrained(tmp_path)
+    with caplog.at_level(logging.INFO, logger="kvflow"):
+        llm = make_llm(str(tmp_path), max_model_len=128)
+    skipped = [r for r in caplog.records if "does not serve" in r.getMessage()]
+    assert len(skipped) == 1 and "vision_model" in skipped[0].getMessage()
+    assert not [r for r in caplog.records if "ignored" in r.getMessage()]
+    ids = np.random.default_rng(2).integers(0, VOCAB - 1, size=70).tolist()
+    with torch.no_grad():
+        ref = hf.language_model(torch.tensor([ids])).logits[0].float()
+    assert (runner_logits(llm, ids, splits=[33]) - ref).abs().max().item() < 1e-4
+
+
+def test_decode_graph_inputs_build_local_metadata(llama4, make_llm):
+    """The CUDA-graph decode path (DecodeGraphs._forward, driven eagerly on CPU: capture needs
+    a GPU) recomputes the local metadata from its persistent buffers and gives the eager
+    runner's logits, for decodes in chunk 0, at a chunk's first position and past it."""
+    from kvflow.worker.cuda_graphs import DecodeGraphs
+    hf, path = llama4
+    bs_ = 16
+    llm = make_llm(path, max_model_len=100, block_size=bs_)
+    runner = llm.llm_engine.executor.worker.runner
+    graphs = DecodeGraphs(runner.model, runner.device, runner.max_model_len, bs_,
+                          runner.max_blocks_per_req, [4], local_chunk=runner.local_chunk)
+    ids = np.random.default_rng(4).integers(0, VOCAB - 1, size=90).tolist()
+    ref = runner_logits(llm, ids, splits=[])     # writes the KV of all 90 positions
+    seq = [10, 33, 65]                           # decode of position seq - 1 (rows 0..2), 1 pad
+    b = len(seq)
+    graphs.input_ids[:b] = torch.tensor([ids[s - 1] for s in seq])
+    graphs.positions[:b] = torch.tensor([s - 1 for s in seq])
+    graphs.slot_mapping[:b] = torch.tensor([s - 1 for s in seq])   # rewrite the same K/V
+    graphs.seq_lens[:b] = torch.tensor(seq, dtype=torch.int32)
+    graphs.block_table[:b] = torch.arange(runner.max_blocks_per_req, dtype=torch.int32)
+    with torch.inference_mode():
+        graphs._forward(4)
+    for row, s in enumerate(seq):
+        assert (graphs.logits[row] - ref[s - 1]).abs().max().item() < 1e-4
+    llm.llm_engine.reset_prefix_cache()
