@@ -198,3 +198,87 @@ def test_decode_graph_inputs_build_local_metadata(llama4, make_llm):
     for row, s in enumerate(seq):
         assert (graphs.logits[row] - ref[s - 1]).abs().max().item() < 1e-4
     llm.llm_engine.reset_prefix_cache()
+
+
+def test_sigmoid_top1_routing_and_input_weighting():
+    """Llama 4 routing: top-1 of the raw logits, weight sigmoid(logit), applied to the expert's
+    input (expert(w * x), not w * expert(x)); the softmax path is unchanged."""
+    from kvflow.layers.moe import FusedMoE, fused_moe_torch, select_experts
+    g = torch.Generator().manual_seed(0)
+    t, h, inter, e = 9, 8, 6, 4
+    logits = torch.randn(t, e, generator=g)
+    w, ids = select_experts(logits, 1, renormalize=False, scoring="sigmoid")
+    assert torch.equal(ids[:, 0], logits.argmax(-1))
+    assert torch.allclose(w[:, 0], torch.sigmoid(logits.max(-1).values))
+    sw, sids = select_experts(logits, 2, renormalize=True)        # softmax path intact
+    assert torch.allclose(sw.sum(-1), torch.ones(t)) and sids.shape == (t, 2)
+    layer = FusedMoE(e, h, inter)
+    with torch.no_grad():
+        layer.w13.normal_(generator=g)
+        layer.w2.normal_(generator=g)
+    x = torch.randn(t, h, generator=g)
+    ours = layer(x, w, ids, weights_on_input=True)
+    ref = fused_moe_torch(x * w, layer.w13, layer.w2, torch.ones_like(w), ids)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    assert not torch.allclose(ours, layer(x, w, ids), atol=1e-3)   # the two orders differ
+    with pytest.raises(ValueError, match="top_k == 1"):
+        layer(x, sw, sids, weights_on_input=True)
+
+
+def test_stacked_expert_loader_tp_shards_sum_to_full():
+    """HF Llama 4 fused expert tensors (gate_up_proj [E, H, 2I], down_proj [E, I, H]) loaded
+    under tp=2: the ranks' partial outputs sum to the unsharded layer, which equals HF's bmm."""
+    from kvflow.distributed import get_tp_rank, get_tp_size, set_tp
+    from kvflow.layers.moe import FusedMoE, fused_moe_torch
+    g = torch.Generator().manual_seed(2)
+    e, h, inter, t = 3, 8, 12, 7
+    gate_up = torch.randn(e, h, 2 * inter, generator=g)
+    down = torch.randn(e, inter, h, generator=g)
+    x = torch.randn(t, h, generator=g)
+    ids = torch.randint(0, e, (t, 1), generator=g)
+    ones = torch.ones(t, 1)
+    prev = (get_tp_rank(), get_tp_size())
+
+    def build():
+        layer = FusedMoE(e, h, inter)
+        layer.w13.weight_loader(layer.w13, gate_up, (None, "gate_up_stacked"))
+        layer.w2.weight_loader(layer.w2, down, (None, "down_stacked"))
+        return layer
+
+    try:
+        set_tp(0, 1)
+        full = build()
+        parts = []
+        for rank in range(2):
+            set_tp(rank, 2)
+            layer = build()
+            parts.append(fused_moe_torch(x, layer.w13, layer.w2, ones, ids))
+    finally:
+        set_tp(*prev)
+    # HF: gate, up = (x @ gate_up_proj[e]).chunk(2); out = (up * silu(gate)) @ down_proj[e]
+    gu = torch.einsum("th,thi->ti", x, gate_up[ids[:, 0]])
+    gate, up = gu.chunk(2, dim=-1)
+    hf = torch.einsum("ti,tih->th", up * torch.nn.functional.silu(gate), down[ids[:, 0]])
+    ref = fused_moe_torch(x, full.w13, full.w2, ones, ids)
+    assert torch.allclose(ref, hf, atol=1e-4)
+    assert torch.allclose(parts[0] + parts[1], ref, atol=1e-4)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        full.w13.weight_loader(full.w13, gate_up.transpose(1, 2), (None, "gate_up_stacked"))
+
+
+def test_tensor_parallel_2_matches_tp1(llama4):
+    """TP=2 over gloo (2 worker processes): experts' intermediate dim, shared expert, dense MLP
+    and attention heads sharded; greedy tokens identical to TP=1 across chunk boundaries."""
+    from kvflow import LLM, SamplingParams
+    hf, path = llama4
+    kw = dict(skip_tokenizer_init=True, kv_cache_memory=8 << 20, device="cpu", dtype="float32",
+              max_model_len=100, max_num_batched_tokens=16, block_size=16)
+    prompts = [{"prompt_token_ids": p} for p, _ in _prompts(100)]
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    one = [o.outputs[0].token_ids for o in LLM(path, **kw).generate(prompts, sp, use_tqdm=False)]
+    two_llm = LLM(path, tensor_parallel_size=2, **kw)
+    try:
+        two = [o.outputs[0].token_ids for o in two_llm.generate(prompts, sp, use_tqdm=False)]
+    finally:
+        two_llm.shutdown()
+    assert one == two
