@@ -104,20 +104,20 @@ def test_logits_match_hf(chunk, block_size, tmp_path, make_llm):
 # Prompt lengths: inside chunk 0 (20), crossing chunk 0 -> 1 during decode (28 + 8), crossing one
 # boundary (45) and two (75) in the prompt, and four (130). Each runs where it fits.
 PROMPT_LENS = (20, 28, 45, 75, 130)
-_HF_CACHE: dict = {}
 
 
 def hf_greedy_nocache(model, prompt: list[int], n: int) -> list[int]:
     """Greedy continuation by full recomputation (no KV cache): HF's chunked mask over absolute
     positions is the whole definition, with no cache-layer subtleties."""
+    cache = model.__dict__.setdefault("_greedy_cache", {})   # per model: several are tested
     key = (tuple(prompt), n)
-    if key not in _HF_CACHE:
+    if key not in cache:
         ids = list(prompt)
         with torch.no_grad():
             for _ in range(n):
                 ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-        _HF_CACHE[key] = ids[len(prompt):]
-    return _HF_CACHE[key]
+        cache[key] = ids[len(prompt):]
+    return cache[key]
 
 
 def _prompts(max_model_len: int) -> list[tuple[list[int], int]]:
@@ -155,6 +155,24 @@ def test_greedy_matches_hf(llama4, make_llm, max_model_len, block_size, chunked_
             assert o.outputs[0].token_ids == hf_greedy_nocache(hf, p, n), (len(p), rnd)
         if rnd == 1 and prefix_caching and max_model_len > 2 * block_size:
             assert max(o.num_cached_tokens for o in outs) > 0
+
+
+@pytest.mark.parametrize("chunk,block_size", [(24, 16), (20, 32)])
+def test_greedy_chunk_not_a_multiple_of_block_size(chunk, block_size, tmp_path, make_llm):
+    """Chunks starting inside a KV block, through the engine with chunked prefill and prefix
+    caching (second round hits the cache)."""
+    from kvflow import SamplingParams
+    hf = make_llama4(attention_chunk_size=chunk)
+    hf.save_pretrained(tmp_path)
+    llm = make_llm(str(tmp_path), max_model_len=100, block_size=block_size,
+                   max_num_batched_tokens=16, max_num_seqs=4)
+    prompts = _prompts(100)
+    for _ in range(2):
+        outs = llm.generate([{"prompt_token_ids": p} for p, _ in prompts],
+                            [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+                             for _, n in prompts], use_tqdm=False)
+        for (p, n), o in zip(prompts, outs):
+            assert o.outputs[0].token_ids == hf_greedy_nocache(hf, p, n), len(p)
 
 
 def test_conditional_generation_checkpoint_serves_text(tmp_path, make_llm, caplog):
