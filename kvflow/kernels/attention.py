@@ -51,6 +51,10 @@ measured on an H200, see choose_config):
   fit the device's opt-in limit (227 KB on Hopper, less on Ampere/Ada).
   num_splits: only when (q-blocks x KV heads) < #SMs; about 2 waves, >= MIN_SPLIT_TOKENS per
   segment, a power of two <= MAX_SPLITS.
+Chunked local attention: with `seq_starts` (virtual batches of
+kvflow/attention/local_attention.py) a request's KV range starts at seq_starts[i] < block_size
+instead of 0; the tile holding it is masked, tiles before it skipped (HAS_STARTS constexpr, so
+the plain path compiles exactly as before).
 Invariants: K/V of every context position < seq_len has been written; block_table entries past
 the request's blocks may be anything (they are never dereferenced unmasked); KV cache strides
 are shared by K and V and the head dim is contiguous; block * block_stride and token-row
@@ -213,8 +217,6 @@ def _attention_kernel(
     kv_end = ctx_len + tl.minimum(q_len, (q_block + 1) * BLOCK_Q)
     num_tiles = tl.cdiv(kv_end, BLOCK_N)
     num_full = (first_pos + 1) // BLOCK_N
-    lo_tile = kv_lo // BLOCK_N
-    head_end = tl.cdiv(kv_lo, BLOCK_N)
     if SPLIT:
         per_seg = tl.cdiv(num_tiles, num_splits)
         t0 = seg * per_seg
@@ -230,6 +232,8 @@ def _attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
     if HAS_STARTS:
+        lo_tile = kv_lo // BLOCK_N                 # first tile with an attended key
+        head_end = tl.cdiv(kv_lo, BLOCK_N)         # first tile wholly at or after kv_lo
         for t in range(tl.maximum(t0, lo_tile), tl.minimum(t1, head_end)):
             acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_base, v_base, bt_row, t, q_pos,
                                          seq_len, kv_lo, qk_scale, stride_cb, stride_ct,
