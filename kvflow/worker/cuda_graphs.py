@@ -11,16 +11,16 @@ change; each step copies the real inputs into their first B rows and pads the re
         attention kernel never reads past a row's seq_len)
 
 The graph covers the model forward and the LM head (logits [bucket, vocab] float32 is a static
-output); sampling runs outside, on logits[:B].
+output); sampling runs outside, on logits[:B]. The attention backend must read every length from
+these tensors (host-side max_seq_len is passed as the max_model_len upper bound), which the
+backend declares with `supports_cuda_graphs`.
 
 Chunked local attention (local_chunk set): a decode row is always exactly one virtual request,
 so the local metadata has the batch's shape. Its persistent buffers (local_seq_lens,
 local_seq_starts [max_bs] int32, local_block_table [max_bs, W], W the worst-case columns of one
 chunk, kvflow.attention.local_attention.local_table_width) are recomputed from seq_lens /
 block_table by device ops captured at the start of every graph, so a replay needs no extra
-host work and no index can leave the real table. The attention backend must read every length from
-these tensors (host-side max_seq_len is passed as the max_model_len upper bound), which the
-backend declares with `supports_cuda_graphs`.
+host work and no index can leave the real table.
 """
 from __future__ import annotations
 
