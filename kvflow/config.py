@@ -95,8 +95,11 @@ def read_hf_config(model_dir: str) -> dict:
     # Multimodal checkpoints nest the language model's config (Llama 4, Qwen-VL): flatten it.
     if "text_config" in cfg and "hidden_size" not in cfg:
         text = dict(cfg["text_config"])
-        text.setdefault("architectures", cfg.get("architectures"))
-        text.setdefault("torch_dtype", cfg.get("torch_dtype", cfg.get("dtype")))
+        # transformers writes these keys as null inside text_config: fill those too.
+        for key, value in (("architectures", cfg.get("architectures")),
+                           ("torch_dtype", cfg.get("torch_dtype", cfg.get("dtype")))):
+            if text.get(key) is None:
+                text[key] = value
         cfg = text
     return cfg
 

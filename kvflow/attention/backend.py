@@ -44,6 +44,12 @@ class AttentionMetadata:
     # The first num_decode_reqs requests have exactly one query token (the runner orders decodes
     # first), so a backend can give them decode-shaped tiles in a mixed batch.
     num_decode_reqs: int = 0
+    # [B] int32 on device, or None (= all 0): request i attends only to context positions
+    # >= seq_starts[i] (its causal window is [seq_starts[i], q_pos]). Set only in the virtual
+    # batches of chunked local attention (kvflow/attention/local_attention.py), where a chunk
+    # may begin inside a KV block; always < block_size there, and <= every query position of
+    # the request. Only backends that declare supports_local_attention receive it.
+    seq_starts: Optional[torch.Tensor] = None
 
     @property
     def num_reqs(self) -> int:
@@ -56,7 +62,9 @@ class BackendCapabilities:
     dtypes: tuple[torch.dtype, ...]                 # query/model dtypes
     kv_cache_dtypes: tuple[str, ...] = ("auto",)    # "auto" = model dtype; "fp8" = e4m3
     block_sizes: tuple[int, ...] = ()               # () = any
-    supports_local_attention: bool = False          # chunked local (Llama 4) / sliding window
+    # Honors AttentionMetadata.seq_starts, which is all chunked local attention (Llama 4) needs
+    # from a backend: the virtual batches are built once for every backend.
+    supports_local_attention: bool = False
     min_compute_capability: Optional[tuple[int, int]] = None  # None: also runs on CPU
     supports_cuda_graphs: bool = False
     devices: tuple[str, ...] = ("cuda",)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from kvflow.attention.backend import AttentionImpl
-from kvflow.forward_context import get_forward_context
+from kvflow.forward_context import GLOBAL, LOCAL, get_forward_context
 
 # name -> layer, for the custom op. Weak: a dropped model frees its names.
 _LAYERS: "weakref.WeakValueDictionary[str, Attention]" = weakref.WeakValueDictionary()
@@ -36,7 +36,13 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.scale = scale
         self.num_kv_heads = num_kv_heads
+        if local_attention_chunk is not None and local_attention_chunk < 1:
+            raise ValueError(f"local_attention_chunk must be >= 1, got {local_attention_chunk}")
+        # Chunked local attention: a query at position p sees keys [p // C * C, p]. The layer
+        # itself is unchanged; it reads the step's "local" metadata (a virtual batch whose
+        # requests each lie inside one chunk) instead of the global one.
         self.local_attention_chunk = local_attention_chunk
+        self.attn_kind = LOCAL if local_attention_chunk else GLOBAL
         self.impl: Optional[AttentionImpl] = None
         # [2, num_blocks, block_size, num_kv_heads, head_dim]; bound by the runner.
         self.kv_cache: Optional[torch.Tensor] = None
@@ -73,7 +79,7 @@ class Attention(nn.Module):
         return self.forward_eager(q, k, v)
 
     def forward_eager(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        md = get_forward_context().attn_metadata
+        md = get_forward_context().metadata(self.attn_kind)
         t = q.shape[0]
         out = self.impl.forward(q.view(t, self.num_heads, self.head_dim),
                                 k.view(t, self.num_kv_heads, self.head_dim),

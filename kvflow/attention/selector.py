@@ -1,8 +1,17 @@
-"""Choose the attention backend from what each backend declares it supports."""
+"""Choose the attention backend from what each backend declares it supports.
+
+Every field of BackendCapabilities is checked here (see backend.unsupported_reasons), against
+every distinct layer spec of the model (a Llama 4 model has global and local layers), before any
+impl is constructed: an explicit `attention_backend` that cannot serve the model fails at
+startup with all the reasons; automatic selection takes the first backend in preference order
+that serves everything and logs why the ones before it were rejected. CUDA graph support is
+the one capability that does not reject a backend: the worker captures graphs only when the
+chosen backend declares it (Worker.use_cuda_graphs), and runs eagerly otherwise.
+"""
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -27,22 +36,43 @@ def available_backends() -> list[str]:
     return list(_registry())
 
 
-def select_backend(spec: AttentionSpec, device: torch.device,
+def device_compute_capability(device: torch.device) -> Optional[tuple[int, int]]:
+    """(major, minor) of a CUDA device, None elsewhere. Tests monkeypatch this (or
+    torch.cuda.get_device_capability) to simulate older GPUs."""
+    if device.type != "cuda":
+        return None
+    return tuple(torch.cuda.get_device_capability(device))
+
+
+def all_reasons(backend: AttentionBackend, specs: Sequence[AttentionSpec], device: torch.device,
+                cc: Optional[tuple[int, int]]) -> list[str]:
+    """Union (in order, deduplicated) of the reasons `backend` cannot serve any of `specs`."""
+    out: list[str] = []
+    for spec in specs:
+        for r in unsupported_reasons(backend, spec, device, cc):
+            if r not in out:
+                out.append(r)
+    return out
+
+
+def select_backend(spec: Union[AttentionSpec, Sequence[AttentionSpec]], device: torch.device,
                    requested: Optional[str] = None) -> AttentionBackend:
-    cc = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    """spec: one layer spec, or every distinct spec of the model (all must be served)."""
+    specs = [spec] if isinstance(spec, AttentionSpec) else list(spec)
+    cc = device_compute_capability(device)
     backends = _registry()
     if requested is not None:
         if requested not in backends:
             raise ValueError(f"attention_backend: {requested!r} is not available; "
                              f"available: {sorted(backends)}")
-        reasons = unsupported_reasons(backends[requested], spec, device, cc)
+        reasons = all_reasons(backends[requested], specs, device, cc)
         if reasons:
             raise ValueError(f"attention_backend: {requested!r} cannot serve this model: "
                              + "; ".join(reasons))
         return backends[requested]
     rejected = {}
     for name, backend in backends.items():
-        reasons = unsupported_reasons(backend, spec, device, cc)
+        reasons = all_reasons(backend, specs, device, cc)
         if not reasons:
             if rejected:
                 logger.info("attention backend %s (rejected: %s)", name,

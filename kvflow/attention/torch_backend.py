@@ -94,6 +94,8 @@ def paged_attention_ref(query: torch.Tensor, kv_cache: torch.Tensor, md: Attenti
     vv = v.permute(0, 2, 1, 3).unsqueeze(2)
     scores = torch.matmul(q, kk.transpose(-1, -2)) * scale
     allowed = (pos.view(1, 1, -1) <= q_pos.unsqueeze(-1)) & ctx_valid.unsqueeze(1)  # [B, max_q, max_s]
+    if md.seq_starts is not None:  # local-attention virtual batch: window [seq_starts, q_pos]
+        allowed &= (pos.unsqueeze(0) >= md.seq_starts.long().unsqueeze(1)).unsqueeze(1)
     scores = scores.masked_fill(~allowed[:, None, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)         # padded query rows are all -inf
     out = torch.matmul(probs, vv)                                 # [B, KV, group, max_q, D]
@@ -117,7 +119,7 @@ class TorchAttentionBackend:
     name = "torch"
     capabilities = BackendCapabilities(
         head_sizes=(), dtypes=(torch.float32, torch.float16, torch.bfloat16),
-        kv_cache_dtypes=("auto", "fp8"), block_sizes=(), supports_local_attention=False,
+        kv_cache_dtypes=("auto", "fp8"), block_sizes=(), supports_local_attention=True,
         min_compute_capability=None, supports_cuda_graphs=False, devices=("cpu", "cuda"))
 
     def make_impl(self, spec: AttentionSpec) -> TorchAttentionImpl:

@@ -28,8 +28,6 @@ class TritonAttentionImpl:
         if spec.num_heads % spec.num_kv_heads:
             raise ValueError(f"num_heads {spec.num_heads} is not a multiple of num_kv_heads "
                              f"{spec.num_kv_heads}")
-        if spec.local_attention_chunk:
-            raise ValueError("the triton backend has no chunked local attention")
         if spec.kv_cache_dtype not in TritonAttentionBackend.capabilities.kv_cache_dtypes:
             raise ValueError(f"kv cache dtype {spec.kv_cache_dtype!r} is not supported")
         self.spec = spec
@@ -61,6 +59,7 @@ class TritonAttentionImpl:
                           max_query_len=1 if metadata.is_decode_only else metadata.max_query_len,
                           max_seq_len=metadata.max_seq_len, scale=self.scale, out=out,
                           num_decode_reqs=metadata.num_decode_reqs,
+                          seq_starts=metadata.seq_starts,
                           k_scale=k_scale, v_scale=v_scale)
         return out
 
@@ -74,7 +73,7 @@ class TritonAttentionBackend:
         kv_cache_dtypes=("auto", "fp8"),
         fp8_min_compute_capability=(8, 9),
         block_sizes=(),                 # any: tokens are gathered one block-table entry each
-        supports_local_attention=False,
+        supports_local_attention=True,   # honors metadata.seq_starts
         # bf16 tl.dot needs Ampere tensor cores; the configurations are tuned for Hopper.
         min_compute_capability=(8, 0),
         supports_cuda_graphs=True,

@@ -52,7 +52,7 @@ from kvflow.attention.backend import AttentionMetadata
 from kvflow.attention.layer import Attention, bind_attention_layers
 from kvflow.compilation.cache_key import compute_factors, diff_factors, key_of
 from kvflow.compilation.store import CompileStore, Entry
-from kvflow.forward_context import set_forward_context
+from kvflow.forward_context import GLOBAL, set_forward_context
 
 logger = logging.getLogger("kvflow")
 
@@ -262,7 +262,10 @@ def _warm_up(compiled: CompiledModel, model: nn.Module, config, device: torch.de
                 num_decode_reqs=int(t == 1))
             ids = torch.zeros(t, dtype=torch.int64, device=device)
             pos = torch.arange(t, dtype=torch.int64, device=device)
-            with torch.inference_mode(), set_forward_context(md):
+            # Layers of other kinds (chunked local) get the same metadata: attention is an
+            # opaque op to the compiler, and the warm-up's outputs are discarded.
+            extra = {m.attn_kind: md for m in layers if m.attn_kind != GLOBAL}
+            with torch.inference_mode(), set_forward_context(md, extra):
                 compiled(ids, pos)
         if device.type == "cuda":
             torch.cuda.synchronize(device)

@@ -51,6 +51,10 @@ measured on an H200, see choose_config):
   fit the device's opt-in limit (227 KB on Hopper, less on Ampere/Ada).
   num_splits: only when (q-blocks x KV heads) < #SMs; about 2 waves, >= MIN_SPLIT_TOKENS per
   segment, a power of two <= MAX_SPLITS.
+Chunked local attention: with `seq_starts` (virtual batches of
+kvflow/attention/local_attention.py) a request's KV range starts at seq_starts[i] < block_size
+instead of 0; the tile holding it is masked, tiles before it skipped (HAS_STARTS constexpr, so
+the plain path compiles exactly as before).
 Invariants: K/V of every context position < seq_len has been written; block_table entries past
 the request's blocks may be anything (they are never dereferenced unmasked); KV cache strides
 are shared by K and V and the head dim is contiguous; block * block_stride and token-row
@@ -87,14 +91,15 @@ def _find_request(qsl_ptr, num_reqs, pid, base, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
-def _attend_tile(acc, m_i, l_i, q, k_base, v_base, bt_row, tile, q_pos, seq_len, qk_scale,
-                 stride_cb, stride_ct,
+def _attend_tile(acc, m_i, l_i, q, k_base, v_base, bt_row, tile, q_pos, seq_len, kv_lo,
+                 qk_scale, stride_cb, stride_ct,
                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr,
                  HEAD_PAD: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
     """One online-softmax step over KV tile `tile` (BLOCK_N context tokens).
 
     acc [BLOCK_M, HEAD_PAD] fp32, m_i/l_i [BLOCK_M] fp32 (m in log2 units), q [BLOCK_M, HEAD_PAD].
-    MASKED=False promises every token of the tile is < seq_len and <= every row's q_pos.
+    MASKED=False promises every token of the tile is in [kv_lo, seq_len) and <= every row's
+    q_pos. kv_lo: the request's first attended position (seq_starts; 0 without).
     """
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_PAD)
@@ -126,7 +131,7 @@ def _attend_tile(acc, m_i, l_i, q, k_base, v_base, bt_row, tile, q_pos, seq_len,
     # is folded into qk_scale by the caller.
     s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PREC)       # [BLOCK_M, BLOCK_N]
     if MASKED:
-        keep = (kpos[None, :] <= q_pos[:, None]) & (kpos < seq_len)[None, :]
+        keep = (kpos[None, :] <= q_pos[:, None]) & ((kpos < seq_len) & (kpos >= kv_lo))[None, :]
         s = tl.where(keep, s, float("-inf"))
 
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)                   # qk_scale > 0
@@ -151,13 +156,14 @@ def _attend_tile(acc, m_i, l_i, q, k_base, v_base, bt_row, tile, q_pos, seq_len,
 # table's row stride is the widest request's block count this step, equally arbitrary.
 _NO_SPECIALIZE = dict(do_not_specialize=["num_reqs", "num_splits", "stride_bt"],
                       do_not_specialize_on_alignment=["q_ptr", "out_ptr", "m_ptr", "l_ptr",
-                                                      "qsl_ptr", "seq_lens_ptr", "bt_ptr"])
+                                                      "qsl_ptr", "seq_lens_ptr", "bt_ptr",
+                                                      "starts_ptr"])
 
 
 @triton.jit(**_NO_SPECIALIZE)
 def _attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, m_ptr, l_ptr,
-    qsl_ptr, seq_lens_ptr, bt_ptr, k_scale_ptr, v_scale_ptr,
+    qsl_ptr, seq_lens_ptr, bt_ptr, starts_ptr, k_scale_ptr, v_scale_ptr,
     qk_scale, num_reqs, num_splits,
     stride_qt, stride_qh,            # query [T, H, D]
     stride_ot, stride_oh,            # out [T, H, D], or split partial acc [T, H, S, HEAD_PAD]
@@ -167,7 +173,7 @@ def _attention_kernel(
     QPK: tl.constexpr, QPK_PAD: tl.constexpr, HEAD: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
-    KV_FP8: tl.constexpr,
+    HAS_STARTS: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     kv_head = tl.program_id(1)
     seg = tl.program_id(2)
@@ -201,7 +207,14 @@ def _attention_kernel(
     q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)   # [BLOCK_M, HEAD_PAD]
 
-    # KV range of this q-block: [0, kv_end); tiles before num_full need no mask.
+    # KV range of this q-block: [kv_lo, kv_end). Tiles in [head_end, num_full) need no mask;
+    # the (at most one) tile holding kv_lo and the diagonal / tail tiles do; tiles wholly
+    # before kv_lo are skipped. kv_lo (local-attention virtual batches) is < block_size and
+    # <= every query position of the request, so every valid row still sees a key.
+    if HAS_STARTS:
+        kv_lo = tl.load(starts_ptr + req)
+    else:
+        kv_lo = 0
     first_pos = ctx_len + q_block * BLOCK_Q
     kv_end = ctx_len + tl.minimum(q_len, (q_block + 1) * BLOCK_Q)
     num_tiles = tl.cdiv(kv_end, BLOCK_N)
@@ -223,13 +236,25 @@ def _attention_kernel(
     m_i = tl.full([BLOCK_M], _EMPTY_MAX, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
-    for t in range(t0, tl.minimum(t1, num_full)):
+    if HAS_STARTS:
+        lo_tile = kv_lo // BLOCK_N                 # first tile with an attended key
+        head_end = tl.cdiv(kv_lo, BLOCK_N)         # first tile wholly at or after kv_lo
+        for t in range(tl.maximum(t0, lo_tile), tl.minimum(t1, head_end)):
+            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_base, v_base, bt_row, t, q_pos,
+                                         seq_len, kv_lo, qk_scale, stride_cb, stride_ct,
+                                         BLOCK_SIZE, BLOCK_N, HEAD, HEAD_PAD, True, PREC)
+        t_mid = tl.maximum(t0, head_end)
+        t_tail = tl.maximum(t_mid, num_full)
+    else:
+        t_mid = t0
+        t_tail = tl.maximum(t0, num_full)
+    for t in range(t_mid, tl.minimum(t1, num_full)):
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_base, v_base, bt_row, t, q_pos,
-                                     seq_len, qk_scale, stride_cb, stride_ct, BLOCK_SIZE,
+                                     seq_len, kv_lo, qk_scale, stride_cb, stride_ct, BLOCK_SIZE,
                                      BLOCK_N, HEAD, HEAD_PAD, False, PREC)
-    for t in range(tl.maximum(t0, num_full), t1):
+    for t in range(t_tail, t1):
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_base, v_base, bt_row, t, q_pos,
-                                     seq_len, qk_scale, stride_cb, stride_ct, BLOCK_SIZE,
+                                     seq_len, kv_lo, qk_scale, stride_cb, stride_ct, BLOCK_SIZE,
                                      BLOCK_N, HEAD, HEAD_PAD, True, PREC)
 
     if KV_FP8:
@@ -386,6 +411,7 @@ def unified_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
                       config: Optional[AttentionConfig] = None,
                       num_splits: Optional[int] = None,
                       num_decode_reqs: int = 0,
+                      seq_starts: Optional[torch.Tensor] = None,
                       k_scale: Optional[torch.Tensor] = None,
                       v_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Causal paged attention of a varlen batch; semantics of `ref_paged_attention`.
@@ -398,6 +424,8 @@ def unified_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
     num_decode_reqs = n > 0 promises the first n requests have q_len <= 1 (decodes ordered
     first): a mixed batch then runs as two launches, decode tiles for those n and prefill tiles
     for the rest, instead of 128-row prefill tiles that are 1/QPK_PAD full on decode rows.
+    seq_starts [B] int32 (optional; chunked local attention's virtual batches): request i
+    attends only to positions >= seq_starts[i] (< block_size, <= its first query position).
     An fp8 (float8_e4m3fn) cache holds K / k_scale and V / v_scale; k_scale / v_scale are
     float32 scalar tensors (default 1.0).
     Returns out [T, H, D].
@@ -423,12 +451,14 @@ def unified_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
         cfg = config or choose_config(n_tok, r1 - r0, H, KV, D, max_q, max_seq_len, query.dtype,
                                       num_sms, num_splits, smem)
         _launch(query, key_cache, value_cache, out, query_start_loc[r0:r1 + 1],
-                seq_lens[r0:r1], block_table[r0:r1], n_tok, max_q, scale, cfg, k_scale, v_scale)
+                seq_lens[r0:r1], block_table[r0:r1], n_tok, max_q, scale, cfg,
+                None if seq_starts is None else seq_starts[r0:r1], k_scale, v_scale)
     return out
 
 
 def _launch(query, key_cache, value_cache, out, query_start_loc, seq_lens, block_table,
             num_tokens: int, max_query_len: int, scale: float, cfg: AttentionConfig,
+            seq_starts: Optional[torch.Tensor] = None,
             k_scale: Optional[torch.Tensor] = None,
             v_scale: Optional[torch.Tensor] = None) -> None:
     """One attention launch (+ merge) over the requests of these (possibly sliced) tensors;
@@ -450,6 +480,7 @@ def _launch(query, key_cache, value_cache, out, query_start_loc, seq_lens, block
     common = dict(QPK=qpk, QPK_PAD=triton.next_power_of_2(qpk), HEAD=D, HEAD_PAD=head_pad,
                   BLOCK_SIZE=block_size, BLOCK_M=cfg.block_m, BLOCK_Q=cfg.block_q,
                   BLOCK_N=cfg.block_n, DIRECT=cfg.direct, SPLIT=split, PREC=prec,
+                  HAS_STARTS=seq_starts is not None,
                   KV_FP8=key_cache.dtype == torch.float8_e4m3fn,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if common["KV_FP8"]:
@@ -464,7 +495,8 @@ def _launch(query, key_cache, value_cache, out, query_start_loc, seq_lens, block
     if not split:
         _attention_kernel[(grid0, KV, 1)](
             query, key_cache, value_cache, out, out, out,
-            query_start_loc, seq_lens, block_table, *scales, qk_scale, B, 1,
+            query_start_loc, seq_lens, block_table,
+            seq_starts if seq_starts is not None else seq_lens, *scales, qk_scale, B, 1,
             query.stride(0), query.stride(1), out.stride(0), out.stride(1), 0, 0,
             *cache_strides, block_table.stride(0), **common)
         return
@@ -476,7 +508,8 @@ def _launch(query, key_cache, value_cache, out, query_start_loc, seq_lens, block
     l = torch.empty_like(m)
     _attention_kernel[(grid0, KV, S)](
         query, key_cache, value_cache, acc, m, l,
-        query_start_loc, seq_lens, block_table, *scales, qk_scale, B, S,
+        query_start_loc, seq_lens, block_table,
+        seq_starts if seq_starts is not None else seq_lens, *scales, qk_scale, B, S,
         query.stride(0), query.stride(1), acc.stride(0), acc.stride(1), m.stride(0), m.stride(1),
         *cache_strides, block_table.stride(0), **common)
     _merge_splits_kernel[(rows, H)](

@@ -4,7 +4,8 @@ Expert weights live in two stacked parameters so one kernel call can serve every
     w13 [E, 2*I, H]   gate (w1) rows then up (w3) rows, like MergedColumnParallelLinear
     w2  [E, H, I]     down projection
 Checkpoints store one tensor per expert and projection (Mixtral `experts.{e}.w1/w2/w3`,
-Qwen3-MoE `experts.{e}.gate_proj/up_proj/down_proj`). A model lists them in
+Qwen3-MoE `experts.{e}.gate_proj/up_proj/down_proj`), or all experts in two fused tensors
+(Llama 4 `experts.gate_up_proj` [E, H, 2I] / `experts.down_proj` [E, I, H]). A model lists them in
 `expert_params_mapping` (see `make_expert_params_mapping`); the generic loader turns a checkpoint
 name into the stacked parameter's name plus shard id `(expert_id, "w1"|"w3"|"w2")`, and the
 parameter's `weight_loader` copies the tensor into that expert's slice.
@@ -20,6 +21,8 @@ else the torch reference `fused_moe_torch` (tokens sorted by expert, one matmul 
 contiguous rows, weighted scatter-add combine).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -54,10 +57,28 @@ def make_expert_params_mapping(num_experts: int, ckpt_names: dict[str, str]
     return out
 
 
-def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def make_stacked_expert_params_mapping() -> list[tuple[str, Optional[int], str, str]]:
+    """Checkpoints that store all experts of a layer in two fused tensors (HF Llama 4):
+        experts.gate_up_proj [E, H, 2I]  (x @ w: gate columns then up columns)
+        experts.down_proj    [E, I, H]
+    -> the same mapping shape as make_expert_params_mapping with expert id None ("all")."""
+    return [(".experts.w13", ".experts.gate_up_proj", None, "gate_up_stacked"),
+            (".experts.w2", ".experts.down_proj", None, "down_stacked")]
+
+
+def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool,
+                   scoring: str = "softmax") -> tuple[torch.Tensor, torch.Tensor]:
     """router_logits [T, E] -> (weights [T, K] float32, expert ids [T, K] int64).
-    Softmax in float32 before top-k, as HF does; renormalised top-k weights sum to 1."""
+
+    scoring "softmax" (Mixtral, Qwen-MoE): softmax in float32 before top-k, as HF does;
+    renormalised top-k weights sum to 1.
+    scoring "sigmoid" (Llama 4): top-k of the raw logits, each weight sigmoid(logit) in
+    float32, independent of the other experts (never renormalised)."""
+    if scoring == "sigmoid":
+        logits, ids = torch.topk(router_logits, top_k, dim=-1)
+        return torch.sigmoid(logits.float()), ids
+    if scoring != "softmax":
+        raise ValueError(f"MoE scoring must be 'softmax' or 'sigmoid', got {scoring!r}")
     probs = torch.softmax(router_logits.float(), dim=-1)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:
@@ -121,10 +142,15 @@ class FusedMoE(nn.Module):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         """shard_id = (expert id, "w1" | "w3" | "w2"); loaded is that expert's full
-        checkpoint tensor ([I, H] for w1/w3, [H, I] for w2)."""
+        checkpoint tensor ([I, H] for w1/w3, [H, I] for w2). Or (None, "gate_up_stacked" |
+        "down_stacked"): every expert at once in HF Llama 4's fused layout (see
+        make_stacked_expert_params_mapping), transposed and split here."""
         if not (isinstance(shard_id, tuple) and len(shard_id) == 2):
             raise ValueError(f"expert weights need an (expert id, w1/w2/w3) shard id, got {shard_id!r}")
         expert, which = shard_id
+        if expert is None:
+            self._load_stacked(param, loaded, which)
+            return
         if not 0 <= expert < self.num_experts:
             raise ValueError(f"expert id {expert} out of range (model has {self.num_experts})")
         n, start = self.intermediate, get_tp_rank() * self.intermediate
@@ -144,8 +170,39 @@ class FusedMoE(nn.Module):
         src = loaded.narrow(0 if which != "w2" else 1, start, n)
         dst.copy_(_checked(src, dst))
 
-    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor,
-                topk_ids: torch.Tensor) -> torch.Tensor:
+    def _load_stacked(self, param: nn.Parameter, loaded: torch.Tensor, which: str) -> None:
+        e, n = self.num_experts, self.intermediate
+        start, full_i, hidden = get_tp_rank() * n, n * get_tp_size(), self.w2.shape[1]
+        if which == "gate_up_stacked":
+            want = (e, hidden, 2 * full_i)                  # [E, H, 2I]: gate | up columns
+            if tuple(loaded.shape) != want:
+                raise ValueError(f"shape mismatch: experts.gate_up_proj expects {want}, "
+                                 f"checkpoint {tuple(loaded.shape)}")
+            gate = loaded.narrow(2, start, n)               # [E, H, I/tp]
+            up = loaded.narrow(2, full_i + start, n)
+            param.data[:, :n].copy_(gate.transpose(1, 2))   # -> [E, I/tp, H]
+            param.data[:, n:].copy_(up.transpose(1, 2))
+        elif which == "down_stacked":
+            want = (e, full_i, hidden)                      # [E, I, H]
+            if tuple(loaded.shape) != want:
+                raise ValueError(f"shape mismatch: experts.down_proj expects {want}, "
+                                 f"checkpoint {tuple(loaded.shape)}")
+            param.data.copy_(loaded.narrow(1, start, n).transpose(1, 2))   # -> [E, H, I/tp]
+        else:
+            raise ValueError(f"stacked expert shard must be gate_up_stacked or down_stacked, "
+                             f"got {which!r}")
+
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                weights_on_input: bool = False) -> torch.Tensor:
+        """weights_on_input (Llama 4): each expert sees its input already scaled by the routing
+        weight, expert(w * x), and outputs are summed unweighted -- not w * expert(x), which
+        differs because the expert is nonlinear. Top-1 only: then the scaling is one per token
+        and the kernels (which gather unscaled rows of x) stay as they are."""
+        if weights_on_input:
+            if topk_ids.shape[1] != 1:
+                raise ValueError("weights_on_input MoE routing needs top_k == 1")
+            x = x * topk_weights.to(x.dtype)                 # [T, H] * [T, 1], in the model dtype
+            topk_weights = torch.ones_like(topk_weights)
         # Each rank computes the partial down-projection over its slice of I; sum them.
         return tp_all_reduce(fused_moe(x, self.w13, self.w2, topk_weights, topk_ids))
 

@@ -41,14 +41,15 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
-           head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Neox-style rotary, in place, on q [T, H*D] and k [T, KV*D] (views into a fused qkv
-    output are fine). Returns (q, k)."""
+           head_dim: int, is_neox: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary, in place, on q [T, H*D] and k [T, KV*D] (views into a fused qkv output are
+    fine): neox pairs (i, i + D/2), or interleaved pairs (2i, 2i + 1) with is_neox=False (the
+    complex-number form Llama 4 uses). Returns (q, k)."""
     t = q.shape[0]
     qv, kv = q.view(t, -1, head_dim), k.view(t, -1, head_dim)
     if _use_kernels(q):
         from kvflow.kernels.rotary import rotary_embedding as kernel
-        kernel(positions, qv, kv, cos_sin_cache)
+        kernel(positions, qv, kv, cos_sin_cache, is_neox)
     else:
-        _ref.ref_rotary_embedding(positions, qv, kv, cos_sin_cache)
+        _ref.ref_rotary_embedding(positions, qv, kv, cos_sin_cache, is_neox)
     return q, k

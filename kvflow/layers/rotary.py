@@ -1,4 +1,5 @@
-"""Rotary position embeddings (neox / rotate-half layout, as HF Llama and Qwen checkpoints use).
+"""Rotary position embeddings (neox / rotate-half layout, as HF Llama and Qwen checkpoints use;
+interleaved pairs for Llama 4).
 
 The cos/sin table is a non-persistent buffer: it is not in the checkpoint and is rebuilt from the
 config. Anything that drops and restores model memory (sleep level 2) must back it up — it is
@@ -68,9 +69,13 @@ def _yarn_inv_freq(base: float, dim: int, s: dict, max_pos: int) -> tuple[torch.
 
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_position: int, base: float,
-                 rope_scaling: Optional[dict] = None, partial_rotary_factor: float = 1.0):
+                 rope_scaling: Optional[dict] = None, partial_rotary_factor: float = 1.0,
+                 is_neox: bool = True):
+        """is_neox=False rotates interleaved pairs (2i, 2i + 1): HF Llama 4's complex form
+        (view_as_complex(x.reshape(..., -1, 2)) * e^(i*theta)), same frequencies and table."""
         super().__init__()
         self.head_dim = head_dim
+        self.is_neox = is_neox
         self.rotary_dim = int(head_dim * partial_rotary_factor)
         s = rope_scaling or {}
         rope_type = s.get("rope_type", "default")
@@ -94,4 +99,4 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """positions [T]; q [T, H*D]; k [T, KV*D]. Returns rotated (q, k)."""
-        return ops.rotary(positions, q, k, self.cos_sin_cache, self.head_dim)
+        return ops.rotary(positions, q, k, self.cos_sin_cache, self.head_dim, self.is_neox)

@@ -68,10 +68,22 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
     # MoE: per-expert checkpoint tensors -> stacked parameters, shard id (expert id, w1/w2/w3).
     experts = getattr(model, "expert_params_mapping", [])
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    # Multimodal checkpoints served text-only: the model declares how the language model's
+    # names are prefixed ({"language_model.": ""}) and which towers it does not build.
+    renames = getattr(model, "checkpoint_prefix_renames", {})
+    skipped_prefixes = tuple(getattr(model, "skipped_checkpoint_prefixes", ()))
     seen: set[str] = set()
     unexpected = []
+    skipped = 0
     attn_layers = None
     for name, tensor in weights:
+        if skipped_prefixes and name.startswith(skipped_prefixes):
+            skipped += 1
+            continue
+        for old, new in renames.items():
+            if name.startswith(old):
+                name = new + name[len(old):]
+                break
         if name.endswith(_IGNORED_SUFFIXES) or (tied and name == "lm_head.weight"):
             continue
         if name.endswith(_KV_SCALE_SUFFIXES):
@@ -112,6 +124,9 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
                      if not getattr(params[n], "optional_in_checkpoint", False))
     if missing and strict:
         raise ValueError(f"checkpoint is missing weights for {len(missing)} parameters, e.g. {missing[:5]}")
+    if skipped:
+        logger.info("skipped %d checkpoint tensors of parts this model does not serve (%s)",
+                    skipped, ", ".join(p.rstrip(".") for p in skipped_prefixes))
     if unexpected:
         logger.warning("ignored %d checkpoint tensors with no matching parameter, e.g. %s",
                        len(unexpected), unexpected[:5])

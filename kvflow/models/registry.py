@@ -9,6 +9,9 @@ _MODELS = {
     "Qwen3ForCausalLM": ("kvflow.models.qwen3", "Qwen3ForCausalLM"),
     "MixtralForCausalLM": ("kvflow.models.mixtral", "MixtralForCausalLM"),
     "Qwen3MoeForCausalLM": ("kvflow.models.qwen3_moe", "Qwen3MoeForCausalLM"),
+    "Llama4ForCausalLM": ("kvflow.models.llama4", "Llama4ForCausalLM"),
+    # Multimodal checkpoints: the text model only (vision weights skipped at load).
+    "Llama4ForConditionalGeneration": ("kvflow.models.llama4", "Llama4ForConditionalGeneration"),
 }
 
 

@@ -14,6 +14,13 @@ The graph covers the model forward and the LM head (logits [bucket, vocab] float
 output); sampling runs outside, on logits[:B]. The attention backend must read every length from
 these tensors (host-side max_seq_len is passed as the max_model_len upper bound), which the
 backend declares with `supports_cuda_graphs`.
+
+Chunked local attention (local_chunk set): a decode row is always exactly one virtual request,
+so the local metadata has the batch's shape. Its persistent buffers (local_seq_lens,
+local_seq_starts [max_bs] int32, local_block_table [max_bs, W], W the worst-case columns of one
+chunk, kvflow.attention.local_attention.local_table_width) are recomputed from seq_lens /
+block_table by device ops captured at the start of every graph, so a replay needs no extra
+host work and no index can leave the real table.
 """
 from __future__ import annotations
 
@@ -24,7 +31,8 @@ import numpy as np
 import torch
 
 from kvflow.attention.backend import AttentionMetadata
-from kvflow.forward_context import set_forward_context
+from kvflow.attention.local_attention import decode_local_into, local_table_width
+from kvflow.forward_context import LOCAL, set_forward_context
 
 logger = logging.getLogger("kvflow")
 
@@ -38,8 +46,9 @@ def default_buckets(max_num_seqs: int, limit: int = 512) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model, device: torch.device, max_model_len: int, block_size: int,
-                 max_blocks_per_req: int, buckets: list[int]):
+                 max_blocks_per_req: int, buckets: list[int], local_chunk: int | None = None):
         self.model = model
+        self.local_chunk = local_chunk
         self.device = device
         self.max_model_len = max_model_len
         self.block_size = block_size
@@ -52,11 +61,19 @@ class DecodeGraphs:
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self.block_table = torch.zeros((n, max_blocks_per_req), dtype=torch.int32, device=device)
+        if local_chunk is not None:
+            w = local_table_width(local_chunk, block_size, max_blocks_per_req)
+            self.local_seq_lens = torch.ones(n, dtype=torch.int32, device=device)
+            self.local_seq_starts = torch.zeros(n, dtype=torch.int32, device=device)
+            self.local_block_table = torch.zeros((n, w), dtype=torch.int32, device=device)
+            # Host bound for kernel configuration: a chunk plus its offset in the first block.
+            self.local_max_seq_len = min(max_model_len, local_chunk + block_size - 1)
         # Pinned staging, one H2D copy each: ids | positions | slots | seq_lens, and block tables.
         # Two sets, alternating by step parity (the runner's overlapped scheduling may launch
         # step N+1 while step N's copies are still queued).
-        self._stage = [torch.zeros((4, n), dtype=torch.int64).pin_memory() for _ in range(2)]
-        self._bt_stage = [torch.zeros((n, max_blocks_per_req), dtype=torch.int32).pin_memory()
+        pin = device.type == "cuda"   # CPU: unpinned (tests drive _forward without graphs)
+        self._stage = [torch.zeros((4, n), dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        self._bt_stage = [torch.zeros((n, max_blocks_per_req), dtype=torch.int32, pin_memory=pin)
                           for _ in range(2)]
         # One logits buffer shared by all graphs (a per-graph output would cost
         # sum(buckets) x vocab x 4 bytes: gigabytes for a 150k vocabulary).
@@ -73,8 +90,20 @@ class DecodeGraphs:
             block_table=self.block_table[:bs], slot_mapping=self.slot_mapping[:bs],
             is_decode_only=True)
 
+    def _local_metadata(self, bs: int) -> AttentionMetadata:
+        # Captured: recomputed from this replay's seq_lens / block_table.
+        decode_local_into(self.seq_lens[:bs], self.block_table[:bs], self.local_chunk,
+                          self.block_size, self.local_seq_lens[:bs], self.local_seq_starts[:bs],
+                          self.local_block_table[:bs])
+        return AttentionMetadata(
+            num_actual_tokens=bs, max_query_len=1, max_seq_len=self.local_max_seq_len,
+            query_start_loc=self.query_start_loc[:bs + 1], seq_lens=self.local_seq_lens[:bs],
+            block_table=self.local_block_table[:bs], slot_mapping=self.slot_mapping[:bs],
+            is_decode_only=True, seq_starts=self.local_seq_starts[:bs])
+
     def _forward(self, bs: int) -> None:
-        with set_forward_context(self._metadata(bs)):
+        extra = {LOCAL: self._local_metadata(bs)} if self.local_chunk is not None else {}
+        with set_forward_context(self._metadata(bs), extra):
             hidden = self.model(self.input_ids[:bs], self.positions[:bs])
         self.logits[:bs].copy_(self.model.compute_logits(hidden))
 

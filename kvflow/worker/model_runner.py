@@ -25,10 +25,11 @@ from torch import nn
 
 from kvflow.attention.backend import AttentionMetadata, AttentionSpec
 from kvflow.attention.layer import Attention
+from kvflow.attention.local_attention import build_local_metadata
 from kvflow.attention.selector import select_backend
 from kvflow.config import EngineConfig
 from kvflow.core.sched_output import LogprobsLists, RunnerOutput, SchedulerOutput
-from kvflow.forward_context import set_forward_context
+from kvflow.forward_context import LOCAL, set_forward_context
 from kvflow.sample import Sampler, SamplingMetadata, compute_topk_logprobs
 from kvflow.sampling_params import SamplingParams
 
@@ -77,6 +78,13 @@ class ModelRunner:
         self.requests: dict[str, RequestState] = {}
         self.sampler = Sampler()
         self.attn_layers = [m for m in model.modules() if isinstance(m, Attention)]
+        # Chunked local attention (Llama 4): one chunk size per model; its layers read a
+        # virtual batch built once per step (kvflow/attention/local_attention.py).
+        chunks = {l.local_attention_chunk for l in self.attn_layers if l.local_attention_chunk}
+        if len(chunks) > 1:
+            raise ValueError(f"model: several local attention chunk sizes {sorted(chunks)} are "
+                             "not supported")
+        self.local_chunk: Optional[int] = chunks.pop() if chunks else None
         self.kv_caches: list[torch.Tensor] = []
         self.backend = None
         # Persistent pinned host buffers for H2D copies (allocating pinned memory per step is slow).
@@ -102,11 +110,19 @@ class ModelRunner:
 
     def bind_attention_backend(self, requested: Optional[str] = None) -> None:
         specs = [self.attention_spec(layer) for layer in self.attn_layers]
-        # The most demanding spec decides (a local-attention layer needs a backend that has it).
-        key = max(specs, key=lambda s: s.local_attention_chunk is not None)
-        self.backend = select_backend(key, self.device, requested)
+        # One backend for all layers: it must serve every distinct spec (global and local).
+        self.backend = select_backend(list(dict.fromkeys(specs)), self.device, requested)
         for layer, spec in zip(self.attn_layers, specs):
             layer.impl = self.backend.make_impl(spec)
+
+    def extra_metadata(self, md: AttentionMetadata) -> dict[str, AttentionMetadata]:
+        """Metadata of the non-global attention kinds for a step described by `md`."""
+        if self.local_chunk is None:
+            return {}
+        if self.max_model_len <= self.local_chunk:
+            # Every position lies in chunk 0: local attention is global attention.
+            return {LOCAL: md}
+        return {LOCAL: build_local_metadata(md, self.local_chunk, self.block_size)}
 
     def kv_cache_shape(self, num_blocks: int, layer: Attention) -> tuple[int, ...]:
         return (2, num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
@@ -255,7 +271,7 @@ class ModelRunner:
             if fill is not None:
                 ids_t[fill[0]] = self.last_sampled[fill[1]]
             pos_t = self._to_device(positions, torch.int64, "pos")
-            with set_forward_context(md):
+            with set_forward_context(md, self.extra_metadata(md)):
                 hidden = self.model(ids_t, pos_t)                          # [T, hidden]
             self._prompt_logprobs(states, starts, computed, nsched, hidden, out)
             if not sample_states:
@@ -338,9 +354,12 @@ class ModelRunner:
 
     def capture_cuda_graphs(self, buckets: Optional[list[int]] = None) -> None:
         from kvflow.worker.cuda_graphs import DecodeGraphs, default_buckets
+        local = self.local_chunk if (self.local_chunk is not None
+                                     and self.max_model_len > self.local_chunk) else None
         self.graphs = DecodeGraphs(self.model, self.device, self.max_model_len, self.block_size,
                                    self.max_blocks_per_req,
-                                   buckets or default_buckets(self.max_num_reqs))
+                                   buckets or default_buckets(self.max_num_reqs),
+                                   local_chunk=local)
         self.graphs.capture()
 
     # ------------------------------------------------------------------ profiling
@@ -361,12 +380,14 @@ class ModelRunner:
             seq_lens=self._to_device(np.array(context_lens), torch.int32),
             block_table=self._to_device(np.zeros((b, nb), dtype=np.int32), torch.int32),
             slot_mapping=self._to_device(np.full(t, -1, dtype=np.int64), torch.int64),
+            query_start_loc_cpu=torch.from_numpy(np.concatenate([[0], cu]).astype(np.int32)),
+            seq_lens_cpu=torch.tensor(context_lens, dtype=torch.int32),
             is_decode_only=max(query_lens) == 1,
             num_decode_reqs=sum(1 for _ in itertools.takewhile(lambda q: q == 1, query_lens)))
         ids = torch.zeros(t, dtype=torch.int64, device=self.device)
         pos = torch.from_numpy(np.concatenate([np.arange(c - q, c) for q, c in
                                                zip(query_lens, context_lens)])).to(self.device)
-        with set_forward_context(md):
+        with set_forward_context(md, self.extra_metadata(md)):
             hidden = self.model(ids, pos)
         if not sample:
             return

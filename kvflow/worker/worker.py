@@ -150,8 +150,19 @@ class Worker:
             self.timings["kernel_warmup_s"] = time.perf_counter() - t0
         if self.use_cuda_graphs:
             self.runner.capture_cuda_graphs()
+        elif self.device.type == "cuda":
+            logger.info("CUDA graphs off: %s", self.cuda_graphs_off_reason())
             self.timings["cuda_graph_s"] = self.runner.graphs.capture_s
             self.timings["cuda_graph_gib"] = self.runner.graphs.capture_bytes / GiB
+
+    def cuda_graphs_off_reason(self) -> str:
+        if self.config.compilation.enforce_eager:
+            return "enforce_eager"
+        if not self.runner.backend.capabilities.supports_cuda_graphs:
+            return f"attention backend {self.runner.backend.name} does not declare them"
+        if not getattr(self.model, "supports_cuda_graphs", True):
+            return f"{type(self.model).__name__} does not support them (MoE expert dispatch syncs)"
+        return "not on CUDA"
 
     @property
     def use_cuda_graphs(self) -> bool:
