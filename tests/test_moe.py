@@ -179,5 +179,26 @@ def test_triton_fused_moe_matches_reference():
     pairs, block_expert = align_by_expert(ids, e, 16)
     assert sorted(pairs[pairs < t * k].tolist()) == list(range(t * k))
     ref = fused_moe_torch(x, w13, w2, weights, ids)
-    got = fused_moe(x, w13, w2, weights, ids, block_m=16, block_n=16, block_k=16)
+    got = fused_moe(x, w13, w2, weights, ids,
+                    config=dict(block_m=16, block_n=16, block_k=16, num_warps=4, num_stages=1))
     assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4), (got - ref).abs().max()
+
+
+@pytest.mark.parametrize("t", [1, 3, 40, 600])
+def test_triton_fused_moe_default_tiles_bf16(t):
+    """The shape-chosen tiles (decode: 16-row blocks, long K steps; prefill: 32/64-row blocks)
+    in bf16, against the reference in bf16 (same rounding points: gate/up and the expert output
+    are rounded to bf16 in both)."""
+    pytest.importorskip("triton")
+    from kvflow.kernels.fused_moe import choose_config, fused_moe
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(t)
+    h, inter, e, k = 64, 48, 4, 2
+    x = torch.randn(t, h, generator=g).to(dev, torch.bfloat16)
+    w13 = (torch.randn(e, 2 * inter, h, generator=g) * 0.2).to(dev, torch.bfloat16)
+    w2 = (torch.randn(e, h, inter, generator=g) * 0.2).to(dev, torch.bfloat16)
+    weights, ids = select_experts(torch.randn(t, e, generator=g).to(dev), k, True)
+    ref = fused_moe_torch(x, w13, w2, weights, ids).float()
+    got = fused_moe(x, w13, w2, weights, ids).float()
+    assert choose_config(t * k, torch.bfloat16)["block_m"] == (16 if t * k <= 64 else 32 if t * k <= 1024 else 64)
+    assert (got - ref).abs().max() <= 0.03 * ref.abs().max() + 0.02, (got - ref).abs().max()

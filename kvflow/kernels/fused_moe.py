@@ -120,10 +120,22 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     return sorted_pairs, block_expert
 
 
+def choose_config(num_pairs: int, dtype: torch.dtype) -> dict:
+    """Tiles by the number of (token, expert) pairs. Decode (few pairs) is a weight stream:
+    16-row blocks and long K steps; prefill wants large tensor-core tiles. fp32 keeps small
+    tiles (ieee dots, twice the shared memory per element)."""
+    if dtype == torch.float32:
+        return dict(block_m=16, block_n=64, block_k=32, num_warps=4, num_stages=2)
+    if num_pairs <= 64:
+        return dict(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)
+    if num_pairs <= 1024:
+        return dict(block_m=32, block_n=64, block_k=64, num_warps=4, num_stages=3)
+    return dict(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3)
+
+
 @torch.compiler.disable  # launched eagerly from compiled graphs (a graph break), not traced
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, block_m: int = 16, block_n: int = 64,
-              block_k: int = 32) -> torch.Tensor:
+              topk_ids: torch.Tensor, config: dict | None = None) -> torch.Tensor:
     """x [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_* [T, K] -> [T, H] (x.dtype)."""
     t, h = x.shape
     k = topk_ids.shape[1]
@@ -131,6 +143,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     inter = two_i // 2
     if t == 0:
         return torch.zeros_like(x)
+    cfg = dict(config or choose_config(t * k, x.dtype))
+    block_m, block_n, block_k = cfg.pop("block_m"), cfg.pop("block_n"), cfg.pop("block_k")
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
     pairs, block_expert = align_by_expert(topk_ids, e, block_m)
     p = pairs.numel()
@@ -142,11 +156,11 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     _gate_up_kernel[(nblocks, triton.cdiv(inter, block_n))](
         x, w13, hbuf, pairs, block_expert, t * k, k, e, h, inter,
         x.stride(0), w13.stride(0), w13.stride(1), hbuf.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee, **cfg)
     _down_kernel[(nblocks, triton.cdiv(h, block_n))](
         hbuf, w2, out, pairs, block_expert, weights, t * k, e, h, inter,
         hbuf.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee, **cfg)
     # Sum each token's K expert outputs in fp32 (the reference accumulates in x.dtype via
     # index_add; identical in fp32).
     return out.view(t, k, h).float().sum(1).to(x.dtype)

@@ -15,10 +15,11 @@ rank holds rows [r*I/tp, (r+1)*I/tp) of both gate and up), w2 row-wise, and the 
 all-reduced — the same split as the dense MLP, so the router and the combine are replicated.
 Expert parallelism (whole experts per rank, all-to-all dispatch) is future work.
 
-Compute: `fused_moe` — a Triton grouped GEMM on CUDA when KVFLOW_FUSED_MOE=1 (kvflow/kernels/fused_moe.py;
-it passes the HF-parity tests on an H200 in eager fp32 but is not benchmarked yet, so it is opt-in),
-else the torch reference `fused_moe_torch` (tokens sorted by expert, one matmul per expert on its
-contiguous rows, weighted scatter-add combine).
+Compute: `fused_moe` — the Triton grouped GEMM on CUDA (kvflow/kernels/fused_moe.py; default,
+KVFLOW_FUSED_MOE=0 turns it off), else the torch reference `fused_moe_torch` (tokens sorted by
+expert, one matmul per expert on its contiguous rows, weighted scatter-add combine). The Triton
+path sizes everything from shapes (no host sync), so MoE models capture CUDA graphs exactly when
+it is in use (`moe_dispatch_graph_safe`); the reference reads expert counts back to the host.
 """
 from __future__ import annotations
 
@@ -113,6 +114,20 @@ def fused_moe_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
     w = topk_weights.reshape(-1).index_select(0, order)               # [T*K] float32
     out = (out.float() * w.unsqueeze(1)).to(x.dtype)
     return torch.zeros_like(x).index_add_(0, token_of, out)
+
+
+def moe_dispatch_graph_safe() -> bool:
+    """True when MoE layers on CUDA take the sync-free Triton path (CUDA graphs possible)."""
+    return _HAS_TRITON and envs.fused_moe_kernel()
+
+
+class GraphSafeWhenFusedMoE:
+    """Mixin for MoE models: CUDA graphs are supported exactly when the dispatch is sync-free
+    (read by the worker; evaluated at startup, after the environment is final)."""
+
+    @property
+    def supports_cuda_graphs(self) -> bool:
+        return moe_dispatch_graph_safe()
 
 
 def fused_moe(x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:

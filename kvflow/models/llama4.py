@@ -28,7 +28,8 @@ from kvflow.attention.layer import Attention
 from kvflow.config import ModelConfig
 from kvflow.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from kvflow.layers.linear import QKVParallelLinear, ReplicatedLinear, RowParallelLinear
-from kvflow.layers.moe import FusedMoE, make_stacked_expert_params_mapping, select_experts
+from kvflow.layers.moe import (FusedMoE, make_stacked_expert_params_mapping,
+                               moe_dispatch_graph_safe, select_experts)
 from kvflow.layers.norm import L2Norm, RMSNorm
 from kvflow.layers.quantization import get_quant_config
 from kvflow.layers.rotary import RotaryEmbedding
@@ -167,10 +168,12 @@ class Llama4ForCausalLM(nn.Module):
         ("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"), ("qkv_proj", "v_proj", "v"),
         ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1),
     ]
-    # The expert dispatch of the torch MoE path reads per-expert counts back to the host (as
-    # Mixtral): not capturable. The runner and DecodeGraphs support the local-attention
-    # metadata under graphs; enabling them here waits for the graph-safe fused MoE.
-    supports_cuda_graphs = False
+    # CUDA graphs when the MoE dispatch is the sync-free Triton kernel (the torch reference
+    # reads expert counts back to the host); DecodeGraphs rebuilds the local-attention
+    # metadata inside the graph.
+    @property
+    def supports_cuda_graphs(self) -> bool:
+        return moe_dispatch_graph_safe()
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

@@ -8,7 +8,8 @@ is not implemented: a non-null window is rejected rather than silently ignored.
 from __future__ import annotations
 
 from kvflow.config import ModelConfig
-from kvflow.layers.moe import MIXTRAL_EXPERT_NAMES, SparseMoeBlock, make_expert_params_mapping
+from kvflow.layers.moe import (GraphSafeWhenFusedMoE, MIXTRAL_EXPERT_NAMES, SparseMoeBlock,
+                               make_expert_params_mapping)
 from kvflow.layers.quantization import get_quant_config
 from kvflow.models.llama import LlamaForCausalLM
 
@@ -28,10 +29,8 @@ def num_experts(hf: dict) -> int:
     return int(n)
 
 
-class MixtralForCausalLM(LlamaForCausalLM):
-    # The expert dispatch reads per-expert counts back to the host: not capturable in a CUDA
-    # graph (the Triton fused-MoE path is, once validated on GPU).
-    supports_cuda_graphs = False
+class MixtralForCausalLM(GraphSafeWhenFusedMoE, LlamaForCausalLM):
+    # CUDA graphs: supported when the MoE dispatch is the sync-free Triton kernel (mixin).
     def __init__(self, cfg: ModelConfig):
         check_moe_supported(cfg)
         if cfg.hf_config.get("sliding_window") is not None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Optional
 
 from kvflow.config import ModelConfig
-from kvflow.layers.moe import QWEN_EXPERT_NAMES, SparseMoeBlock, make_expert_params_mapping
+from kvflow.layers.moe import (GraphSafeWhenFusedMoE, QWEN_EXPERT_NAMES, SparseMoeBlock,
+                               make_expert_params_mapping)
 from kvflow.models.llama import LlamaForCausalLM
 from kvflow.models.mixtral import check_moe_supported, num_experts
 
@@ -21,10 +22,8 @@ def is_sparse_layer(hf: dict, layer: int) -> bool:
             and num_experts(hf) > 0 and (layer + 1) % step == 0)
 
 
-class Qwen3MoeForCausalLM(LlamaForCausalLM):
-    # The expert dispatch reads per-expert counts back to the host: not capturable in a CUDA
-    # graph (the Triton fused-MoE path is, once validated on GPU).
-    supports_cuda_graphs = False
+class Qwen3MoeForCausalLM(GraphSafeWhenFusedMoE, LlamaForCausalLM):
+    # CUDA graphs: supported when the MoE dispatch is the sync-free Triton kernel (mixin).
     def __init__(self, cfg: ModelConfig):
         check_moe_supported(cfg)
         super().__init__(cfg)
