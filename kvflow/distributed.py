@@ -13,6 +13,8 @@ Attention and dense layers always use the TP rank/size.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime
 import os
 import socket
@@ -62,6 +64,18 @@ def get_moe_tp_size() -> int:
 def set_tp(rank: int, size: int, group=None, expert_parallel: bool = False) -> None:
     _TP.rank, _TP.size, _TP.group = rank, size, group
     _TP.expert_parallel = bool(expert_parallel)
+
+
+@contextlib.contextmanager
+def single_rank_view():
+    """Layers built inside see one rank and no EP (their full, unsharded shapes), e.g. to
+    describe a model's checkpoint-shaped tensors. No collective may run inside."""
+    saved = dataclasses.replace(_TP)
+    set_tp(0, 1)
+    try:
+        yield
+    finally:
+        set_tp(saved.rank, saved.size, saved.group, saved.expert_parallel)
 
 
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,13 @@ def step_trace() -> bool:
     return os.environ.get("KVFLOW_STEP_TRACE") == "1"
 
 
+def dummy_weights_mode() -> str:
+    """KVFLOW_DUMMY_WEIGHTS: value distribution of load_format="dummy" weights — "uniform"
+    (default, +-1e-3 like vLLM: speed runs) or "scaled" (fan-in scaled: a model whose greedy
+    tokens are well defined, for comparing parallel layouts). See kvflow/models/dummy.py."""
+    return os.environ.get("KVFLOW_DUMMY_WEIGHTS", "uniform")
+
+
 def fused_moe_kernel() -> bool:
     """KVFLOW_FUSED_MOE=1: use the Triton fused-MoE kernel on CUDA (HF parity checked on an
     H200; not benchmarked yet)."""

@@ -176,3 +176,39 @@ def test_moe_tp2_and_ep2_greedy_match_tp1(name, ep, moe_dirs, references):
         assert eng.num_free_blocks() == eng.num_total_blocks()
     finally:
         llm.shutdown()
+
+
+# ------------------------------------------------------------------------------ dummy weights
+@pytest.mark.timeout(240)
+def test_dummy_weights_identical_across_parallel_layouts(moe_dirs, monkeypatch):
+    """load_format="dummy" gives every layout the same full tensors (seeded per parameter
+    name, sharded by the weight loaders): TP=2 and TP=2+EP reproduce TP=1 token for token.
+    "scaled" values make the greedy tokens meaningful (the default +-1e-3 model is nearly
+    constant)."""
+    monkeypatch.setenv("KVFLOW_DUMMY_WEIGHTS", "scaled")   # inherited by the spawned workers
+    d = moe_dirs["qwen3moe"]   # qkv + q/k norms, a dense merged MLP layer, experts, vocab split
+    args = dict(ENGINE_KW, load_format="dummy", seed=3, max_num_batched_tokens=32)
+    sp = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=3)
+    ref = LLM(d, **args).generate(PROMPTS, sp, use_tqdm=False)
+    # The scaled model is not degenerate: prompts lead to different continuations.
+    assert len({tuple(o.outputs[0].token_ids) for o in ref}) > 1
+    for ep in (False, True):
+        llm = LLM(d, tensor_parallel_size=2, enable_expert_parallel=ep, **args)
+        try:
+            _assert_same(ref, llm.generate(PROMPTS, sp, use_tqdm=False))
+        finally:
+            llm.shutdown()
+
+
+def test_dummy_weights_seeded_per_name(tmp_path, monkeypatch):
+    from kvflow.models.dummy import full_tensor, param_seed
+    assert param_seed(0, "a.weight") != param_seed(0, "b.weight") != param_seed(1, "a.weight")
+    a = full_tensor("layers.0.w", (64, 32), 0, torch.device("cpu"), torch.float32, "scaled")
+    b = full_tensor("layers.1.w", (64, 32), 0, torch.device("cpu"), torch.float32, "scaled")
+    assert not torch.equal(a, b) and a.abs().max() <= (3 / 32) ** 0.5
+    assert torch.equal(a, full_tensor("layers.0.w", (64, 32), 0, torch.device("cpu"),
+                                      torch.float32, "scaled"))
+    monkeypatch.setenv("KVFLOW_DUMMY_WEIGHTS", "nope")
+    d = save_hf_model(make_hf_model("llama"), tmp_path / "m")
+    with pytest.raises(ValueError, match="KVFLOW_DUMMY_WEIGHTS"):
+        LLM(d, load_format="dummy", **ENGINE_KW)

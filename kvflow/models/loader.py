@@ -18,6 +18,7 @@ from torch import nn
 from kvflow.attention.layer import Attention
 from kvflow.config import ModelConfig
 from kvflow.layers.linear import default_weight_loader
+from kvflow.models.dummy import init_dummy_weights  # noqa: F401 - re-exported (sleep.py)
 from kvflow.models.registry import get_model_class
 
 logger = logging.getLogger("kvflow")
@@ -116,22 +117,6 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
         logger.warning("ignored %d checkpoint tensors with no matching parameter, e.g. %s",
                        len(unexpected), unexpected[:5])
     return seen
-
-
-def init_dummy_weights(model: nn.Module, seed: int) -> None:
-    """Random weights for benchmarks: speed does not depend on values. Small uniform values
-    keep activations finite through deep stacks."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    for p in model.parameters():
-        if not p.is_floating_point():
-            continue  # quantized codes / group indices: created valid, random ones need not be
-        cpu = torch.empty(p.shape, dtype=torch.float32).uniform_(-1e-3, 1e-3, generator=gen) \
-            if p.numel() < (1 << 22) else None
-        if cpu is not None:
-            p.data.copy_(cpu)
-        else:  # large tensors: generate on the device, seeded, to keep startup fast
-            g = torch.Generator(device=p.device).manual_seed(seed + p.numel())
-            p.data.uniform_(-1e-3, 1e-3, generator=g)
 
 
 def build_model(cfg: ModelConfig, device: torch.device) -> nn.Module:
