@@ -345,7 +345,7 @@ def resolve_model_path(model: Optional[str]) -> tuple[str, Optional[str]]:
     return model, source
 
 
-def _check_tensor_parallel(m: ModelConfig, dev: torch.device, tp: int) -> None:
+def _check_tensor_parallel(m: ModelConfig, dev: torch.device, tp: int, backend: str) -> None:
     """Shapes must split evenly across ranks; KV heads split, or are replicated when there are
     fewer of them than ranks (then tp must be a multiple of num_key_value_heads)."""
     if m.num_attention_heads % tp:
@@ -358,7 +358,8 @@ def _check_tensor_parallel(m: ModelConfig, dev: torch.device, tp: int) -> None:
     if m.intermediate_size % tp:
         raise _fail("tensor_parallel_size", f"{tp} must divide the model's intermediate_size "
                                             f"({m.intermediate_size})")
-    if dev.type == "cuda" and tp > torch.cuda.device_count():
+    # Ray ranks may live on other nodes: there the placement group checks the GPUs.
+    if dev.type == "cuda" and backend != "ray" and tp > torch.cuda.device_count():
         raise _fail("tensor_parallel_size", f"{tp} ranks need {tp} CUDA devices, "
                                             f"{torch.cuda.device_count()} are visible")
 
@@ -430,7 +431,7 @@ def create_engine_config(model: Optional[str] = None, *, tokenizer: Optional[str
                          distributed_executor_backend=distributed_executor_backend)
     par = _check_expert_parallel(mcfg, par)
     if par.tensor_parallel_size > 1:
-        _check_tensor_parallel(mcfg, dev, par.tensor_parallel_size)
+        _check_tensor_parallel(mcfg, dev, par.tensor_parallel_size, par.executor_backend)
     if par.executor_backend != "uni":
         # Steps are synchronous across worker processes (see kvflow/executor/ranked.py).
         sched = dataclasses.replace(sched, async_scheduling=False)

@@ -212,3 +212,16 @@ def test_dummy_weights_seeded_per_name(tmp_path, monkeypatch):
     d = save_hf_model(make_hf_model("llama"), tmp_path / "m")
     with pytest.raises(ValueError, match="KVFLOW_DUMMY_WEIGHTS"):
         LLM(d, load_format="dummy", **ENGINE_KW)
+
+
+def test_cli_flags_reach_the_engine_kwargs():
+    import argparse
+    from kvflow.engine.arg_utils import add_engine_args, engine_kwargs
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    kw = engine_kwargs(p.parse_args(["-tp", "2", "--enable-expert-parallel",
+                                     "--distributed-executor-backend", "ray"]))
+    assert kw["tensor_parallel_size"] == 2 and kw["enable_expert_parallel"] is True
+    assert kw["distributed_executor_backend"] == "ray"
+    kw = engine_kwargs(p.parse_args([]))
+    assert kw["enable_expert_parallel"] is False and kw["distributed_executor_backend"] is None
