@@ -225,3 +225,30 @@ def test_cli_flags_reach_the_engine_kwargs():
     assert kw["distributed_executor_backend"] == "ray"
     kw = engine_kwargs(p.parse_args([]))
     assert kw["enable_expert_parallel"] is False and kw["distributed_executor_backend"] is None
+
+
+def test_ep_rank_reads_only_its_experts(tmp_path):
+    """Rank 1 of 2 with expert parallel: the loader never reads experts 0-1 of 4, and the
+    stacked weights hold experts 2-3 exactly as in the checkpoint."""
+    from safetensors.torch import load_file
+    from kvflow.config import create_engine_config
+    from kvflow.models.loader import build_model, remote_expert_filter
+    d = save_hf_model(make_hf_moe("mixtral", num_local_experts=4, num_experts_per_tok=2,
+                                  num_hidden_layers=1), tmp_path / "m")
+    cfg = create_engine_config(d, **ENGINE_KW).model
+    ckpt = load_file(f"{d}/model.safetensors")
+    prev = (get_tp_rank(), get_tp_size())
+    try:
+        set_tp(1, 2, expert_parallel=True)       # no collective runs while building / loading
+        model = build_model(cfg, torch.device("cpu"))
+        wanted = remote_expert_filter(model)
+    finally:
+        set_tp(*prev)
+    assert not wanted("model.layers.0.block_sparse_moe.experts.1.w1.weight")
+    assert wanted("model.layers.0.block_sparse_moe.experts.2.w1.weight")
+    assert wanted("model.layers.0.block_sparse_moe.gate.weight")
+    w13 = dict(model.named_parameters())["model.layers.0.block_sparse_moe.experts.w13"]
+    assert w13.shape[0] == 2
+    for slot, e in enumerate((2, 3)):
+        w1 = ckpt[f"model.layers.0.block_sparse_moe.experts.{e}.w1.weight"]
+        assert torch.equal(w13[slot, :w1.shape[0]], w1)

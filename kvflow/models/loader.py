@@ -10,7 +10,8 @@ import glob
 import json
 import logging
 import os
-from typing import Iterable, Iterator
+import re
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -41,7 +42,9 @@ def _kv_scale_target(attn_layers: dict, name: str):
     return None, which
 
 
-def iterate_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
+def iterate_safetensors(model_dir: str, wanted: Callable[[str], bool] = lambda name: True
+                        ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every checkpoint tensor; names `wanted` rejects are never read."""
     from safetensors import safe_open
 
     index = os.path.join(model_dir, "model.safetensors.index.json")
@@ -57,7 +60,8 @@ def iterate_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
     for path in files:
         with safe_open(path, framework="pt", device="cpu") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                if wanted(name):
+                    yield name, f.get_tensor(name)
 
 
 def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
@@ -119,6 +123,22 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
     return seen
 
 
+def remote_expert_filter(model: nn.Module) -> Callable[[str], bool]:
+    """With expert parallel, a checkpoint name -> False for experts another rank owns, so they
+    are not even read from disk (their weight_loader would skip them anyway)."""
+    from kvflow.layers.moe import FusedMoE
+    placement = next((m.placement for m in model.modules() if isinstance(m, FusedMoE)), None)
+    if placement is None or not placement.is_partitioned:
+        return lambda name: True
+    local = placement.local
+    expert_id = re.compile(r"\.experts\.(\d+)\.")   # the checkpoints' per-expert spelling
+
+    def wanted(name: str) -> bool:
+        m = expert_id.search(name)
+        return m is None or int(m.group(1)) in local
+    return wanted
+
+
 def build_model(cfg: ModelConfig, device: torch.device) -> nn.Module:
     cls = get_model_class(cfg.architecture)
     prev = torch.get_default_dtype()
@@ -131,5 +151,5 @@ def build_model(cfg: ModelConfig, device: torch.device) -> nn.Module:
     if cfg.load_format == "dummy":
         init_dummy_weights(model, cfg.seed)
     else:
-        load_weights(model, iterate_safetensors(cfg.model))
+        load_weights(model, iterate_safetensors(cfg.model, remote_expert_filter(model)))
     return model.eval()
