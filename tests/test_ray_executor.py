@@ -93,6 +93,19 @@ def test_ray_dead_actor_is_reported_not_hung(ray_cluster, llama_dir):
         eng.shutdown()
 
 
+@pytest.mark.timeout(120)
+def test_ray_single_rank(ray_cluster, llama_dir):
+    """backend "ray" with one rank: one actor, same tokens as in-process."""
+    args = dict(ENGINE_KW, max_num_batched_tokens=32)
+    ref = LLM(llama_dir, **args).generate(PROMPTS[:2], SP, use_tqdm=False)
+    llm = LLM(llama_dir, distributed_executor_backend="ray", **args)
+    try:
+        assert len(llm.llm_engine.executor.pids) == 1
+        _assert_same(ref, llm.generate(PROMPTS[:2], SP, use_tqdm=False))
+    finally:
+        llm.shutdown()
+
+
 @pytest.mark.timeout(180)
 def test_ray_dead_actor_mid_step_is_reported(ray_cluster, llama_dir):
     """Killed while the survivor is inside the step's collectives: the step must not wait for
@@ -103,11 +116,13 @@ def test_ray_dead_actor_mid_step_is_reported(ray_cluster, llama_dir):
     eng = llm.llm_engine
     ex = eng.executor
     try:
-        eng.add_request("r", list(range(1, 200)), SamplingParams(max_tokens=200, ignore_eos=True))
+        sp = SamplingParams(max_tokens=50, ignore_eos=True)
         threading.Timer(0.5, os.kill, (ex.pids[0], signal.SIGKILL)).start()
         t0 = time.monotonic()
         with pytest.raises(ExecutorDeadError, match="rank 0"):
-            for _ in range(10_000):
+            while time.monotonic() - t0 < 60:   # keep the ranks busy until the kill lands
+                if not eng.has_unfinished_requests():
+                    eng.add_request(None, list(range(1, 150)), sp)
                 eng.step()
         assert time.monotonic() - t0 < 40
     finally:

@@ -67,8 +67,8 @@ def connect_ray(num_cpus_hint: int) -> None:
         ray.init(address="auto", logging_level=logging.WARNING)
         logger.info("ray: joined the running cluster")
     except ConnectionError:
-        ray.init(num_cpus=max(num_cpus_hint, os.cpu_count() or 1), include_dashboard=False,
-                 logging_level=logging.WARNING)
+        ray.init(address="local", num_cpus=max(num_cpus_hint, os.cpu_count() or 1),
+                 include_dashboard=False, logging_level=logging.WARNING)
         logger.info("ray: started a local cluster")
 
 
