@@ -5,6 +5,7 @@ reported as ExecutorDeadError promptly (no hang), seen even while the engine is 
 Skipped when Ray is not installed (it is an optional extra: pip install 'kvflow[ray]')."""
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -89,6 +90,19 @@ def test_ray_dead_actor_is_reported_not_hung(ray_cluster, llama_dir):
         with pytest.raises(ExecutorDeadError):
             ex.check_health()
         eng.abort_request("r")
+
+        # The async engine on top: the first step on the dead executor kills it -> unhealthy
+        # (the server answers /health with 503).
+        from kvflow.engine.async_engine import AsyncLLM, EngineDeadError
+        aeng = AsyncLLM(eng, log_stats=False)
+
+        async def run():
+            with pytest.raises(EngineDeadError):
+                async for _ in aeng.generate([1, 2, 3], SamplingParams(max_tokens=4), "a"):
+                    pass
+        asyncio.run(asyncio.wait_for(run(), 20))
+        assert not aeng.is_healthy()
+        aeng.shutdown(graceful=False, timeout=5)
     finally:
         eng.shutdown()
 
