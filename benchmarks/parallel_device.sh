@@ -8,6 +8,9 @@
 #                                                  #   TP=2, EP=2, EP=2 with KVFLOW_FUSED_MOE=1
 #   bash benchmarks/parallel_device.sh mixtral16   # Mixtral-8x7B full depth bf16: TP=2, EP=2
 #                                                  #   (TP=1 needs one H200: 93 GB of weights)
+#   bash benchmarks/parallel_device.sh ray         # Llama-3.1-8B fp32 TP=2 over Ray actors vs TP=1
+#                                                  #   (needs ray importable on the machine: its
+#                                                  #   ~80 MB wheel exceeds what a call can carry)
 #   bash benchmarks/parallel_device.sh bench-llama    # kvflow bench throughput, TP=1 / TP=2
 #   bash benchmarks/parallel_device.sh bench-mixtral  # kvflow bench throughput, TP=2 / EP=2
 #
@@ -86,14 +89,22 @@ case "$part" in
     run mixtral-bf16-ep2 $A --tp 2 --ep
     compare mixtral-bf16-tp1 mixtral-bf16-ep2 0.1
     ;;
+  ray)
+    python3 -c "import ray" 2>/dev/null || { echo "SKIP: ray is not installed here"; exit 0; }
+    A="--model $LLAMA --num-prompts 32 --max-tokens 64 --dtype float32"
+    run llama-fp32-tp1 $A
+    run llama-fp32-tp2-ray $A --tp 2 --backend ray
+    compare llama-fp32-tp1 llama-fp32-tp2-ray 1e-3
+    ;;
   bench-llama|bench-mixtral)
-    if [ "$part" = bench-llama ]; then M=llama3.1-8b; LAYOUTS="1: 2:"; else M=mixtral-8x7b; LAYOUTS="2: 2:--enable-expert-parallel"; fi
+    if [ "$part" = bench-llama ]; then M=$LLAMA; LAYOUTS="1: 2:"; else M=$MIXTRAL; LAYOUTS="2: 2:--enable-expert-parallel"; fi
     for l in $LAYOUTS; do
       tp=${l%%:*}; ep=${l#*:}
-      timeout 280 python3 -m kvflow.cli bench throughput --model benchmarks/configs/$M \
-        --workload decode1,throughput8k --max-model-len 4096 --dtype bfloat16 \
-        --tensor-parallel-size "$tp" $ep ${BENCH_ARGS:-} --out "$OUT/bench.jsonl" >> "$OUT/bench-$M.log" 2>&1 \
-        || { echo "BENCH FAILED: $M tp=$tp $ep"; tail -5 "$OUT/bench-$M.log"; FAILED=1; }
+      log="$OUT/bench-$(basename "$M").log"
+      timeout 280 python3 -m kvflow.cli bench throughput --model "$M" \
+        --workload "${WORKLOADS:-decode1,throughput8k}" --max-model-len 4096 --dtype bfloat16 \
+        --tensor-parallel-size "$tp" $ep ${BENCH_ARGS:-} --out "$OUT/bench.jsonl" >> "$log" 2>&1 \
+        || { echo "BENCH FAILED: $M tp=$tp $ep"; tail -5 "$log"; FAILED=1; }
     done
     grep '"record": "workload"' "$OUT/bench.jsonl" 2>/dev/null | python3 -c '
 import json, sys
@@ -102,6 +113,6 @@ for line in sys.stdin:
     print(r["model"], "tp", r.get("tensor_parallel_size"), "ep", r.get("enable_expert_parallel"),
           r["workload"], {k: v for k, v in r.items() if k.endswith(("tok_s", "_token"))})'
     ;;
-  *) echo "unknown part $part (llama, mixtral32, mixtral16, bench-llama, bench-mixtral)"; exit 2 ;;
+  *) echo "unknown part $part (llama, mixtral32, mixtral16, ray, bench-llama, bench-mixtral)"; exit 2 ;;
 esac
 exit $FAILED

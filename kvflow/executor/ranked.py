@@ -20,11 +20,14 @@ so both backends behave the same:
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from kvflow.core.sched_output import RunnerOutput, SchedulerOutput
 from kvflow.executor import ExecutorDeadError
+
+logger = logging.getLogger("kvflow")
 
 _UNKNOWN = object()
 
@@ -71,10 +74,9 @@ class RankedExecutor:
     # ------------------------------------------------------------------ death
     def _die(self, reason: str) -> ExecutorDeadError:
         """Mark the executor dead, stop every worker, return the error to raise."""
-        import logging
         if self._dead is None:
             self._dead = reason
-            logging.getLogger("kvflow").error("%s executor is dead: %s", type(self).__name__, reason)
+            logger.error("%s is dead: %s", type(self).__name__, reason)
         self.shutdown()
         return ExecutorDeadError(f"the engine's workers are dead: {self._dead}")
 
