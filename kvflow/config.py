@@ -273,14 +273,38 @@ class SchedulerConfig:
                         f"must be >= max_model_len={self.max_model_len} without chunked prefill")
 
 
+# distributed_executor_backend values: "mp" = one worker process per rank on this host (the
+# default for tensor_parallel_size > 1), "ray" = Ray actors in a placement group (several nodes),
+# "uni" = the single in-process worker (tensor_parallel_size 1 only). None picks uni or mp.
+EXECUTOR_BACKENDS = ("mp", "ray", "uni")
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
     tensor_parallel_size: int = 1
     rank: int = 0
+    # MoE experts partitioned across the tensor-parallel ranks instead of each expert being
+    # TP-sharded (kvflow/layers/moe.py). Always False for dense models (ignored with a warning).
+    enable_expert_parallel: bool = False
+    distributed_executor_backend: Optional[str] = None
 
     def __post_init__(self):
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
             raise _fail("tensor_parallel_size", f"must be an integer >= 1, got {self.tensor_parallel_size!r}")
+        b = self.distributed_executor_backend
+        if b is not None and b not in EXECUTOR_BACKENDS:
+            raise _fail("distributed_executor_backend", f"must be one of {list(EXECUTOR_BACKENDS)}, "
+                                                        f"got {b!r}")
+        if b == "uni" and self.tensor_parallel_size > 1:
+            raise _fail("distributed_executor_backend", "'uni' runs one process: it needs "
+                                                        "tensor_parallel_size=1")
+
+    @property
+    def executor_backend(self) -> str:
+        """The backend actually used: the explicit choice, else uni for one rank, mp for more."""
+        if self.distributed_executor_backend is not None:
+            return self.distributed_executor_backend
+        return "mp" if self.tensor_parallel_size > 1 else "uni"
 
 
 @dataclass(frozen=True)
@@ -324,7 +348,7 @@ def resolve_model_path(model: Optional[str]) -> tuple[str, Optional[str]]:
     return model, source
 
 
-def _check_tensor_parallel(m: ModelConfig, dev: torch.device, tp: int) -> None:
+def _check_tensor_parallel(m: ModelConfig, dev: torch.device, tp: int, backend: str) -> None:
     """Shapes must split evenly across ranks; KV heads split, or are replicated when there are
     fewer of them than ranks (then tp must be a multiple of num_key_value_heads)."""
     if m.num_attention_heads % tp:
@@ -337,9 +361,34 @@ def _check_tensor_parallel(m: ModelConfig, dev: torch.device, tp: int) -> None:
     if m.intermediate_size % tp:
         raise _fail("tensor_parallel_size", f"{tp} must divide the model's intermediate_size "
                                             f"({m.intermediate_size})")
-    if dev.type == "cuda" and tp > torch.cuda.device_count():
+    # Ray ranks may live on other nodes: there the placement group checks the GPUs.
+    if dev.type == "cuda" and backend != "ray" and tp > torch.cuda.device_count():
         raise _fail("tensor_parallel_size", f"{tp} ranks need {tp} CUDA devices, "
                                             f"{torch.cuda.device_count()} are visible")
+
+
+def model_num_experts(hf: dict) -> int:
+    """Routed experts per MoE layer (0 for a dense model). Mixtral spells it num_local_experts,
+    Qwen3-MoE num_experts."""
+    return int(hf.get("num_local_experts") or hf.get("num_experts") or 0)
+
+
+def _check_expert_parallel(m: ModelConfig, par: ParallelConfig) -> ParallelConfig:
+    """Expert parallel on a dense model is a logged no-op (as in vLLM: the flag only changes MoE
+    layers, so one launch command can serve dense and MoE models); on an MoE model every rank
+    must get at least one expert (uneven splits are fine)."""
+    if not par.enable_expert_parallel:
+        return par
+    experts = model_num_experts(m.hf_config)
+    if experts == 0:
+        logger.warning("enable_expert_parallel=True ignored: %s has no MoE layers", m.architecture)
+        return dataclasses.replace(par, enable_expert_parallel=False)
+    if experts < par.tensor_parallel_size:
+        raise _fail("enable_expert_parallel",
+                    f"{experts} experts cannot be spread over {par.tensor_parallel_size} ranks "
+                    "(every rank needs at least one); lower tensor_parallel_size or turn expert "
+                    "parallel off")
+    return par
 
 
 def create_engine_config(model: Optional[str] = None, *, tokenizer: Optional[str] = None,
@@ -352,7 +401,9 @@ def create_engine_config(model: Optional[str] = None, *, tokenizer: Optional[str
                          kv_cache_dtype: str = "auto", seed: int = 0, load_format: str = "auto",
                          enforce_eager: bool = False, tensor_parallel_size: int = 1,
                          scheduling_policy: str = "fcfs", async_scheduling: Optional[bool] = None,
-                         enable_sleep_mode: bool = False, **unknown) -> EngineConfig:
+                         enable_sleep_mode: bool = False, enable_expert_parallel: bool = False,
+                         distributed_executor_backend: Optional[str] = None,
+                         **unknown) -> EngineConfig:
     if unknown:
         raise TypeError(f"unexpected engine arguments: {sorted(unknown)}")
     if load_format not in ("auto", "safetensors", "dummy", "gguf"):
@@ -378,10 +429,14 @@ def create_engine_config(model: Optional[str] = None, *, tokenizer: Optional[str
                             policy=scheduling_policy,
                             async_scheduling=(dev.type == "cuda") if async_scheduling is None
                             else bool(async_scheduling))
-    par = ParallelConfig(tensor_parallel_size=tensor_parallel_size)
+    par = ParallelConfig(tensor_parallel_size=tensor_parallel_size,
+                         enable_expert_parallel=bool(enable_expert_parallel),
+                         distributed_executor_backend=distributed_executor_backend)
+    par = _check_expert_parallel(mcfg, par)
     if par.tensor_parallel_size > 1:
-        _check_tensor_parallel(mcfg, dev, par.tensor_parallel_size)
-        # Steps are synchronous across worker processes (see kvflow/executor/multiproc.py).
+        _check_tensor_parallel(mcfg, dev, par.tensor_parallel_size, par.executor_backend)
+    if par.executor_backend != "uni":
+        # Steps are synchronous across worker processes (see kvflow/executor/ranked.py).
         sched = dataclasses.replace(sched, async_scheduling=False)
     return EngineConfig(model=mcfg, cache=cache, scheduler=sched, parallel=par,
                         compilation=CompilationConfig(enforce_eager=bool(enforce_eager)),

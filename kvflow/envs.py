@@ -19,6 +19,13 @@ def step_trace() -> bool:
     return os.environ.get("KVFLOW_STEP_TRACE") == "1"
 
 
+def dummy_weights_mode() -> str:
+    """KVFLOW_DUMMY_WEIGHTS: value distribution of load_format="dummy" weights — "uniform"
+    (default, +-1e-3 like vLLM: speed runs) or "scaled" (fan-in scaled: a model whose greedy
+    tokens are well defined, for comparing parallel layouts). See kvflow/models/dummy.py."""
+    return os.environ.get("KVFLOW_DUMMY_WEIGHTS", "uniform")
+
+
 def fused_moe_kernel() -> bool:
     """KVFLOW_FUSED_MOE (default 1): the Triton fused-MoE kernel on CUDA; 0 forces the torch
     reference (one host sync per MoE layer, so MoE models then run without CUDA graphs)."""

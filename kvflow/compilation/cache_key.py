@@ -49,6 +49,7 @@ IGNORED: dict[str, str] = {
     "cache.kv_cache_memory": "sizes the KV cache, which is kept out of the compiled graph",
     "cache.num_blocks": "KV cache size; the cache is layer state outside the compiled graph",
     "cache.enable_sleep_mode": "frees / restores weight and KV memory between steps; same graph",
+    "parallel.distributed_executor_backend": "how worker processes are started, not what they run",
     "scheduler.enable_chunked_prefill": "changes per-step metadata only, read inside the op",
     "scheduler.long_prefill_token_threshold": "scheduling policy only",
     "scheduler.policy": "request ordering (fcfs / priority) only",
@@ -70,6 +71,7 @@ KEYED: frozenset[str] = frozenset({
     "scheduler.max_num_seqs", "scheduler.max_num_batched_tokens",  # bound capture sizes
     "scheduler.max_model_len",
     "parallel.tensor_parallel_size", "parallel.rank",
+    "parallel.enable_expert_parallel",   # expert weights' shapes and the expert-id map
     "compilation.enforce_eager",
     "device",                 # the type; the GPU model is keyed through device.* factors
 })

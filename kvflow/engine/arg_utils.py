@@ -23,6 +23,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--load-format", default="auto", help="auto, safetensors, gguf, dummy")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs, no torch.compile")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    g.add_argument("--enable-expert-parallel", action="store_true",
+                   help="MoE: partition experts across the tensor-parallel ranks instead of "
+                        "sharding every expert (ignored, with a warning, for dense models)")
+    g.add_argument("--distributed-executor-backend", default=None, choices=["mp", "ray", "uni"],
+                   help="mp: one process per rank on this host (default for -tp > 1); "
+                        "ray: Ray actors in a placement group (several nodes; pip install kvflow[ray])")
     g.add_argument("--attention-backend", default=None, help="force a backend (triton, torch)")
     g.add_argument("--skip-tokenizer-init", action="store_true")
     g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
@@ -37,7 +43,7 @@ ENGINE_ARG_NAMES = ("tokenizer", "dtype", "device", "max_model_len", "block_size
                     "gpu_memory_utilization", "kv_cache_memory", "kv_cache_dtype", "seed",
                     "load_format", "enforce_eager", "tensor_parallel_size", "attention_backend",
                     "skip_tokenizer_init", "scheduling_policy", "async_scheduling",
-                    "enable_sleep_mode")
+                    "enable_sleep_mode", "enable_expert_parallel", "distributed_executor_backend")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:

@@ -1,5 +1,6 @@
-"""Executors run the model for the engine: in-process (one device) or one worker process per
-tensor-parallel rank. Both expose plan_memory, initialize_cache, launch/resolve, execute_model,
+"""Executors run the model for the engine: in-process (one device), one worker process per
+tensor-parallel rank on this host (multiproc.py), or one Ray actor per rank (ray_executor.py,
+several nodes). All expose plan_memory, initialize_cache, launch/resolve, execute_model,
 check_health, shutdown and a `timings` dict."""
 from __future__ import annotations
 
@@ -10,7 +11,11 @@ class ExecutorDeadError(RuntimeError):
 
 
 def make_executor(config, attention_backend=None):
-    if config.parallel.tensor_parallel_size > 1:
+    backend = config.parallel.executor_backend   # validated in config.py
+    if backend == "ray":
+        from kvflow.executor.ray_executor import RayExecutor
+        return RayExecutor(config, attention_backend)
+    if backend == "mp":
         from kvflow.executor.multiproc import MultiprocExecutor
         return MultiprocExecutor(config, attention_backend)
     from kvflow.executor.uniproc import UniProcExecutor

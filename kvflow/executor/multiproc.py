@@ -4,25 +4,16 @@ Design
 ------
 - The driver (the process that owns LLMEngine and its Scheduler) starts `tensor_parallel_size`
   worker processes with the *spawn* start method (fork is unsafe once torch / CUDA / Triton
-  threads exist). Each worker joins one process group (gloo on CPU, NCCL on CUDA; rendezvous
-  over TCP on 127.0.0.1), calls `init_tp_group` -> `set_tp(rank, size, group)` BEFORE building
-  the model (layers size their shards at construction), then builds an ordinary `Worker`.
-  Rank r uses `cuda:r` on CUDA.
+  threads exist). Each runs a `RankWorker` (rank_worker.py: joins one process group — gloo on
+  CPU, NCCL on CUDA, rendezvous over TCP on 127.0.0.1 — BEFORE building the model, because
+  layers size their shards at construction, then builds an ordinary `Worker`). Rank r uses
+  `cuda:r` on CUDA. The step protocol (rank 0's tokens, synchronous steps, sleep mode) is
+  `RankedExecutor`'s (ranked.py), shared with the Ray executor.
 - Control plane: one duplex `multiprocessing.Pipe` per worker. A request is pickled ONCE and the
   same bytes are written to every pipe (SchedulerOutput is plain dataclasses, a few KiB per step).
   Each worker answers every request: rank 0 with the result (RunnerOutput, MemoryPlan), other
   ranks with a tiny ack (None). The acks cost little and let the driver know every rank finished
   the step, so a failure on one rank is never mistaken for progress.
-- Every rank runs every step in full (the collectives are inside the model's layers), including
-  sampling. Only rank 0's tokens count: the driver returns rank 0's RunnerOutput, and sends rank
-  0's sampled tokens of step N along with step N+1's SchedulerOutput; ranks > 0 overwrite their
-  host token history with them (`Worker.apply_sampled_tokens`) before running the step. Greedy and
-  seeded sampling agree on all ranks anyway; this keeps unseeded random sampling (whose global RNG
-  stream is not guaranteed equal across ranks) and penalties exact too.
-- Steps are synchronous: `launch` sends, `resolve` waits for all replies, and a second `launch`
-  before `resolve` is refused. The engine's overlapped (async) scheduling is therefore switched off
-  for tensor_parallel_size > 1 (config.py): it would schedule step N+1 before rank 0's token of
-  step N is known to the other ranks.
 - Failure model:
   * A worker process that exits (crash, OOM kill, SIGKILL) is seen through its process sentinel or
     pipe EOF while the driver waits; the executor is then dead: the remaining workers are
@@ -48,16 +39,11 @@ import multiprocessing.connection as mpc
 import os
 import pickle
 import time
-import traceback
 import weakref
-from dataclasses import dataclass, replace
 from typing import Any, Optional
 
-import torch
-
 from kvflow.config import EngineConfig
-from kvflow.core.sched_output import RunnerOutput, SchedulerOutput
-from kvflow.executor import ExecutorDeadError
+from kvflow.executor.ranked import RankedExecutor
 
 logger = logging.getLogger("kvflow")
 
@@ -69,36 +55,20 @@ _SHUTDOWN_JOIN_S = 5.0
 
 
 # ---------------------------------------------------------------------------------- worker side
-def _reply_error(conn, e: BaseException) -> None:
-    tb = traceback.format_exc()
-    try:
-        conn.send(("error", e, tb))
-    except Exception:  # noqa: BLE001 - the exception itself may not pickle
-        conn.send(("error", RuntimeError(f"{type(e).__name__}: {e}"), tb))
-
-
 def _worker_main(rank: int, size: int, config: EngineConfig, attention_backend: Optional[str],
                  init_method: str, conn) -> None:
     """Entry point of worker process `rank`: join the group, build the worker, serve requests
     until 'shutdown' or the driver goes away."""
-    from kvflow.distributed import destroy_tp_group, init_tp_group
-    from kvflow.worker.worker import Worker
+    from kvflow.executor.rank_worker import RankWorker, error_reply, rank_device
 
-    device = config.device
-    if device.type == "cuda":
-        device = torch.device("cuda", rank)
-    else:
-        # The ranks share the host's cores; oversubscribing them slows every collective.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
-    config = config.replace(device=device, parallel=replace(config.parallel, rank=rank))
     try:
         try:
-            init_tp_group(rank, size, init_method, device)
-            worker = Worker(config, attention_backend)
+            rw = RankWorker(rank, size, config, attention_backend, init_method,
+                            rank_device(config, rank, size))
         except BaseException as e:  # noqa: BLE001 - reported to the driver, then exit
-            _reply_error(conn, e)
+            conn.send(error_reply(e))
             return
-        conn.send(("ok", dict(worker.timings)))
+        conn.send(("ok", rw.timings))
         while True:
             try:
                 method, payload = pickle.loads(conn.recv_bytes())
@@ -107,32 +77,13 @@ def _worker_main(rank: int, size: int, config: EngineConfig, attention_backend: 
             if method == "shutdown":
                 return
             try:
-                if method == "execute_model":
-                    so, prev_tokens = payload
-                    if rank:
-                        worker.apply_sampled_tokens(prev_tokens)
-                    out = worker.execute_model(so)
-                    result = out if rank == 0 else None
-                elif method == "plan_memory":
-                    result = worker.plan_memory()
-                elif method == "initialize_cache":
-                    worker.initialize_cache(payload)
-                    result = dict(worker.timings)
-                elif method == "sleeper":  # sleep mode: (name, args) on the SleepManager
-                    name, args = payload
-                    attr = getattr(worker.sleeper, name)
-                    result = attr(*args) if callable(attr) else attr
-                else:
-                    raise ValueError(f"unknown worker method {method!r}")
+                result = rw.handle(method, payload)
             except Exception as e:  # noqa: BLE001 - the driver decides what it means
-                _reply_error(conn, e)
+                conn.send(error_reply(e))
                 continue
             conn.send(("ok", result))
     finally:
-        try:
-            destroy_tp_group()
-        except Exception:  # noqa: BLE001 - exiting anyway
-            pass
+        RankWorker.close()
         conn.close()
 
 
@@ -163,29 +114,16 @@ def _terminate(procs: list, conns: list) -> None:
             pass
 
 
-_UNKNOWN = object()
-
-
-@dataclass
-class _StepHandle:
-    so: SchedulerOutput
-
-
-class MultiprocExecutor:
+class MultiprocExecutor(RankedExecutor):
     def __init__(self, config: EngineConfig, attention_backend: Optional[str] = None):
         from kvflow.distributed import free_tcp_port
 
+        super().__init__()
         self.size = config.parallel.tensor_parallel_size
         ctx = mp.get_context("spawn")
         init_method = f"tcp://127.0.0.1:{free_tcp_port()}"
         self._procs: list = []
         self._conns: list = []
-        self._dead: Optional[str] = None
-        self._in_flight: Optional[_StepHandle] = None
-        # Rank 0's tokens of the last completed step, sent with the next step (module docstring).
-        self._last_sampled: dict[str, list[int]] = {}
-        self._serving_error: Any = _UNKNOWN
-        self._is_sleeping: Any = _UNKNOWN
         self._finalizer = weakref.finalize(self, _terminate, self._procs, self._conns)
         for rank in range(self.size):
             parent, child = ctx.Pipe(duplex=True)
@@ -208,19 +146,8 @@ class MultiprocExecutor:
     def pids(self) -> list[int]:
         return [p.pid for p in self._procs]
 
-    def _die(self, reason: str) -> ExecutorDeadError:
-        """Mark the executor dead, stop every worker, return the error to raise."""
-        if self._dead is None:
-            self._dead = reason
-            logger.error("tensor-parallel executor is dead: %s", reason)
-        self.shutdown()
-        return ExecutorDeadError(f"the engine's workers are dead: {self._dead}")
-
-    def _check_alive(self) -> None:
-        if self._dead is not None:
-            raise ExecutorDeadError(f"the engine's workers are dead: {self._dead}")
-        if self._finalizer.alive is False:
-            raise ExecutorDeadError("the executor was shut down")
+    def _is_shut_down(self) -> bool:
+        return not self._finalizer.alive
 
     def _broadcast(self, method: str, payload: Any) -> None:
         self._check_alive()
@@ -280,77 +207,7 @@ class MultiprocExecutor:
             raise exc
         return [results[r] for r in range(self.size)]
 
-    # ------------------------------------------------------------------ executor API
-    def plan_memory(self):
-        """Every rank plans its own memory; the smallest KV pool decides (the scheduler's block
-        ids must be valid on every rank)."""
-        self._broadcast("plan_memory", None)
-        plans = self._gather()
-        return min(plans, key=lambda p: p.num_blocks)
-
-    def initialize_cache(self, num_blocks: int) -> None:
-        self._broadcast("initialize_cache", num_blocks)
-        self.timings = self._gather()[0]
-
-    def launch(self, so: SchedulerOutput) -> _StepHandle:
-        if self._in_flight is not None:
-            raise RuntimeError("the multi-process executor runs one step at a time "
-                               "(async scheduling is off with tensor_parallel_size > 1)")
-        self._broadcast("execute_model", (so, self._last_sampled))
-        self._last_sampled = {}
-        self._in_flight = _StepHandle(so)
-        return self._in_flight
-
-    def resolve(self, handle: _StepHandle) -> RunnerOutput:
-        if handle is not self._in_flight:
-            raise RuntimeError("resolve() of a step that is not in flight")
-        self._in_flight = None
-        out: RunnerOutput = self._gather()[0]
-        self._last_sampled = {r: t for r, t in out.sampled_token_ids.items() if t}
-        return out
-
-    def execute_model(self, so: SchedulerOutput) -> RunnerOutput:
-        return self.resolve(self.launch(so))
-
-    # ------------------------------------------------------------------ sleep mode
-    # Every rank sleeps / wakes its own shard. The serving state only changes through these
-    # calls, so the driver caches rank 0's view after each (add_request asks on every request).
-    def _sleeper(self, name: str, *args) -> list:
-        self._broadcast("sleeper", (name, args))
-        results = self._gather()
-        self._refresh_sleep_state()
-        return results
-
-    def _refresh_sleep_state(self) -> None:
-        self._broadcast("sleeper", ("serving_error", ()))
-        self._serving_error = self._gather()[0]
-        self._broadcast("sleeper", ("is_sleeping", ()))
-        self._is_sleeping = bool(self._gather()[0])
-
-    def sleep(self, level: int) -> int:
-        return sum(self._sleeper("sleep", level))  # bytes freed on all ranks
-
-    def wake_up(self, tags=None) -> None:
-        self._sleeper("wake_up", tags)
-
-    def reload_weights(self, weights=None) -> int:
-        # Each rank slices its own shard out of the full tensors (their weight_loaders).
-        return self._sleeper("reload_weights", None if weights is None else list(weights))[0]
-
-    def serving_error(self):
-        if self._dead is not None:
-            return None  # not a sleep matter: the next step raises ExecutorDeadError
-        if self._serving_error is _UNKNOWN:
-            self._refresh_sleep_state()
-        return self._serving_error
-
-    def is_sleeping(self) -> bool:
-        if self._dead is not None:
-            return False
-        if self._is_sleeping is _UNKNOWN:
-            self._refresh_sleep_state()
-        return self._is_sleeping
-
+    # ------------------------------------------------------------------ liveness
     def workers_alive(self) -> bool:
         """Read-only (no shutdown, no pipe traffic): safe from a thread other than the one
         driving steps, e.g. the server's health check."""

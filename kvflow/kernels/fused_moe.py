@@ -99,21 +99,27 @@ def _down_kernel(h_ptr, w2_ptr, out_ptr, pairs_ptr, block_expert_ptr, weights_pt
 
 def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     """topk_ids [T, K] -> (sorted_pairs [P] int32, block_expert [P // block_m] int32) with
-    P = T*K + E*(block_m-1) rounded up to block_m: the worst case, so no host sync."""
+    P = T*K + E*(block_m-1) rounded up to block_m: the worst case, so no host sync.
+
+    An id equal to num_experts (expert parallel: the expert lives on another rank) gets no row:
+    such pairs are never computed, and their output rows are left for the caller to zero."""
     flat = topk_ids.reshape(-1)
     n = flat.numel()
     dev = flat.device
     p = triton.cdiv(n + num_experts * (block_m - 1), block_m) * block_m
     order = torch.argsort(flat, stable=True)                       # pair indices by expert
-    counts = torch.bincount(flat, minlength=num_experts)           # [E]
-    starts = torch.cumsum(counts, 0) - counts                      # unpadded group starts
+    counts_all = torch.bincount(flat, minlength=num_experts + 1)   # [E+1], last = remote
+    counts = counts_all[:num_experts]
+    starts = torch.cumsum(counts_all, 0) - counts_all              # unpadded group starts
     padded = (counts + block_m - 1) // block_m * block_m
     pad_end = torch.cumsum(padded, 0)                              # [E]
-    pad_start = pad_end - padded
+    pad_start = torch.cat([pad_end - padded, pad_end.new_zeros(1)])  # [E+1]
     e_sorted = flat[order]
     dest = pad_start[e_sorted] + torch.arange(n, device=dev) - starts[e_sorted]
-    sorted_pairs = torch.full((p,), n, dtype=torch.int32, device=dev)
+    dest = torch.where(e_sorted < num_experts, dest, p)            # remote -> scratch slot p
+    sorted_pairs = torch.full((p + 1,), n, dtype=torch.int32, device=dev)
     sorted_pairs[dest] = order.to(torch.int32)
+    sorted_pairs = sorted_pairs[:p]
     block_start = torch.arange(0, p, block_m, device=dev)
     # Expert e owns blocks in [pad_start[e], pad_end[e]); past the last one -> E (exit).
     block_expert = torch.searchsorted(pad_end, block_start, right=True).to(torch.int32)
@@ -135,8 +141,10 @@ def choose_config(num_pairs: int, dtype: torch.dtype) -> dict:
 
 @torch.compiler.disable  # launched eagerly from compiled graphs (a graph break), not traced
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, config: dict | None = None) -> torch.Tensor:
-    """x [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_* [T, K] -> [T, H] (x.dtype)."""
+              topk_ids: torch.Tensor, config: dict | None = None,
+              has_remote: bool = False) -> torch.Tensor:
+    """x [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_* [T, K] -> [T, H] (x.dtype).
+    has_remote: some ids may be E (expert on another rank; contributes zero)."""
     t, h = x.shape
     k = topk_ids.shape[1]
     e, two_i, _ = w13.shape
@@ -149,7 +157,8 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     pairs, block_expert = align_by_expert(topk_ids, e, block_m)
     p = pairs.numel()
     hbuf = torch.empty((p, inter), dtype=x.dtype, device=x.device)     # [P, I] padded rows
-    out = torch.empty((t * k, h), dtype=x.dtype, device=x.device)      # [T*K, H] per pair
+    # [T*K, H] per pair; remote pairs are never written, so they must start at zero.
+    out = (torch.zeros if has_remote else torch.empty)((t * k, h), dtype=x.dtype, device=x.device)
     weights = topk_weights.reshape(-1).float().contiguous()
     ieee = x.dtype == torch.float32
     nblocks = p // block_m

@@ -10,10 +10,20 @@ Qwen3-MoE `experts.{e}.gate_proj/up_proj/down_proj`), or all experts in two fuse
 name into the stacked parameter's name plus shard id `(expert_id, "w1"|"w3"|"w2")`, and the
 parameter's `weight_loader` copies the tensor into that expert's slice.
 
-Tensor parallelism shards every expert's intermediate dim I across ranks: w13 column-wise (each
-rank holds rows [r*I/tp, (r+1)*I/tp) of both gate and up), w2 row-wise, and the combined output is
-all-reduced — the same split as the dense MLP, so the router and the combine are replicated.
-Expert parallelism (whole experts per rank, all-to-all dispatch) is future work.
+Tensor parallelism (default) shards every expert's intermediate dim I across ranks: w13
+column-wise (each rank holds rows [r*I/tp, (r+1)*I/tp) of both gate and up), w2 row-wise, and the
+combined output is all-reduced — the same split as the dense MLP, so the router and the combine are
+replicated.
+
+Expert parallelism (`enable_expert_parallel=True`, see kvflow/distributed.py) instead gives each
+rank whole experts (a contiguous range, `expert_placement.py`) and keeps I unsharded. Dispatch and
+combine: every rank routes all tokens (the router is replicated, so all ranks agree on the top-k),
+maps the global expert ids to local slots (remote ones become a sentinel the kernels skip),
+computes only its own experts' weighted contributions, and one all-reduce sums them — the same
+collective, same shape, as the TP path. Its cost is an all-reduce of [T, H] per layer whatever
+the routing. The alternative, all-to-all dispatch (send each token only to the ranks owning its
+experts, then all-to-all back), moves T*K/ranks rows instead and pays off across nodes or at large
+EP sizes; it needs per-step variable-size exchanges and is not implemented.
 
 Compute: `fused_moe` — the Triton grouped GEMM on CUDA (kvflow/kernels/fused_moe.py; default,
 KVFLOW_FUSED_MOE=0 turns it off), else the torch reference `fused_moe_torch` (tokens sorted by
@@ -31,8 +41,10 @@ from torch import nn
 
 from kvflow import envs
 
-from kvflow.distributed import get_tp_rank, get_tp_size, tp_all_reduce
+from kvflow.distributed import (get_ep_rank, get_ep_size, get_moe_tp_rank, get_moe_tp_size,
+                                tp_all_reduce)
 from kvflow.layers import ops
+from kvflow.layers.expert_placement import ExpertPlacement
 from kvflow.layers.linear import ReplicatedLinear, _checked, _param
 
 try:
@@ -92,16 +104,18 @@ def fused_moe_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                     topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
     """Reference MoE: x [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_* [T, K] -> [T, H].
 
-    The T*K (token, expert) pairs are sorted by expert so each expert's rows are one contiguous
-    slice of the gathered activations; the loop is over experts that received tokens, never over
-    tokens. Outputs are weighted and scatter-added back to their tokens."""
+    topk_ids are local slots in [0, E]; E means "an expert on another rank" (expert parallel):
+    such pairs contribute nothing here. The T*K (token, expert) pairs are sorted by expert so
+    each expert's rows are one contiguous slice of the gathered activations (remote pairs sort
+    last); the loop is over experts that received tokens, never over tokens. Outputs are weighted
+    and scatter-added back to their tokens."""
     t, k = topk_ids.shape
     num_experts = w13.shape[0]
     flat_ids = topk_ids.reshape(-1)                                   # [T*K]
     order = torch.argsort(flat_ids, stable=True)                      # pairs grouped by expert
     token_of = order // k                                             # [T*K] source token
     xs = x.index_select(0, token_of)                                  # [T*K, H] sorted rows
-    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()  # one host sync
+    counts = torch.bincount(flat_ids, minlength=num_experts + 1)[:num_experts].tolist()  # 1 sync
     out = torch.empty_like(xs)
     start = 0
     for e, n in enumerate(counts):
@@ -111,9 +125,10 @@ def fused_moe_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
         h = ops.silu_and_mul(F.linear(rows, w13[e]))                  # [n, I]
         out[start:start + n] = F.linear(h, w2[e])                     # [n, H]
         start += n
-    w = topk_weights.reshape(-1).index_select(0, order)               # [T*K] float32
-    out = (out.float() * w.unsqueeze(1)).to(x.dtype)
-    return torch.zeros_like(x).index_add_(0, token_of, out)
+    # Rows [start:] are remote pairs (never written): only the local prefix is combined.
+    w = topk_weights.reshape(-1).index_select(0, order[:start])       # [local pairs] float32
+    out = (out[:start].float() * w.unsqueeze(1)).to(x.dtype)
+    return torch.zeros_like(x).index_add_(0, token_of[:start], out)
 
 
 def moe_dispatch_graph_safe() -> bool:
@@ -130,70 +145,83 @@ class GraphSafeWhenFusedMoE:
         return moe_dispatch_graph_safe()
 
 
-def fused_moe(x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
+def fused_moe(x, w13, w2, topk_weights, topk_ids, has_remote: bool = False) -> torch.Tensor:
     """Dispatch point: the Triton kernel on CUDA when enabled, else the torch reference. Both are
-    excluded from torch.compile tracing (a graph break around the experts)."""
+    excluded from torch.compile tracing (a graph break around the experts). has_remote: topk_ids
+    may hold the remote sentinel E (expert parallel)."""
     if x.is_cuda and _HAS_TRITON and envs.fused_moe_kernel():
         from kvflow.kernels.fused_moe import fused_moe as kernel
-        return kernel(x, w13, w2, topk_weights, topk_ids)
+        return kernel(x, w13, w2, topk_weights, topk_ids, has_remote=has_remote)
     return fused_moe_torch(x, w13, w2, topk_weights, topk_ids)
 
 
 class FusedMoE(nn.Module):
-    """The experts of one layer, stacked; intermediate dim sharded across TP ranks."""
+    """The experts of one layer, stacked: this rank's experts (all of them unless expert
+    parallel), each with this rank's slice of the intermediate dim (all of it under EP)."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
-        tp = get_tp_size()
-        if intermediate_size % tp:
-            raise ValueError(f"tensor_parallel_size={tp} must divide the experts' "
+        self.placement = ExpertPlacement(num_experts, get_ep_rank(), get_ep_size())
+        # Invariant: at most one of (placement.size, shard_size) exceeds 1.
+        self.shard_rank, self.shard_size = get_moe_tp_rank(), get_moe_tp_size()
+        if intermediate_size % self.shard_size:
+            raise ValueError(f"tensor_parallel_size={self.shard_size} must divide the experts' "
                              f"intermediate size ({intermediate_size})")
-        self.num_experts = num_experts
-        self.intermediate = intermediate_size // tp                   # per rank
-        self.w13 = _param((num_experts, 2 * self.intermediate, hidden_size))  # [E, 2I/tp, H]
-        self.w2 = _param((num_experts, hidden_size, self.intermediate))       # [E, H, I/tp]
+        self.num_experts = num_experts                                # global
+        local = self.placement.num_local
+        self.intermediate = intermediate_size // self.shard_size      # per rank
+        self.w13 = _param((local, 2 * self.intermediate, hidden_size))  # [E_local, 2I/tp, H]
+        self.w2 = _param((local, hidden_size, self.intermediate))       # [E_local, H, I/tp]
         self.w13.weight_loader = self.weight_loader
         self.w2.weight_loader = self.weight_loader
+        # Global router id -> local slot or the remote sentinel (identity without EP).
+        self.register_buffer("expert_map", self.placement.global_to_local(), persistent=False)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-        """shard_id = (expert id, "w1" | "w3" | "w2"); loaded is that expert's full
-        checkpoint tensor ([I, H] for w1/w3, [H, I] for w2). Or (None, "gate_up_stacked" |
-        "down_stacked"): every expert at once in HF Llama 4's fused layout (see
-        make_stacked_expert_params_mapping), transposed and split here."""
+        """shard_id = (global expert id, "w1" | "w3" | "w2"); loaded is that expert's full
+        checkpoint tensor ([I, H] for w1/w3, [H, I] for w2). Experts of other EP ranks are
+        skipped (nothing copied). Or (None, "gate_up_stacked" | "down_stacked"): every expert
+        at once in HF Llama 4's fused layout (see make_stacked_expert_params_mapping),
+        transposed and split here."""
         if not (isinstance(shard_id, tuple) and len(shard_id) == 2):
             raise ValueError(f"expert weights need an (expert id, w1/w2/w3) shard id, got {shard_id!r}")
         expert, which = shard_id
         if expert is None:
             self._load_stacked(param, loaded, which)
             return
-        if not 0 <= expert < self.num_experts:
-            raise ValueError(f"expert id {expert} out of range (model has {self.num_experts})")
-        n, start = self.intermediate, get_tp_rank() * self.intermediate
-        full_i, hidden = n * get_tp_size(), self.w2.shape[1]
+        slot = self.placement.local_slot(expert)          # raises on an out-of-range id
+        n, start = self.intermediate, self.shard_rank * self.intermediate
+        full_i, hidden = n * self.shard_size, self.w2.shape[1]
         if which in ("w1", "w3"):
             want = (full_i, hidden)
-            dst = param.data[expert].narrow(0, 0 if which == "w1" else n, n)   # [I/tp, H]
         elif which == "w2":
             want = (hidden, full_i)
-            dst = param.data[expert]                                            # [H, I/tp]
         else:
             raise ValueError(f"expert shard must be w1, w2 or w3, got {which!r}")
         # Check the whole tensor before narrowing: a transposed [I, H] would otherwise slice.
         if tuple(loaded.shape) != want:
             raise ValueError(f"shape mismatch: expert {which} expects {want}, checkpoint "
                              f"{tuple(loaded.shape)}")
+        if slot is None:
+            return   # another expert-parallel rank owns this expert
+        if which == "w2":
+            dst = param.data[slot]                                               # [H, I/tp]
+        else:
+            dst = param.data[slot].narrow(0, 0 if which == "w1" else n, n)       # [I/tp, H]
         src = loaded.narrow(0 if which != "w2" else 1, start, n)
         dst.copy_(_checked(src, dst))
 
     def _load_stacked(self, param: nn.Parameter, loaded: torch.Tensor, which: str) -> None:
         e, n = self.num_experts, self.intermediate
-        start, full_i, hidden = get_tp_rank() * n, n * get_tp_size(), self.w2.shape[1]
+        start, full_i, hidden = self.shard_rank * n, n * self.shard_size, self.w2.shape[1]
+        mine = self.placement.local                         # this rank's experts (all without EP)
         if which == "gate_up_stacked":
             want = (e, hidden, 2 * full_i)                  # [E, H, 2I]: gate | up columns
             if tuple(loaded.shape) != want:
                 raise ValueError(f"shape mismatch: experts.gate_up_proj expects {want}, "
                                  f"checkpoint {tuple(loaded.shape)}")
-            gate = loaded.narrow(2, start, n)               # [E, H, I/tp]
+            loaded = loaded[mine.start:mine.stop]           # [E_local, H, 2I]
+            gate = loaded.narrow(2, start, n)               # [E_local, H, I/tp]
             up = loaded.narrow(2, full_i + start, n)
             param.data[:, :n].copy_(gate.transpose(1, 2))   # -> [E, I/tp, H]
             param.data[:, n:].copy_(up.transpose(1, 2))
@@ -202,7 +230,8 @@ class FusedMoE(nn.Module):
             if tuple(loaded.shape) != want:
                 raise ValueError(f"shape mismatch: experts.down_proj expects {want}, "
                                  f"checkpoint {tuple(loaded.shape)}")
-            param.data.copy_(loaded.narrow(1, start, n).transpose(1, 2))   # -> [E, H, I/tp]
+            loaded = loaded[mine.start:mine.stop]           # [E_local, I, H]
+            param.data.copy_(loaded.narrow(1, start, n).transpose(1, 2))   # -> [E_local, H, I/tp]
         else:
             raise ValueError(f"stacked expert shard must be gate_up_stacked or down_stacked, "
                              f"got {which!r}")
@@ -218,8 +247,10 @@ class FusedMoE(nn.Module):
                 raise ValueError("weights_on_input MoE routing needs top_k == 1")
             x = x * topk_weights.to(x.dtype)                 # [T, H] * [T, 1], in the model dtype
             topk_weights = torch.ones_like(topk_weights)
-        # Each rank computes the partial down-projection over its slice of I; sum them.
-        return tp_all_reduce(fused_moe(x, self.w13, self.w2, topk_weights, topk_ids))
+        local_ids = self.expert_map[topk_ids]                        # [T, K] slots / sentinel
+        # Each rank computes a partial sum (its slice of I, or its experts); sum them.
+        return tp_all_reduce(fused_moe(x, self.w13, self.w2, topk_weights, local_ids,
+                                       has_remote=self.placement.is_partitioned))
 
 
 class SparseMoeBlock(nn.Module):

@@ -10,7 +10,8 @@ import glob
 import json
 import logging
 import os
-from typing import Iterable, Iterator
+import re
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -18,6 +19,7 @@ from torch import nn
 from kvflow.attention.layer import Attention
 from kvflow.config import ModelConfig
 from kvflow.layers.linear import default_weight_loader
+from kvflow.models.dummy import init_dummy_weights  # noqa: F401 - re-exported (sleep.py)
 from kvflow.models.registry import get_model_class
 
 logger = logging.getLogger("kvflow")
@@ -40,7 +42,9 @@ def _kv_scale_target(attn_layers: dict, name: str):
     return None, which
 
 
-def iterate_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
+def iterate_safetensors(model_dir: str, wanted: Callable[[str], bool] = lambda name: True
+                        ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every checkpoint tensor; names `wanted` rejects are never read."""
     from safetensors import safe_open
 
     index = os.path.join(model_dir, "model.safetensors.index.json")
@@ -56,7 +60,8 @@ def iterate_safetensors(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
     for path in files:
         with safe_open(path, framework="pt", device="cpu") as f:
             for name in f.keys():
-                yield name, f.get_tensor(name)
+                if wanted(name):
+                    yield name, f.get_tensor(name)
 
 
 def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
@@ -133,20 +138,20 @@ def load_weights(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]],
     return seen
 
 
-def init_dummy_weights(model: nn.Module, seed: int) -> None:
-    """Random weights for benchmarks: speed does not depend on values. Small uniform values
-    keep activations finite through deep stacks."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    for p in model.parameters():
-        if not p.is_floating_point():
-            continue  # quantized codes / group indices: created valid, random ones need not be
-        cpu = torch.empty(p.shape, dtype=torch.float32).uniform_(-1e-3, 1e-3, generator=gen) \
-            if p.numel() < (1 << 22) else None
-        if cpu is not None:
-            p.data.copy_(cpu)
-        else:  # large tensors: generate on the device, seeded, to keep startup fast
-            g = torch.Generator(device=p.device).manual_seed(seed + p.numel())
-            p.data.uniform_(-1e-3, 1e-3, generator=g)
+def remote_expert_filter(model: nn.Module) -> Callable[[str], bool]:
+    """With expert parallel, a checkpoint name -> False for experts another rank owns, so they
+    are not even read from disk (their weight_loader would skip them anyway)."""
+    from kvflow.layers.moe import FusedMoE
+    placement = next((m.placement for m in model.modules() if isinstance(m, FusedMoE)), None)
+    if placement is None or not placement.is_partitioned:
+        return lambda name: True
+    local = placement.local
+    expert_id = re.compile(r"\.experts\.(\d+)\.")   # the checkpoints' per-expert spelling
+
+    def wanted(name: str) -> bool:
+        m = expert_id.search(name)
+        return m is None or int(m.group(1)) in local
+    return wanted
 
 
 def build_model(cfg: ModelConfig, device: torch.device) -> nn.Module:
@@ -161,5 +166,5 @@ def build_model(cfg: ModelConfig, device: torch.device) -> nn.Module:
     if cfg.load_format == "dummy":
         init_dummy_weights(model, cfg.seed)
     else:
-        load_weights(model, iterate_safetensors(cfg.model))
+        load_weights(model, iterate_safetensors(cfg.model, remote_expert_filter(model)))
     return model.eval()
