@@ -8,23 +8,27 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from kvflow.attention.backend import AttentionMetadata
+from kvflow.kv_transfer.base import NULL_WORKER_CONNECTOR
 
 
 @dataclass
 class ForwardContext:
     attn_metadata: Optional[AttentionMetadata]
+    # The worker's KV connector: attention layers call its per-layer hooks (null by default).
+    kv_connector: Any = NULL_WORKER_CONNECTOR
 
 
 _current: Optional[ForwardContext] = None
 
 
 @contextmanager
-def set_forward_context(attn_metadata: Optional[AttentionMetadata]) -> Iterator[ForwardContext]:
+def set_forward_context(attn_metadata: Optional[AttentionMetadata],
+                        kv_connector: Any = NULL_WORKER_CONNECTOR) -> Iterator[ForwardContext]:
     global _current
-    prev, _current = _current, ForwardContext(attn_metadata)
+    prev, _current = _current, ForwardContext(attn_metadata, kv_connector)
     try:
         yield _current
     finally:
