@@ -343,6 +343,10 @@ class AsyncLLM:
             self._cond.notify_all()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=max(5.0, timeout))
+            if not self._thread.is_alive():
+                # The engine thread is gone: stop what outlives it (a KV transfer server's
+                # socket and thread, tensor-parallel workers).
+                self.engine.shutdown()
 
     # ------------------------------------------------------------------ engine thread
     def _has_work(self) -> bool:  # under _cond, engine thread

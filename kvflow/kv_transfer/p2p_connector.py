@@ -196,6 +196,8 @@ class P2PWorkerConnector:
         self._result = KVTransferResult()
         self._loads_in_flight = 0
         self._pool: Optional[ThreadPoolExecutor] = None
+        # Counters for logs and tests (read without the lock: approximate is fine).
+        self.stats = {"sent": 0, "expired": 0, "released": 0, "loaded": 0, "load_failed": 0}
 
     def register_kv_caches(self, kv_caches: list, layout) -> None:
         self.kv_caches, self.layout = kv_caches, layout
@@ -237,6 +239,7 @@ class P2PWorkerConnector:
             if self._held.pop(rid, None) is None:
                 return False  # not registered yet: start_load_kv drops it on arrival
             self._result.finished_sending.add(rid)
+            self.stats["released"] += 1
         self._event.set()
         return True
 
@@ -245,6 +248,7 @@ class P2PWorkerConnector:
             self._claimed.discard(rid)
             self._gone[rid] = f"request {rid!r} was already sent"
             self._result.finished_sending.add(rid)
+            self.stats["sent"] += 1
         self._event.set()
 
     def _expire(self) -> None:
@@ -255,6 +259,7 @@ class P2PWorkerConnector:
                 self._gone[rid] = f"request {rid!r} expired: not pulled within " \
                                   f"{self.cfg.hold_timeout_s:g} s"
                 self._result.finished_sending.add(rid)
+                self.stats["expired"] += 1
                 logger.warning("KV transfer: %s was not pulled within %g s; blocks freed",
                                rid, self.cfg.hold_timeout_s)
             while len(self._gone) > 4096:  # bounded memory of old ids
@@ -276,11 +281,13 @@ class P2PWorkerConnector:
                 torch.cuda.synchronize(self.device)
             with self._lock:
                 self._result.finished_recving.add(spec.req_id)
+                self.stats["loaded"] += 1
         except Exception as e:  # noqa: BLE001 - every failure goes to the failure policy
             logger.warning("KV transfer: loading %s from %s:%s failed: %s: %s", spec.req_id,
                            p.get("remote_host"), p.get("remote_port"), type(e).__name__, e)
             with self._lock:
                 self._result.failed_recving[spec.req_id] = f"KV transfer failed: {e}"
+                self.stats["load_failed"] += 1
         finally:
             with self._lock:
                 self._loads_in_flight -= 1
