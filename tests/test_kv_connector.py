@@ -302,3 +302,37 @@ def test_abort_while_loading_frees_blocks_after_the_load(model_dir):
     finally:
         prod.shutdown()
         cons.shutdown()
+
+
+# ---------------------------------------------------------------------------- NCCL (gloo on CPU)
+def test_nccl_transport_logic_over_gloo(model_dir, reference):
+    """The GPU-to-GPU transport's protocol (pair groups, device-side checksums) on CPU: gloo
+    stands in for NCCL. The 2-GPU run is benchmarks/disagg_device.sh."""
+    prod = engine(model_dir, producer_cfg(transport="nccl"))
+    cons = engine(model_dir, consumer_cfg(transport="nccl"), block_size=32)
+    try:
+        for i, p in enumerate(PROMPTS[:3]):
+            params = prefill(prod, f"p{i}", p)
+            assert params["transport"] == "nccl"
+            out = run(cons, f"d{i}", p, 8, params, others=[prod])
+            assert out.error is None and out.outputs[0].token_ids == reference[i]
+        assert cons.executor.worker.runner.kv_connector.stats["loaded"] == 3
+        drain(prod, cons)
+    finally:
+        prod.shutdown()
+        cons.shutdown()
+
+
+def test_device_checksum_detects_a_flipped_byte():
+    import torch
+    from kvflow.kv_transfer.nccl_transport import device_checksum
+    t = torch.randint(0, 256, (4099,), dtype=torch.uint8)
+    base = device_checksum(t)
+    assert device_checksum(t.clone()) == base
+    for i in (0, 1, 2048, 4098):
+        u = t.clone()
+        u[i] ^= 0x01
+        assert device_checksum(u) != base
+    swapped = t.clone()
+    swapped[[0, 4]] = swapped[[4, 0]]
+    assert t[0] == t[4] or device_checksum(swapped) != base  # order matters

@@ -212,7 +212,7 @@ class P2PWorkerConnector:
         if self.cfg.transport == "nccl":
             from kvflow.kv_transfer.nccl_transport import NCCLKVServer
             return NCCLKVServer(self.cfg, self.layout, self.kv_caches, self._claim, self._release,
-                                self.device)
+                                self.device, self._drop)
         from kvflow.kv_transfer.tcp_transport import TCPKVServer
         return TCPKVServer(self.cfg.host, self.cfg.port, self.layout, self.kv_caches,
                            self._claim, self._release, self._drop)
@@ -272,7 +272,7 @@ class P2PWorkerConnector:
             deadline = time.monotonic() + self.cfg.timeout_s
             t = self._transport().fetch(p["remote_host"], p["remote_port"],
                                         p["remote_request_id"], spec.num_tokens, deadline,
-                                        self.layout)
+                                        self.layout, device=self.device)
             from kvflow.kv_transfer import wire
             wire.scatter_blocks(self.kv_caches, spec.block_ids, t.payload, t.layout, self.layout,
                                 num_tokens=spec.num_tokens)

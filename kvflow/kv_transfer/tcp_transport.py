@@ -56,11 +56,15 @@ class TCPKVServer:
     guarantees that claimed blocks are not freed until `release` is called for them."""
 
     def __init__(self, host: str, port: int, layout: KVLayout, kv_caches: Sequence[torch.Tensor],
-                 claim: Claim, release: Callable[[str], None], drop: Callable[[str], bool]):
+                 claim: Claim, release: Callable[[str], None], drop: Callable[[str], bool],
+                 extra_ops: Optional[dict] = None):
         zmq = _zmq()
         self.layout = layout
         self.kv_caches = kv_caches
         self._claim, self._release, self._drop = claim, release, drop
+        # op -> handler(msg) -> (reply frames, action run after the reply is sent or None):
+        # how the NCCL transport adds its ops to this control channel.
+        self._extra_ops = dict(extra_ops or {})
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -82,13 +86,21 @@ class TCPKVServer:
                     return
                 raise
             ident, body = frames[0], frames[-1]
+            after = None
             try:
-                reply = self._handle(json.loads(body))
+                msg = json.loads(body)
+                handler = self._extra_ops.get(msg.get("op"))
+                reply, after = handler(msg) if handler else (self._handle(msg), None)
             except Exception as e:  # noqa: BLE001 - a bad message fails that pull only
                 logger.exception("KV server: request failed")
                 reply = [{"ok": False, "retry": False, "error": f"{type(e).__name__}: {e}"}]
             head = json.dumps(reply[0]).encode()
             self._sock.send_multipart([ident, head, *reply[1:]], copy=False)
+            if after is not None:
+                try:
+                    after()
+                except Exception:  # noqa: BLE001 - the consumer sees it as a failed transfer
+                    logger.exception("KV server: post-reply action failed")
 
     def _handle(self, msg: dict) -> list:
         op = msg.get("op")
@@ -140,9 +152,10 @@ def release(host: str, port: int, remote_request_id: str, deadline: float) -> No
 
 
 def fetch(host: str, port: int, remote_request_id: str, num_tokens: int, deadline: float,
-          receiver: KVLayout) -> wire.KVTransfer:
+          receiver: KVLayout, device=None) -> wire.KVTransfer:
     """Handshake, then pull the first `num_tokens` tokens of a producer's finished request.
-    Returns the decoded, checksum-verified transfer (compatibility already checked)."""
+    Returns the decoded, checksum-verified transfer (compatibility already checked). The
+    payload arrives in host memory whatever `device` (the scatter copies it over)."""
     zmq = _zmq()
     where = f"{host}:{port}"
     ctx = zmq.Context.instance()
