@@ -336,3 +336,37 @@ def test_device_checksum_detects_a_flipped_byte():
     swapped = t.clone()
     swapped[[0, 4]] = swapped[[4, 0]]
     assert t[0] == t[4] or device_checksum(swapped) != base  # order matters
+
+
+@pytest.mark.parametrize("policy", ["recompute", "fail"])
+def test_prompt_mismatch_is_caught(model_dir, reference, policy):
+    prod = engine(model_dir, producer_cfg())
+    cons = engine(model_dir, consumer_cfg(failure_policy=policy))
+    try:
+        params = prefill(prod, "p", PROMPTS[1])   # the producer computed another prompt
+        if policy == "fail":
+            with pytest.raises(ValueError, match="remote_prompt_hash"):
+                run(cons, "d", PROMPTS[0], 8, params)
+        else:
+            out = run(cons, "d", PROMPTS[0], 8, params, others=[prod])
+            assert out.outputs[0].token_ids == reference[0]
+        drain(cons)
+    finally:
+        prod.shutdown()
+        cons.shutdown()
+
+
+def test_local_prefix_hit_releases_the_producer_blocks(model_dir, reference):
+    prod = engine(model_dir, producer_cfg())
+    cons = engine(model_dir, consumer_cfg())
+    try:
+        p = PROMPTS[1]                                  # 17 tokens: 16 are one full block
+        run(cons, "warm", p, 8)                         # the consumer has the block cached
+        params = prefill(prod, "p", p)
+        out = run(cons, "d", p, 8, params, others=[prod])
+        assert out.outputs[0].token_ids == reference[1]
+        drain(prod, cons)                               # freed long before hold_timeout_s
+        assert prod.executor.worker.runner.kv_connector.stats["released"] == 1
+    finally:
+        prod.shutdown()
+        cons.shutdown()

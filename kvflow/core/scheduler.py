@@ -168,13 +168,17 @@ class Scheduler:
             else:
                 self.waiting.remove(req)
             req.status = status
-            self._free(req)
+            # Finished from outside the step: its last output is already out, so nobody would
+            # receive kv_transfer_params. Never hold its blocks for a transfer.
+            self._free(req, may_hold=False)
             done.append(req)
         return done
 
-    def _free(self, req: Request) -> None:
-        hold, req.kv_transfer_params_out = self.connector.request_finished(
-            req, self.kv.get_block_ids(req.request_id))
+    def _free(self, req: Request, may_hold: bool = True) -> None:
+        hold = False
+        if may_hold:
+            hold, req.kv_transfer_params_out = self.connector.request_finished(
+                req, self.kv.get_block_ids(req.request_id))
         if hold:
             self.sending[req.request_id] = req  # freed when the worker reports it sent
         else:

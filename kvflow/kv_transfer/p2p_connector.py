@@ -109,9 +109,17 @@ class P2PSchedulerConnector:
 
     # ------------------------------------------------------------------ consumer
     def check_request(self, request) -> None:
-        validate_params(request.kv_transfer_params, is_producer=self.cfg.is_producer,
-                        is_consumer=self.cfg.is_consumer, transport=self.cfg.transport,
-                        n=request.sampling_params.n)
+        p = request.kv_transfer_params
+        validate_params(p, is_producer=self.cfg.is_producer, is_consumer=self.cfg.is_consumer,
+                        transport=self.cfg.transport, n=request.sampling_params.n)
+        if p and p.get("do_remote_prefill") and \
+                p["remote_prompt_hash"] != prompt_hash(request.prompt_token_ids):
+            # The proxy sent another prompt to the producer: its KV is not this prompt's.
+            if self.failure_policy == "fail":
+                raise _bad("remote_prompt_hash: the producer computed another prompt")
+            logger.warning("KV transfer: %s: the producer computed another prompt; computing "
+                           "it here", request.request_id)
+            request.kv_transfer_params = {**p, "do_remote_prefill": False}
 
     def get_num_new_matched_tokens(self, request, num_local_tokens: int) -> int:
         p = request.kv_transfer_params
@@ -119,10 +127,6 @@ class P2PSchedulerConnector:
             return 0
         # One attempt per request, whatever happens next (failure, preemption).
         request.kv_transfer_params = {**p, "do_remote_prefill": False}
-        if p["remote_prompt_hash"] != prompt_hash(request.prompt_token_ids):
-            request.kv_transfer_error = ("kv_transfer_params: the producer computed another "
-                                         "prompt (remote_prompt_hash differs)")
-            return -1
         # The last prompt token is always computed here (its logits give the first token).
         n = min(p["remote_num_tokens"], request.num_prompt_tokens - 1) - num_local_tokens
         if n <= 0:
@@ -300,6 +304,7 @@ class P2PWorkerConnector:
                 for s in meta.saves:
                     if s.req_id in self._gone:  # released before it was registered
                         self._result.finished_sending.add(s.req_id)
+                        self.stats["released"] += 1
                     else:
                         self._held[s.req_id] = s
         for spec in meta.loads:
