@@ -213,6 +213,14 @@ def test_prefill_instance_dies_after_answering(chat_model_dir, colocated, policy
             with pytest.raises(openai.APIStatusError) as e:
                 client.completions.create(temperature=0.0, **kw)
             assert e.value.status_code >= 500 and "KV transfer failed" in str(e.value)
+            # Streamed: the error arrives in-band before any token.
+            r2 = httpx.post(c.servers[1].url + "/v1/completions", timeout=30, json={
+                                "model": MODEL, "prompt": prompt, "max_tokens": 12,
+                                "stream": True, "kv_transfer_params": params})
+            events = [json.loads(line[5:]) for line in r2.text.splitlines()
+                      if line.startswith("data:") and line.strip() != "data: [DONE]"]
+            assert "error" in events[-1] and "KV transfer failed" in events[-1]["error"]["message"]
+            assert not any(ch.get("text") for ev in events for ch in ev.get("choices", []))
         wait_clean(c.cons)
     finally:
         c.servers = c.servers[1:]
