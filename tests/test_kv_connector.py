@@ -127,6 +127,14 @@ def test_cli_flag_reaches_engine_config(model_dir):
                              kv_transfer_config=producer_cfg())
 
 
+def test_llm_accepts_kv_transfer_config(model_dir, make_llm):
+    llm = make_llm(model_dir, kv_transfer_config={"role": "consumer", "failure_policy": "fail"})
+    kt = llm.llm_engine.config.kv_transfer
+    assert (kt.connector, kt.role, kt.failure_policy) == ("p2p", "consumer", "fail")
+    out = llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 3
+
+
 def test_params_without_connector_are_rejected(model_dir):
     eng = engine(model_dir)
     try:

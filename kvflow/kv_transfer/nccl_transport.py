@@ -46,6 +46,16 @@ _CHUNK = 1 << 22
 def device_checksum(t: torch.Tensor) -> int:
     """Weighted sum of a flat uint8 tensor's 32-bit words (wrapping int64 arithmetic, so the
     result does not depend on reduction order), computed where the tensor lives."""
+    return int(_checksum_tensor(t))
+
+
+def layer_checksums(buf: torch.Tensor, per_layer: int, num_layers: int) -> list[int]:
+    """device_checksum of each layer's slice, with one device-to-host copy for all of them."""
+    return torch.stack([_checksum_tensor(buf[i * per_layer:(i + 1) * per_layer])
+                        for i in range(num_layers)]).tolist()
+
+
+def _checksum_tensor(t: torch.Tensor) -> torch.Tensor:
     if t.numel() % 4:
         t = torch.cat([t, t.new_zeros(4 - t.numel() % 4)])
     words = t.view(torch.int32)
@@ -54,7 +64,7 @@ def device_checksum(t: torch.Tensor) -> int:
         seg = words[s:s + _CHUNK].to(torch.int64)
         w = torch.arange(s + 1, s + 1 + seg.numel(), dtype=torch.int64, device=t.device)
         total += (seg * w).sum()
-    return int(total)
+    return total
 
 
 def _make_group(store, rank: int, device: torch.device, timeout_s: float):
@@ -115,8 +125,7 @@ class NCCLKVServer:
         finally:
             self._release(rid)  # gathered into a copy: the blocks may be freed
         per = self.layout.layer_nbytes(n)
-        sums = [device_checksum(payload[i * per:(i + 1) * per])
-                for i in range(self.layout.num_layers)]
+        sums = layer_checksums(payload, per, self.layout.num_layers)
 
         def send():
             try:
@@ -196,8 +205,9 @@ def fetch(host: str, port: int, remote_request_id: str, num_tokens: int, deadlin
         except Exception as e:
             _PAIRS.groups.pop((host, port), None)
             raise KVTransferError(f"NCCL receive from {where} failed: {e}") from e
+        got = layer_checksums(buf, per, sender.num_layers)
         for i, want in enumerate(reply["checksums"]):
-            if device_checksum(buf[i * per:(i + 1) * per]) != want:
+            if got[i] != want:
                 raise KVTransferError(f"corrupt layer {i}: device checksum mismatch")
         return _Received(sender, num_tokens, buf)
     finally:
