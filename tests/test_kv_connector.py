@@ -378,3 +378,25 @@ def test_local_prefix_hit_releases_the_producer_blocks(model_dir, reference):
     finally:
         prod.shutdown()
         cons.shutdown()
+
+
+def test_forward_context_is_per_thread():
+    """Two engines in one process (a prefill and a decode server) run forwards on their own
+    threads at once: neither may see the other's attention metadata."""
+    from kvflow.forward_context import get_forward_context, set_forward_context
+    inside, release, seen = threading.Event(), threading.Event(), []
+
+    def other():
+        with set_forward_context("B"):
+            inside.set()
+            release.wait(5)
+            seen.append(get_forward_context().attn_metadata)
+
+    with set_forward_context("A"):
+        t = threading.Thread(target=other)
+        t.start()
+        inside.wait(5)
+        seen.append(get_forward_context().attn_metadata)   # while B's context is open
+        release.set()
+        t.join(5)
+    assert seen == ["A", "B"]

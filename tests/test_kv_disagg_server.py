@@ -155,6 +155,26 @@ def test_proxy_output_equals_colocated(cluster, colocated, kind, stream):
     wait_clean(cluster.prod, cluster.cons)
 
 
+def test_concurrent_requests_through_the_proxy(cluster, colocated):
+    """Prefills overlap decodes (two engines stepping at once in this process): still the
+    colocated tokens for every request."""
+    import asyncio
+    prompts = [f"{p} {i} " + "lorem ipsum " * 40 for i in range(3) for p in PROMPTS[:3]]
+    want = [completion(colocated.client(), p, False) for p in prompts]
+
+    async def go():
+        client = openai.AsyncOpenAI(base_url=cluster.proxy.url + "/v1", api_key="x",
+                                    max_retries=0, timeout=120)
+
+        async def one(p):
+            r = await client.completions.create(model=MODEL, prompt=p, max_tokens=12, **GREEDY)
+            return r.choices[0].text, r.choices[0].finish_reason
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+    assert asyncio.run(go()) == want
+    wait_clean(cluster.prod, cluster.cons)
+
+
 def test_prefill_answer_carries_transfer_params(cluster):
     r = httpx.post(cluster.servers[0].url + "/v1/completions", timeout=30, json={
         "model": MODEL, "prompt": PROMPTS[1], "max_tokens": 1,
