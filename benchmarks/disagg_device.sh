@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/disagg_device.sh                  # Llama-3.1-8B shape, dummy weights
 #   MODEL=benchmarks/configs/qwen3-0.6b bash benchmarks/disagg_device.sh
+#   ISOLATE=1 bash benchmarks/disagg_device.sh        # CUDA_VISIBLE_DEVICES=N per process
 #
 # Runs, one after the other (each server on its own GPU, see CUDA_VISIBLE_DEVICES):
 #   colocated     one `kvflow serve` on GPU 0
@@ -37,10 +38,18 @@ wait_up() {  # url, seconds
   done
   echo "not healthy: $1"; return 1
 }
+# Both processes see both GPUs by default (--device cuda:N), so NCCL can use its direct
+# GPU-to-GPU (P2P/NVLink) path; ISOLATE=1 gives each process only its GPU instead (NCCL then
+# may fall back to copies through host shared memory).
 serve() {  # gpu port log [extra args...]
   local gpu=$1 port=$2 log=$3; shift 3
-  CUDA_VISIBLE_DEVICES=$gpu python3 -m kvflow.cli serve "$MODEL" "${COMMON[@]}" --port "$port" "$@" \
-    >"$OUT/$log.log" 2>&1 &
+  if [ "${ISOLATE:-0}" = 1 ]; then
+    CUDA_VISIBLE_DEVICES=$gpu python3 -m kvflow.cli serve "$MODEL" "${COMMON[@]}" --port "$port" "$@" \
+      >"$OUT/$log.log" 2>&1 &
+  else
+    CUDA_VISIBLE_DEVICES=0,1 python3 -m kvflow.cli serve "$MODEL" "${COMMON[@]}" --device "cuda:$gpu" \
+      --port "$port" "$@" >"$OUT/$log.log" 2>&1 &
+  fi
   PIDS+=($!)
 }
 bench() {  # url label [reference]

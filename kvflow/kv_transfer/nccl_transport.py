@@ -100,8 +100,13 @@ class NCCLKVServer:
                                    {"nccl_connect": self._connect, "pull_nccl": self._pull})
         self.port = self.control.port
 
+    def _on_device(self) -> None:
+        if self.device.type == "cuda":  # the control thread's current device, for NCCL
+            torch.cuda.set_device(self.device)
+
     def _connect(self, msg: dict):
         pair = str(msg.get("pair"))
+        self._on_device()
 
         def build():  # after the reply: the consumer builds its side concurrently
             from torch.distributed import PrefixStore
@@ -111,6 +116,7 @@ class NCCLKVServer:
 
     def _pull(self, msg: dict):
         pair, rid, n = str(msg.get("pair")), str(msg.get("request_id")), msg.get("num_tokens")
+        self._on_device()
         group = self._groups.get(pair)
         if group is None:
             return [{"ok": False, "retry": False, "error": f"no NCCL pair {pair!r}"}], None

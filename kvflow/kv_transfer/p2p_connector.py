@@ -273,6 +273,9 @@ class P2PWorkerConnector:
     def _load(self, spec: LoadSpec) -> None:
         p = spec.params
         try:
+            if self.device.type == "cuda":  # this thread's current device (NCCL, allocations)
+                import torch
+                torch.cuda.set_device(self.device)
             deadline = time.monotonic() + self.cfg.timeout_s
             t = self._transport().fetch(p["remote_host"], p["remote_port"],
                                         p["remote_request_id"], spec.num_tokens, deadline,
