@@ -125,18 +125,19 @@ class P2PSchedulerConnector:
         p = request.kv_transfer_params
         if not p or not p.get("do_remote_prefill"):
             return 0
-        # One attempt per request, whatever happens next (failure, preemption).
-        request.kv_transfer_params = {**p, "do_remote_prefill": False}
         # The last prompt token is always computed here (its logits give the first token).
         n = min(p["remote_num_tokens"], request.num_prompt_tokens - 1) - num_local_tokens
         if n <= 0:
+            request.kv_transfer_params = {**p, "do_remote_prefill": False}
             self._releases.append(dict(p))
             return 0
-        return n
+        return n  # asked again if the blocks cannot be allocated now
 
     def update_state_after_alloc(self, request, block_ids: list[int], num_local_tokens: int,
                                  num_external_tokens: int) -> None:
         p = request.kv_transfer_params
+        # One attempt per request, whatever happens next (failure, preemption).
+        request.kv_transfer_params = {**p, "do_remote_prefill": False}
         total = num_local_tokens + num_external_tokens
         # Whole blocks are transferred from the request's first token (wire.py): the local
         # prefix-hit blocks are rewritten with identical values, which is harmless.
