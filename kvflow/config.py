@@ -312,6 +312,110 @@ class CompilationConfig:
     enforce_eager: bool = False
 
 
+# ---------------------------------------------------------------------------------- KV transfer
+KV_CONNECTORS = ("null", "p2p")
+KV_ROLES = {"producer": "producer", "consumer": "consumer", "both": "both",
+            # vLLM's spellings, so configs written for it read the same here.
+            "kv_producer": "producer", "kv_consumer": "consumer", "kv_both": "both"}
+KV_TRANSPORTS = ("tcp", "nccl")
+KV_FAILURE_POLICIES = ("recompute", "fail")
+
+
+@dataclass(frozen=True)
+class KVTransferConfig:
+    """Disaggregated prefill/decode (docs/disaggregation.md). Validated once, here.
+
+    connector  "null" (default: no transfer) or "p2p" (a consumer pulls a finished prefill's
+               KV blocks from the producer that computed them).
+    role       producer (prefill instance: computes prompts, keeps their blocks until pulled),
+               consumer (decode instance: pulls KV instead of prefilling), or both.
+    transport  "tcp" (pyzmq; CPU or GPU caches, copied through host memory) or "nccl" (GPU to
+               GPU; gloo on CPU so it is testable without GPUs).
+    failure_policy  what a consumer does when a transfer fails (timeout, producer gone, corrupt
+               or incompatible KV): "recompute" the prompt locally, or "fail" the request.
+    timeout_s  a consumer's deadline for one whole transfer (handshake + payload).
+    hold_timeout_s  how long a producer keeps a finished prefill's blocks waiting for a pull.
+    host/port  where a producer listens for pulls (port 0: any free port); advertise_host is the
+               address written into kv_transfer_params (default: host, or this machine's name
+               when host is a wildcard).
+    nccl_port  nccl transport: base TCP port of the NCCL rendezvous stores.
+    """
+    connector: str = "null"
+    role: str = "both"
+    transport: str = "tcp"
+    failure_policy: str = "recompute"
+    timeout_s: float = 30.0
+    hold_timeout_s: float = 120.0
+    host: str = "127.0.0.1"
+    port: int = 0
+    advertise_host: Optional[str] = None
+    nccl_port: int = 0
+
+    def __post_init__(self):
+        f = "kv_transfer_config"
+        if self.connector not in KV_CONNECTORS:
+            raise _fail(f"{f}.connector", f"must be one of {list(KV_CONNECTORS)}, got {self.connector!r}")
+        if self.role not in KV_ROLES:
+            raise _fail(f"{f}.role", f"must be one of producer, consumer, both; got {self.role!r}")
+        object.__setattr__(self, "role", KV_ROLES[self.role])
+        if self.transport not in KV_TRANSPORTS:
+            raise _fail(f"{f}.transport", f"must be one of {list(KV_TRANSPORTS)}, got {self.transport!r}")
+        if self.failure_policy not in KV_FAILURE_POLICIES:
+            raise _fail(f"{f}.failure_policy", f"must be one of {list(KV_FAILURE_POLICIES)}, "
+                                               f"got {self.failure_policy!r}")
+        for name in ("timeout_s", "hold_timeout_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise _fail(f"{f}.{name}", f"must be a number of seconds > 0, got {v!r}")
+            object.__setattr__(self, name, float(v))
+        for name in ("port", "nccl_port"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 65536:
+                raise _fail(f"{f}.{name}", f"must be a TCP port in [0, 65535], got {v!r}")
+        if not isinstance(self.host, str) or not self.host:
+            raise _fail(f"{f}.host", f"must be a host name or address, got {self.host!r}")
+
+    @property
+    def is_enabled(self) -> bool:
+        return self.connector != "null"
+
+    @property
+    def is_producer(self) -> bool:
+        return self.is_enabled and self.role in ("producer", "both")
+
+    @property
+    def is_consumer(self) -> bool:
+        return self.is_enabled and self.role in ("consumer", "both")
+
+    @classmethod
+    def parse(cls, value: Any) -> "KVTransferConfig":
+        """From a KVTransferConfig, a dict, or a JSON object string (the CLI form). Unknown
+        keys are errors naming them: a misspelt key must not silently fall back to a default."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as e:
+                raise _fail("kv_transfer_config", f"not valid JSON ({e})") from None
+        if not isinstance(value, dict):
+            raise _fail("kv_transfer_config", f"must be a JSON object, got {type(value).__name__}")
+        value = dict(value)
+        # vLLM's key names are accepted as aliases.
+        for alias, key in (("kv_connector", "connector"), ("kv_role", "role")):
+            if alias in value:
+                value.setdefault(key, value.pop(alias))
+        known = {fl.name for fl in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise _fail("kv_transfer_config", f"unknown keys {unknown}; known: {sorted(known)}")
+        if "connector" not in value and "role" in value:
+            value["connector"] = "p2p"  # a role without a connector means the default transfer
+        return cls(**value)
+
+
 # ---------------------------------------------------------------------------------- engine
 @dataclass(frozen=True)
 class EngineConfig:
@@ -321,6 +425,7 @@ class EngineConfig:
     parallel: ParallelConfig
     compilation: CompilationConfig
     device: torch.device
+    kv_transfer: KVTransferConfig = field(default_factory=KVTransferConfig)
     # Whether max_model_len was given by the user (else the memory plan may shrink it).
     max_model_len_explicit: bool = False
 
@@ -403,6 +508,7 @@ def create_engine_config(model: Optional[str] = None, *, tokenizer: Optional[str
                          scheduling_policy: str = "fcfs", async_scheduling: Optional[bool] = None,
                          enable_sleep_mode: bool = False, enable_expert_parallel: bool = False,
                          distributed_executor_backend: Optional[str] = None,
+                         kv_transfer_config: Any = None,
                          **unknown) -> EngineConfig:
     if unknown:
         raise TypeError(f"unexpected engine arguments: {sorted(unknown)}")
@@ -438,6 +544,16 @@ def create_engine_config(model: Optional[str] = None, *, tokenizer: Optional[str
     if par.executor_backend != "uni":
         # Steps are synchronous across worker processes (see kvflow/executor/ranked.py).
         sched = dataclasses.replace(sched, async_scheduling=False)
+    kv_transfer = KVTransferConfig.parse(kv_transfer_config)
+    if kv_transfer.is_enabled and par.tensor_parallel_size > 1:
+        raise _fail("kv_transfer_config", "KV transfer with tensor_parallel_size > 1 is not "
+                                          "supported yet (docs/disaggregation.md)")
+    if kv_transfer.is_enabled and cache.enable_sleep_mode:
+        raise _fail("kv_transfer_config", "KV transfer together with enable_sleep_mode is not "
+                                          "supported (sleep would free blocks being transferred)")
+    if kv_transfer.transport == "nccl" and kv_transfer.is_enabled and dev.type != "cuda":
+        logger.warning("kv_transfer_config.transport 'nccl' on %s: using gloo instead", dev)
     return EngineConfig(model=mcfg, cache=cache, scheduler=sched, parallel=par,
                         compilation=CompilationConfig(enforce_eager=bool(enforce_eager)),
-                        device=dev, max_model_len_explicit=max_model_len is not None)
+                        device=dev, max_model_len_explicit=max_model_len is not None,
+                        kv_transfer=kv_transfer)

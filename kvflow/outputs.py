@@ -49,3 +49,5 @@ class RequestOutput:
     # Set when the request failed (e.g. prompt too long); finish_reason is then "error".
     error: Optional[str] = None
     metrics: dict = field(default_factory=dict)
+    # Disaggregated prefill: where a decode instance pulls this request's KV from (producer).
+    kv_transfer_params: Optional[dict] = None

@@ -18,15 +18,18 @@ class RequestStatus(enum.IntEnum):
     WAITING = 0
     RUNNING = 1
     PREEMPTED = 2
-    # Finished states are > PREEMPTED.
-    FINISHED_STOPPED = 3
-    FINISHED_LENGTH = 4
-    FINISHED_ABORTED = 5
-    FINISHED_ERROR = 6
+    # Admitted, blocks allocated, its prompt's KV is being loaded from another instance
+    # (disaggregated prefill, kvflow/kv_transfer); scheduled once the load has finished.
+    WAITING_FOR_REMOTE_KV = 3
+    # Finished states are > WAITING_FOR_REMOTE_KV.
+    FINISHED_STOPPED = 4
+    FINISHED_LENGTH = 5
+    FINISHED_ABORTED = 6
+    FINISHED_ERROR = 7
 
     @property
     def finished(self) -> bool:
-        return self > RequestStatus.PREEMPTED
+        return self > RequestStatus.WAITING_FOR_REMOTE_KV
 
     @property
     def finish_reason(self) -> Optional[str]:
@@ -43,12 +46,17 @@ _FINISH_REASON = {
 
 class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], sampling_params: SamplingParams,
-                 max_model_len: int, arrival_time: Optional[float] = None, priority: int = 0):
+                 max_model_len: int, arrival_time: Optional[float] = None, priority: int = 0,
+                 kv_transfer_params: Optional[dict] = None):
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
         self.arrival_time = time.time() if arrival_time is None else arrival_time
         self.priority = priority
+        # Disaggregated prefill/decode (kvflow/kv_transfer/p2p_connector.py): what the client
+        # asked for, and what the producer returns once the request finished.
+        self.kv_transfer_params = kv_transfer_params
+        self.kv_transfer_params_out: Optional[dict] = None
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
 

@@ -79,12 +79,17 @@ class Attention(nn.Module):
         return self.forward_eager(q, k, v)
 
     def forward_eager(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        md = get_forward_context().metadata(self.attn_kind)
+        ctx = get_forward_context()
+        md = ctx.metadata(self.attn_kind)
         t = q.shape[0]
+        # KV connector hooks (kvflow/kv_transfer/base.py): no-ops unless a layer-pipelined
+        # connector is configured.
+        ctx.kv_connector.wait_for_layer_load(self.layer_name)
         out = self.impl.forward(q.view(t, self.num_heads, self.head_dim),
                                 k.view(t, self.num_kv_heads, self.head_dim),
                                 v.view(t, self.num_kv_heads, self.head_dim),
                                 self.kv_cache, md, self.k_scale, self.v_scale)
+        ctx.kv_connector.save_kv_layer(self.layer_name, self.kv_cache, md)
         return out.view(t, self.num_heads * self.head_dim)
 
 

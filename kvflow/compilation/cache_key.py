@@ -55,6 +55,18 @@ IGNORED: dict[str, str] = {
     "scheduler.policy": "request ordering (fcfs / priority) only",
     "scheduler.async_scheduling": "overlaps host scheduling with device steps; same forward",
     "max_model_len_explicit": "only decides whether the memory plan may shrink max_model_len",
+    # KV transfer moves blocks between steps, outside the forward; the connector's per-layer
+    # hooks are called by eager code around the attention op, never traced.
+    "kv_transfer.connector": "KV transfer happens outside the compiled forward",
+    "kv_transfer.role": "KV transfer happens outside the compiled forward",
+    "kv_transfer.transport": "KV transfer happens outside the compiled forward",
+    "kv_transfer.failure_policy": "scheduler policy only",
+    "kv_transfer.timeout_s": "transfer deadline, host side only",
+    "kv_transfer.hold_timeout_s": "host-side block lifetime only",
+    "kv_transfer.host": "network address only",
+    "kv_transfer.port": "network address only",
+    "kv_transfer.advertise_host": "network address only",
+    "kv_transfer.nccl_port": "network address only",
 }
 
 # Field paths reviewed and keyed (documentation plus the completeness test's reference).
@@ -101,6 +113,7 @@ IGNORED_ENV: dict[str, str] = {
 # Top-level kvflow entries that are never traced into the model forward; every other source
 # file (present or future) enters the source hash.
 _UNTRACED_SOURCES = frozenset({"server", "engine", "core", "metrics", "bench", "executor",
+                               "kv_transfer",
                                "cli.py", "cli_cache.py", "llm.py", "outputs.py", "request.py"})
 
 

@@ -64,10 +64,13 @@ class KVCacheManager:
         return hits, len(hits) * self.block_size
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
-                       new_computed_blocks: list[KVCacheBlock] = ()) -> list[KVCacheBlock] | None:
+                       new_computed_blocks: list[KVCacheBlock] = (),
+                       cache: bool = True) -> list[KVCacheBlock] | None:
         """Make room for `num_new_tokens` more tokens of `request` after its computed ones
         (plus `new_computed_blocks`, prefix hits being adopted now). Returns the newly allocated
-        blocks, or None (nothing changed) when the pool cannot supply them."""
+        blocks, or None (nothing changed) when the pool cannot supply them. cache=False: do not
+        register the blocks in the prefix cache yet (their KV is loaded from elsewhere and may
+        never arrive; a later allocation registers them)."""
         rid = request.request_id
         blocks = self.req_to_blocks.get(rid)
         if blocks is not None and not new_computed_blocks:
@@ -92,7 +95,7 @@ class KVCacheManager:
         blocks.extend(new_computed_blocks)
         new_blocks = self.pool.get_new_blocks(max(need, 0))
         blocks.extend(new_blocks)
-        if self.enable_caching:
+        if self.enable_caching and cache:
             self._cache_full_blocks(request, blocks, total)
         return new_blocks
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from kvflow.kv_transfer.base import (EMPTY_METADATA, NO_RESULT, KVConnectorMetadata,
+                                     KVTransferResult)
 from kvflow.sampling_params import SamplingParams
 
 
@@ -41,6 +43,8 @@ class SchedulerOutput:
     total_num_scheduled_tokens: int
     # Requests whose runner state must be dropped (finished, aborted or preempted).
     finished_req_ids: set[str] = field(default_factory=set)
+    # KV transfers the worker must start (disaggregated prefill/decode; empty otherwise).
+    kv_connector_metadata: KVConnectorMetadata = EMPTY_METADATA
 
     @property
     def is_empty(self) -> bool:
@@ -65,6 +69,8 @@ class RunnerOutput:
     prompt_logprobs: dict[str, LogprobsLists] = field(default_factory=dict)
     # req_id -> error message when this request failed inside the runner.
     errors: dict[str, str] = field(default_factory=dict)
+    # KV transfers that ended since the previous step (the worker connector's report).
+    kv_transfers: KVTransferResult = NO_RESULT
 
 
 @dataclass
@@ -78,3 +84,5 @@ class EngineCoreOutput:
     prompt_logprobs: Optional[LogprobsLists] = None
     num_cached_tokens: int = 0
     error: Optional[str] = None
+    # A producer's answer for disaggregated decode (where the consumer pulls the KV from).
+    kv_transfer_params: Optional[dict] = None

@@ -9,6 +9,15 @@ it is recomputed later from the prefix cache and its token history (preemption b
 Fairness: running requests are served in admission order before any waiting one is admitted, and
 a preempted request goes back to the front of the waiting queue, so nothing starves.
 
+Disaggregated prefill/decode (kvflow/kv_transfer): the scheduler always holds a connector (the
+null one by default). On a consumer, a waiting request whose prompt KV can be pulled from a
+producer gets its blocks allocated and waits in `loading` (WAITING_FOR_REMOTE_KV) until the
+worker reports the load; it then re-enters the waiting queue with those tokens computed, or, if
+the load failed, either prefills locally ("recompute") or fails ("fail"). On a producer, a
+finished request's blocks may be kept in `sending` until the worker reports them pulled.
+Blocks of a load are never freed while the worker may still write them (an abort during a load
+frees them when the load's report arrives).
+
 Policies: "fcfs" (default) orders by arrival; "priority" orders waiting and running requests by
 (priority, arrival) — lower value first, as vLLM — so the lowest-priority running request is the
 one preempted and the highest-priority waiting one is admitted first.
@@ -23,6 +32,7 @@ from dataclasses import dataclass
 from typing import Iterable, Optional
 
 from kvflow.core.kv_cache_manager import KVCacheManager
+from kvflow.kv_transfer.base import KVTransferResult, NullSchedulerConnector
 from kvflow.core.sched_output import (CachedRequestData, EngineCoreOutput, NewRequestData,
                                       RunnerOutput, SchedulerOutput)
 from kvflow.request import Request, RequestStatus
@@ -95,7 +105,7 @@ class Scheduler:
     def __init__(self, *, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
                  num_blocks: int, block_size: int, enable_prefix_caching: bool,
                  enable_chunked_prefill: bool = True, long_prefill_token_threshold: int = 0,
-                 policy: str = "fcfs"):
+                 policy: str = "fcfs", connector=None):
         if policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling_policy: must be 'fcfs' or 'priority', got {policy!r}")
         self.policy = policy
@@ -112,6 +122,9 @@ class Scheduler:
         # Requests the runner should forget at the next step.
         self._finished_for_runner: set[str] = set()
         self.num_preemptions = 0
+        self.connector = connector if connector is not None else NullSchedulerConnector()
+        self.loading: dict[str, Request] = {}   # waiting for remote KV (blocks allocated)
+        self.sending: dict[str, Request] = {}   # finished; blocks kept until pulled
 
     # ------------------------------------------------------------------ requests
     def check_request(self, request: Request) -> None:
@@ -128,6 +141,7 @@ class Scheduler:
         if request.priority != 0 and self.policy != "priority":
             raise SamplingParamError("priority", "priority: request priorities need "
                                                  "scheduling_policy='priority'")
+        self.connector.check_request(request)
 
     def add_request(self, request: Request) -> None:
         self.check_request(request)
@@ -142,22 +156,40 @@ class Scheduler:
             req = self.requests.get(rid)
             if req is None or req.is_finished:
                 continue
+            if req.status == RequestStatus.WAITING_FOR_REMOTE_KV:
+                # The worker may still be writing its blocks: they are freed when the load's
+                # report arrives (_update_transfers), not now.
+                req.status = status
+                del self.requests[rid]
+                done.append(req)
+                continue
             if req.status == RequestStatus.RUNNING:
                 self.running.remove(req)
             else:
                 self.waiting.remove(req)
             req.status = status
-            self._free(req)
+            # Finished from outside the step: its last output is already out, so nobody would
+            # receive kv_transfer_params. Never hold its blocks for a transfer.
+            self._free(req, may_hold=False)
             done.append(req)
         return done
 
-    def _free(self, req: Request) -> None:
-        self.kv.free(req)
+    def _free(self, req: Request, may_hold: bool = True) -> None:
+        hold = False
+        if may_hold:
+            hold, req.kv_transfer_params_out = self.connector.request_finished(
+                req, self.kv.get_block_ids(req.request_id))
+        if hold:
+            self.sending[req.request_id] = req  # freed when the worker reports it sent
+        else:
+            self.kv.free(req)
         self._finished_for_runner.add(req.request_id)
         del self.requests[req.request_id]
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.waiting or self.running)
+        # Loads and held sends keep the engine stepping: their reports arrive through steps.
+        return bool(self.waiting or self.running or self.loading or self.sending) or \
+            self.connector.has_pending_work()
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.waiting) + len(self.running)
@@ -224,7 +256,16 @@ class Scheduler:
             req = self.waiting.peek()
             if req.num_output_placeholders:
                 break  # preempted with a token still in flight: resume once it has arrived
-            hits, num_hit = self.kv.get_computed_blocks(req)
+            if req.num_computed_tokens:
+                # Its KV was loaded from a producer: the blocks are already its own.
+                hits, num_hit = [], req.num_computed_tokens
+            else:
+                hits, num_hit = self.kv.get_computed_blocks(req)
+                num_remote = self.connector.get_num_new_matched_tokens(req, num_hit)
+                if num_remote:
+                    if not self._start_load(req, hits, num_hit, num_remote):
+                        break
+                    continue
             num_new = req.num_tokens - num_hit
             if not self.enable_chunked_prefill and num_new > budget:
                 break
@@ -248,7 +289,8 @@ class Scheduler:
 
         out = SchedulerOutput(new_reqs=new, cached_reqs=cached, num_scheduled_tokens=num_scheduled,
                               total_num_scheduled_tokens=self.max_num_batched_tokens - budget,
-                              finished_req_ids=self._finished_for_runner)
+                              finished_req_ids=self._finished_for_runner,
+                              kv_connector_metadata=self.connector.build_connector_meta())
         self._finished_for_runner = set()
         # The runner computes these tokens in this step; advance now so the next schedule()
         # (possibly before update_from_output, in an overlapped loop) sees them as computed.
@@ -260,9 +302,63 @@ class Scheduler:
                 req.num_output_placeholders += 1
         return out
 
+    # ------------------------------------------------------------------ KV transfer
+    def _start_load(self, req: Request, hits: list, num_hit: int, num_remote: int) -> bool:
+        """Allocate blocks for the remote tokens and park the request until they are loaded.
+        False (nothing changed) when the pool cannot supply them now."""
+        # Not registered in the prefix cache until the bytes are there (cache=False).
+        if self.kv.allocate_slots(req, num_remote, hits, cache=False) is None:
+            return False
+        self.waiting.pop()
+        req.status = RequestStatus.WAITING_FOR_REMOTE_KV
+        req.num_computed_tokens = num_hit
+        if req.num_cached_tokens < 0:
+            req.num_cached_tokens = num_hit
+        if req.first_scheduled_time is None:
+            req.first_scheduled_time = time.time()
+        self.loading[req.request_id] = req
+        self.connector.update_state_after_alloc(req, self.kv.get_block_ids(req.request_id),
+                                                num_hit, num_remote)
+        return True
+
+    def _update_transfers(self, kt: KVTransferResult) -> list[EngineCoreOutput]:
+        results = []
+        for rid in kt.finished_sending:
+            req = self.sending.pop(rid, None)
+            if req is not None:
+                self.kv.free(req)
+        for rid in kt.finished_recving:
+            req = self.loading.pop(rid, None)
+            num_remote = self.connector.load_finished(rid)
+            if req is None:
+                continue
+            if req.is_finished:  # aborted while loading
+                self.kv.free(req)
+                continue
+            req.num_computed_tokens += num_remote
+            req.status = RequestStatus.WAITING
+            self.waiting.add_preempted(req)  # it was admitted already: first in line
+        for rid, why in kt.failed_recving.items():
+            req = self.loading.pop(rid, None)
+            self.connector.load_finished(rid)
+            if req is None:
+                continue
+            self.kv.free(req)
+            if req.is_finished:
+                continue
+            if self.connector.failure_policy == "fail":
+                req.status = RequestStatus.FINISHED_ERROR
+                del self.requests[rid]
+                results.append(EngineCoreOutput(rid, [], "error", error=why))
+            else:  # recompute: an ordinary request from here on
+                req.num_computed_tokens = 0
+                req.status = RequestStatus.WAITING
+                self.waiting.add_preempted(req)
+        return results
+
     # ------------------------------------------------------------------ update
     def update_from_output(self, sched: SchedulerOutput, out: RunnerOutput) -> list[EngineCoreOutput]:
-        results = []
+        results = self._update_transfers(out.kv_transfers) if not out.kv_transfers.empty else []
         for rid in sched.num_scheduled_tokens:
             req = self.requests.get(rid)
             if req is None or req.is_finished:
@@ -298,6 +394,7 @@ class Scheduler:
                 else:  # preempted while its last token was in flight
                     self.waiting.remove(req)
                 self._free(req)
+                results[-1].kv_transfer_params = req.kv_transfer_params_out
         return results
 
     def _check_stop(self, req: Request, tok: int) -> bool:

@@ -36,6 +36,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="overlap host scheduling with device execution (default: on for CUDA)")
     g.add_argument("--enable-sleep-mode", action="store_true",
                    help="allow sleep/wake_up (server: POST /sleep, POST /wake_up, GET /is_sleeping)")
+    g.add_argument("--kv-transfer-config", default=None,
+                   help='disaggregated prefill/decode, as JSON: \'{"connector": "p2p", "role": '
+                        '"producer|consumer|both", "transport": "tcp|nccl", "failure_policy": '
+                        '"recompute|fail", ...}\' (docs/disaggregation.md)')
 
 
 ENGINE_ARG_NAMES = ("tokenizer", "dtype", "device", "max_model_len", "block_size", "max_num_seqs",
@@ -43,7 +47,8 @@ ENGINE_ARG_NAMES = ("tokenizer", "dtype", "device", "max_model_len", "block_size
                     "gpu_memory_utilization", "kv_cache_memory", "kv_cache_dtype", "seed",
                     "load_format", "enforce_eager", "tensor_parallel_size", "attention_backend",
                     "skip_tokenizer_init", "scheduling_policy", "async_scheduling",
-                    "enable_sleep_mode", "enable_expert_parallel", "distributed_executor_backend")
+                    "enable_sleep_mode", "enable_expert_parallel", "distributed_executor_backend",
+                    "kv_transfer_config")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:

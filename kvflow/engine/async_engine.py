@@ -138,6 +138,7 @@ def merge_deltas(a: RequestOutput, b: RequestOutput) -> RequestOutput:
             prev.finish_reason, prev.stop_reason = c.finish_reason, c.stop_reason
     a.outputs = [by_index[i] for i in sorted(by_index)]
     a.prompt_logprobs = a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs
+    a.kv_transfer_params = b.kv_transfer_params or a.kv_transfer_params
     a.finished = b.finished
     a.error = b.error or a.error
     a.num_cached_tokens = b.num_cached_tokens
@@ -218,14 +219,16 @@ class AsyncLLM:
                           params: Optional[SamplingParams] = None, *,
                           prompt_token_ids: Optional[list[int]] = None,
                           prompt_text: Optional[str] = None, priority: int = 0,
-                          max_queued: Optional[int] = None) -> RequestStream:
+                          max_queued: Optional[int] = None,
+                          kv_transfer_params: Optional[dict] = None) -> RequestStream:
         """Submit and wait until the engine thread accepted the request; returns its stream.
 
         Raises SamplingParamError/ValueError (bad input), EngineOverloadedError (more than
         `max_queued` requests waiting), EngineShutdownError or EngineDeadError."""
         stream = RequestStream(request_id, self, asyncio.get_running_loop())
         kwargs = dict(prompt=prompt, params=params, prompt_token_ids=prompt_token_ids,
-                      prompt_text=prompt_text, priority=priority, arrival_time=time.time())
+                      prompt_text=prompt_text, priority=priority, arrival_time=time.time(),
+                      kv_transfer_params=kv_transfer_params)
         with self._cond:
             self._check_accepting()
             if request_id in self._streams:
@@ -340,6 +343,10 @@ class AsyncLLM:
             self._cond.notify_all()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=max(5.0, timeout))
+            if not self._thread.is_alive():
+                # The engine thread is gone: stop what outlives it (a KV transfer server's
+                # socket and thread, tensor-parallel workers).
+                self.engine.shutdown()
 
     # ------------------------------------------------------------------ engine thread
     def _has_work(self) -> bool:  # under _cond, engine thread
@@ -387,7 +394,8 @@ class AsyncLLM:
                                         arrival_time=kw["arrival_time"], priority=kw["priority"],
                                         output_kind=OutputKind.DELTA,
                                         prompt_token_ids=kw["prompt_token_ids"],
-                                        prompt_text=kw["prompt_text"])
+                                        prompt_text=kw["prompt_text"],
+                                        kv_transfer_params=kw["kv_transfer_params"])
             except _CoreSleepingError as e:
                 self._forget(rid)
                 deliveries.append((stream, EngineAsleepError(str(e))))

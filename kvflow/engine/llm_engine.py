@@ -18,6 +18,7 @@ from kvflow.core.scheduler import Scheduler
 from kvflow.engine.output_processor import OutputKind, OutputProcessor
 from kvflow.engine.tokenizer import load_tokenizer
 from kvflow.executor import ExecutorDeadError, make_executor
+from kvflow.kv_transfer.base import make_scheduler_connector
 from kvflow.outputs import RequestOutput
 from kvflow.request import Request, RequestStatus
 from kvflow.sampling_params import SamplingParams, SamplingParamError
@@ -34,9 +35,24 @@ class EngineSleepingError(RuntimeError):
     reload_weights() has not restored them."""
 
 
+def _bind_kv_transfer_port(config: EngineConfig) -> EngineConfig:
+    """A producer with port 0 gets a free port now: the scheduler half writes it into
+    kv_transfer_params and the worker half listens on it, so both must agree before either
+    starts."""
+    kt = config.kv_transfer
+    if not kt.is_producer or kt.port:
+        return config
+    import socket
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((kt.host if kt.host not in ("*", "::") else "0.0.0.0", 0))
+        port = s.getsockname()[1]
+    return config.replace(kv_transfer=replace(kt, port=port))
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig, attention_backend: Optional[str] = None):
         t0 = time.perf_counter()
+        config = _bind_kv_transfer_port(config)
         self.tokenizer = load_tokenizer(config.model.tokenizer) if config.model.tokenizer else None
         # One process, or one worker process per tensor-parallel rank.
         self.executor = make_executor(config, attention_backend)
@@ -55,7 +71,8 @@ class LLMEngine:
             max_model_len=config.model.max_model_len, num_blocks=plan.num_blocks,
             block_size=cc.block_size, enable_prefix_caching=cc.enable_prefix_caching,
             enable_chunked_prefill=sc.enable_chunked_prefill,
-            long_prefill_token_threshold=sc.long_prefill_token_threshold, policy=sc.policy)
+            long_prefill_token_threshold=sc.long_prefill_token_threshold, policy=sc.policy,
+            connector=make_scheduler_connector(config))
         self.output_processor = OutputProcessor(self.tokenizer)
         self.memory_plan = plan
         eos = set(config.model.eos_token_ids)
@@ -134,7 +151,8 @@ class LLMEngine:
     def add_request(self, request_id: Optional[str], prompt: PromptType,
                     params: Optional[SamplingParams] = None, *, arrival_time: Optional[float] = None,
                     priority: int = 0, output_kind: OutputKind = OutputKind.CUMULATIVE,
-                    prompt_token_ids: Optional[list[int]] = None, prompt_text: Optional[str] = None) -> str:
+                    prompt_token_ids: Optional[list[int]] = None, prompt_text: Optional[str] = None,
+                    kv_transfer_params: Optional[dict] = None) -> str:
         """Validate and enqueue. Raises ValueError (the request is not added) on bad input,
         EngineSleepingError while the engine cannot serve (sleep mode)."""
         sleeping = self.executor.serving_error()
@@ -159,7 +177,8 @@ class LLMEngine:
                 child.seed = None if params.seed is None else params.seed + i
             cid = request_id if params.n == 1 else f"{i}_{request_id}"
             requests.append(Request(cid, prompt_token_ids, child, self.max_model_len,
-                                    arrival_time=arrival_time, priority=priority))
+                                    arrival_time=arrival_time, priority=priority,
+                                    kv_transfer_params=kv_transfer_params))
         for req in requests:  # validate everything before any state changes
             self.scheduler.check_request(req)
         self.output_processor.add_request(request_id, prompt_text, prompt_token_ids,
@@ -212,8 +231,12 @@ class LLMEngine:
         else:
             outputs = self._complete(*self._pending) if self._pending is not None else []
             # An empty step has nothing in flight (e.g. every running request waits for its
-            # last token); pending it would keep the loop alive forever.
-            self._pending = (so, handle) if not so.is_empty else None
+            # last token); pending it would keep the loop alive forever. It is applied now:
+            # it may carry KV transfer reports.
+            if so.is_empty:
+                outputs += self._complete(so, handle)
+            else:
+                self._pending = (so, handle)
         if trace:
             # (requests, tokens, schedule s, launch + complete s)
             self.step_trace.append((len(so.num_scheduled_tokens), so.total_num_scheduled_tokens,
@@ -270,6 +293,7 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         """Stop the executor's worker processes (if any). Idempotent."""
+        self.scheduler.connector.shutdown()
         self.executor.shutdown()
 
     def workers_alive(self) -> bool:

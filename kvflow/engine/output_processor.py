@@ -48,6 +48,7 @@ class _Parent:
     prompt_logprobs: Optional[list] = None
     prompt_logprobs_sent: bool = False
     error: Optional[str] = None
+    kv_transfer_params: Optional[dict] = None
     metrics: dict = field(default_factory=dict)
 
     @property
@@ -99,6 +100,8 @@ class OutputProcessor:
                 parent.prompt_logprobs.extend(self._format_logprobs(eo.prompt_logprobs))
             if eo.error:
                 parent.error = eo.error
+            if eo.kv_transfer_params is not None:
+                parent.kv_transfer_params = eo.kv_transfer_params
             if eo.new_token_ids:
                 child.token_ids.extend(eo.new_token_ids)
                 if eo.logprobs is not None and child.logprobs is not None:
@@ -194,4 +197,4 @@ class OutputProcessor:
                              prompt_token_ids=parent.prompt_token_ids, outputs=completions,
                              finished=finished or force, prompt_logprobs=prompt_lps,
                              num_cached_tokens=parent.num_cached_tokens, error=parent.error,
-                             metrics=parent.metrics)
+                             metrics=parent.metrics, kv_transfer_params=parent.kv_transfer_params)

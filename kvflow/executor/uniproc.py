@@ -49,4 +49,4 @@ class UniProcExecutor:
         pass
 
     def shutdown(self) -> None:
-        pass
+        self.worker.runner.kv_connector.shutdown()

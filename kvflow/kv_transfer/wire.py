@@ -134,6 +134,18 @@ def gather_blocks(kv_caches: Sequence[torch.Tensor], block_ids: Sequence[int], n
     """The payload for the first `num_tokens` tokens of a request whose KV lives in `block_ids`
     (its block table), from one rank's caches in `layout`. Layer i's bytes are
     layout.cache_shape(len(block_ids)) in layout.axis_order; slots past num_tokens are zero."""
+    return b"".join(_tensor_bytes(t) for t in _gather(kv_caches, block_ids, num_tokens, layout))
+
+
+def gather_blocks_tensor(kv_caches: Sequence[torch.Tensor], block_ids: Sequence[int],
+                         num_tokens: int, layout: KVLayout) -> torch.Tensor:
+    """gather_blocks' payload as one flat uint8 tensor on the caches' device (GPU-to-GPU
+    transports send it without a trip through host memory)."""
+    return torch.cat([t.contiguous().reshape(-1).view(torch.uint8)
+                      for t in _gather(kv_caches, block_ids, num_tokens, layout)])
+
+
+def _gather(kv_caches, block_ids, num_tokens, layout) -> list[torch.Tensor]:
     if not isinstance(num_tokens, int) or num_tokens < 1:
         raise KVWireError(f"num_tokens: must be an integer >= 1, got {num_tokens!r}")
     nb = layout.num_blocks_for(num_tokens)
@@ -145,8 +157,8 @@ def gather_blocks(kv_caches: Sequence[torch.Tensor], block_ids: Sequence[int], n
         g = _to_canonical(cache, layout).index_select(1, idx)   # (2, nb, bs, H_rank, D), a copy
         if tail < layout.block_size:
             g[:, -1, tail:] = 0
-        parts.append(_tensor_bytes(_from_canonical(g, layout)))
-    return b"".join(parts)
+        parts.append(_from_canonical(g, layout))
+    return parts
 
 
 def _head_overlap(sender: KVLayout, receiver: KVLayout) -> tuple[int, int]:
@@ -174,7 +186,9 @@ def scatter_blocks(kv_caches: Sequence[torch.Tensor], block_ids: Sequence[int],
     s_lo, r_lo = sender_layout.head_range[0], receiver_layout.head_range[0]
     per_layer = sender_layout.layer_nbytes(num_tokens)
     expected = per_layer * sender_layout.num_layers
-    mv = memoryview(payload).cast("B")
+    # A payload is host bytes, or a flat uint8 tensor (possibly on a GPU: gather_blocks_tensor).
+    as_tensor = isinstance(payload, torch.Tensor)
+    mv = payload.reshape(-1) if as_tensor else memoryview(payload).cast("B")
     if len(mv) != expected:
         raise KVWireError(f"payload: {len(mv)} bytes, the sender layout and num_tokens="
                           f"{num_tokens} imply {expected} ({sender_layout.num_layers} layers x "
@@ -191,7 +205,8 @@ def scatter_blocks(kv_caches: Sequence[torch.Tensor], block_ids: Sequence[int],
         # frombuffer on read-only bytes warns; the source tensor is only ever read.
         warnings.simplefilter("ignore", UserWarning)
         for i, cache in enumerate(kv_caches):
-            raw = torch.frombuffer(mv, dtype=torch.uint8, offset=i * per_layer, count=per_layer)
+            raw = (mv[i * per_layer:(i + 1) * per_layer] if as_tensor else
+                   torch.frombuffer(mv, dtype=torch.uint8, offset=i * per_layer, count=per_layer))
             src = _to_canonical(raw.view(sender_layout.torch_dtype).view(src_shape), sender_layout)
             # (2, nb_s, bs_s, Hs, D) -> token-major (2, T, heads lo..hi, D): block size gone.
             tok = src.reshape(2, nb_s * sender_layout.block_size, *src.shape[3:])

@@ -53,6 +53,9 @@ class _SamplingRequest(_Request):
     include_stop_str_in_output: Optional[bool] = False
     skip_special_tokens: Optional[bool] = True
     spaces_between_special_tokens: Optional[bool] = True
+    # Disaggregated prefill/decode (docs/disaggregation.md), as vLLM: {"do_remote_decode":
+    # true} to a prefill instance; what it answered, to a decode instance.
+    kv_transfer_params: Optional[dict[str, Any]] = None
 
     def check_stream_options(self) -> None:
         if self.stream_options is not None and not self.stream:

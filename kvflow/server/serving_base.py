@@ -177,22 +177,29 @@ class OpenAIServing:
 
     # ------------------------------------------------------------------ submission
     async def submit(self, request_id: str, ids: list[int], text: Optional[str],
-                     params: SamplingParams, priority: int) -> RequestStream:
+                     params: SamplingParams, priority: int,
+                     kv_transfer_params: Optional[dict] = None) -> RequestStream:
         try:
             return await self.engine.add_request(
                 request_id, {"prompt_token_ids": ids}, params, prompt_token_ids=ids,
-                prompt_text=text, priority=priority, max_queued=self.max_queued_requests)
+                prompt_text=text, priority=priority, max_queued=self.max_queued_requests,
+                kv_transfer_params=kv_transfer_params)
         except Exception as e:  # noqa: BLE001
             raise engine_error(e) from e
 
     async def submit_all(self, base_id: str, prompts: list[tuple[Optional[str], list[int]]],
-                         params: SamplingParams, priority: int) -> list[RequestStream]:
+                         params: SamplingParams, priority: int,
+                         kv_transfer_params: Optional[dict] = None) -> list[RequestStream]:
         """One engine request per prompt; all or nothing (a failure aborts the ones added)."""
+        if kv_transfer_params is not None and len(prompts) != 1:
+            raise bad_request("kv_transfer_params: supported with a single prompt only",
+                              "kv_transfer_params")
         streams: list[RequestStream] = []
         try:
             for i, (text, ids) in enumerate(prompts):
                 rid = base_id if len(prompts) == 1 else f"{base_id}-{i}"
-                streams.append(await self.submit(rid, ids, text, params, priority))
+                streams.append(await self.submit(rid, ids, text, params, priority,
+                                                 kv_transfer_params))
         except BaseException:
             for s in streams:
                 s.cancel()

@@ -39,7 +39,8 @@ class ChatServing(OpenAIServing):
         if req.echo and conversation and conversation[-1]["role"] == _ROLE:
             echo = conversation[-1]["content"]
         rid = random_id("chatcmpl")
-        streams = await self.submit_all(rid, [(text, ids)], params, req.priority or 0)
+        streams = await self.submit_all(rid, [(text, ids)], params, req.priority or 0,
+                                        req.kv_transfer_params)
         ctx = _Ctx(rid, model, req, params.n, len(ids), echo, streams[0])
         if req.stream:
             return EventStreamResponse(self._stream(ctx), on_close=ctx.stream.cancel)
@@ -52,8 +53,12 @@ class ChatServing(OpenAIServing):
     async def _full(self, ctx: "_Ctx") -> ChatCompletionResponse:
         choices = [ChoiceState() for _ in range(ctx.n)]
 
+        kv_params = {}
+
         def fold(_: int, out) -> None:
             ctx.cached_tokens = out.num_cached_tokens
+            if out.kv_transfer_params is not None:  # non-standard, as vLLM
+                kv_params["kv_transfer_params"] = out.kv_transfer_params
             for c in out.outputs:
                 choices[c.index].add(c)
 
@@ -64,7 +69,7 @@ class ChatServing(OpenAIServing):
                        finish_reason=st.finish_reason, stop_reason=st.stop_reason)
             for k, st in enumerate(choices)]
         return ChatCompletionResponse(id=ctx.rid, model=ctx.model, created=ctx.created,
-                                      choices=out_choices, usage=ctx.usage(choices))
+                                      choices=out_choices, usage=ctx.usage(choices), **kv_params)
 
     # ------------------------------------------------------------------ streaming
     async def _stream(self, ctx: "_Ctx") -> AsyncIterator[str]:

@@ -47,7 +47,7 @@ class CompletionServing(OpenAIServing):
             prompts.append(prompt)
         rid = random_id("cmpl")
         streams = await self.submit_all(rid, [(p.text, p.ids) for p in prompts], params,
-                                        req.priority or 0)
+                                        req.priority or 0, req.kv_transfer_params)
         ctx = _Ctx(rid, model, req, params.n, prompts, streams)
         if req.stream:
             return EventStreamResponse(self._stream(ctx), on_close=ctx.cancel)
@@ -71,14 +71,18 @@ class CompletionServing(OpenAIServing):
             out_choices.append(CompletionChoice(index=k, text=text, logprobs=lps,
                                                 finish_reason=st.finish_reason,
                                                 stop_reason=st.stop_reason))
+        extra = {} if ctx.kv_transfer_params is None else {
+            "kv_transfer_params": ctx.kv_transfer_params}  # non-standard, as vLLM
         return CompletionResponse(id=ctx.rid, model=ctx.model, choices=out_choices,
-                                  created=ctx.created, usage=ctx.usage(choices))
+                                  created=ctx.created, usage=ctx.usage(choices), **extra)
 
     @staticmethod
     def _fold(ctx: "_Ctx", i: int, out, choices: list[ChoiceState]) -> list[tuple[int, object]]:
         """Apply one output of prompt i; returns [(choice index, delta)] that changed."""
         prompt = ctx.prompts[i]
         prompt.cached_tokens = out.num_cached_tokens
+        if out.kv_transfer_params is not None:
+            ctx.kv_transfer_params = out.kv_transfer_params
         if out.prompt_logprobs is not None:
             prompt.prompt_logprobs = out.prompt_logprobs
         changed = []
@@ -175,6 +179,7 @@ class _Ctx:
         self.rid, self.model, self.req, self.n = rid, model, req, n
         self.prompts, self.streams = prompts, streams
         self.created = int(time.time())
+        self.kv_transfer_params: Optional[dict] = None
 
     def cancel(self) -> None:
         """Abort whatever is still running (no-op for finished streams)."""

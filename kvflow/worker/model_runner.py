@@ -30,6 +30,7 @@ from kvflow.attention.selector import select_backend
 from kvflow.config import EngineConfig
 from kvflow.core.sched_output import LogprobsLists, RunnerOutput, SchedulerOutput
 from kvflow.forward_context import LOCAL, set_forward_context
+from kvflow.kv_transfer.base import NULL_WORKER_CONNECTOR
 from kvflow.sample import Sampler, SamplingMetadata, compute_topk_logprobs
 from kvflow.sampling_params import SamplingParams
 
@@ -90,6 +91,8 @@ class ModelRunner:
         # Persistent pinned host buffers for H2D copies (allocating pinned memory per step is slow).
         self._pinned: dict[str, torch.Tensor] = {}
         self.graphs = None  # DecodeGraphs once captured
+        # Moves KV blocks to / from other instances (disaggregated prefill); null by default.
+        self.kv_connector = NULL_WORKER_CONNECTOR
         # Last sampled token of each row, on the device: the next step's input for a decode
         # whose token is still in flight (overlapped scheduling).
         self.last_sampled = torch.zeros(self.max_num_reqs, dtype=torch.int64, device=device)
@@ -209,8 +212,10 @@ class ModelRunner:
         """Queue the step's device work; returns before the GPU is done. Inputs of decodes
         whose previous token is still in flight are taken from `last_sampled` on the device."""
         self._update_states(so)
-        if so.is_empty:
-            return StepHandle(RunnerOutput(sampled_token_ids={}))
+        self.kv_connector.start_load_kv(so.kv_connector_metadata)
+        if so.is_empty:  # nothing to compute: wait (briefly) for a transfer to end instead
+            return StepHandle(RunnerOutput(sampled_token_ids={},
+                                           kv_transfers=self.kv_connector.get_finished(wait=True)))
         self._parity ^= 1
         # Decodes first (stable): attention backends give them decode-shaped tiles.
         req_ids = sorted(so.num_scheduled_tokens, key=lambda r: so.num_scheduled_tokens[r] != 1)
@@ -238,7 +243,8 @@ class ModelRunner:
         sampling = seq_lens == num_tokens                                  # [B] caught up -> sample
         logits_indices = cu[sampling] - 1
 
-        out = RunnerOutput(sampled_token_ids={r: [] for r in req_ids})
+        out = RunnerOutput(sampled_token_ids={r: [] for r in req_ids},
+                           kv_transfers=self.kv_connector.get_finished())
         handle = StepHandle(out)
         sample_states = [s for s, flag in zip(states, sampling) if flag]
         decode_only = total == b
@@ -271,7 +277,7 @@ class ModelRunner:
             if fill is not None:
                 ids_t[fill[0]] = self.last_sampled[fill[1]]
             pos_t = self._to_device(positions, torch.int64, "pos")
-            with set_forward_context(md, self.extra_metadata(md)):
+            with set_forward_context(md, self.extra_metadata(md), kv_connector=self.kv_connector):
                 hidden = self.model(ids_t, pos_t)                          # [T, hidden]
             self._prompt_logprobs(states, starts, computed, nsched, hidden, out)
             if not sample_states:

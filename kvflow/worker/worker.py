@@ -144,6 +144,15 @@ class Worker:
         t0 = time.perf_counter()
         self.runner.allocate_kv_cache(num_blocks)
         self.timings["kv_cache_alloc_s"] = time.perf_counter() - t0
+        if self.config.kv_transfer.is_enabled:
+            from kvflow.kv_transfer.base import make_worker_connector
+            from kvflow.kv_transfer.layout import KVLayout
+            # The layout comes from the configs only (never from tensor shapes): layout.py.
+            c = self.config
+            layout = KVLayout.from_config(c.model, c.cache, c.parallel,
+                                          kv_scales=self.runner.kv_scales())
+            self.runner.kv_connector = make_worker_connector(c)
+            self.runner.kv_connector.register_kv_caches(self.runner.kv_caches, layout)
         if self.device.type == "cuda" and self.runner.backend.name != "torch":
             t0 = time.perf_counter()
             self.runner.warm_up(self.config.scheduler.max_num_batched_tokens)
