@@ -218,6 +218,31 @@ def test_decode_graph_inputs_build_local_metadata(llama4, make_llm):
     llm.llm_engine.reset_prefix_cache()
 
 
+def test_decode_graphs_when_max_model_len_fits_one_chunk(llama4, make_llm):
+    """max_model_len <= attention_chunk_size: local layers read the global metadata inside the
+    decode graph too (the Scout TP=2 device run at 4096/8192 < 8192-chunk failed capture with
+    'the step provides metadata only for global' before this)."""
+    from kvflow.worker.cuda_graphs import DecodeGraphs
+    hf, path = llama4
+    llm = make_llm(path, max_model_len=32, block_size=16)     # chunk 32: one chunk
+    runner = llm.llm_engine.executor.worker.runner
+    assert runner.local_chunk == 32
+    graphs = DecodeGraphs(runner.model, runner.device, runner.max_model_len, 16,
+                          runner.max_blocks_per_req, [2], local_chunk=runner.local_chunk)
+    assert graphs.local_is_global and graphs.local_chunk is None
+    ids = np.random.default_rng(5).integers(0, VOCAB - 1, size=20).tolist()
+    ref = runner_logits(llm, ids, splits=[])
+    graphs.input_ids[:1] = ids[19]
+    graphs.positions[:1] = 19
+    graphs.slot_mapping[:1] = 19
+    graphs.seq_lens[:1] = 20
+    graphs.block_table[:1] = torch.arange(runner.max_blocks_per_req, dtype=torch.int32)
+    with torch.inference_mode():
+        graphs._forward(2)
+    assert (graphs.logits[0] - ref[19]).abs().max().item() < 1e-4
+    llm.llm_engine.reset_prefix_cache()
+
+
 def test_sigmoid_top1_routing_and_input_weighting():
     """Llama 4 routing: top-1 of the raw logits, weight sigmoid(logit), applied to the expert's
     input (expert(w * x), not w * expert(x)); the softmax path is unchanged."""

@@ -48,6 +48,11 @@ class DecodeGraphs:
     def __init__(self, model, device: torch.device, max_model_len: int, block_size: int,
                  max_blocks_per_req: int, buckets: list[int], local_chunk: int | None = None):
         self.model = model
+        # Same rule as ModelRunner.extra_metadata: when every position lies in chunk 0
+        # (max_model_len <= chunk) local attention is global attention, and local layers read the
+        # global metadata; otherwise the local virtual batch is rebuilt inside the graph.
+        self.local_is_global = local_chunk is not None and max_model_len <= local_chunk
+        local_chunk = None if self.local_is_global else local_chunk
         self.local_chunk = local_chunk
         self.device = device
         self.max_model_len = max_model_len
@@ -102,8 +107,12 @@ class DecodeGraphs:
             is_decode_only=True, seq_starts=self.local_seq_starts[:bs])
 
     def _forward(self, bs: int) -> None:
-        extra = {LOCAL: self._local_metadata(bs)} if self.local_chunk is not None else {}
-        with set_forward_context(self._metadata(bs), extra):
+        md = self._metadata(bs)
+        if self.local_chunk is not None:
+            extra = {LOCAL: self._local_metadata(bs)}
+        else:
+            extra = {LOCAL: md} if self.local_is_global else {}
+        with set_forward_context(md, extra):
             hidden = self.model(self.input_ids[:bs], self.positions[:bs])
         self.logits[:bs].copy_(self.model.compute_logits(hidden))
 

@@ -360,12 +360,10 @@ class ModelRunner:
 
     def capture_cuda_graphs(self, buckets: Optional[list[int]] = None) -> None:
         from kvflow.worker.cuda_graphs import DecodeGraphs, default_buckets
-        local = self.local_chunk if (self.local_chunk is not None
-                                     and self.max_model_len > self.local_chunk) else None
         self.graphs = DecodeGraphs(self.model, self.device, self.max_model_len, self.block_size,
                                    self.max_blocks_per_req,
                                    buckets or default_buckets(self.max_num_reqs),
-                                   local_chunk=local)
+                                   local_chunk=self.local_chunk)
         self.graphs.capture()
 
     # ------------------------------------------------------------------ profiling

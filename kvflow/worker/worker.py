@@ -93,9 +93,15 @@ class Worker:
         return peak
 
     def _profile_shape(self, num_tokens: int, num_reqs: int) -> tuple[list[int], list[int]]:
-        """num_tokens spread over num_reqs requests (each within max_model_len)."""
-        per = [num_tokens // num_reqs] * num_reqs
-        per[-1] += num_tokens - sum(per)
+        """num_tokens spread evenly over num_reqs requests, each within max_model_len: a real
+        step never holds a longer request (models may size tables by max_model_len, e.g. Llama
+        4's rotary), nor more than num_reqs * max_model_len tokens."""
+        limit = self.config.model.max_model_len
+        num_tokens = min(num_tokens, num_reqs * limit)
+        k = min(num_reqs, num_tokens)
+        per = [num_tokens // k] * k
+        for i in range(num_tokens - sum(per)):
+            per[i] += 1                      # spread the remainder: max(per) <= ceil(t / k) <= limit
         return per, per
 
     def plan_memory(self) -> MemoryPlan:
