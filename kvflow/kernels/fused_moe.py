@@ -108,7 +108,10 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     dev = flat.device
     p = triton.cdiv(n + num_experts * (block_m - 1), block_m) * block_m
     order = torch.argsort(flat, stable=True)                       # pair indices by expert
-    counts_all = torch.bincount(flat, minlength=num_experts + 1)   # [E+1], last = remote
+    # scatter_add, not bincount: CUDA bincount reads the max id back to the host (a sync that
+    # breaks CUDA graph capture).
+    counts_all = torch.zeros(num_experts + 1, dtype=torch.int64, device=dev).scatter_add_(
+        0, flat.long(), torch.ones_like(flat, dtype=torch.int64))  # [E+1], last = remote
     counts = counts_all[:num_experts]
     starts = torch.cumsum(counts_all, 0) - counts_all              # unpadded group starts
     padded = (counts + block_m - 1) // block_m * block_m
