@@ -11,6 +11,6 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_
 for L in ${LENS:-4096 8192}; do
   timeout ${PER_RUN_S:-240} python3 -m kvflow.cli --log-level INFO bench throughput \
     --model benchmarks/configs/Llama-4-Scout-17B-16E --tensor-parallel-size 2 --dtype bfloat16 \
-    --max-model-len $L --workload ${WORKLOADS:-decode1} --out "$OUT/scout-tp2.jsonl" 2>&1 \
+    --max-model-len $L --workload ${WORKLOADS:-decode1} --out "$OUT/scout-tp2.jsonl" ${SCOUT_ARGS:-} 2>&1 \
     | tee -a "$OUT/scout.log" | grep -E "record|Error|Traceback|ready in|graphs|attention backend" | cut -c1-400
 done
