@@ -165,10 +165,10 @@ class Worker:
             self.timings["kernel_warmup_s"] = time.perf_counter() - t0
         if self.use_cuda_graphs:
             self.runner.capture_cuda_graphs()
-        elif self.device.type == "cuda":
-            logger.info("CUDA graphs off: %s", self.cuda_graphs_off_reason())
             self.timings["cuda_graph_s"] = self.runner.graphs.capture_s
             self.timings["cuda_graph_gib"] = self.runner.graphs.capture_bytes / GiB
+        elif self.device.type == "cuda":
+            logger.info("CUDA graphs off: %s", self.cuda_graphs_off_reason())
 
     def cuda_graphs_off_reason(self) -> str:
         if self.config.compilation.enforce_eager:
