@@ -196,9 +196,15 @@ class TestFP8Cache:
     def test_write_matches_torch_backend(self, dtype):
         from kvflow.attention.torch_backend import write_kv_cache
         T, KV, D, bs, nb = 9, 2, 32, 16, 3
-        key = (torch.randn(T, KV, D) * 300).to(dtype).to(DEVICE)   # some values saturate
-        value = torch.randn(T, KV, D).to(dtype).to(DEVICE)
-        slots = torch.randperm(nb * bs)[:T]
+        g = torch.Generator().manual_seed(7)
+        key = torch.randn(T, KV, D, generator=g) * 300              # some values saturate
+        # Edge values (scaled by 1 / k_scale = 2): ties, subnormals, negatives that round to
+        # -0.0, signed zeros, just below / above the e4m3 maximum.
+        key[0, 0, :8] = torch.tensor([-0.0004, -0.0, 0.0, 0.00049, 0.0009765625, -1.0625 / 2,
+                                      224.0, -230.0])
+        key = key.to(dtype).to(DEVICE)
+        value = torch.randn(T, KV, D, generator=g).to(dtype).to(DEVICE)
+        slots = torch.randperm(nb * bs, generator=g)[:T]
         slots[4] = -1
         slots = slots.to(DEVICE)
         ks = torch.tensor(0.5, device=DEVICE)

@@ -24,12 +24,15 @@ def _round_to_e4m3(x):
     The cast that follows is then exact, so the cache holds bit-for-bit what the torch
     reference writes on every platform (Triton's CPU interpreter drops the carry when rounding
     up into the next binade, e.g. 1.97 -> 1.0)."""
-    e = ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127       # binade of x
+    bits = x.to(tl.int32, bitcast=True)
+    e = ((bits >> 23) & 0xFF) - 127                               # binade of x
     e = tl.maximum(e, -6)                                         # subnormals: quantum 2^-9
     quantum = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 3 mantissa bits
-    y = x / quantum                                               # exact (power of two)
+    y = tl.abs(x) / quantum                                       # exact (power of two)
     y = (y + 12582912.0) - 12582912.0                             # 1.5 * 2^23: round to even
-    return y * quantum
+    r = (y * quantum).to(tl.int32, bitcast=True)
+    sign = (bits >> 31) << 31                                     # the sign bit of x
+    return (r | sign).to(tl.float32, bitcast=True)   # signed, also when rounding to zero
 
 
 @triton.jit
