@@ -273,13 +273,7 @@ class Scheduler:
             new_blocks = self.kv.allocate_slots(req, num_new, hits)
             if new_blocks is None:
                 break
-            self.waiting.pop()
-            req.status = RequestStatus.RUNNING
-            req.num_computed_tokens = num_hit
-            if req.num_cached_tokens < 0:
-                req.num_cached_tokens = num_hit
-            if req.first_scheduled_time is None:
-                req.first_scheduled_time = time.time()
+            self._admit(req, RequestStatus.RUNNING, num_hit)
             self.running.append(req)
             num_scheduled[req.request_id] = num_new
             budget -= num_new
@@ -302,6 +296,17 @@ class Scheduler:
                 req.num_output_placeholders += 1
         return out
 
+    def _admit(self, req: Request, status: RequestStatus, num_hit: int) -> None:
+        """Move the head of the waiting queue (`req`, its blocks allocated) to `status`, with its
+        first num_hit tokens already computed (prefix-cache hits)."""
+        self.waiting.pop()
+        req.status = status
+        req.num_computed_tokens = num_hit
+        if req.num_cached_tokens < 0:
+            req.num_cached_tokens = num_hit
+        if req.first_scheduled_time is None:
+            req.first_scheduled_time = time.time()
+
     # ------------------------------------------------------------------ KV transfer
     def _start_load(self, req: Request, hits: list, num_hit: int, num_remote: int) -> bool:
         """Allocate blocks for the remote tokens and park the request until they are loaded.
@@ -309,13 +314,7 @@ class Scheduler:
         # Not registered in the prefix cache until the bytes are there (cache=False).
         if self.kv.allocate_slots(req, num_remote, hits, cache=False) is None:
             return False
-        self.waiting.pop()
-        req.status = RequestStatus.WAITING_FOR_REMOTE_KV
-        req.num_computed_tokens = num_hit
-        if req.num_cached_tokens < 0:
-            req.num_cached_tokens = num_hit
-        if req.first_scheduled_time is None:
-            req.first_scheduled_time = time.time()
+        self._admit(req, RequestStatus.WAITING_FOR_REMOTE_KV, num_hit)
         self.loading[req.request_id] = req
         self.connector.update_state_after_alloc(req, self.kv.get_block_ids(req.request_id),
                                                 num_hit, num_remote)
