@@ -130,10 +130,15 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.model = LlamaModel(cfg, **self.layer_options(cfg))
+        self.model = self.make_model(cfg)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def make_model(self, cfg: ModelConfig) -> nn.Module:
+        """The decoder stack (`self.model`); variants change its layers through layer_options,
+        or replace it (Llama 4)."""
+        return LlamaModel(cfg, **self.layer_options(cfg))
 
     @staticmethod
     def layer_options(cfg: ModelConfig) -> dict:

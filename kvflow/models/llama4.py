@@ -26,14 +26,14 @@ from torch import nn
 
 from kvflow.attention.layer import Attention
 from kvflow.config import ModelConfig
-from kvflow.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from kvflow.layers.embedding import VocabParallelEmbedding
 from kvflow.layers.linear import QKVParallelLinear, ReplicatedLinear, RowParallelLinear
-from kvflow.layers.moe import (FusedMoE, make_stacked_expert_params_mapping,
-                               moe_dispatch_graph_safe, select_experts)
+from kvflow.layers.moe import (FusedMoE, GraphSafeWhenFusedMoE,
+                               make_stacked_expert_params_mapping, select_experts)
 from kvflow.layers.norm import L2Norm, RMSNorm
-from kvflow.layers.quantization import get_quant_config
 from kvflow.layers.rotary import RotaryEmbedding
-from kvflow.models.llama import LlamaMLP
+from kvflow.models.llama import LlamaForCausalLM, LlamaMLP
+from kvflow.models.mixtral import check_moe_supported
 
 
 class Llama4Layout:
@@ -162,37 +162,18 @@ class Llama4Model(nn.Module):
         return hidden
 
 
-class Llama4ForCausalLM(nn.Module):
-    # (parameter name, checkpoint name, shard id)
-    packed_modules = [
-        ("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"), ("qkv_proj", "v_proj", "v"),
-        ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1),
-    ]
-    # CUDA graphs when the MoE dispatch is the sync-free Triton kernel (the torch reference
-    # reads expert counts back to the host); DecodeGraphs rebuilds the local-attention
-    # metadata inside the graph.
-    @property
-    def supports_cuda_graphs(self) -> bool:
-        return moe_dispatch_graph_safe()
+class Llama4ForCausalLM(GraphSafeWhenFusedMoE, LlamaForCausalLM):
+    """LlamaForCausalLM's head, loader mapping (packed_modules) and logits over the Llama 4
+    decoder stack. CUDA graphs when the MoE dispatch is the sync-free Triton kernel (mixin);
+    DecodeGraphs rebuilds the local-attention metadata inside the graph."""
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        if get_quant_config(cfg.hf_config) is not None:
-            raise ValueError(f"model: quantized MoE checkpoints are not supported ({cfg.architecture})")
-        self.config = cfg
-        self.model = Llama4Model(cfg)
-        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        check_moe_supported(cfg)
+        super().__init__(cfg)
         self.expert_params_mapping = make_stacked_expert_params_mapping()
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """input_ids, positions: [T] -> hidden states [T, hidden]."""
-        return self.model(input_ids, positions)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] -> logits [N, vocab] (float32)."""
-        return self.lm_head.compute_logits(hidden).float()
+    def make_model(self, cfg: ModelConfig) -> nn.Module:
+        return Llama4Model(cfg)
 
 
 class Llama4ForConditionalGeneration(Llama4ForCausalLM):
