@@ -35,8 +35,8 @@ import torch
 
 from kvflow.kv_transfer import wire
 from kvflow.kv_transfer.layout import KVLayout
-from kvflow.kv_transfer.tcp_transport import (KVTransferError, TCPKVServer, _rpc, _zmq,
-                                              release)  # noqa: F401 - release re-exported
+from kvflow.kv_transfer.tcp_transport import (  # noqa: F401 - release re-exported
+    KVTransferError, TCPKVServer, _rpc, connect_handshaken, release, request_until_ready)
 
 logger = logging.getLogger("kvflow")
 
@@ -167,16 +167,8 @@ _PAIRS = _Pairs()
 
 def fetch(host: str, port: int, remote_request_id: str, num_tokens: int, deadline: float,
           receiver: KVLayout, device: torch.device = torch.device("cpu")) -> _Received:
-    zmq = _zmq()
-    where = f"{host}:{port}"
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
+    sock, where = connect_handshaken(host, port, deadline, receiver)
     try:
-        sock.connect(f"tcp://{host}:{port}")
-        reply = json.loads(_rpc(sock, {"op": "handshake"}, deadline, where)[0])
-        if not reply.get("ok"):
-            raise KVTransferError(f"handshake refused by {where}: {reply.get('error')}")
-        wire.handshake(receiver, reply["layout"])
         with _PAIRS.lock:
             entry = _PAIRS.groups.get((host, port))
             if entry is None:
@@ -188,18 +180,15 @@ def fetch(host: str, port: int, remote_request_id: str, num_tokens: int, deadlin
                                     max(deadline - time.monotonic(), 1.0))
                 entry = _PAIRS.groups[(host, port)] = (pair, group)
         pair, group = entry
-        while True:
-            reply = json.loads(_rpc(sock, {"op": "pull_nccl", "pair": pair,
-                                           "request_id": remote_request_id,
-                                           "num_tokens": num_tokens}, deadline, where)[0])
-            if reply.get("ok"):
-                break
-            if not reply.get("retry") or time.monotonic() + 0.02 >= deadline:
-                if "no NCCL pair" in str(reply.get("error")):
-                    _PAIRS.groups.pop((host, port), None)  # the producer restarted
-                raise KVTransferError(f"producer {where} cannot send request "
-                                      f"{remote_request_id!r}: {reply.get('error')}")
-            time.sleep(0.02)
+        try:
+            reply, _ = request_until_ready(sock, {"op": "pull_nccl", "pair": pair,
+                                                  "request_id": remote_request_id,
+                                                  "num_tokens": num_tokens},
+                                           deadline, where, remote_request_id)
+        except KVTransferError as e:
+            if "no NCCL pair" in str(e):
+                _PAIRS.groups.pop((host, port), None)  # the producer restarted
+            raise
         sender = wire.handshake(receiver, reply["layout"])
         per = sender.layer_nbytes(num_tokens)
         if reply["nbytes"] != per * sender.num_layers:

@@ -151,32 +151,52 @@ def release(host: str, port: int, remote_request_id: str, deadline: float) -> No
         sock.close(0)
 
 
-def fetch(host: str, port: int, remote_request_id: str, num_tokens: int, deadline: float,
-          receiver: KVLayout, device=None) -> wire.KVTransfer:
-    """Handshake, then pull the first `num_tokens` tokens of a producer's finished request.
-    Returns the decoded, checksum-verified transfer (compatibility already checked). The
-    payload arrives in host memory whatever `device` (the scatter copies it over)."""
+def connect_handshaken(host: str, port: int, deadline: float, receiver: KVLayout):
+    """-> (DEALER socket, "host:port") to a producer's transfer server, after its layout passed
+    the handshake (wire.handshake raises KVLayoutError naming the mismatch). The caller closes
+    the socket."""
     zmq = _zmq()
     where = f"{host}:{port}"
-    ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:
         sock.connect(f"tcp://{host}:{port}")
         reply = json.loads(_rpc(sock, {"op": "handshake"}, deadline, where)[0])
         if not reply.get("ok"):
             raise KVTransferError(f"handshake refused by {where}: {reply.get('error')}")
-        wire.handshake(receiver, reply["layout"])   # KVLayoutError names the mismatch
-        while True:
-            frames = _rpc(sock, {"op": "pull", "request_id": remote_request_id,
-                                 "num_tokens": num_tokens}, deadline, where)
-            reply = json.loads(frames[0])
-            if reply.get("ok"):
-                break
-            if not reply.get("retry") or time.monotonic() + 0.02 >= deadline:
-                raise KVTransferError(f"producer {where} cannot send request "
-                                      f"{remote_request_id!r}: {reply.get('error')}")
-            time.sleep(0.02)  # registered at the producer's next step
+        wire.handshake(receiver, reply["layout"])
+    except BaseException:
+        sock.close(0)
+        raise
+    return sock, where
+
+
+def request_until_ready(sock, msg: dict, deadline: float, where: str,
+                        request_id: str) -> tuple[dict, list]:
+    """Send `msg` until the producer answers ok -> (reply, frames). It answers "retry" while the
+    request is not registered yet (at its next step); a refusal or the deadline raises
+    KVTransferError."""
+    while True:
+        frames = _rpc(sock, msg, deadline, where)
+        reply = json.loads(frames[0])
+        if reply.get("ok"):
+            return reply, frames
+        if not reply.get("retry") or time.monotonic() + 0.02 >= deadline:
+            raise KVTransferError(f"producer {where} cannot send request "
+                                  f"{request_id!r}: {reply.get('error')}")
+        time.sleep(0.02)
+
+
+def fetch(host: str, port: int, remote_request_id: str, num_tokens: int, deadline: float,
+          receiver: KVLayout, device=None) -> wire.KVTransfer:
+    """Handshake, then pull the first `num_tokens` tokens of a producer's finished request.
+    Returns the decoded, checksum-verified transfer (compatibility already checked). The
+    payload arrives in host memory whatever `device` (the scatter copies it over)."""
+    sock, where = connect_handshaken(host, port, deadline, receiver)
+    try:
+        _, frames = request_until_ready(sock, {"op": "pull", "request_id": remote_request_id,
+                                               "num_tokens": num_tokens},
+                                        deadline, where, remote_request_id)
         if len(frames) != 2:
             raise KVTransferError(f"producer {where} sent {len(frames)} frames, expected 2")
         t = wire.decode_transfer(frames[1])   # checksums verified here
