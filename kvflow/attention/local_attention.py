@@ -39,6 +39,12 @@ import torch
 from kvflow.attention.backend import AttentionMetadata
 
 
+def local_is_global(chunk: int, max_model_len: int) -> bool:
+    """Every position of every request lies in chunk 0: local layers attend exactly like global
+    ones and read the step's global metadata (no virtual batch is built)."""
+    return max_model_len <= chunk
+
+
 def local_table_width(chunk: int, block_size: int, max_blocks_per_req: int) -> int:
     """Most block-table columns a virtual request can need: a chunk of C tokens starting at
     offset < block_size within its first block spans at most ceil((C + bs - 1) / bs) blocks."""

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from kvflow.attention.backend import AttentionMetadata
-from kvflow.attention.local_attention import decode_local_into, local_table_width
+from kvflow.attention.local_attention import decode_local_into, local_is_global, local_table_width
 from kvflow.forward_context import LOCAL, set_forward_context
 
 logger = logging.getLogger("kvflow")
@@ -48,10 +48,10 @@ class DecodeGraphs:
     def __init__(self, model, device: torch.device, max_model_len: int, block_size: int,
                  max_blocks_per_req: int, buckets: list[int], local_chunk: int | None = None):
         self.model = model
-        # Same rule as ModelRunner.extra_metadata: when every position lies in chunk 0
-        # (max_model_len <= chunk) local attention is global attention, and local layers read the
-        # global metadata; otherwise the local virtual batch is rebuilt inside the graph.
-        self.local_is_global = local_chunk is not None and max_model_len <= local_chunk
+        # As in ModelRunner.extra_metadata: local layers read the global metadata when it is
+        # the same thing; otherwise the local virtual batch is rebuilt inside the graph.
+        self.local_is_global = (local_chunk is not None
+                                and local_is_global(local_chunk, max_model_len))
         local_chunk = None if self.local_is_global else local_chunk
         self.local_chunk = local_chunk
         self.device = device

@@ -25,7 +25,7 @@ from torch import nn
 
 from kvflow.attention.backend import AttentionMetadata, AttentionSpec
 from kvflow.attention.layer import Attention
-from kvflow.attention.local_attention import build_local_metadata
+from kvflow.attention.local_attention import build_local_metadata, local_is_global
 from kvflow.attention.selector import select_backend
 from kvflow.config import EngineConfig
 from kvflow.core.sched_output import LogprobsLists, RunnerOutput, SchedulerOutput
@@ -122,8 +122,7 @@ class ModelRunner:
         """Metadata of the non-global attention kinds for a step described by `md`."""
         if self.local_chunk is None:
             return {}
-        if self.max_model_len <= self.local_chunk:
-            # Every position lies in chunk 0: local attention is global attention.
+        if local_is_global(self.local_chunk, self.max_model_len):
             return {LOCAL: md}
         return {LOCAL: build_local_metadata(md, self.local_chunk, self.block_size)}
 
