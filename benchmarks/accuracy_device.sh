@@ -4,11 +4,7 @@
 #   N=400 bash benchmarks/accuracy_device.sh MODEL.gguf
 # Env: N (questions, default all), SHOTS (5), MAX_TOKENS (512), DTYPE (float32), PORT (8123).
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+source "$(dirname "$0")/device_env.sh"
 model=$1; port=${PORT:-8123}; dtype=${DTYPE:-float32}
 nq=${N:+--num-questions $N}
 data=${GSM8K_PATH:+--data-path $GSM8K_PATH}

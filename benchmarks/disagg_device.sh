@@ -13,11 +13,7 @@
 # Needs pyzmq and httpx on the device (carry wheels in .whl/: device_run.sh's convention), e.g.
 #   pip download pyzmq httpx httpcore h11 anyio sniffio --only-binary=:all: -d .whl
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+source "$(dirname "$0")/device_env.sh"
 export KVFLOW_CACHE_DIR=${KVFLOW_CACHE_DIR:-/tmp/kvflow-cache}
 MODEL=${MODEL:-benchmarks/configs/llama3.1-8b}
 VOCAB=$(python3 -c "import json;print(json.load(open('$MODEL/config.json'))['vocab_size'])")

@@ -25,11 +25,8 @@
 # Results in $OUT: parallel_check.jsonl (one record per comparison, "ok": true/false),
 # runs/*.json (tokens, top-2 logprobs, tokens/s per layout), bench.jsonl, *.log.
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/runs"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+source "$(dirname "$0")/device_env.sh"
+mkdir -p "$OUT/runs"
 export KVFLOW_CACHE_DIR=${KVFLOW_CACHE_DIR:-/tmp/kvflow-cache}
 export KVFLOW_DUMMY_WEIGHTS=scaled   # see kvflow/models/dummy.py: meaningful greedy tokens
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader

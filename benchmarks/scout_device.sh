@@ -3,11 +3,7 @@
 # with tensor parallel 2 at max_model_len 4096 and 8192 on an nvidia-h200-x2 machine.
 #   bash benchmarks/scout_device.sh            # env: LENS ("4096 8192"), WORKLOADS (decode1)
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+source "$(dirname "$0")/device_env.sh"
 for L in ${LENS:-4096 8192}; do
   timeout ${PER_RUN_S:-240} python3 -m kvflow.cli --log-level INFO bench throughput \
     --model benchmarks/configs/Llama-4-Scout-17B-16E --tensor-parallel-size 2 --dtype bfloat16 \

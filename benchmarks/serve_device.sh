@@ -3,11 +3,7 @@
 #   bash benchmarks/serve_device.sh MODEL_CONFIG_DIR TOKENIZER_DIR SHAREGPT.json
 # Env: RATES ("4 16 inf"), NUM_PROMPTS (200), PORT (8124). Results: $OUT/serve-<rate>.json.
 set -uo pipefail
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+source "$(dirname "$0")/device_env.sh"
 model=$1; tok=$2; data=$3; port=${PORT:-8124}
 python3 -m kvflow.cli serve "$model" --load-format dummy --tokenizer "$tok" --dtype bfloat16 \
   --max-model-len 4096 --port $port --served-model-name bench > "$OUT/serve.log" 2>&1 &
