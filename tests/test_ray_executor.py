@@ -5,7 +5,6 @@ reported as ExecutorDeadError promptly (no hang), seen even while the engine is 
 Skipped when Ray is not installed (it is an optional extra: pip install 'kvflow[ray]')."""
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import time
@@ -17,7 +16,8 @@ ray = pytest.importorskip("ray")
 from kvflow import LLM, SamplingParams  # noqa: E402
 from tests.conftest import make_hf_model, save_hf_model  # noqa: E402
 from tests.test_moe import make_hf_moe  # noqa: E402
-from tests.test_tensor_parallel import ENGINE_KW, PROMPTS, _assert_same  # noqa: E402
+from tests.test_tensor_parallel import (  # noqa: E402
+    ENGINE_KW, PROMPTS, _assert_same, assert_async_engine_dies)
 
 
 @pytest.fixture(scope="module")
@@ -91,18 +91,7 @@ def test_ray_dead_actor_is_reported_not_hung(ray_cluster, llama_dir):
             ex.check_health()
         eng.abort_request("r")
 
-        # The async engine on top: the first step on the dead executor kills it -> unhealthy
-        # (the server answers /health with 503).
-        from kvflow.engine.async_engine import AsyncLLM, EngineDeadError
-        aeng = AsyncLLM(eng, log_stats=False)
-
-        async def run():
-            with pytest.raises(EngineDeadError):
-                async for _ in aeng.generate([1, 2, 3], SamplingParams(max_tokens=4), "a"):
-                    pass
-        asyncio.run(asyncio.wait_for(run(), 20))
-        assert not aeng.is_healthy()
-        aeng.shutdown(graceful=False, timeout=5)
+        assert_async_engine_dies(eng)
     finally:
         eng.shutdown()
 

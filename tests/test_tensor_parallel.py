@@ -72,6 +72,21 @@ def _assert_same(outs_a, outs_b, *, logprob_tol=1e-4):
                     assert abs(pa[tok].logprob - pb[tok].logprob) < logprob_tol
 
 
+def assert_async_engine_dies(eng) -> None:
+    """The async engine on top of a dead executor: the first step kills it, the request gets
+    EngineDeadError and the engine turns unhealthy (the server answers /health with 503)."""
+    from kvflow.engine.async_engine import AsyncLLM, EngineDeadError
+    aeng = AsyncLLM(eng, log_stats=False)
+
+    async def run():
+        with pytest.raises(EngineDeadError):
+            async for _ in aeng.generate([1, 2, 3], SamplingParams(max_tokens=4), "a"):
+                pass
+    asyncio.run(asyncio.wait_for(run(), 20))
+    assert not aeng.is_healthy()
+    aeng.shutdown(graceful=False, timeout=5)
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("pair", ["llama_pair", "qwen2_pair"])
 def test_tp2_greedy_matches_tp1(pair, request):
@@ -164,7 +179,6 @@ def test_weight_loader_shards_in_process():
 def test_dead_worker_is_reported_not_hung(tmp_path):
     """SIGKILL a worker while a generation runs: the engine raises ExecutorDeadError promptly,
     stops the other worker, and an async engine on top reports itself unhealthy (server: 503)."""
-    from kvflow.engine.async_engine import AsyncLLM, EngineDeadError
     from kvflow.executor import ExecutorDeadError
     model = make_hf_model("llama")
     d = save_hf_model(model, tmp_path / "m")
@@ -189,16 +203,7 @@ def test_dead_worker_is_reported_not_hung(tmp_path):
             ex.check_health()
         eng.abort_request("r")
 
-        # The async engine: the first step on the dead executor kills it -> unhealthy.
-        aeng = AsyncLLM(eng, log_stats=False)
-
-        async def run():
-            with pytest.raises(EngineDeadError):
-                async for _ in aeng.generate([1, 2, 3], SamplingParams(max_tokens=4), "a"):
-                    pass
-        asyncio.run(asyncio.wait_for(run(), 20))
-        assert not aeng.is_healthy()
-        aeng.shutdown(graceful=False, timeout=5)
+        assert_async_engine_dies(eng)
     finally:
         eng.shutdown()
 
