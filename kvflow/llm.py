@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 from kvflow.engine.chat import Conversation, render_chat
 from kvflow.engine.llm_engine import LLMEngine, PromptType

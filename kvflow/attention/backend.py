@@ -15,7 +15,7 @@ V / v_scale (per-layer float32 scalars held by the Attention layer), saturated t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Protocol
 
 import torch

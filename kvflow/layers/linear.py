@@ -11,7 +11,7 @@ every layer states once: `_out_shard(shard_id)` and `_in_shard()` (see LinearBas
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F

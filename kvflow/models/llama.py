@@ -13,7 +13,6 @@ from torch import nn
 
 from kvflow.attention.layer import Attention
 from kvflow.config import ModelConfig
-from kvflow.distributed import get_tp_size
 from kvflow.layers.activation import SiluAndMul
 from kvflow.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from kvflow.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
