@@ -8,17 +8,18 @@ other's interval. The first file is the reference of the verdict lines.
 """
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 
 
 def main() -> None:
-    args = [a for a in sys.argv[1:] if not a.startswith("--out")]
-    out = sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None
-    if out in args:
-        args.remove(out)
+    p = argparse.ArgumentParser()
+    p.add_argument("runs", nargs="+", metavar="NAME=FILE.json")
+    p.add_argument("--out", default=None, help="append a summary line to this JSONL file")
+    args = p.parse_args()
+    out = args.out
     runs = {}
-    for a in args:
+    for a in args.runs:
         name, path = a.split("=", 1)
         with open(path) as f:
             runs[name] = json.load(f)
