@@ -14,12 +14,16 @@ The torch reference is kvflow.layers.moe.fused_moe_torch.
 """
 from __future__ import annotations
 
+import functools
+import json
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _gate_up_kernel(x_ptr, w13_ptr, h_ptr, pairs_ptr, block_expert_ptr,
                     num_pairs, top_k, num_experts, H, I,
                     stride_xt, stride_we, stride_wn, stride_hp,
@@ -61,7 +65,7 @@ def _gate_up_kernel(x_ptr, w13_ptr, h_ptr, pairs_ptr, block_expert_ptr,
              out.to(h_ptr.dtype.element_ty), mask=valid[:, None] & col_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _down_kernel(h_ptr, w2_ptr, out_ptr, pairs_ptr, block_expert_ptr, weights_ptr,
                  num_pairs, num_experts, H, I,
                  stride_hp, stride_we, stride_wn, stride_op,
@@ -129,17 +133,98 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     return sorted_pairs, block_expert
 
 
-def choose_config(num_pairs: int, dtype: torch.dtype) -> dict:
-    """Tiles by the number of (token, expert) pairs. Decode (few pairs) is a weight stream:
-    16-row blocks and long K steps; prefill wants large tensor-core tiles. fp32 keeps small
-    tiles (ieee dots, twice the shared memory per element)."""
+# Tiles per kernel. Both kernels walk the same expert-aligned row blocks, so they share BLOCK_M;
+# everything else is per kernel: gate/up (K = hidden, two accumulators) and down (K =
+# intermediate) peak at different tiles, e.g. at decode the down GEMM has few output columns
+# per expert and needs narrow BLOCK_N to keep every SM streaming.
+_KERNEL_KEYS = ("block_n", "block_k", "num_warps", "num_stages")
+_TUNED_PATH = os.path.join(os.path.dirname(__file__), "configs", "fused_moe.json")
+
+
+def _split(flat: dict) -> dict:
+    """{block_m, block_n, ...} (one tile for both kernels) -> the per-kernel form."""
+    if "gate_up" in flat:
+        return flat
+    tile = {key: flat[key] for key in _KERNEL_KEYS if key in flat}
+    return {"block_m": flat["block_m"], "gate_up": dict(tile), "down": dict(tile)}
+
+
+def default_config(num_pairs: int, dtype: torch.dtype) -> dict:
+    """Untuned shapes. Decode (few pairs) is a weight stream: 16-row blocks, long K steps and
+    narrow down tiles; prefill wants large tensor-core tiles. fp32 keeps small tiles (ieee
+    dots, twice the shared memory per element)."""
     if dtype == torch.float32:
-        return dict(block_m=16, block_n=64, block_k=32, num_warps=4, num_stages=2)
+        return _split(dict(block_m=16, block_n=64, block_k=32, num_warps=4, num_stages=2))
     if num_pairs <= 64:
-        return dict(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)
+        return {"block_m": 16,
+                "gate_up": dict(block_n=64, block_k=128, num_warps=4, num_stages=4),
+                "down": dict(block_n=32, block_k=128, num_warps=4, num_stages=4)}
     if num_pairs <= 1024:
-        return dict(block_m=32, block_n=64, block_k=64, num_warps=4, num_stages=3)
-    return dict(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3)
+        return _split(dict(block_m=32, block_n=64, block_k=64, num_warps=4, num_stages=3))
+    return _split(dict(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3))
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_table(device_name: str, shape_key: str) -> tuple:
+    """((max_pairs, config), ...) ascending, measured by benchmarks/moe_tune.py for this GPU
+    and expert shape; () when there is none."""
+    try:
+        with open(_TUNED_PATH) as f:
+            table = json.load(f).get(device_name, {}).get(shape_key, [])
+    except (OSError, ValueError):
+        return ()
+    return tuple((int(n), _split(c)) for n, c in sorted(table, key=lambda r: int(r[0])))
+
+
+def shape_key(num_experts: int, hidden: int, inter: int, dtype: torch.dtype) -> str:
+    return f"E{num_experts}_H{hidden}_I{inter}_{str(dtype).replace('torch.', '')}"
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def choose_config(num_pairs: int, dtype: torch.dtype, num_experts: int = 0, hidden: int = 0,
+                  inter: int = 0, device: torch.device | None = None) -> dict:
+    """The tuned tiles of the smallest measured bucket >= num_pairs (the largest past the
+    end) for this GPU and expert shape, else `default_config`. Result: {"block_m": int,
+    "gate_up": {block_n, block_k, num_warps, num_stages}, "down": {...}}."""
+    if device is not None and device.type == "cuda" and dtype != torch.float32:
+        table = _tuned_table(_device_name(device.index or 0),
+                             shape_key(num_experts, hidden, inter, dtype))
+        for max_pairs, cfg in table:
+            if num_pairs <= max_pairs:
+                return cfg
+        if table:
+            return table[-1][1]
+    return default_config(num_pairs, dtype)
+
+
+def launch_gate_up(x, w13, hbuf, pairs, block_expert, top_k: int, block_m: int, tile: dict):
+    """h[p] = silu(x[token(p)] @ W1[e].T) * (x[token(p)] @ W3[e].T) for each padded row p."""
+    e, two_i, h = w13.shape
+    inter = two_i // 2
+    tile = dict(tile)
+    block_n, block_k = tile.pop("block_n"), tile.pop("block_k")
+    nblocks = pairs.numel() // block_m
+    _gate_up_kernel[(nblocks, triton.cdiv(inter, block_n))](
+        x, w13, hbuf, pairs, block_expert, x.shape[0] * top_k, top_k, e, h, inter,
+        x.stride(0), w13.stride(0), w13.stride(1), hbuf.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=x.dtype == torch.float32, **tile)
+
+
+def launch_down(hbuf, w2, out, pairs, block_expert, weights, block_m: int, tile: dict):
+    """out[pair] = weight(pair) * (h[p] @ W2[e].T) for each real padded row p."""
+    e, h, inter = w2.shape
+    tile = dict(tile)
+    block_n, block_k = tile.pop("block_n"), tile.pop("block_k")
+    nblocks = pairs.numel() // block_m
+    _down_kernel[(nblocks, triton.cdiv(h, block_n))](
+        hbuf, w2, out, pairs, block_expert, weights, out.shape[0], e, h, inter,
+        hbuf.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=hbuf.dtype == torch.float32,
+        **tile)
 
 
 @torch.compiler.disable  # launched eagerly from compiled graphs (a graph break), not traced
@@ -147,32 +232,24 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
               topk_ids: torch.Tensor, config: dict | None = None,
               has_remote: bool = False) -> torch.Tensor:
     """x [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_* [T, K] -> [T, H] (x.dtype).
-    has_remote: some ids may be E (expert on another rank; contributes zero)."""
+    has_remote: some ids may be E (expert on another rank; contributes zero).
+    config: tiles, either per kernel (see choose_config) or one flat tile for both."""
     t, h = x.shape
     k = topk_ids.shape[1]
     e, two_i, _ = w13.shape
     inter = two_i // 2
     if t == 0:
         return torch.zeros_like(x)
-    cfg = dict(config or choose_config(t * k, x.dtype))
-    block_m, block_n, block_k = cfg.pop("block_m"), cfg.pop("block_n"), cfg.pop("block_k")
+    cfg = _split(config) if config else choose_config(t * k, x.dtype, e, h, inter, x.device)
+    block_m = cfg["block_m"]
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
     pairs, block_expert = align_by_expert(topk_ids, e, block_m)
-    p = pairs.numel()
-    hbuf = torch.empty((p, inter), dtype=x.dtype, device=x.device)     # [P, I] padded rows
+    hbuf = torch.empty((pairs.numel(), inter), dtype=x.dtype, device=x.device)  # [P, I]
     # [T*K, H] per pair; remote pairs are never written, so they must start at zero.
     out = (torch.zeros if has_remote else torch.empty)((t * k, h), dtype=x.dtype, device=x.device)
     weights = topk_weights.reshape(-1).float().contiguous()
-    ieee = x.dtype == torch.float32
-    nblocks = p // block_m
-    _gate_up_kernel[(nblocks, triton.cdiv(inter, block_n))](
-        x, w13, hbuf, pairs, block_expert, t * k, k, e, h, inter,
-        x.stride(0), w13.stride(0), w13.stride(1), hbuf.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee, **cfg)
-    _down_kernel[(nblocks, triton.cdiv(h, block_n))](
-        hbuf, w2, out, pairs, block_expert, weights, t * k, e, h, inter,
-        hbuf.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee, **cfg)
+    launch_gate_up(x, w13, hbuf, pairs, block_expert, k, block_m, cfg["gate_up"])
+    launch_down(hbuf, w2, out, pairs, block_expert, weights, block_m, cfg["down"])
     # Sum each token's K expert outputs in fp32 (the reference accumulates in x.dtype via
     # index_add; identical in fp32).
     return out.view(t, k, h).float().sum(1).to(x.dtype)

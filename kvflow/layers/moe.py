@@ -247,7 +247,9 @@ class FusedMoE(nn.Module):
                 raise ValueError("weights_on_input MoE routing needs top_k == 1")
             x = x * topk_weights.to(x.dtype)                 # [T, H] * [T, 1], in the model dtype
             topk_weights = torch.ones_like(topk_weights)
-        local_ids = self.expert_map[topk_ids]                        # [T, K] slots / sentinel
+        # [T, K] local slots / remote sentinel; without EP the map is the identity (skip the
+        # gather: one kernel per layer per step).
+        local_ids = self.expert_map[topk_ids] if self.placement.is_partitioned else topk_ids
         # Each rank computes a partial sum (its slice of I, or its experts); sum them.
         return tp_all_reduce(fused_moe(x, self.w13, self.w2, topk_weights, local_ids,
                                        has_remote=self.placement.is_partitioned))
