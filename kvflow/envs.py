@@ -30,3 +30,11 @@ def fused_moe_kernel() -> bool:
     """KVFLOW_FUSED_MOE (default 1): the Triton fused-MoE kernel on CUDA; 0 forces the torch
     reference (one host sync per MoE layer, so MoE models then run without CUDA graphs)."""
     return os.environ.get("KVFLOW_FUSED_MOE", "1") != "0"
+
+
+def skinny_gemm() -> bool:
+    """KVFLOW_SKINNY_GEMM=1: unquantized linear layers (incl. tensor-parallel shards, the LM head
+    and MoE routers) on CUDA with fp16/bf16 inputs of at most 16 rows use the Triton skinny GEMM
+    (kvflow/kernels/skinny_gemm.py) instead of cuBLAS, except on shapes where the device's tuned
+    table says cuBLAS is faster. Default 0 (off). Read when a layer is built."""
+    return os.environ.get("KVFLOW_SKINNY_GEMM", "0") == "1"

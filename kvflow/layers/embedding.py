@@ -6,7 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvflow import envs
 from kvflow.distributed import get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce
+from kvflow.layers.linear import dense_linear
 
 _PAD_TO = 64
 
@@ -49,7 +51,11 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Projects hidden states to logits over the full vocabulary (gathered across ranks)."""
 
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__(vocab_size, hidden_size)
+        self.skinny_gemm = envs.skinny_gemm()
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)  # [N, vocab/tp]
+        logits = dense_linear(hidden, self.weight, None, self.skinny_gemm)  # [N, vocab/tp]
         logits = tp_all_gather(logits, dim=-1)
         return logits[..., :self.vocab_size]

@@ -8,16 +8,64 @@ an all-reduce). With one rank the narrowing is the identity.
 With a `quant_config` (e.g. GPTQ) the layer holds no dense `weight`: its quant method creates
 the quantized parameters and computes the product. Those loaders shard through the geometry
 every layer states once: `_out_shard(shard_id)` and `_in_shard()` (see LinearBase).
+
+Without one, every product goes through `dense_linear` (the LM head's too): F.linear, or with
+KVFLOW_SKINNY_GEMM=1 the Triton skinny GEMM for few-row CUDA inputs (decode).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kvflow import envs
 from kvflow.distributed import get_tp_rank, get_tp_size, tp_all_reduce
+
+_SKINNY_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                 skinny: bool = False) -> torch.Tensor:
+    """x [..., K] @ weight[N, K]^T (+ bias): the one place unquantized layers multiply.
+
+    skinny (the layer's KVFLOW_SKINNY_GEMM, read when it was built): CUDA fp16/bf16 inputs of at
+    most skinny_gemm.MAX_M rows use the Triton skinny GEMM unless the device's tuned table says
+    cuBLAS wins on that shape. The row count is only known at run time under torch.compile (the
+    token dimension is symbolic), so compiled graphs call the opaque op kvflow::skinny_linear,
+    which decides when it runs; eager calls decide here. Everything else (CPU, fp32, off) is
+    exactly F.linear."""
+    if (skinny and x.is_cuda and x.dtype in _SKINNY_DTYPES and weight.dtype == x.dtype
+            and (bias is None or bias.dtype == x.dtype)):
+        if torch.compiler.is_compiling():
+            return torch.ops.kvflow.skinny_linear(x, weight, bias)
+        return _skinny_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def _skinny_linear(x: torch.Tensor, weight: torch.Tensor,
+                   bias: Optional[torch.Tensor]) -> torch.Tensor:
+    from kvflow import kernels
+    k, n = x.shape[-1], weight.shape[0]
+    m = x.numel() // k if k else 0
+    if kernels.HAS_TRITON and weight.stride(-1) == 1:
+        import kvflow.kernels.skinny_gemm as sg
+        cfg = sg.choose_config(m, n, k, x.device) if 1 <= m <= sg.MAX_M else None
+        if cfg is not None:
+            return sg.skinny_gemm(x.reshape(m, k), weight, bias, cfg).view(*x.shape[:-1], n)
+    return F.linear(x, weight, bias)
+
+
+@torch.library.custom_op("kvflow::skinny_linear", mutates_args=())
+def _skinny_linear_op(x: torch.Tensor, weight: torch.Tensor,
+                      bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return _skinny_linear(x, weight, bias)
+
+
+@_skinny_linear_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
@@ -35,6 +83,7 @@ class LinearBase(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.quant_method = quant_config.get_linear_method() if quant_config is not None else None
+        self.skinny_gemm = envs.skinny_gemm()
         if self.quant_method is None:
             self.weight = _param((out_features, in_features))   # [out, in] as in HF checkpoints
             self.weight.weight_loader = self.weight_loader
@@ -49,7 +98,7 @@ class LinearBase(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.quant_method is not None:
             return self.quant_method.apply(self, x, self.bias)
-        return F.linear(x, self.weight, self.bias)
+        return dense_linear(x, self.weight, self.bias, self.skinny_gemm)
 
     def weight_loader(self, param, loaded, shard_id=None):
         default_weight_loader(param, loaded)
@@ -178,7 +227,7 @@ class RowParallelLinear(LinearBase):
         if self.quant_method is not None:
             out = tp_all_reduce(self.quant_method.apply(self, x))
         else:
-            out = tp_all_reduce(F.linear(x, self.weight))
+            out = tp_all_reduce(dense_linear(x, self.weight, None, self.skinny_gemm))
         return out if self.bias is None else out + self.bias
 
 

@@ -1,0 +1,208 @@
+"""Time the Triton skinny GEMM against torch (cuBLAS) on decode shapes, search its tiles, and
+write the per-device table that kvflow.kernels.skinny_gemm.choose_config reads.
+
+    source benchmarks/device_env.sh && python3 benchmarks/skinny_gemm_tune.py [--out DIR]
+        [--ms 1,2,4,8] [--budget-s 200] [--models qwen3-0.6b,llama3.1-8b]
+
+For each projection of Qwen3-0.6B and Llama-3.1-8B (bf16, y = x @ W^T, W [N, K]) and each M it
+times F.linear, the default config of skinny_gemm.default_config and a staged search (stage 0:
+GEMV and tensor-core tiles x split-K; stage 1: warps x stages around the best). Times are CUDA
+graph replays (launch overhead excluded, as in the decode graphs), each graph cycling over enough
+copies of W (>= ROTATE_BYTES in all, several times the 50 MB L2) that every call reads its matrix
+from HBM. GB/s counts the weight bytes only (x and y are < 0.2% of them).
+
+Writes to DIR (default $OUT, else /tmp/out):
+  skinny_gemm_tune.json          every case: torch / default / best times, GB/s, best config
+  skinny_gemm_<device>.json      the table: {"device", "configs": {"N,K": {"M": cfg | null}}};
+                                 null where torch is not beaten by >= MIN_GAIN. Copy it into
+                                 kvflow/kernels/configs/ to use it (KVFLOW_SKINNY_GEMM=1).
+Stage 1 is skipped once --budget-s has elapsed, so the run stays under ~4 minutes on an H200.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+import kvflow.kernels.skinny_gemm as sg
+
+MODELS = {
+    "qwen3-0.6b": {"qkv": (4096, 1024), "o": (1024, 2048), "gate_up": (6144, 1024),
+                   "down": (1024, 3072), "lm_head": (151936, 1024)},
+    "llama3.1-8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
+                    "down": (4096, 14336), "lm_head": (128256, 4096)},
+}
+ROTATE_BYTES = 256 << 20
+MIN_GAIN = 0.03            # the kernel must be >= 3% faster than torch to take a shape over
+GEMV_TILE_ELEMS = 16384    # BLOCK_M x BLOCK_N x BLOCK_K of a GEMV step (<= 128 fp32 a thread)
+
+
+def graph_time_us(fns, target_ms=4.0):
+    """Mean time of one call in a CUDA graph that runs fns (one per weight copy) in turn."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for fn in fns[:2]:
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for fn in fns:
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(True), torch.cuda.Event(True)
+    start.record()
+    g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    iters = max(3, min(200, math.ceil(target_ms / max(start.elapsed_time(end), 1e-3))))
+    start.record()
+    for _ in range(iters):
+        g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / (iters * len(fns))
+
+
+def stage0(m, n, k, sms):
+    """GEMV tiles (register-bounded) and tensor-core tiles, each with the split-K values that
+    give between ~1 and 16 programs per SM (split 1 always)."""
+    bm = triton_next_pow2(m)
+    tiles = [dict(block_n=bn, block_k=bk, num_warps=4, num_stages=2, use_dot=False)
+             for bn, bk in itertools.product((4, 8, 16, 32), (128, 256, 512))
+             if bm * bn * bk <= GEMV_TILE_ELEMS and not (bn == 4 and m < 8)]
+    tiles += [dict(block_n=bn, block_k=bk, num_warps=4, num_stages=3, use_dot=True)
+              for bn, bk in ((32, 128), (64, 64), (64, 128), (64, 256), (128, 64), (128, 128))]
+    cands = []
+    for t in tiles:
+        slabs = -(-n // t["block_n"])
+        for split in (1, 2, 4, 8, 16):
+            if split > 1 and (k < split * t["block_k"] or slabs * split > 16 * sms):
+                continue
+            if split > 1 and slabs * split // 2 >= 2 * sms:
+                continue              # already >= 2 programs per SM with half the splits
+            cands.append(dict(t, split_k=split))
+    return cands
+
+
+def stage1(best):
+    stages = (2, 3, 4, 5) if best.get("use_dot") else (1, 2, 3)
+    cands = [dict(best, num_warps=w) for w in (1, 2, 8)]
+    cands += [dict(best, num_stages=s) for s in stages if s != best.get("num_stages")]
+    return cands
+
+
+def triton_next_pow2(v):
+    return 1 << (v - 1).bit_length()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
+    ap.add_argument("--ms", default="1,2,4,8")
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--budget-s", type=float, default=200.0)
+    ap.add_argument("--smoke", action="store_true",
+                    help="CPU check of the script itself (TRITON_INTERPRET=1, tiny shapes)")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    if args.smoke:
+        return smoke(args)
+    ms = [int(v) for v in args.ms.split(",")]
+    props = torch.cuda.get_device_properties(0)
+    run(args, ms, props.name, props.multi_processor_count, "cuda", graph_time_us, MODELS)
+
+
+def smoke(args):
+    """The whole flow on CPU under the interpreter: tiny shapes, wall-clock 'timings'."""
+    def wall_us(fns):
+        t = time.perf_counter()
+        for fn in fns:
+            fn()
+        return (time.perf_counter() - t) * 1e6 / len(fns)
+    global ROTATE_BYTES
+    ROTATE_BYTES = 1 << 14
+    run(args, [1, 3], "Smoke CPU", 2, "cpu", wall_us, {"tiny": {"proj": (24, 256)}})
+
+
+def run(args, ms, dev_name, sms, device, time_us, models):
+    t_start = time.time()
+    print(f"{dev_name}: {sms} SMs, torch {torch.__version__}", flush=True)
+    torch.manual_seed(0)
+    dtype = torch.bfloat16
+    results, table = [], {}
+    for model in args.models.split(",") if models is MODELS else models:
+        for name, (n, k) in models[model].items():
+            wbytes = n * k * 2
+            copies = max(2, math.ceil(ROTATE_BYTES / wbytes))
+            ws = [torch.randn(n, k, device=device, dtype=dtype) * 0.05 for _ in range(copies)]
+            for m in ms:
+                x = torch.randn(m, k, device=device, dtype=dtype)
+
+                def timed(cfg=None):
+                    return time_us([lambda w=w: sg.skinny_gemm(x, w, None, cfg) for w in ws])
+
+                t_torch = time_us([lambda w=w: F.linear(x, w) for w in ws])
+                default = sg.default_config(m, n, k, sms)
+                t_default = timed(default)
+                best, tried, failed = (t_default, default), 1, 0
+                search = [stage0(m, n, k, sms)]
+                if time.time() - t_start < args.budget_s:
+                    search.append(None)                   # stage 1, built from stage 0's best
+                for cands in search:
+                    for cfg in cands if cands is not None else stage1(best[1]):
+                        try:
+                            t = timed(cfg)
+                        except Exception:  # noqa: BLE001 - out of resources etc.
+                            failed += 1
+                            continue
+                        tried += 1
+                        if t < best[0]:
+                            best = (t, cfg)
+                ref = sg.skinny_gemm_ref(x, ws[0])
+                out = sg.skinny_gemm(x, ws[0], None, best[1])
+                err = (out.float() - ref.float()).abs().max().item()
+                assert err <= 2 ** -7 * (ref.float().abs().max().item() + 1), (name, m, err)
+                wins = best[0] <= t_torch * (1 - MIN_GAIN)
+                table.setdefault(f"{n},{k}", {})[str(sg.m_bucket(m))] = best[1] if wins else None
+                r = dict(model=model, shape=name, m=m, n=n, k=k, torch_us=round(t_torch, 2),
+                         torch_gbps=round(wbytes / t_torch / 1e3, 1),
+                         default_us=round(t_default, 2),
+                         default_gbps=round(wbytes / t_default / 1e3, 1),
+                         best_us=round(best[0], 2), best_gbps=round(wbytes / best[0] / 1e3, 1),
+                         speedup=round(t_torch / best[0], 3), use_skinny=wins, best_cfg=best[1],
+                         tried=tried, failed=failed, stage1=len(search) > 1,
+                         elapsed_s=round(time.time() - t_start, 1))
+                results.append(r)
+                print(json.dumps(r), flush=True)
+            del ws
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    safe = "".join(c if c.isalnum() or c in "-." else "_" for c in dev_name)
+    with open(os.path.join(args.out, "skinny_gemm_tune.json"), "w") as f:
+        json.dump(dict(device=dev_name, sms=sms, torch=torch.__version__, results=results), f,
+                  indent=1)
+    with open(os.path.join(args.out, f"skinny_gemm_{safe}.json"), "w") as f:
+        json.dump(dict(device=dev_name, configs=table), f, indent=1)
+    print(f"\n{'model':12} {'shape':8} {'M':>2} {'N':>6} {'K':>5} | {'torch us':>8} {'GB/s':>6} | "
+          f"{'default':>8} {'GB/s':>6} | {'best us':>8} {'GB/s':>6} {'x':>5} | best config")
+    for r in results:
+        c = r["best_cfg"]
+        cs = (f"{'dot' if c.get('use_dot') else 'gemv'} bn{c['block_n']} bk{c['block_k']} "
+              f"sk{c['split_k']} w{c['num_warps']} s{c['num_stages']}")
+        print(f"{r['model']:12} {r['shape']:8} {r['m']:>2} {r['n']:>6} {r['k']:>5} | "
+              f"{r['torch_us']:>8.2f} {r['torch_gbps']:>6.0f} | {r['default_us']:>8.2f} "
+              f"{r['default_gbps']:>6.0f} | {r['best_us']:>8.2f} {r['best_gbps']:>6.0f} "
+              f"{r['speedup']:>5.2f} | {cs}{'' if r['use_skinny'] else '  (torch)'}")
+    print(f"\ntable -> {args.out}/skinny_gemm_{safe}.json; total {time.time() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""Skinny GEMM for decode: y[M, N] = x[M, K] @ W[N, K]^T (+ bias), M <= 16, fp16/bf16.
+
+At decode batch sizes a dense layer is a weight stream: every byte of W is read once and used for
+at most a handful of FMAs, so the kernel is judged by how close it gets to HBM bandwidth. cuBLAS's
+M=1 kernels reach only ~1.4 TB/s on the 4-12 MB matrices of a 0.6B model (H200); this kernel
+exists to do better there. Whether it beats torch on a given shape is decided on the device by
+benchmarks/skinny_gemm_tune.py, whose table (kvflow/kernels/configs/skinny_gemm_<device>.json)
+both picks tiles and says where to leave the product to cuBLAS (see `choose_config`).
+
+Grid (N blocks, K splits). A program owns a BLOCK_N slab of W's rows (row-major [N, K], K
+contiguous) and one K range. It walks the range in BLOCK_K steps, loading each [BLOCK_N, BLOCK_K]
+tile of W exactly once with contiguous, vectorised loads along K, and multiplies it by all M rows
+of x (a few KB, served from L1/L2), accumulating in fp32:
+  * GEMV form (USE_DOT=False, the default for M <= 4): broadcast multiply on the CUDA cores. With
+    a small accumulator (<= 64 fp32 registers a thread) the products are summed elementwise into a
+    [BLOCK_M, BLOCK_N, BLOCK_K] accumulator and reduced over K once after the loop (no shuffles in
+    the loop); larger tiles reduce over K every step into [BLOCK_M, BLOCK_N].
+  * dot form (USE_DOT=True, default for M > 4): tensor cores with the operands swapped,
+    out^T[BLOCK_N, 16] = W[BLOCK_N, BLOCK_K] @ x^T[BLOCK_K, 16]: W is the MMA's M side (any
+    multiple of 16, K-major as stored) and the few rows of x, zero-padded to 16, the N side. At
+    M = 8 the CUDA-core form needs 8 FMAs per weight, close to the FP32 peak at HBM rate.
+Decode shapes have few N blocks, so K is split until the grid has a few programs per SM. Split
+partials go to an fp32 buffer [SPLIT_K, M, N] that a second small kernel sums in split order,
+adds the bias and casts: deterministic (atomics would make the sum order, hence the rounding of
+the output, vary run to run) and CUDA-graph safe (the buffer's shape depends only on M, N and
+the config). With SPLIT_K == 1 the main kernel adds the bias and writes x.dtype itself. Either
+way the result is rounded once, from fp32, like `skinny_gemm_ref`.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_M = 16                 # rows the kernel takes; more rows go to cuBLAS (compute-bound GEMM)
+_ACC_REGS = 64             # deferred-reduction accumulator budget (fp32 registers per thread)
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+
+
+@triton.jit
+def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
+                        M, N, K, K_PER_SPLIT, stride_xm, stride_wn,
+                        HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, DEFER: tl.constexpr,
+                        EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    # Rows past N read row N-1 instead of being masked: the loads stay unpredicated along the
+    # slab and those outputs are never stored. W is streamed once (evict_first: it should not
+    # push x or the split partials out of L2).
+    w_rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * stride_wn   # [BN, 1]
+    k_lo = pid_k * K_PER_SPLIT                           # K_PER_SPLIT % BLOCK_K == 0
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    if USE_DOT:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)                      # out^T
+    elif DEFER:
+        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        if EVEN_K:
+            w = tl.load(w_rows + offs_k[None, :], eviction_policy="evict_first")   # [BN, BK]
+        else:
+            w = tl.load(w_rows + offs_k[None, :], mask=offs_k[None, :] < k_hi, other=0.0,
+                        eviction_policy="evict_first")
+        if USE_DOT:
+            x_mask = m_mask[None, :] if EVEN_K else m_mask[None, :] & (offs_k[:, None] < k_hi)
+            xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
+                         mask=x_mask, other=0.0)                                   # [BK, BM]
+            if IEEE:
+                acc = tl.dot(w, xt, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(w, xt, acc)
+        else:
+            x_mask = m_mask[:, None] if EVEN_K else m_mask[:, None] & (offs_k[None, :] < k_hi)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=x_mask, other=0.0)                                    # [BM, BK]
+            prod = x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]    # [BM, BN, BK]
+            if DEFER:
+                acc += prod
+            else:
+                acc += tl.sum(prod, axis=2)
+    if USE_DOT:
+        res = tl.trans(acc)                                                       # [BM, BN]
+    elif DEFER:
+        res = tl.sum(acc, axis=2)
+    else:
+        res = acc
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    out_offs = offs_m[:, None] * N + offs_n[None, :]
+    if HAS_BIAS:        # only set when there is a single split: the reduce kernel adds it
+        res += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + pid_k.to(tl.int64) * M * N + out_offs,
+             res.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _reduce_splits_kernel(part_ptr, b_ptr, out_ptr, MN, N, HAS_BIAS: tl.constexpr,
+                          SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+    """out[i] = sum_s part[s, i] (+ bias[i % N]) in fp32, in split order; cast to out's dtype."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT):
+        acc += tl.load(part_ptr + s * MN + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def skinny_gemm_ref(x: torch.Tensor, w: torch.Tensor,
+                    bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """fp32 product (+ bias), rounded once to x.dtype."""
+    y = x.float() @ w.float().T
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------- configs
+def m_bucket(m: int) -> int:
+    """Rows are tuned in power-of-two buckets: 1, 2, 4, 8, 16."""
+    return triton.next_power_of_2(m)
+
+
+def default_config(m: int, n: int, k: int, num_sms: int = 132) -> dict:
+    """Shape heuristic (used where the tuned table has no entry). GEMV tiles: 16 rows x 256
+    columns (a warp reads 512 contiguous bytes of a row, 16 bytes a thread), 4 warps: 8 KB of W
+    per step, and enough programs per SM to keep ~64 KB in flight. Dot tiles: 64 x 128 with a
+    4-stage pipeline. K is split (powers of two, at most 16, >= one BLOCK_K step per split) until
+    the grid has ~4 programs per SM."""
+    if m <= 4:
+        cfg = dict(block_n=16 if m <= 2 else 8, block_k=256, num_warps=4, num_stages=2,
+                   use_dot=False)
+    else:
+        cfg = dict(block_n=64, block_k=128, num_warps=4, num_stages=4, use_dot=True)
+    blocks = triton.cdiv(n, cfg["block_n"])
+    split = 1
+    while blocks * split < 4 * num_sms and split < 16 and k >= 2 * split * cfg["block_k"]:
+        split *= 2
+    cfg["split_k"] = split
+    return cfg
+
+
+def _device_file(device_name: str) -> str:
+    safe = "".join(c if c.isalnum() or c in "-." else "_" for c in device_name)
+    return os.path.join(CONFIG_DIR, f"skinny_gemm_{safe}.json")
+
+
+@functools.lru_cache(maxsize=None)
+def load_table(device_name: str) -> dict:
+    """The tuned table for a GPU model, {(n, k, m_bucket): config or None}; None means torch
+    (cuBLAS) was faster there. File format (written by benchmarks/skinny_gemm_tune.py):
+    {"device": name, "configs": {"N,K": {"M": config | null}}}. Missing file: empty table."""
+    path = _device_file(device_name)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        data = json.load(f)
+    table = {}
+    for nk, per_m in data["configs"].items():
+        n, k = (int(v) for v in nk.split(","))
+        for m, cfg in per_m.items():
+            table[(n, k, int(m))] = cfg
+    return table
+
+
+_DEVICE_INFO: dict = {}
+
+
+def _device_info(device: torch.device) -> tuple[str, int]:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _DEVICE_INFO:
+        props = torch.cuda.get_device_properties(idx)
+        _DEVICE_INFO[idx] = (props.name, props.multi_processor_count)
+    return _DEVICE_INFO[idx]
+
+
+_NO_ENTRY = object()
+
+
+def choose_config(m: int, n: int, k: int, device: Optional[torch.device] = None) -> Optional[dict]:
+    """The config for an (M, N, K) product: the tuned table's entry for (N, K, M bucket) on this
+    GPU model when there is one (None there: cuBLAS wins, don't use this kernel), else
+    `default_config`. Without a CUDA device (interpreter tests): the default for 132 SMs."""
+    if m > MAX_M:
+        return None
+    if device is None or device.type != "cuda":
+        return default_config(m, n, k)
+    name, sms = _device_info(device)
+    cfg = load_table(name).get((n, k, m_bucket(m)), _NO_ENTRY)
+    return default_config(m, n, k, sms) if cfg is _NO_ENTRY else cfg
+
+
+# --------------------------------------------------------------------------------- launch
+def skinny_gemm(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                config: Optional[dict] = None) -> torch.Tensor:
+    """x [M, K] @ w[N, K]^T (+ bias [N]) -> [M, N] in x.dtype, fp32 accumulation, M <= 16.
+    config: dict(block_n, block_k, split_k, num_warps, num_stages[, use_dot]); default
+    `choose_config` (the default heuristic where the table says cuBLAS wins: the caller decides
+    whether to call this at all)."""
+    assert x.dim() == 2 and w.dim() == 2 and x.shape[1] == w.shape[1], (x.shape, w.shape)
+    m, k = x.shape
+    n = w.shape[0]
+    assert 1 <= m <= MAX_M, f"skinny_gemm takes 1..{MAX_M} rows, got {m}"
+    x = x if x.stride(1) == 1 else x.contiguous()
+    w = w if w.stride(1) == 1 else w.contiguous()
+    if config is None:
+        config = choose_config(m, n, k, x.device) or default_config(m, n, k)
+    use_dot = bool(config.get("use_dot", False))
+    bn, bk = config["block_n"], config["block_k"]
+    # Each split covers a whole number of BLOCK_K steps, so steps never straddle splits.
+    k_per_split = triton.cdiv(triton.cdiv(k, max(1, config.get("split_k", 1))), bk) * bk
+    split = triton.cdiv(k, k_per_split)
+    block_m = max(16, triton.next_power_of_2(m)) if use_dot else triton.next_power_of_2(m)
+    warps = config.get("num_warps", 4)
+    defer = not use_dot and block_m * bn * bk <= _ACC_REGS * 32 * warps
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    part = out if split == 1 else torch.empty((split, m, n), device=x.device,
+                                              dtype=torch.float32)
+    has_bias = bias is not None
+    _skinny_gemm_kernel[(triton.cdiv(n, bn), split)](
+        x, w, bias if has_bias else w, part, m, n, k, k_per_split, x.stride(0), w.stride(0),
+        HAS_BIAS=has_bias and split == 1, USE_DOT=use_dot, DEFER=defer,
+        EVEN_K=k % bk == 0, IEEE=x.dtype == torch.float32,
+        BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk,
+        num_warps=warps, num_stages=config.get("num_stages", 2))
+    if split > 1:
+        block = 1024
+        _reduce_splits_kernel[(triton.cdiv(m * n, block),)](
+            part, bias if has_bias else part, out, m * n, n, HAS_BIAS=has_bias, SPLIT=split,
+            BLOCK=block, num_warps=4)
+    return out

@@ -1,0 +1,181 @@
+"""The skinny (decode) GEMM kernel vs its torch reference, its config table, and the dense-linear
+dispatch that uses it (KVFLOW_SKINNY_GEMM).
+
+Without a GPU the kernel runs under Triton's CPU interpreter (TRITON_INTERPRET=1, set here before
+triton is first imported) on tiny shapes; the interpreter handles fp16 and bf16 loads/arithmetic
+(tl.dot on bf16 through the patch in kvflow/kernels/__init__.py), so both dtypes are tested
+directly. With a CUDA device the same tests run compiled, plus the `gpu`-marked model shapes:
+    pytest tests/test_skinny_gemm.py
+"""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+import kvflow.kernels  # noqa: E402,F401  (applies the interpreter fixes)
+import kvflow.kernels.skinny_gemm as sg  # noqa: E402
+from kvflow.layers import linear as linear_mod  # noqa: E402
+
+INTERPRET = isinstance(sg._skinny_gemm_kernel, InterpretedFunction)
+if INTERPRET:
+    DEVICE = "cpu"
+elif torch.cuda.is_available():
+    DEVICE = "cuda"
+else:
+    pytest.skip("kvflow.kernels was imported without TRITON_INTERPRET=1 and there is no GPU",
+                allow_module_level=True)
+
+
+def _close(out, ref, dtype):
+    """The kernel and the reference both round an fp32 sum once; only the summation order
+    differs, so allow one or two output ulps (relative to the output's scale)."""
+    assert out.dtype == ref.dtype == dtype and out.shape == ref.shape
+    assert not torch.isnan(out).any()
+    ulp = {torch.float32: 1e-6, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}[dtype]
+    scale = ref.float().abs().max().item() + 1.0
+    torch.testing.assert_close(out.float(), ref.float(), atol=2 * ulp * scale, rtol=0)
+
+
+def _operands(m, n, k, dtype, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(dtype).to(DEVICE)
+    w = torch.randn(n, k, generator=g).to(dtype).to(DEVICE)
+    b = torch.randn(n, generator=g).to(dtype).to(DEVICE) if bias else None
+    return x, w, b
+
+
+# N = 37 and K = 200 are multiples of no block; K = 192 is a multiple of BLOCK_K=64 (EVEN_K).
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("use_dot", [False, True])
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_matches_reference(dtype, m, use_dot, split_k):
+    for k, bias in ((200, True), (192, False)):
+        x, w, b = _operands(m, 37, k, dtype, bias)
+        cfg = dict(block_n=16, block_k=64, split_k=split_k, num_warps=4, num_stages=2,
+                   use_dot=use_dot)
+        _close(sg.skinny_gemm(x, w, b, cfg), sg.skinny_gemm_ref(x, w, b), dtype)
+
+
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_fp32_and_large_split(m):
+    """fp32 inputs (IEEE dot, not TF32), more splits than K blocks asked for (clamped), the
+    per-step K reduction (accumulator above the deferred budget) and 16 rows."""
+    x, w, b = _operands(m, 33, 130, torch.float32, True, seed=1)
+    step = dict(block_n=32, block_k=128) if m == 1 else dict(block_n=8, block_k=32)
+    for cfg in (dict(block_n=32, block_k=32, split_k=16, num_warps=1, use_dot=True),
+                dict(step, split_k=2, num_warps=1, use_dot=False)):
+        _close(sg.skinny_gemm(x, w, b, cfg), sg.skinny_gemm_ref(x, w, b), torch.float32)
+
+
+@pytest.mark.parametrize("m, n, k", [(1, 40, 1024), (3, 24, 512), (8, 80, 300)])
+def test_default_configs(m, n, k):
+    """The heuristic's configs (GEMV / dot, split K, BLOCK_K=256 over a ragged K)."""
+    x, w, b = _operands(m, n, k, torch.bfloat16, True, seed=2)
+    _close(sg.skinny_gemm(x, w, b), sg.skinny_gemm_ref(x, w, b), torch.bfloat16)
+
+
+def test_strided_inputs_and_deterministic():
+    x, w, b = _operands(4, 40, 96, torch.float16, True, seed=3)
+    xs = torch.zeros(4, 128, dtype=x.dtype, device=DEVICE)
+    xs[:, :96] = x                                       # row stride 128 != K
+    cfg = dict(block_n=16, block_k=32, split_k=3, num_warps=4)
+    out = sg.skinny_gemm(xs[:, :96], w, b, cfg)
+    _close(out, sg.skinny_gemm_ref(x, w, b), torch.float16)
+    assert torch.equal(out, sg.skinny_gemm(x, w, b, cfg))
+
+
+def test_default_config_heuristic():
+    # Qwen3-0.6B o_proj at M=1: 64 slabs of 16 rows, split until ~4 programs per SM.
+    cfg = sg.default_config(1, 1024, 2048, num_sms=132)
+    assert cfg["use_dot"] is False and cfg["split_k"] == 8
+    assert sg.default_config(8, 1024, 2048)["use_dot"] is True
+    assert sg.default_config(1, 151936, 1024)["split_k"] == 1      # LM head: enough slabs
+    assert sg.default_config(1, 64, 256)["split_k"] == 1           # K too short to split
+    assert sg.choose_config(17, 64, 64) is None                    # past MAX_M
+
+
+def test_tuned_table(tmp_path, monkeypatch):
+    """The device's table: an entry's config, null (cuBLAS wins), heuristic elsewhere."""
+    monkeypatch.setattr(sg, "CONFIG_DIR", str(tmp_path))
+    monkeypatch.setattr(sg, "_device_info", lambda device: ("Fake GPU X", 100))
+    sg.load_table.cache_clear()
+    cfg = dict(block_n=32, block_k=128, split_k=2, num_warps=4, num_stages=3, use_dot=False)
+    (tmp_path / "skinny_gemm_Fake_GPU_X.json").write_text(json.dumps(
+        {"device": "Fake GPU X", "configs": {"1024,2048": {"1": cfg, "8": None}}}))
+    try:
+        dev = torch.device("cuda", 0)
+        assert sg.choose_config(1, 1024, 2048, dev) == cfg
+        assert sg.choose_config(7, 1024, 2048, dev) is None           # bucket 8: cuBLAS
+        assert sg.choose_config(2, 1024, 2048, dev) == sg.default_config(2, 1024, 2048, 100)
+        assert sg.choose_config(1, 4096, 1024, dev) == sg.default_config(1, 4096, 1024, 100)
+    finally:
+        sg.load_table.cache_clear()
+
+
+# ---------------------------------------------------------------------------------- dispatch
+def test_dispatch_off_by_default_cpu_unchanged(monkeypatch):
+    """KVFLOW_SKINNY_GEMM unset: layers (column / row parallel, LM head) compute exactly
+    F.linear; set, CPU inputs still do (the kernel is CUDA-only)."""
+    from kvflow.layers.embedding import ParallelLMHead
+    from kvflow.layers.linear import ReplicatedLinear, RowParallelLinear
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 48, generator=g).to(torch.bfloat16)
+    for flag in (None, "1"):
+        if flag is None:
+            monkeypatch.delenv("KVFLOW_SKINNY_GEMM", raising=False)
+        else:
+            monkeypatch.setenv("KVFLOW_SKINNY_GEMM", flag)
+        lin = ReplicatedLinear(48, 24, bias=True).to(torch.bfloat16)
+        row = RowParallelLinear(48, 24, bias=True).to(torch.bfloat16)
+        head = ParallelLMHead(40, 48).to(torch.bfloat16)
+        assert lin.skinny_gemm == row.skinny_gemm == head.skinny_gemm == (flag == "1")
+        for mod in (lin, row, head):
+            for p in mod.parameters():
+                p.data.copy_(torch.randn(p.shape, generator=g))
+        assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
+        assert torch.equal(row(x), F.linear(x, row.weight) + row.bias)
+        assert torch.equal(head.compute_logits(x), F.linear(x, head.weight))
+
+
+def test_skinny_linear_path():
+    """What the dispatch runs on CUDA (run here on the interpreter's CPU tensors): leading dims
+    flattened to rows, up to MAX_M rows through the kernel, more through F.linear."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(24, 64, generator=g).to(torch.float16).to(DEVICE)
+    b = torch.randn(24, generator=g).to(torch.float16).to(DEVICE)
+    x = torch.randn(2, 3, 64, generator=g).to(torch.float16).to(DEVICE)
+    out = linear_mod._skinny_linear(x, w, b)
+    assert out.shape == (2, 3, 24)
+    _close(out.reshape(6, 24), sg.skinny_gemm_ref(x.reshape(6, 64), w, b), torch.float16)
+    big = torch.randn(sg.MAX_M + 1, 64, generator=g).to(torch.float16).to(DEVICE)
+    assert torch.equal(linear_mod._skinny_linear(big, w, b), F.linear(big, w, b))
+
+
+def test_skinny_linear_op_schema():
+    """The opaque op compiled graphs call: schema, fake (meta) impl and dynamic shapes."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 32, generator=g).to(DEVICE)
+    w = torch.randn(16, 32, generator=g).to(DEVICE)
+    for b in (None, torch.randn(16, generator=g).to(DEVICE)):
+        torch.library.opcheck(torch.ops.kvflow.skinny_linear.default, (x, w, b),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+# -------------------------------------------------------------------------- device shapes
+@pytest.mark.gpu
+@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs CUDA, compiled")
+@pytest.mark.parametrize("m", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("n, k", [(4096, 1024), (1024, 3072), (151936, 1024), (6144, 4096)])
+def test_model_shapes_gpu(m, n, k):
+    x, w, b = _operands(m, n, k, torch.bfloat16, False)
+    _close(sg.skinny_gemm(x, w, b), sg.skinny_gemm_ref(x, w, b), torch.bfloat16)
