@@ -33,8 +33,9 @@ def fused_moe_kernel() -> bool:
 
 
 def skinny_gemm() -> bool:
-    """KVFLOW_SKINNY_GEMM=1: unquantized linear layers (incl. tensor-parallel shards, the LM head
+    """KVFLOW_SKINNY_GEMM (default 1): unquantized linear layers (incl. tensor-parallel shards, the LM head
     and MoE routers) on CUDA with fp16/bf16 inputs of at most 16 rows use the Triton skinny GEMM
     (kvflow/kernels/skinny_gemm.py) instead of cuBLAS, except on shapes where the device's tuned
-    table says cuBLAS is faster. Default 0 (off). Read when a layer is built."""
-    return os.environ.get("KVFLOW_SKINNY_GEMM", "0") == "1"
+    table measured a win (kvflow/kernels/configs/skinny_gemm_<gpu>.json; other shapes and GPUs
+    keep cuBLAS). 0 turns it off. Read when a layer is built."""
+    return os.environ.get("KVFLOW_SKINNY_GEMM", "1") != "0"

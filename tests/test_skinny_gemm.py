@@ -105,7 +105,8 @@ def test_default_config_heuristic():
 
 
 def test_tuned_table(tmp_path, monkeypatch):
-    """The device's table: an entry's config, null (cuBLAS wins), heuristic elsewhere."""
+    """The device's table: an entry's config; null (cuBLAS wins) and shapes it never measured
+    both mean cuBLAS."""
     monkeypatch.setattr(sg, "CONFIG_DIR", str(tmp_path))
     monkeypatch.setattr(sg, "_device_info", lambda device: ("Fake GPU X", 100))
     sg.load_table.cache_clear()
@@ -116,21 +117,21 @@ def test_tuned_table(tmp_path, monkeypatch):
         dev = torch.device("cuda", 0)
         assert sg.choose_config(1, 1024, 2048, dev) == cfg
         assert sg.choose_config(7, 1024, 2048, dev) is None           # bucket 8: cuBLAS
-        assert sg.choose_config(2, 1024, 2048, dev) == sg.default_config(2, 1024, 2048, 100)
-        assert sg.choose_config(1, 4096, 1024, dev) == sg.default_config(1, 4096, 1024, 100)
+        assert sg.choose_config(2, 1024, 2048, dev) is None            # bucket not measured
+        assert sg.choose_config(1, 4096, 1024, dev) is None            # shape not measured
     finally:
         sg.load_table.cache_clear()
 
 
 # ---------------------------------------------------------------------------------- dispatch
-def test_dispatch_off_by_default_cpu_unchanged(monkeypatch):
-    """KVFLOW_SKINNY_GEMM unset: layers (column / row parallel, LM head) compute exactly
-    F.linear; set, CPU inputs still do (the kernel is CUDA-only)."""
+def test_dispatch_cpu_unchanged(monkeypatch):
+    """KVFLOW_SKINNY_GEMM on (the default) or 0: layers (column / row parallel, LM head) on CPU
+    compute exactly F.linear (the kernel is CUDA-only)."""
     from kvflow.layers.embedding import ParallelLMHead
     from kvflow.layers.linear import ReplicatedLinear, RowParallelLinear
     g = torch.Generator().manual_seed(4)
     x = torch.randn(2, 48, generator=g).to(torch.bfloat16)
-    for flag in (None, "1"):
+    for flag in (None, "0"):
         if flag is None:
             monkeypatch.delenv("KVFLOW_SKINNY_GEMM", raising=False)
         else:
@@ -138,7 +139,7 @@ def test_dispatch_off_by_default_cpu_unchanged(monkeypatch):
         lin = ReplicatedLinear(48, 24, bias=True).to(torch.bfloat16)
         row = RowParallelLinear(48, 24, bias=True).to(torch.bfloat16)
         head = ParallelLMHead(40, 48).to(torch.bfloat16)
-        assert lin.skinny_gemm == row.skinny_gemm == head.skinny_gemm == (flag == "1")
+        assert lin.skinny_gemm == row.skinny_gemm == head.skinny_gemm == (flag is None)
         for mod in (lin, row, head):
             for p in mod.parameters():
                 p.data.copy_(torch.randn(p.shape, generator=g))
