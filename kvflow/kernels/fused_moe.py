@@ -1,6 +1,7 @@
 """Fused MoE for CUDA: tokens sorted and padded per expert, two grouped GEMMs.
 
-Layout (built with torch ops only, no host sync, so it is CUDA-graph/compile friendly):
+Layout (built by one Triton kernel, `moe_routing.align_by_expert_triton`; `align_by_expert`
+here is its torch reference; no host sync, so it is CUDA-graph/compile friendly):
   * the T*K (token, expert) pairs are sorted by expert and each expert's group padded to a
     multiple of BLOCK_M; `sorted_pairs[p]` is the pair index at padded row p (T*K = padding);
   * `block_expert[b]` is the expert of padded block b (E for blocks past the end: they exit).
@@ -9,7 +10,8 @@ The grid is sized by the worst case T*K + E*(BLOCK_M-1) rows, known from shapes 
 Kernel 1: rows of x gathered by pair, times the expert's gate and up tiles in one pass (two
 accumulators), silu(gate)*up stored per padded row -> h [P, I].
 Kernel 2: h times the expert's down tile, scaled by the routing weight, stored per pair ->
-[T*K, H]; the K partial outputs of a token are summed in torch (deterministic, no atomics).
+[T*K, H]; the K partial outputs of a token are summed by `moe_routing.moe_sum` (deterministic,
+no atomics).
 The torch reference is kvflow.layers.moe.fused_moe_torch.
 """
 from __future__ import annotations
@@ -17,6 +19,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from kvflow.kernels.moe_routing import align_by_expert_triton, moe_sum
 
 
 @triton.jit
@@ -98,7 +102,8 @@ def _down_kernel(h_ptr, w2_ptr, out_ptr, pairs_ptr, block_expert_ptr, weights_pt
 
 
 def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
-    """topk_ids [T, K] -> (sorted_pairs [P] int32, block_expert [P // block_m] int32) with
+    """Torch reference of moe_routing.align_by_expert_triton (which fused_moe uses).
+    topk_ids [T, K] -> (sorted_pairs [P] int32, block_expert [P // block_m] int32) with
     P = T*K + E*(block_m-1) rounded up to block_m: the worst case, so no host sync.
 
     An id equal to num_experts (expert parallel: the expert lives on another rank) gets no row:
@@ -157,7 +162,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     cfg = dict(config or choose_config(t * k, x.dtype))
     block_m, block_n, block_k = cfg.pop("block_m"), cfg.pop("block_n"), cfg.pop("block_k")
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
-    pairs, block_expert = align_by_expert(topk_ids, e, block_m)
+    pairs, block_expert = align_by_expert_triton(topk_ids, e, block_m)
     p = pairs.numel()
     hbuf = torch.empty((p, inter), dtype=x.dtype, device=x.device)     # [P, I] padded rows
     # [T*K, H] per pair; remote pairs are never written, so they must start at zero.
@@ -175,4 +180,4 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=ieee, **cfg)
     # Sum each token's K expert outputs in fp32 (the reference accumulates in x.dtype via
     # index_add; identical in fp32).
-    return out.view(t, k, h).float().sum(1).to(x.dtype)
+    return moe_sum(out.view(t, k, h), x.dtype)
