@@ -24,12 +24,14 @@ except ImportError:  # CPU-only install without triton
 
 
 def _fix_triton_interpreter() -> None:
-    """Work around two bugs of Triton 3.6's CPU interpreter (TRITON_INTERPRET=1 only; the
+    """Work around three bugs of Triton 3.6's CPU interpreter (TRITON_INTERPRET=1 only; the
     compiled GPU path is untouched):
       * scalars are 1-element arrays of shape (1,), and NumPy >= 2.4 refuses int() on those, so
         `range(lo, hi)` with loaded bounds fails: make tensor.__index__ use .item();
       * tl.dot on bf16 multiplies the raw uint16 bit patterns: upcast bf16 operands to fp32
-        first (exact, and what the tensor cores compute with fp32 accumulation).
+        first (exact, and what the tensor cores compute with fp32 accumulation);
+      * fp32 -> bf16 casts truncate the mantissa: round to nearest even instead, as the GPU
+        (and torch) do, so bf16 outputs can be compared bit for bit.
     Best effort: if the interpreter's internals differ, nothing is patched."""
     try:
         import numpy as np
@@ -42,6 +44,7 @@ def _fix_triton_interpreter() -> None:
     try:
         orig_patch_tensor = interp._patch_lang_tensor
         orig_create_dot = interp.InterpreterBuilder.create_dot
+        orig_cast = interp.InterpreterBuilder.cast_impl
         convert, handle_cls = interp._convert_float, interp.TensorHandle
     except AttributeError:
         return
@@ -60,7 +63,17 @@ def _fix_triton_interpreter() -> None:
         return orig_create_dot(self, to_f32(a), to_f32(b), d, input_precision,
                                max_num_imprecise_acc)
 
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32)
+            rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+            nan = ((bits >> 16) & 0x8000 | 0x7FC0).astype(np.uint16)     # quiet NaN, sign kept
+            out = np.where(np.isnan(src.data), nan, rounded)
+            return handle_cls(out.view(np.uint16), tl.bfloat16)
+        return orig_cast(self, src, dst_type)
+
     interp._patch_lang_tensor = patch_tensor
+    interp.InterpreterBuilder.cast_impl = cast_impl
     interp.InterpreterBuilder.create_dot = create_dot
     interp._kvflow_patched = True
 

@@ -1,6 +1,7 @@
 """Fused MoE for CUDA: tokens sorted and padded per expert, two grouped GEMMs.
 
-Layout (built with torch ops only, no host sync, so it is CUDA-graph/compile friendly):
+Layout (built by one Triton kernel, `moe_routing.align_by_expert_triton`; `align_by_expert`
+here is its torch reference; no host sync, so it is CUDA-graph/compile friendly):
   * the T*K (token, expert) pairs are sorted by expert and each expert's group padded to a
     multiple of BLOCK_M; `sorted_pairs[p]` is the pair index at padded row p (T*K = padding);
   * `block_expert[b]` is the expert of padded block b (E for blocks past the end: they exit).
@@ -9,7 +10,8 @@ The grid is sized by the worst case T*K + E*(BLOCK_M-1) rows, known from shapes 
 Kernel 1: rows of x gathered by pair, times the expert's gate and up tiles in one pass (two
 accumulators), silu(gate)*up stored per padded row -> h [P, I].
 Kernel 2: h times the expert's down tile, scaled by the routing weight, stored per pair ->
-[T*K, H]; the K partial outputs of a token are summed in torch (deterministic, no atomics).
+[T*K, H]; the K partial outputs of a token are summed by `moe_routing.moe_sum` (deterministic,
+no atomics).
 The torch reference is kvflow.layers.moe.fused_moe_torch.
 """
 from __future__ import annotations
@@ -21,6 +23,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from kvflow.kernels.moe_routing import align_by_expert_triton, moe_sum
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
@@ -102,7 +106,8 @@ def _down_kernel(h_ptr, w2_ptr, out_ptr, pairs_ptr, block_expert_ptr, weights_pt
 
 
 def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
-    """topk_ids [T, K] -> (sorted_pairs [P] int32, block_expert [P // block_m] int32) with
+    """Torch reference of moe_routing.align_by_expert_triton (which fused_moe uses).
+    topk_ids [T, K] -> (sorted_pairs [P] int32, block_expert [P // block_m] int32) with
     P = T*K + E*(block_m-1) rounded up to block_m: the worst case, so no host sync.
 
     An id equal to num_experts (expert parallel: the expert lives on another rank) gets no row:
@@ -137,6 +142,7 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
 # everything else is per kernel: gate/up (K = hidden, two accumulators) and down (K =
 # intermediate) peak at different tiles, e.g. at decode the down GEMM has few output columns
 # per expert and needs narrow BLOCK_N to keep every SM streaming.
+_TRITON_ALIGN_MAX = 1 << 20     # pairs x experts above which align_by_expert (torch) is used
 _KERNEL_KEYS = ("block_n", "block_k", "num_warps", "num_stages")
 _TUNED_PATH = os.path.join(os.path.dirname(__file__), "configs", "fused_moe.json")
 
@@ -243,7 +249,11 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     cfg = _split(config) if config else choose_config(t * k, x.dtype, e, h, inter, x.device)
     block_m = cfg["block_m"]
     x, w13, w2 = x.contiguous(), w13.contiguous(), w2.contiguous()
-    pairs, block_expert = align_by_expert(topk_ids, e, block_m)
+    # One Triton program aligns small batches (a few launches less per layer at decode); its
+    # serial work grows with pairs x experts, so big prefills (e.g. 128 experts x 64k pairs)
+    # take the torch path -- identical output, also sync-free.
+    align = align_by_expert_triton if t * k * e <= _TRITON_ALIGN_MAX else align_by_expert
+    pairs, block_expert = align(topk_ids, e, block_m)
     hbuf = torch.empty((pairs.numel(), inter), dtype=x.dtype, device=x.device)  # [P, I]
     # [T*K, H] per pair; remote pairs are never written, so they must start at zero.
     out = (torch.zeros if has_remote else torch.empty)((t * k, h), dtype=x.dtype, device=x.device)
@@ -252,4 +262,4 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     launch_down(hbuf, w2, out, pairs, block_expert, weights, block_m, cfg["down"])
     # Sum each token's K expert outputs in fp32 (the reference accumulates in x.dtype via
     # index_add; identical in fp32).
-    return out.view(t, k, h).float().sum(1).to(x.dtype)
+    return moe_sum(out.view(t, k, h), x.dtype)

@@ -26,10 +26,11 @@ experts, then all-to-all back), moves T*K/ranks rows instead and pays off across
 EP sizes; it needs per-step variable-size exchanges and is not implemented.
 
 Compute: `fused_moe` — the Triton grouped GEMM on CUDA (kvflow/kernels/fused_moe.py; default,
-KVFLOW_FUSED_MOE=0 turns it off), else the torch reference `fused_moe_torch` (tokens sorted by
-expert, one matmul per expert on its contiguous rows, weighted scatter-add combine). The Triton
-path sizes everything from shapes (no host sync), so MoE models capture CUDA graphs exactly when
-it is in use (`moe_dispatch_graph_safe`); the reference reads expert counts back to the host.
+KVFLOW_FUSED_MOE=0 turns it off, and the Triton top-k of `select_experts` with it), else the
+torch reference `fused_moe_torch` (tokens sorted by expert, one matmul per expert on its
+contiguous rows, weighted scatter-add combine). The Triton path sizes everything from shapes
+(no host sync), so MoE models capture CUDA graphs exactly when it is in use
+(`moe_dispatch_graph_safe`); the reference reads expert counts back to the host.
 """
 from __future__ import annotations
 
@@ -86,7 +87,13 @@ def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool,
     scoring "softmax" (Mixtral, Qwen-MoE): softmax in float32 before top-k, as HF does;
     renormalised top-k weights sum to 1.
     scoring "sigmoid" (Llama 4): top-k of the raw logits, each weight sigmoid(logit) in
-    float32, independent of the other experts (never renormalised)."""
+    float32, independent of the other experts (never renormalised).
+
+    On CUDA with the fused MoE kernel, one Triton kernel (kvflow/kernels/moe_routing.py) does
+    the scoring and selection; elsewhere these torch ops."""
+    if router_logits.is_cuda and moe_dispatch_graph_safe():
+        from kvflow.kernels.moe_routing import topk_softmax
+        return topk_softmax(router_logits, top_k, renormalize, scoring)
     if scoring == "sigmoid":
         logits, ids = torch.topk(router_logits, top_k, dim=-1)
         return torch.sigmoid(logits.float()), ids

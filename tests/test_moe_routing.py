@@ -1,0 +1,132 @@
+"""MoE routing kernels (kvflow/kernels/moe_routing.py) against their torch references: top-k vs
+select_experts, the expert alignment vs fused_moe.align_by_expert (exactly), the combine vs
+`.float().sum(1).to(dtype)` (bit for bit).
+
+Without a GPU they run under Triton's CPU interpreter (TRITON_INTERPRET=1, set here before
+triton is first imported) on small shapes; with a CUDA device, compiled on it.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+pytest.importorskip("triton")
+
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+from kvflow.kernels.fused_moe import align_by_expert  # noqa: E402
+from kvflow.kernels.moe_routing import (  # noqa: E402
+    _align_kernel, align_by_expert_triton, moe_sum, topk_softmax)
+from kvflow.layers.moe import select_experts  # noqa: E402
+
+if isinstance(_align_kernel, InterpretedFunction):
+    DEVICE = "cpu"
+elif torch.cuda.is_available():
+    DEVICE = "cuda"
+else:
+    pytest.skip("kvflow.kernels was imported without TRITON_INTERPRET=1 and there is no GPU",
+                allow_module_level=True)
+
+
+def _torch_select(logits, k, renorm, scoring="softmax"):
+    """select_experts' torch path (on CUDA select_experts itself dispatches to topk_softmax)."""
+    return select_experts(logits.cpu(), k, renorm, scoring)
+
+
+# ------------------------------------------------------------------------------------- top-k
+@pytest.mark.parametrize("e,k", [(4, 1), (8, 2), (5, 3), (16, 4), (128, 8)])
+@pytest.mark.parametrize("renorm", [True, False])
+def test_topk_softmax_matches_select_experts(e, k, renorm):
+    g = torch.Generator().manual_seed(e * 10 + k)
+    for t in (1, 7, 33):
+        logits = torch.randn(t, e, generator=g) * 3                # no ties (continuous)
+        w, ids = topk_softmax(logits.to(DEVICE), k, renorm)
+        rw, rids = _torch_select(logits, k, renorm)
+        assert w.dtype == torch.float32 and ids.dtype == rids.dtype == torch.int64
+        assert torch.equal(ids.cpu(), rids)
+        torch.testing.assert_close(w.cpu(), rw, atol=1e-6, rtol=1e-5)
+
+
+def test_topk_bf16_logits_and_sigmoid_scoring():
+    """bf16 router logits (softmax in fp32 as select_experts), and Llama 4's sigmoid scoring:
+    top-k of the raw logits, weight sigmoid(logit), renormalize ignored."""
+    g = torch.Generator().manual_seed(1)
+    t, e = 19, 16
+    # Distinct in bf16: a permutation of multiples of 1/16.
+    logits = torch.stack([torch.randperm(e, generator=g) for _ in range(t)]).float() / 16 - 0.5
+    logits = logits.bfloat16()
+    for k, renorm, scoring in [(2, True, "softmax"), (1, False, "sigmoid"), (3, True, "sigmoid")]:
+        w, ids = topk_softmax(logits.to(DEVICE), k, renorm, scoring)
+        rw, rids = _torch_select(logits, k, renorm, scoring)
+        assert torch.equal(ids.cpu(), rids)
+        torch.testing.assert_close(w.cpu(), rw, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="scoring"):
+        topk_softmax(logits.to(DEVICE), 2, True, "relu")
+    w, ids = topk_softmax(logits[:0].to(DEVICE), 2, True)          # idle step
+    assert w.shape == ids.shape == (0, 2)
+
+
+def test_topk_ties_pick_the_lowest_expert():
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0], [2.0, 2.0, 2.0, 2.0, 2.0]])
+    w, ids = topk_softmax(logits.to(DEVICE), 3, True)
+    assert ids.tolist() == [[1, 2, 4], [0, 1, 2]]
+    torch.testing.assert_close(w.cpu(), torch.full((2, 3), 1 / 3))
+
+
+# --------------------------------------------------------------------------------- alignment
+@pytest.mark.parametrize("e", [4, 8, 16, 128])
+@pytest.mark.parametrize("block_m", [16, 32, 64])
+def test_align_matches_torch_reference(e, block_m):
+    """Every (T, K), with and without remote ids (== E, expert parallel): identical outputs."""
+    g = torch.Generator().manual_seed(e + block_m)
+    for t in (1, 2, 7, 33, 130):
+        for k in (1, 2, 4):
+            for hi in (e, e + 1):                                    # e + 1: some ids remote
+                ids = torch.randint(0, hi, (t, k), generator=g).to(DEVICE)
+                pairs, blocks = align_by_expert_triton(ids, e, block_m)
+                ref_pairs, ref_blocks = align_by_expert(ids, e, block_m)
+                assert pairs.dtype == blocks.dtype == torch.int32
+                assert torch.equal(pairs, ref_pairs), (t, k, hi)
+                assert torch.equal(blocks, ref_blocks), (t, k, hi)
+
+
+@pytest.mark.parametrize("fill", ["one_expert", "all_remote", "last_expert"])
+def test_align_degenerate_routings(fill):
+    """All pairs on one expert (a group longer than a chunk), or none local at all."""
+    t, k, e, block_m = 300, 2, 8, 16
+    value = {"one_expert": 3, "all_remote": e, "last_expert": e - 1}[fill]
+    ids = torch.full((t, k), value, dtype=torch.int64, device=DEVICE)
+    pairs, blocks = align_by_expert_triton(ids, e, block_m)
+    ref_pairs, ref_blocks = align_by_expert(ids, e, block_m)
+    assert torch.equal(pairs, ref_pairs) and torch.equal(blocks, ref_blocks)
+    if fill == "all_remote":
+        assert (pairs == t * k).all() and (blocks == e).all()
+
+
+def test_align_int32_strided_and_empty_input():
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 9, (33, 4), generator=g).to(DEVICE, torch.int32)
+    for sel in (ids, ids[:, ::2]):                                      # [33, 4], [33, 2] strided
+        for got, ref in zip(align_by_expert_triton(sel, 8, 16), align_by_expert(sel, 8, 16)):
+            assert torch.equal(got, ref)
+    pairs, blocks = align_by_expert_triton(ids[:0], 8, 16)             # idle step
+    ref_pairs, ref_blocks = align_by_expert(ids[:0], 8, 16)
+    assert torch.equal(pairs, ref_pairs) and torch.equal(blocks, ref_blocks)
+
+
+# ----------------------------------------------------------------------------------- combine
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_moe_sum_is_bit_equal_to_torch(dtype):
+    g = torch.Generator().manual_seed(2)
+    for t, k, h in [(1, 1, 50), (5, 2, 64), (3, 3, 1500), (4, 8, 96)]:
+        out = (torch.randn(t * k, h, generator=g) * 4).to(DEVICE, dtype)   # [T*K, H] per pair
+        got = moe_sum(out.view(t, k, h), dtype)
+        ref = out.view(t, k, h).float().sum(1).to(dtype)
+        assert got.dtype == dtype and got.shape == (t, h)
+        assert torch.equal(got, ref), (t, k, h, (got.float() - ref.float()).abs().max())
+    strided = torch.randn(4, 2, 2 * 40, generator=g).to(DEVICE, dtype)[..., ::2]   # stride 2
+    assert torch.equal(moe_sum(strided, dtype), strided.float().sum(1).to(dtype))
+    assert moe_sum(strided[:0], dtype).shape == (0, 40)
