@@ -307,9 +307,77 @@ class ParallelConfig:
         return "mp" if self.tensor_parallel_size > 1 else "uni"
 
 
+# ---------------------------------------------------------------------------------- compilation
+# Compilation levels, with vLLM's numbering (`-O3`, compilation_config={"level": 3}):
+#   0  no compilation: the model forward runs eagerly (CUDA graphs are still captured on GPU).
+#   3  torch.compile of the model forward through the compile cache (kvflow/compilation/).
+# vLLM's 1 (stock torch.compile) and 2 (trace once) also compile the forward there, so a
+# command line written for vLLM with -O1 / -O2 compiles here too: both are accepted as aliases
+# of 3 (normalised at construction, so the config and the compile cache key only ever see 0
+# or 3).
+NO_COMPILATION = 0
+COMPILE_FORWARD = 3
+COMPILATION_LEVEL_ALIASES = {0: NO_COMPILATION, 1: COMPILE_FORWARD, 2: COMPILE_FORWARD,
+                             3: COMPILE_FORWARD}
+# The default level. Off until the GPU gain is measured by a device benchmark: flipping the
+# default is this one line.
+DEFAULT_COMPILATION_LEVEL = NO_COMPILATION
+
+
 @dataclass(frozen=True)
 class CompilationConfig:
+    """level: see COMPILATION_LEVEL_ALIASES. enforce_eager=True overrides it: no torch.compile
+    and no CUDA graphs (`compile_forward` is the effective switch)."""
+    level: int = DEFAULT_COMPILATION_LEVEL
     enforce_eager: bool = False
+
+    def __post_init__(self):
+        level = self.level
+        if isinstance(level, bool) or not isinstance(level, int) \
+                or level not in COMPILATION_LEVEL_ALIASES:
+            raise _fail("compilation_config", f"level must be 0 (no compile) or 3 (torch.compile "
+                                              f"of the model forward; 1 and 2 are accepted as "
+                                              f"aliases of 3), got {level!r}")
+        object.__setattr__(self, "level", COMPILATION_LEVEL_ALIASES[level])
+        object.__setattr__(self, "enforce_eager", bool(self.enforce_eager))
+
+    @property
+    def compile_forward(self) -> bool:
+        """Whether the worker runs the model forward through torch.compile."""
+        return self.level == COMPILE_FORWARD and not self.enforce_eager
+
+    @classmethod
+    def parse(cls, value: Any, enforce_eager: bool = False) -> "CompilationConfig":
+        """From None (the default level), an int level, a dict {"level": N} (vLLM's newer
+        spelling {"mode": N} too), a CompilationConfig, or a string holding an int or a JSON
+        object (the CLI's --compilation-config / -O). Unknown keys are errors naming them."""
+        if value is None:
+            return cls(enforce_eager=enforce_eager)
+        if isinstance(value, cls):
+            return dataclasses.replace(value, enforce_eager=value.enforce_eager or enforce_eager)
+        if isinstance(value, str):
+            text = value.strip()
+            try:
+                value = json.loads(text)
+            except ValueError as e:
+                raise _fail("compilation_config", f"must be an integer level or a JSON object, "
+                                                  f"got {text!r} ({e})") from None
+        if isinstance(value, dict):
+            value = dict(value)
+            if "mode" in value:
+                if "level" in value and value["level"] != value["mode"]:
+                    raise _fail("compilation_config", f"'level' ({value['level']!r}) and 'mode' "
+                                                      f"({value['mode']!r}) disagree")
+                value["level"] = value.pop("mode")
+            unknown = sorted(set(value) - {"level"})
+            if unknown:
+                raise _fail("compilation_config", f"unknown keys {unknown}; known: ['level'] "
+                                                  "(or its alias 'mode')")
+            value = value.get("level", DEFAULT_COMPILATION_LEVEL)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _fail("compilation_config", f"must be an integer level (0 or 3) or a dict "
+                                              f"{{'level': N}}, got {value!r}")
+        return cls(level=value, enforce_eager=enforce_eager)
 
 
 # ---------------------------------------------------------------------------------- KV transfer
@@ -508,7 +576,7 @@ def create_engine_config(model: Optional[str] = None, *, tokenizer: Optional[str
                          scheduling_policy: str = "fcfs", async_scheduling: Optional[bool] = None,
                          enable_sleep_mode: bool = False, enable_expert_parallel: bool = False,
                          distributed_executor_backend: Optional[str] = None,
-                         kv_transfer_config: Any = None,
+                         kv_transfer_config: Any = None, compilation_config: Any = None,
                          **unknown) -> EngineConfig:
     if unknown:
         raise TypeError(f"unexpected engine arguments: {sorted(unknown)}")
@@ -516,6 +584,7 @@ def create_engine_config(model: Optional[str] = None, *, tokenizer: Optional[str
         raise _fail("load_format", f"must be one of auto, safetensors, gguf, dummy; got {load_format!r}")
     if not isinstance(seed, int):
         raise _fail("seed", f"must be an integer, got {seed!r}")
+    compilation = CompilationConfig.parse(compilation_config, enforce_eager=bool(enforce_eager))
     dev = resolve_device(device)
     path, source = resolve_model_path(model)
     mcfg = build_model_config(path, dtype=dtype, device=dev, max_model_len=max_model_len,
@@ -554,6 +623,6 @@ def create_engine_config(model: Optional[str] = None, *, tokenizer: Optional[str
     if kv_transfer.transport == "nccl" and kv_transfer.is_enabled and dev.type != "cuda":
         logger.warning("kv_transfer_config.transport 'nccl' on %s: using gloo instead", dev)
     return EngineConfig(model=mcfg, cache=cache, scheduler=sched, parallel=par,
-                        compilation=CompilationConfig(enforce_eager=bool(enforce_eager)),
+                        compilation=compilation,
                         device=dev, max_model_len_explicit=max_model_len is not None,
                         kv_transfer=kv_transfer)

@@ -21,7 +21,12 @@ class LLM:
         gpu_memory_utilization=0.9, kv_cache_memory=None, seed=0, load_format="auto",
         enforce_eager=False, tensor_parallel_size=1, tokenizer=None, skip_tokenizer_init=False,
         enable_chunked_prefill=True, attention_backend=None, enable_sleep_mode=False,
-        enable_expert_parallel=False, distributed_executor_backend=None)
+        enable_expert_parallel=False, distributed_executor_backend=None,
+        compilation_config=None)
+
+    compilation_config (vLLM's name): 3, or {"level": 3}, runs the model forward through
+    torch.compile with an on-disk compile cache; 0 runs it eagerly (the default for now; see
+    docs/performance.md). enforce_eager=True turns off both torch.compile and CUDA graphs.
 
     tensor_parallel_size > 1 starts one worker per rank: processes on this host
     (distributed_executor_backend="mp", the default) or Ray actors ("ray", several nodes).

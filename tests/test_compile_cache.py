@@ -81,9 +81,10 @@ def _run(worker, fn, specs=MIXED, seed=0):
     gen = torch.Generator().manual_seed(seed)
     for cache in worker.runner.kv_caches:
         cache.copy_(torch.randn(cache.shape, generator=gen, dtype=cache.dtype))
-    ids, pos, md = _batch(worker.config.cache.block_size, specs, seed, worker.device)
-    with torch.inference_mode(), set_forward_context(md):
-        logits = worker.model.compute_logits(fn(ids, pos))
+    with torch.inference_mode():  # inputs are inference tensors, as the runner's
+        ids, pos, md = _batch(worker.config.cache.block_size, specs, seed, worker.device)
+        with set_forward_context(md):
+            logits = worker.model.compute_logits(fn(ids, pos))
     return logits.cpu(), [c.cpu().clone() for c in worker.runner.kv_caches]
 
 
@@ -210,6 +211,7 @@ KEYED_FLIPS = {
     "max_model_len": _flip_config(model=dict(max_model_len=lambda n: n // 2)),
     "max_num_seqs": _flip_config(scheduler=dict(max_num_seqs=lambda n: n + 1)),
     "enforce_eager": _flip_config(compilation=dict(enforce_eager=True)),
+    "compilation_level": _flip_config(compilation=dict(level=lambda lv: 3 - lv)),
     "hf_config_switch": _flip_hf(mlp_bias=True),
     "torch_version": _flip_attr(torch, "__version__", "2.11.0+cu128"),
     "kvflow_sources": _flip_attr(cache_key, "kvflow_source_hash", lambda: "0" * 64),
@@ -479,7 +481,8 @@ def test_gpu_bf16_triton_attention_compiled_and_graph_captured(tmp_path):
     assert again.compile_info.cache_hit and again.compile_info.graphs_compiled == 0
 
     specs = ((30, 1), (2, 1), (17, 1), (5, 1))  # a decode step of 4
-    ids, pos, md = _batch(cfg.cache.block_size, specs, 0, "cuda")
+    with torch.inference_mode():
+        ids, pos, md = _batch(cfg.cache.block_size, specs, 0, "cuda")
     with torch.inference_mode(), set_forward_context(md):
         expected = compiled(ids, pos).clone()
         graph = torch.cuda.CUDAGraph()

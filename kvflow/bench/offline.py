@@ -126,7 +126,8 @@ def run(args) -> list[dict]:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     init = dict(base, record="init", llm_constructor_s=round(init_s, 3),
-                enforce_eager=bool(kw.get("enforce_eager")), max_model_len=eng.max_model_len,
+                enforce_eager=bool(kw.get("enforce_eager")),
+                compilation_level=eng.config.compilation.level, max_model_len=eng.max_model_len,
                 gpu_memory_utilization=kw.get("gpu_memory_utilization"),
                 kv_cache_tokens=eng.num_total_blocks() * eng.config.cache.block_size,
                 **eng.startup_timings(), **info)

@@ -85,6 +85,9 @@ KEYED: frozenset[str] = frozenset({
     "parallel.tensor_parallel_size", "parallel.rank",
     "parallel.enable_expert_parallel",   # expert weights' shapes and the expert-id map
     "compilation.enforce_eager",
+    # 0 or 3 (aliases are normalised away): always 3 when compile_model runs, keyed anyway so a
+    # future level that compiles differently cannot share entries by accident.
+    "compilation.level",
     "device",                 # the type; the GPU model is keyed through device.* factors
 })
 

@@ -10,8 +10,10 @@ Contract (for the model runner):
   bound yet, writes no KV slot (slot_mapping = -1), and unbinds it.
 - It returns a `CompiledModel` (an nn.Module). `compiled(input_ids, positions)` has the contract
   of `model(input_ids, positions)`: int64 [T] each -> hidden states [T, hidden], run inside
-  `set_forward_context(metadata)` and, like the runner, under torch.inference_mode() (another
-  grad mode costs one more trace). Every T >= 1 runs the same compiled graph (the token
+  `set_forward_context(metadata)` and, like the runner, under torch.inference_mode() with
+  inputs created under it (inference tensors); another grad mode, or inputs that are normal
+  tensors (their dispatch keys differ, and dynamo guards on them), cost one more trace, compiled
+  lazily outside the compile cache. Every T >= 1 runs the same compiled graph (the token
   dimension is symbolic and attention is an opaque custom op that reads the per-step metadata
   itself), so batch sizes never recompile. (Only model code dynamo cannot trace with a symbolic
   unbacked T falls back to backed shapes: T=1 then has a second graph, also compiled here, and a
@@ -42,6 +44,7 @@ import logging
 import os
 import threading
 import time
+import types
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
@@ -57,7 +60,7 @@ from kvflow.forward_context import GLOBAL, set_forward_context
 logger = logging.getLogger("kvflow")
 
 # Bump when the way we compile or lay out entries changes: it is a key factor.
-COMPILE_FORMAT = 1
+COMPILE_FORMAT = 2  # 2: the warm-up's inputs are inference tensors (the runner's kind)
 _WARMUP_TOKENS = 8
 _INDUCTOR_OPTIONS: dict[str, Any] = {}  # inductor config patches (none: defaults)
 
@@ -260,13 +263,16 @@ def _warm_up(compiled: CompiledModel, model: nn.Module, config, device: torch.de
                 query_start_loc_cpu=torch.tensor([0, t], dtype=torch.int32),
                 seq_lens_cpu=torch.tensor([t], dtype=torch.int32), is_decode_only=t == 1,
                 num_decode_reqs=int(t == 1))
-            ids = torch.zeros(t, dtype=torch.int64, device=device)
-            pos = torch.arange(t, dtype=torch.int64, device=device)
             # Layers of other kinds (chunked local) get the same metadata: attention is an
             # opaque op to the compiler, and the warm-up's outputs are discarded.
             extra = {m.attn_kind: md for m in layers if m.attn_kind != GLOBAL}
-            with torch.inference_mode(), set_forward_context(md, extra):
-                compiled(ids, pos)
+            with torch.inference_mode():
+                # Inputs made under inference_mode, like the runner's: dynamo guards on the
+                # inputs' dispatch keys, and a normal tensor would trace a second graph.
+                ids = torch.zeros(t, dtype=torch.int64, device=device)
+                pos = torch.arange(t, dtype=torch.int64, device=device)
+                with set_forward_context(md, extra):
+                    compiled(ids, pos)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
     finally:
@@ -279,7 +285,15 @@ def _traced_forward(model: nn.Module):
         # Traced: gives the token count the range [1, inf) (a no-op for a backed size).
         torch._check(input_ids.shape[0] >= 1)
         return model(input_ids, positions)
-    return forward
+    # A code object of its own (an identical copy) per compile: dynamo keeps compiled entries,
+    # and counts its recompile limit (8), per code object. With the one shared `forward` code,
+    # every compile_model of the process (each engine built, each model) added an entry to it,
+    # and the 9th failed hard under fullgraph=True ("recompile limit exceeded"). The copy's
+    # entries die with the CompiledModel. Same bytecode, so inductor's content-keyed caches
+    # (and so the compile cache) are unaffected.
+    code = forward.__code__.replace()
+    return types.FunctionType(code, forward.__globals__, forward.__name__, forward.__defaults__,
+                              forward.__closure__)
 
 
 def _compile_and_warm(model: nn.Module, config, device: torch.device,

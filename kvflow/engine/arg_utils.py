@@ -22,6 +22,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--load-format", default="auto", help="auto, safetensors, gguf, dummy")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs, no torch.compile")
+    g.add_argument("--compilation-config", "-O", default=None, metavar="LEVEL|JSON",
+                   help="torch.compile of the model forward, as vLLM's: an int level (-O0: "
+                        "none, -O3: compile; 1 and 2 mean 3) or JSON '{\"level\": 3}' "
+                        "(default: 0; docs/performance.md)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     g.add_argument("--enable-expert-parallel", action="store_true",
                    help="MoE: partition experts across the tensor-parallel ranks instead of "
@@ -48,7 +52,7 @@ ENGINE_ARG_NAMES = ("tokenizer", "dtype", "device", "max_model_len", "block_size
                     "load_format", "enforce_eager", "tensor_parallel_size", "attention_backend",
                     "skip_tokenizer_init", "scheduling_policy", "async_scheduling",
                     "enable_sleep_mode", "enable_expert_parallel", "distributed_executor_backend",
-                    "kv_transfer_config")
+                    "kv_transfer_config", "compilation_config")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:

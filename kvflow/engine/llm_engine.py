@@ -287,7 +287,9 @@ class LLMEngine:
 
     def startup_timings(self) -> dict[str, float]:
         """Seconds spent in each startup phase (and GiB of CUDA graphs), plus time to ready."""
-        t = {k: round(v, 3) for k, v in self.executor.timings.items()}
+        # Floats are seconds / GiB; flags (compile_cache_hit) pass through as they are.
+        t = {k: round(v, 3) if isinstance(v, float) else v
+             for k, v in self.executor.timings.items()}
         t["ready_s"] = round(self.startup_s, 3)
         return t
 

@@ -153,13 +153,34 @@ class GraphSafeWhenFusedMoE:
 
 
 def fused_moe(x, w13, w2, topk_weights, topk_ids, has_remote: bool = False) -> torch.Tensor:
-    """Dispatch point: the Triton kernel on CUDA when enabled, else the torch reference. Both are
-    excluded from torch.compile tracing (a graph break around the experts). has_remote: topk_ids
-    may hold the remote sentinel E (expert parallel)."""
+    """Dispatch point: the Triton kernel on CUDA when enabled, else the torch reference, behind
+    one opaque custom op (kvflow::fused_moe). has_remote: topk_ids may hold the remote sentinel
+    E (expert parallel)."""
+    return fused_moe_op(x, w13, w2, topk_weights, topk_ids, has_remote)
+
+
+# The experts are one opaque op to torch.compile, like attention: both implementations size
+# their work from data (per-expert row counts; the reference even reads them back to the host),
+# which dynamo cannot trace, and a torch.compiler.disable'd call inside the forward is a graph
+# break, which compile_model's fullgraph=True rejects. As a custom op the compiled graph stays
+# whole around it (routing before and the all-reduce after are traced). Eager calls pay one
+# dispatcher hop.
+@torch.library.custom_op("kvflow::fused_moe", mutates_args=())
+def fused_moe_op(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+                 topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                 has_remote: bool) -> torch.Tensor:
     if x.is_cuda and _HAS_TRITON and envs.fused_moe_kernel():
         from kvflow.kernels.fused_moe import fused_moe as kernel
-        return kernel(x, w13, w2, topk_weights, topk_ids, has_remote=has_remote)
-    return fused_moe_torch(x, w13, w2, topk_weights, topk_ids)
+        out = kernel(x, w13, w2, topk_weights, topk_ids, has_remote=has_remote)
+    else:
+        out = fused_moe_torch(x, w13, w2, topk_weights, topk_ids)
+    # A custom op must not return (a view of) an input; both paths return fresh tensors.
+    return out
+
+
+@fused_moe_op.register_fake
+def _fused_moe_fake(x, w13, w2, topk_weights, topk_ids, has_remote):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 class FusedMoE(nn.Module):

@@ -119,6 +119,13 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         t0 = time.perf_counter()
+        # The forward's inputs become inference tensors (clones made here, under inference
+        # mode), like the eager runner's: a torch.compile'd forward was traced for those, and
+        # dynamo guards on the inputs' dispatch keys (a normal tensor would trace and compile a
+        # second graph now, outside the compile cache). Every later use (run(), from the
+        # runner's launch) is under inference mode too.
+        self.input_ids = self.input_ids.clone()
+        self.positions = self.positions.clone()
         torch.cuda.synchronize(self.device)
         free_before = torch.cuda.mem_get_info(self.device)[0]
         self.pool = torch.cuda.graph_pool_handle()

@@ -61,8 +61,32 @@ class Worker:
         self.runner.bind_attention_backend(attention_backend)
         self.plan: MemoryPlan | None = None
         self.timings: dict[str, float] = {"model_load_s": self.load_time_s}
+        self.compiled = None  # the CompiledModel when compilation level 3 is on
+        if config.compilation.compile_forward:
+            self._compile_model()
         from kvflow.worker.sleep import SleepManager
         self.sleeper = SleepManager(self)  # sleep / wake_up / reload_weights (sleep mode)
+
+    def _compile_model(self) -> None:
+        """torch.compile of the model forward (kvflow/compilation/compile.py's contract), done
+        before the memory plan so the profiled peak is the compiled forward's.
+
+        Only the runner's forward goes through the wrapper (`runner.model`, hence the decode
+        CUDA graphs, which are captured around it). `self.model` stays the plain model: sleep
+        mode and reload_weights walk its named_parameters() by checkpoint name, and the wrapper
+        would prefix them with "model.". That is enough because the compiled code holds no
+        weights: parameters and buffers are graph inputs (inductor runs without freezing), read
+        from the modules at every call, so swapping `param.data` (sleep / wake) or copying new
+        values into it (reload_weights) changes what the compiled forward computes without a
+        recompile; dynamo's guards check only shape, dtype, device and strides, which sleep
+        mode restores exactly. Verified by tests/test_compile_engine.py."""
+        from kvflow.compilation import compile_model
+        compiled = compile_model(self.model, self.config, self.device)
+        info = compiled.compile_info
+        self.compiled = compiled
+        self.runner.model = compiled
+        self.timings["compile_s"] = info.seconds
+        self.timings["compile_cache_hit"] = info.cache_hit  # compile_model logged the details
 
     # ------------------------------------------------------------------ memory
     def _profile_peak(self) -> int:
