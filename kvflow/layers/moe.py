@@ -90,8 +90,10 @@ def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool,
     float32, independent of the other experts (never renormalised).
 
     On CUDA with the fused MoE kernel, one Triton kernel (kvflow/kernels/moe_routing.py) does
-    the scoring and selection; elsewhere these torch ops."""
-    if router_logits.is_cuda and moe_dispatch_graph_safe():
+    the scoring and selection in eager and CUDA-graph runs; elsewhere these torch ops."""
+    # Under torch.compile the torch ops are traced instead (inductor fuses them; the Triton
+    # kernel is not a traceable op).
+    if router_logits.is_cuda and moe_dispatch_graph_safe() and not torch.compiler.is_compiling():
         from kvflow.kernels.moe_routing import topk_softmax
         return topk_softmax(router_logits, top_k, renormalize, scoring)
     if scoring == "sigmoid":
