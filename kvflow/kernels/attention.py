@@ -365,7 +365,10 @@ def choose_config(num_tokens: int, num_reqs: int, num_heads: int, num_kv_heads: 
     bq_small = triton.next_power_of_2(max_query_len)
     if bq_small * qpk_pad <= 64:
         # Decode-like: every request fits one q-block; memory-bound, small tiles, 4 warps.
-        block_q = bq_small
+        # Two q-block sizes only, decode (1) and short chunk (the most that fits 64 rows): each
+        # distinct BLOCK_Q is a Triton compilation, and chunk remainders of any length would
+        # otherwise compile new variants inside the first requests.
+        block_q = 1 if max_query_len == 1 else 64 // qpk_pad
         block_m = max(16, block_q * qpk_pad)
         block_n = 64 if head_pad <= 128 else 32
         num_warps, num_stages, direct = 4, 2, True
@@ -515,4 +518,5 @@ def _launch(query, key_cache, value_cache, out, query_start_loc, seq_lens, block
     _merge_splits_kernel[(rows, H)](
         out, acc, m, l, query_start_loc, B, S, out.stride(0), out.stride(1),
         acc.stride(0), acc.stride(1), m.stride(0), m.stride(1), HEAD=D, HEAD_PAD=head_pad,
-        SPLITS_PAD=triton.next_power_of_2(S), num_warps=4 if head_pad * S <= 4096 else 8)
+        # One merge variant for every split count (S <= MAX_SPLITS; the extra lanes are masked).
+        SPLITS_PAD=MAX_SPLITS, num_warps=4 if head_pad * MAX_SPLITS <= 4096 else 8)

@@ -405,8 +405,16 @@ class ModelRunner:
         their kernel configurations now, not inside the first requests."""
         L = self.max_model_len
         chunk = min(max_num_tokens, L)
+        # The longest query that still runs as one q-block per request in the prefill tiles
+        # (128 rows / padded query heads per KV head): the "direct" attention variant.
+        layer = self.attn_layers[0] if self.attn_layers else None
+        qpk_pad = 1 << max(0, (layer.num_heads // layer.num_kv_heads) - 1).bit_length() if layer else 1
+        direct_q = min(max(2, 128 // qpk_pad), L - 1)
         shapes = [
             ([chunk], [chunk]),                                       # one long prefill
+            ([direct_q] * 16, None),                                  # short prefills, direct
+            ([direct_q], [L]),                                        # same over a long prefix (split-KV)
+            ([min(256, L // 2)], [L]),                                # q-blocked, split-KV
             ([min(512, L - 1)] * max(1, min(8, max_num_tokens // 512)), None),  # many prefills
             ([min(256, L - 1)] * max(1, min(16, max_num_tokens // 256)), None),  # 16 of them
             ([1] * 64 + [min(256, L // 2)], [min(1024, L)] * 64 + [min(1024, L)]),  # mixed
