@@ -9,11 +9,12 @@ from kvflow import LLM, SamplingParams
 
 
 def compiled_variants():
-    import kvflow.kernels.activation as a, kvflow.kernels.attention as at, kvflow.kernels.kv_cache as kc
-    import kvflow.kernels.norm as n, kvflow.kernels.rotary as r
+    """{kernel name: compiled variants so far} over every loaded kvflow.kernels module."""
     import triton
     total = {}
-    for mod in (a, at, kc, n, r):
+    for modname, mod in list(sys.modules.items()):
+        if not modname.startswith("kvflow.kernels.") or mod is None:
+            continue
         for name in dir(mod):
             fn = getattr(mod, name)
             if isinstance(fn, triton.runtime.jit.JITFunction):

@@ -153,11 +153,12 @@ def _attend_tile(acc, m_i, l_i, q, k_base, v_base, bt_row, tile, q_pos, seq_len,
 # (qsl[nd:], seq_lens[nd:], block_table[nd:], query[t0:]) whose 16-byte alignment and counts
 # change with the number of decodes nd; specializing on them compiled a new variant for many
 # step shapes (about a second each on a cold machine, inside the first requests). The block
-# table's row stride is the widest request's block count this step, equally arbitrary.
+# table's row stride is the widest request's block count this step, equally arbitrary. Without
+# an fp8 cache the k/v scale pointers are seq_lens slices too (unread placeholders).
 _NO_SPECIALIZE = dict(do_not_specialize=["num_reqs", "num_splits", "stride_bt"],
                       do_not_specialize_on_alignment=["q_ptr", "out_ptr", "m_ptr", "l_ptr",
                                                       "qsl_ptr", "seq_lens_ptr", "bt_ptr",
-                                                      "starts_ptr"])
+                                                      "starts_ptr", "k_scale_ptr", "v_scale_ptr"])
 
 
 @triton.jit(**_NO_SPECIALIZE)
