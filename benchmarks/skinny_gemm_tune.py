@@ -29,8 +29,10 @@ import time
 
 import torch
 import torch.nn.functional as F
+import triton
 
 import kvflow.kernels.skinny_gemm as sg
+from graph_timing import graph_time_us
 
 MODELS = {
     "qwen3-0.6b": {"qkv": (4096, 1024), "o": (1024, 2048), "gate_up": (6144, 1024),
@@ -43,38 +45,10 @@ MIN_GAIN = 0.03            # the kernel must be >= 3% faster than torch to take 
 GEMV_TILE_ELEMS = 16384    # BLOCK_M x BLOCK_N x BLOCK_K of a GEMV step (<= 128 fp32 a thread)
 
 
-def graph_time_us(fns, target_ms=4.0):
-    """Mean time of one call in a CUDA graph that runs fns (one per weight copy) in turn."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for fn in fns[:2]:
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for fn in fns:
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(True), torch.cuda.Event(True)
-    start.record()
-    g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    iters = max(3, min(200, math.ceil(target_ms / max(start.elapsed_time(end), 1e-3))))
-    start.record()
-    for _ in range(iters):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / (iters * len(fns))
-
-
 def stage0(m, n, k, sms):
     """GEMV tiles (register-bounded) and tensor-core tiles, each with the split-K values that
     give between ~1 and 16 programs per SM (split 1 always)."""
-    bm = triton_next_pow2(m)
+    bm = triton.next_power_of_2(m)
     tiles = [dict(block_n=bn, block_k=bk, num_warps=4, num_stages=2, use_dot=False)
              for bn, bk in itertools.product((4, 8, 16, 32), (128, 256, 512))
              if bm * bn * bk <= GEMV_TILE_ELEMS and not (bn == 4 and m < 8)]
@@ -99,10 +73,6 @@ def stage1(best):
     return cands
 
 
-def triton_next_pow2(v):
-    return 1 << (v - 1).bit_length()
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
@@ -117,7 +87,8 @@ def main():
         return smoke(args)
     ms = [int(v) for v in args.ms.split(",")]
     props = torch.cuda.get_device_properties(0)
-    run(args, ms, props.name, props.multi_processor_count, "cuda", graph_time_us, MODELS)
+    run(args, ms, props.name, props.multi_processor_count, "cuda",
+        lambda fns: graph_time_us(fns, reps=1, iters=None), MODELS)
 
 
 def smoke(args):

@@ -16,32 +16,11 @@ import sys
 
 import torch
 
+from graph_timing import graph_time_us
 from kvflow.kernels import w4a16
 
 SHAPES = {"qkv": (3584, 4608), "o": (3584, 3584), "gate_up": (3584, 37888), "down": (18944, 3584)}
 MS = [1, 2, 4, 8, 16]
-
-
-def graph_time_us(fn, iters=50):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(10):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(True), torch.cuda.Event(True)
-    start.record()
-    for _ in range(iters):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / (iters * 10)
 
 
 def main():
@@ -61,9 +40,9 @@ def main():
             def run(cfg=None):
                 return w4a16.gptq_gemm(x, qweight, qzeros, scales, None, 4, 128, 1, config=cfg)
 
-            t_cublas = graph_time_us(lambda: x @ w16)
+            t_cublas = graph_time_us(lambda: x @ w16, iters=50)
             default = w4a16.choose_config(m, n, k, 128)
-            t_default = graph_time_us(lambda: run(default))
+            t_default = graph_time_us(lambda: run(default), iters=50)
             best = (t_default, default)
             cands = []
             for gemv in ((True,) if m == 1 else (False, True) if m <= 8 else (False,)):
