@@ -21,6 +21,19 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def kernel_device(kernel) -> str:
+    """Where a Triton kernel module's tests run, given one of its jitted kernels: "cpu" when
+    kvflow.kernels was built for the interpreter (above), "cuda" when compiled on a GPU. Compiled
+    without a GPU (TRITON_INTERPRET=0 on a CPU machine) nothing can run: the module is skipped."""
+    from triton.runtime.interpreter import InterpretedFunction
+    if isinstance(kernel, InterpretedFunction):
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    pytest.skip("kvflow.kernels was imported without TRITON_INTERPRET=1 and there is no GPU",
+                allow_module_level=True)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -63,12 +63,9 @@ def test_dequantize_matches_packer(bits, gs, sym, act, v2):
 # ------------------------------------------------------------------------------ Triton GEMM
 def _kernel():
     pytest.importorskip("triton")
-    from triton.runtime.interpreter import InterpretedFunction
-
     from kvflow.kernels import w4a16
-    if not isinstance(w4a16._gptq_gemm_kernel, InterpretedFunction) and not torch.cuda.is_available():
-        pytest.skip("kernels imported without TRITON_INTERPRET=1 and no GPU")
-    return w4a16, ("cpu" if isinstance(w4a16._gptq_gemm_kernel, InterpretedFunction) else "cuda")
+    from tests.conftest import kernel_device
+    return w4a16, kernel_device(w4a16._gptq_gemm_kernel)
 
 
 KCFG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, num_warps=4, num_stages=1)

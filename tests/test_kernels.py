@@ -1,23 +1,14 @@
 """Triton kernels vs their torch references.
 
-Without a GPU the kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1, set here
-before triton is first imported) on tiny shapes. With a CUDA device (and TRITON_INTERPRET unset
+Without a GPU the kernels run under Triton's CPU interpreter (TRITON_INTERPRET=1, set by
+conftest before triton is first imported) on tiny shapes. With a CUDA device (and TRITON_INTERPRET unset
 or 0) the same tests run compiled on the GPU, plus the `gpu`-marked class with realistic shapes:
     pytest tests/test_kernels.py            # on the GPU machine
 """
-import os
-
 import pytest
 import torch
 
-# Only default to the interpreter where nothing can be compiled: on a GPU machine the whole
-# suite shares this process, and jitted kernels pick their mode at import time.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 pytest.importorskip("triton")
-
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from kvflow.attention.backend import AttentionMetadata, AttentionSpec  # noqa: E402
 from kvflow.attention.triton_backend import TritonAttentionBackend  # noqa: E402
@@ -28,16 +19,11 @@ from kvflow.kernels import (  # noqa: E402
     silu_and_mul, unified_attention)
 from kvflow.kernels import norm as norm_mod  # noqa: E402
 from kvflow.kernels.attention import _attention_kernel  # noqa: E402
+from tests.conftest import kernel_device  # noqa: E402
 
 # The mode the kernels were actually built in (kvflow.kernels may have been imported earlier).
-INTERPRET = isinstance(_attention_kernel, InterpretedFunction)
-if INTERPRET:
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    pytest.skip("kvflow.kernels was imported without TRITON_INTERPRET=1 and there is no GPU",
-                allow_module_level=True)
+DEVICE = kernel_device(_attention_kernel)
+INTERPRET = DEVICE == "cpu"
 
 TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2.5e-2}
 

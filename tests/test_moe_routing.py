@@ -2,33 +2,21 @@
 select_experts, the expert alignment vs fused_moe.align_by_expert (exactly), the combine vs
 `.float().sum(1).to(dtype)` (bit for bit).
 
-Without a GPU they run under Triton's CPU interpreter (TRITON_INTERPRET=1, set here before
-triton is first imported) on small shapes; with a CUDA device, compiled on it.
+Without a GPU they run under Triton's CPU interpreter (TRITON_INTERPRET=1, set by conftest
+before triton is first imported) on small shapes; with a CUDA device, compiled on it.
 """
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 pytest.importorskip("triton")
-
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from kvflow.kernels.fused_moe import align_by_expert  # noqa: E402
 from kvflow.kernels.moe_routing import (  # noqa: E402
     _align_kernel, align_by_expert_triton, moe_sum, topk_softmax)
 from kvflow.layers.moe import select_experts  # noqa: E402
+from tests.conftest import kernel_device  # noqa: E402
 
-if isinstance(_align_kernel, InterpretedFunction):
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    pytest.skip("kvflow.kernels was imported without TRITON_INTERPRET=1 and there is no GPU",
-                allow_module_level=True)
+DEVICE = kernel_device(_align_kernel)
 
 
 def _torch_select(logits, k, renorm, scoring="softmax"):

@@ -17,7 +17,7 @@ from kvflow import LLM, SamplingParams  # noqa: E402
 from tests.conftest import make_hf_model, save_hf_model  # noqa: E402
 from tests.test_moe import make_hf_moe  # noqa: E402
 from tests.test_tensor_parallel import (  # noqa: E402
-    ENGINE_KW, PROMPTS, _assert_same, assert_async_engine_dies)
+    ENGINE_KW, PROMPTS, _assert_same, assert_async_engine_dies, kill_rank_and_expect_dead)
 
 
 @pytest.fixture(scope="module")
@@ -70,27 +70,10 @@ def test_ray_ep2_mixtral_matches_tp1(ray_cluster, tmp_path):
 
 @pytest.mark.timeout(180)
 def test_ray_dead_actor_is_reported_not_hung(ray_cluster, llama_dir):
-    from kvflow.executor import ExecutorDeadError
     llm = LLM(llama_dir, tensor_parallel_size=2, distributed_executor_backend="ray", **ENGINE_KW)
     eng = llm.llm_engine
-    ex = eng.executor
     try:
-        eng.add_request("r", [1, 2, 3], SamplingParams(max_tokens=200, ignore_eos=True))
-        eng.step()
-        eng.step()
-        os.kill(ex.pids[1], signal.SIGKILL)
-        t0 = time.monotonic()
-        while eng.workers_alive() and time.monotonic() - t0 < 20:   # seen while idle too
-            time.sleep(0.05)
-        assert not eng.workers_alive()
-        with pytest.raises(ExecutorDeadError, match="rank 1"):
-            for _ in range(200):
-                eng.step()
-        assert time.monotonic() - t0 < 40
-        with pytest.raises(ExecutorDeadError):
-            ex.check_health()
-        eng.abort_request("r")
-
+        kill_rank_and_expect_dead(eng, notice_s=20, total_s=40)
         assert_async_engine_dies(eng)
     finally:
         eng.shutdown()

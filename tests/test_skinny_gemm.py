@@ -1,38 +1,27 @@
 """The skinny (decode) GEMM kernel vs its torch reference, its config table, and the dense-linear
 dispatch that uses it (KVFLOW_SKINNY_GEMM).
 
-Without a GPU the kernel runs under Triton's CPU interpreter (TRITON_INTERPRET=1, set here before
-triton is first imported) on tiny shapes; the interpreter handles fp16 and bf16 loads/arithmetic
+Without a GPU the kernel runs under Triton's CPU interpreter (TRITON_INTERPRET=1, set by conftest
+before triton is first imported) on tiny shapes; the interpreter handles fp16 and bf16 loads/arithmetic
 (tl.dot on bf16 through the patch in kvflow/kernels/__init__.py), so both dtypes are tested
 directly. With a CUDA device the same tests run compiled, plus the `gpu`-marked model shapes:
     pytest tests/test_skinny_gemm.py
 """
 import json
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 pytest.importorskip("triton")
-
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 import kvflow.kernels  # noqa: E402,F401  (applies the interpreter fixes)
 import kvflow.kernels.skinny_gemm as sg  # noqa: E402
 from kvflow.layers import linear as linear_mod  # noqa: E402
+from tests.conftest import kernel_device  # noqa: E402
 
-INTERPRET = isinstance(sg._skinny_gemm_kernel, InterpretedFunction)
-if INTERPRET:
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    pytest.skip("kvflow.kernels was imported without TRITON_INTERPRET=1 and there is no GPU",
-                allow_module_level=True)
+DEVICE = kernel_device(sg._skinny_gemm_kernel)
+INTERPRET = DEVICE == "cpu"
 
 
 def _close(out, ref, dtype):

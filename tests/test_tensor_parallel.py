@@ -72,6 +72,29 @@ def _assert_same(outs_a, outs_b, *, logprob_tol=1e-4):
                     assert abs(pa[tok].logprob - pb[tok].logprob) < logprob_tol
 
 
+def kill_rank_and_expect_dead(eng, notice_s: float, total_s: float) -> None:
+    """SIGKILL rank 1 while a request generates: the engine notices within notice_s (even
+    idle), the next steps raise ExecutorDeadError naming rank 1 within total_s, health checks
+    keep raising, and the request can still be aborted."""
+    from kvflow.executor import ExecutorDeadError
+    ex = eng.executor
+    eng.add_request("r", [1, 2, 3], SamplingParams(max_tokens=200, ignore_eos=True))
+    eng.step()
+    eng.step()
+    os.kill(ex.pids[1], signal.SIGKILL)
+    t0 = time.monotonic()
+    while eng.workers_alive() and time.monotonic() - t0 < notice_s:   # seen while idle too
+        time.sleep(0.05)
+    assert not eng.workers_alive()
+    with pytest.raises(ExecutorDeadError, match="rank 1"):
+        for _ in range(200):
+            eng.step()
+    assert time.monotonic() - t0 < total_s
+    with pytest.raises(ExecutorDeadError):
+        ex.check_health()
+    eng.abort_request("r")
+
+
 def assert_async_engine_dies(eng) -> None:
     """The async engine on top of a dead executor: the first step kills it, the request gets
     EngineDeadError and the engine turns unhealthy (the server answers /health with 503)."""
@@ -179,30 +202,13 @@ def test_weight_loader_shards_in_process():
 def test_dead_worker_is_reported_not_hung(tmp_path):
     """SIGKILL a worker while a generation runs: the engine raises ExecutorDeadError promptly,
     stops the other worker, and an async engine on top reports itself unhealthy (server: 503)."""
-    from kvflow.executor import ExecutorDeadError
     model = make_hf_model("llama")
     d = save_hf_model(model, tmp_path / "m")
     llm = LLM(d, tensor_parallel_size=2, **ENGINE_KW)
     eng = llm.llm_engine
-    ex = eng.executor
     try:
-        eng.add_request("r", [1, 2, 3], SamplingParams(max_tokens=200, ignore_eos=True))
-        eng.step()
-        eng.step()
-        os.kill(ex.pids[1], signal.SIGKILL)
-        t0 = time.monotonic()
-        while eng.workers_alive() and time.monotonic() - t0 < 10:   # seen while idle too
-            time.sleep(0.05)
-        assert not eng.workers_alive()
-        with pytest.raises(ExecutorDeadError, match="rank 1"):
-            for _ in range(200):
-                eng.step()
-        assert time.monotonic() - t0 < 30
-        assert not any(p.is_alive() for p in ex._procs)   # the survivor was stopped too
-        with pytest.raises(ExecutorDeadError):
-            ex.check_health()
-        eng.abort_request("r")
-
+        kill_rank_and_expect_dead(eng, notice_s=10, total_s=30)
+        assert not any(p.is_alive() for p in eng.executor._procs)   # the survivor was stopped too
         assert_async_engine_dies(eng)
     finally:
         eng.shutdown()
