@@ -350,6 +350,14 @@ def _smem_bytes(block_m: int, block_n: int, head_pad: int, elem: int, stages: in
     return (tiles * 3 // 2 if elem == 4 else tiles) + 4096
 
 
+def prefill_block_q(num_heads: int, num_kv_heads: int) -> int:
+    """Query positions per q-block of the prefill tiles (128 rows over the padded query heads of
+    a KV head; fewer only if shared memory forces it): a batch whose longest query is at most
+    this runs "direct", one q-block per request."""
+    qpk_pad = triton.next_power_of_2(num_heads // num_kv_heads)
+    return max(128, qpk_pad) // qpk_pad
+
+
 def choose_config(num_tokens: int, num_reqs: int, num_heads: int, num_kv_heads: int,
                   head_size: int, max_query_len: int, max_seq_len: int, dtype: torch.dtype,
                   num_sms: int = 132, num_splits: Optional[int] = None,
@@ -374,8 +382,8 @@ def choose_config(num_tokens: int, num_reqs: int, num_heads: int, num_kv_heads: 
         block_n = 64 if head_pad <= 128 else 32
         num_warps, num_stages, direct = 4, 2, True
     else:
-        block_m = max(128, qpk_pad)
-        block_q = block_m // qpk_pad
+        block_q = prefill_block_q(num_heads, num_kv_heads)
+        block_m = block_q * qpk_pad
         block_n = 128 if head_pad == 128 else 64
         num_warps, num_stages = 8, (3 if head_pad <= 128 else 2)
         direct = block_q >= max_query_len

@@ -405,11 +405,12 @@ class ModelRunner:
         their kernel configurations now, not inside the first requests."""
         L = self.max_model_len
         chunk = min(max_num_tokens, L)
-        # The longest query that still runs as one q-block per request in the prefill tiles
-        # (128 rows / padded query heads per KV head): the "direct" attention variant.
+        # The longest query that still runs as one q-block per request in the prefill tiles:
+        # the "direct" attention variant.
+        from kvflow.kernels.attention import prefill_block_q
         layer = self.attn_layers[0] if self.attn_layers else None
-        qpk_pad = 1 << max(0, (layer.num_heads // layer.num_kv_heads) - 1).bit_length() if layer else 1
-        direct_q = min(max(2, 128 // qpk_pad), L - 1)
+        block_q = prefill_block_q(layer.num_heads, layer.num_kv_heads) if layer else 128
+        direct_q = min(max(2, block_q), L - 1)
         shapes = [
             ([chunk], [chunk]),                                       # one long prefill
             ([direct_q] * 16, None),                                  # short prefills, direct
