@@ -1,6 +1,6 @@
 """MoE routing kernels (kvflow/kernels/moe_routing.py) against their torch references: top-k vs
-select_experts, the expert alignment vs fused_moe.align_by_expert (exactly), the combine vs
-`.float().sum(1).to(dtype)` (bit for bit).
+select_experts, the expert alignment vs fused_moe.align_by_expert (exactly), the combine vs an
+in-order fp32 sum (bit for bit).
 
 Without a GPU they run under Triton's CPU interpreter (TRITON_INTERPRET=1, set by conftest
 before triton is first imported) on small shapes; with a CUDA device, compiled on it.

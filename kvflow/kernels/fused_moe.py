@@ -1,7 +1,7 @@
 """Fused MoE for CUDA: tokens sorted and padded per expert, two grouped GEMMs.
 
-Layout (built by one Triton kernel, `moe_routing.align_by_expert_triton`; `align_by_expert`
-here is its torch reference; no host sync, so it is CUDA-graph/compile friendly):
+Layout (built by one Triton kernel, `moe_routing.align_by_expert_triton`, or for big prefills by
+its torch twin `align_by_expert` here; no host sync, so it is CUDA-graph/compile friendly):
   * the T*K (token, expert) pairs are sorted by expert and each expert's group padded to a
     multiple of BLOCK_M; `sorted_pairs[p]` is the pair index at padded row p (T*K = padding);
   * `block_expert[b]` is the expert of padded block b (E for blocks past the end: they exit).
@@ -106,7 +106,8 @@ def _down_kernel(h_ptr, w2_ptr, out_ptr, pairs_ptr, block_expert_ptr, weights_pt
 
 
 def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
-    """Torch reference of moe_routing.align_by_expert_triton (which fused_moe uses).
+    """Torch version of moe_routing.align_by_expert_triton, with the same output: the tests'
+    reference, and fused_moe's path for big prefills (where that one-program kernel is serial).
     topk_ids [T, K] -> (sorted_pairs [P] int32, block_expert [P // block_m] int32) with
     P = T*K + E*(block_m-1) rounded up to block_m: the worst case, so no host sync.
 

@@ -11,8 +11,9 @@ launches, one per function:
   * `align_by_expert_triton`: top-k ids -> pairs sorted by expert, padded per expert to
     BLOCK_M rows, and each block's expert; one program, exactly the torch reference
     `kvflow.kernels.fused_moe.align_by_expert`.
-  * `moe_sum`: the K weighted expert outputs of a token summed in fp32, rounded once; bit-equal
-    to `out.float().sum(1).to(dtype)` for out [T, K, H].
+  * `moe_sum`: the K weighted expert outputs of a token summed in fp32 in order k = 0..K-1,
+    rounded once (torch's `out.float().sum(1).to(dtype)` on out [T, K, H], except that torch's
+    CUDA sum may reorder, which can show in fp32's last bit).
 
 All sizes come from shapes (no host sync), so they are CUDA-graph safe. The alignment is one
 program looping over chunks of pairs (a stable order needs the running per-expert offsets):
@@ -163,7 +164,7 @@ def _sum_kernel(in_ptr, out_ptr, H, stride_it, stride_ik, stride_ot,
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     ok = cols < H
     acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
-    for k in tl.static_range(TOP_K):            # k = 0..K-1 in order, as torch's sum
+    for k in tl.static_range(TOP_K):            # k = 0..K-1 in order (deterministic)
         acc += tl.load(in_ptr + t * stride_it + k * stride_ik + cols, mask=ok,
                        other=0.0).to(tl.float32)
     tl.store(out_ptr + t * stride_ot + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
@@ -172,7 +173,8 @@ def _sum_kernel(in_ptr, out_ptr, H, stride_it, stride_ik, stride_ot,
 @torch.compiler.disable  # launched eagerly from compiled graphs (a graph break), not traced
 def moe_sum(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """out [T, K, H] (per-pair expert outputs) -> [T, H] dtype: the K rows of a token summed in
-    fp32 (k = 0..K-1), rounded once; equals out.float().sum(1).to(dtype)."""
+    fp32 in order (k = 0..K-1), rounded once, as out.float().sum(1).to(dtype) where torch adds
+    in order."""
     t, k, h = out.shape
     if out.stride(2) != 1:
         out = out.contiguous()
