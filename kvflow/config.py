@@ -32,6 +32,13 @@ def _fail(field_name: str, message: str) -> ValueError:
     return ValueError(f"{field_name}: {message}")
 
 
+def _reject_unknown_keys(field_name: str, value: dict, known, aliases: str = "") -> None:
+    """A dict-valued option: a misspelt key is an error naming it, never a silent default."""
+    unknown = sorted(set(value) - set(known))
+    if unknown:
+        raise _fail(field_name, f"unknown keys {unknown}; known: {sorted(known)}{aliases}")
+
+
 def resolve_device(device: str) -> torch.device:
     """A concrete device; CUDA always with an index (memory queries and graphs need one)."""
     if device == "auto":
@@ -369,10 +376,8 @@ class CompilationConfig:
                     raise _fail("compilation_config", f"'level' ({value['level']!r}) and 'mode' "
                                                       f"({value['mode']!r}) disagree")
                 value["level"] = value.pop("mode")
-            unknown = sorted(set(value) - {"level"})
-            if unknown:
-                raise _fail("compilation_config", f"unknown keys {unknown}; known: ['level'] "
-                                                  "(or its alias 'mode')")
+            _reject_unknown_keys("compilation_config", value, {"level"},
+                                 " (or its alias 'mode')")
             value = value.get("level", DEFAULT_COMPILATION_LEVEL)
         if isinstance(value, bool) or not isinstance(value, int):
             raise _fail("compilation_config", f"must be an integer level (0 or 3) or a dict "
@@ -475,10 +480,8 @@ class KVTransferConfig:
         for alias, key in (("kv_connector", "connector"), ("kv_role", "role")):
             if alias in value:
                 value.setdefault(key, value.pop(alias))
-        known = {fl.name for fl in dataclasses.fields(cls)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise _fail("kv_transfer_config", f"unknown keys {unknown}; known: {sorted(known)}")
+        _reject_unknown_keys("kv_transfer_config", value,
+                             {fl.name for fl in dataclasses.fields(cls)})
         if "connector" not in value and "role" in value:
             value["connector"] = "p2p"  # a role without a connector means the default transfer
         return cls(**value)
