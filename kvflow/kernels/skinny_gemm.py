@@ -20,8 +20,8 @@ of x (a few KB, served from L1/L2), accumulating in fp32:
     multiple of 16, K-major as stored) and the few rows of x, zero-padded to 16, the N side. At
     M = 8 the CUDA-core form needs 8 FMAs per weight, close to the FP32 peak at HBM rate.
 Decode shapes have few N blocks, so K is split until the grid has a few programs per SM. Split
-partials go to an fp32 buffer [SPLIT_K, M, N] that a second small kernel sums in split order,
-adds the bias and casts: deterministic (atomics would make the sum order, hence the rounding of
+partials go to an fp32 buffer [SPLIT_K, M, N] that a second small kernel (kernels/split_k.py)
+sums in split order, adds the bias and casts: deterministic (atomics would make the sum order, hence the rounding of
 the output, vary run to run) and CUDA-graph safe (the buffer's shape depends only on M, N and
 the config). With SPLIT_K == 1 the main kernel adds the bias and writes x.dtype itself. Either
 way the result is rounded once, from fp32, like `skinny_gemm_ref`.
@@ -36,6 +36,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+
+from kvflow.kernels.split_k import reduce_splits
 
 MAX_M = 16                 # rows the kernel takes; more rows go to cuBLAS (compute-bound GEMM)
 _ACC_REGS = 64             # deferred-reduction accumulator budget (fp32 registers per thread)
@@ -102,20 +104,6 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
         res += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + pid_k.to(tl.int64) * M * N + out_offs,
              res.to(out_ptr.dtype.element_ty), mask=out_mask)
-
-
-@triton.jit
-def _reduce_splits_kernel(part_ptr, b_ptr, out_ptr, MN, N, HAS_BIAS: tl.constexpr,
-                          SPLIT: tl.constexpr, BLOCK: tl.constexpr):
-    """out[i] = sum_s part[s, i] (+ bias[i % N]) in fp32, in split order; cast to out's dtype."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < MN
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in tl.static_range(SPLIT):
-        acc += tl.load(part_ptr + s * MN + offs, mask=mask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def skinny_gemm_ref(x: torch.Tensor, w: torch.Tensor,
@@ -234,8 +222,5 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] =
         BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk,
         num_warps=warps, num_stages=config.get("num_stages", 2))
     if split > 1:
-        block = 1024
-        _reduce_splits_kernel[(triton.cdiv(m * n, block),)](
-            part, bias if has_bias else part, out, m * n, n, HAS_BIAS=has_bias, SPLIT=split,
-            BLOCK=block, num_warps=4)
+        reduce_splits(part, out, bias)
     return out

@@ -17,8 +17,9 @@ each packed word once as [BLOCK_K / PACK, BLOCK_N] and unpacking it in registers
     would pad the rows to a 16-row tensor-core tile and shuffle the unpacked weights into the
     MMA layout; the weights are read once per program for all BLOCK_M rows.
 Small-M (decode) shapes have few (M, N) tiles, so K is split across programs (SPLIT_K > 1): each
-writes an fp32 partial [SPLIT_K, M, N] that one reduction kernel sums and casts — deterministic,
-unlike atomics, and one launch instead of torch's sum + cast.
+writes an fp32 partial [SPLIT_K, M, N] that one reduction kernel (kernels/split_k.py, shared
+with the skinny GEMM) sums and casts — deterministic, unlike atomics, and one launch instead of
+torch's sum + cast.
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+
+from kvflow.kernels.split_k import reduce_splits
 
 
 @triton.jit
@@ -108,17 +111,6 @@ def _gptq_gemm_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr,
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-@triton.jit
-def _sum_splits_kernel(part_ptr, out_ptr, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
-    """out[i] = sum_s part[s, i] (fp32), cast to out's dtype."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < MN
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in tl.static_range(SPLIT):
-        acc += tl.load(part_ptr + s * MN + offs, mask=mask, other=0.0)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
 def choose_config(m: int, n: int, k: int, group: int, num_sms: int = 132) -> dict:
     """Tile sizes by shape, picked from benchmarks/w4a16_tune.py on an H200 (Qwen2.5-7B
     projections, group 128; results in benchmarks/results/w4a16-tune-nvidia-h200.json):
@@ -193,7 +185,4 @@ def gptq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
         ONE_GROUP=one_group, IEEE=x.dtype == torch.float32, GEMV=gemv, **cfg)
     if split == 1:
         return part[0]
-    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    block = 1024
-    _sum_splits_kernel[(triton.cdiv(m * n, block),)](part, out, m * n, SPLIT=split, BLOCK=block)
-    return out
+    return reduce_splits(part, torch.empty((m, n), device=x.device, dtype=x.dtype))
