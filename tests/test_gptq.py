@@ -93,6 +93,40 @@ def test_kernel_matches_reference(bits, gs, sym, act, v2, split, m, gemv):
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_kernel_fits_stages_to_shared_memory(monkeypatch):
+    """A variant whose pipeline does not fit shared memory (OutOfResources at its first launch,
+    as act-order 16x256x128 tiles at 3 stages on an H200) is relaunched with fewer stages, and
+    the fitted count is remembered for the next call."""
+    import triton
+    w4a16, dev = _kernel()
+    real = w4a16._gptq_gemm_kernel
+    stages_tried = []
+
+    class TooBigAboveTwoStages:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                stages_tried.append(kw["num_stages"])
+                if kw["num_stages"] > 2:
+                    raise triton.runtime.errors.OutOfResources(300000, 232448, "shared memory")
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(w4a16, "_gptq_gemm_kernel", TooBigAboveTwoStages())
+    monkeypatch.setattr(w4a16, "_STAGES_THAT_FIT", {})
+    g = torch.Generator().manual_seed(5)
+    t, _ = rtn_quantize(torch.randn(128, 64, generator=g), 4, 32, False, True, False)
+    t = {name: v.to(dev) for name, v in t.items()}
+    x = torch.randn(5, 128, generator=g).to(dev)
+    ref = gptq_gemm_ref(x, t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, 1)
+    cfg = dict(KCFG, num_stages=4, SPLIT_K=1, GEMV=False)
+    for _ in range(2):
+        out = w4a16.gptq_gemm(x, t["qweight"], t["qzeros"], t["scales"], t["g_idx"], 4, 32, 1,
+                              config=cfg)
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    assert stages_tried == [4, 3, 2, 2]            # fitted once, then launched at 2 directly
+    assert cfg["num_stages"] == 4                  # the caller's config is not modified
+
+
 @pytest.mark.parametrize("m, act", [(1, False), (1, True), (3, False), (70, True)])
 def test_kernel_default_configs(m, act):
     """The shape-picked configs (decode: split K; prefill: big tiles), masked edges."""
