@@ -1,12 +1,17 @@
-"""Where does a decode step's time go?  python3 benchmarks/profile_decode.py CONFIG_DIR [batch]
+"""Where does a decode step's time go?
+    python3 benchmarks/profile_decode.py CONFIG_DIR [batch] [--eager] [--out DIR]
 
 Prints: wall ms per step (greedy, dummy weights, CUDA graphs as configured), the Python hotspots
 of the step loop (cProfile), and GPU kernel count / GPU time per step (torch.profiler).
+With --out DIR it also writes DIR/<config>-b<batch>.json: every kernel with its launches and GPU
+microseconds per step, GPU busy time and the wall time per step (busy < wall: the GPU idles).
 """
 from __future__ import annotations
 
 import cProfile
 import io
+import json
+import os
 import pstats
 import sys
 import time
@@ -18,8 +23,9 @@ from kvflow import LLM, SamplingParams
 
 def main():
     model = sys.argv[1]
-    batch = int(sys.argv[2]) if len(sys.argv) > 2 else 1
+    batch = int(sys.argv[2]) if len(sys.argv) > 2 and sys.argv[2].isdigit() else 1
     eager = "--eager" in sys.argv
+    out_dir = sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None
     llm = LLM(model, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
               max_model_len=4096, enforce_eager=eager)
     eng = llm.llm_engine
@@ -47,15 +53,31 @@ def main():
     print(s.getvalue()[:6000])
 
     from torch.profiler import ProfilerActivity, profile
+    steps = 10
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
-        for _ in range(10):
+        t = time.perf_counter()
+        for _ in range(steps):
             eng.step()
         torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t) * 1000 / steps
     events = [e for e in p.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    total_us = sum(e.self_device_time_total for e in events) / 10
-    count = sum(e.count for e in events) / 10
-    print(f"GPU per step: {total_us / 1000:.3f} ms in {count:.0f} kernels")
+    total_us = sum(e.self_device_time_total for e in events) / steps
+    count = sum(e.count for e in events) / steps
+    print(f"GPU per step: {total_us / 1000:.3f} ms in {count:.0f} kernels "
+          f"(wall {wall_ms:.3f} ms/step under the profiler)")
     print(p.key_averages().table(sort_by="self_cuda_time_total", row_limit=15))
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        kernels = sorted(((e.key, e.count / steps, e.self_device_time_total / steps)
+                          for e in events), key=lambda r: -r[2])
+        name = os.path.basename(os.path.normpath(model))
+        with open(os.path.join(out_dir, f"{name}-b{batch}.json"), "w") as f:
+            json.dump({"model": name, "batch": batch, "eager": eager,
+                       "gpu_busy_ms_per_step": total_us / 1000, "kernels_per_step": count,
+                       "wall_ms_per_step_profiled": wall_ms,
+                       "kernels": [{"name": k, "per_step": c, "us_per_step": round(u, 2)}
+                                   for k, c, u in kernels]}, f, indent=1)
+        p.export_chrome_trace(os.path.join(out_dir, f"{name}-b{batch}.trace.json"))
     eng.abort_request([f"w{i}" for i in range(batch)])
 
 
