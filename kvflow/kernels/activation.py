@@ -10,10 +10,14 @@ import torch
 import triton
 import triton.language as tl
 
+from kvflow.kernels.pdl import pdl_launch, pdl_launch_dependents, pdl_wait
+
 
 @triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, I,
-                         BLOCK: tl.constexpr, EVEN: tl.constexpr):
+                         BLOCK: tl.constexpr, EVEN: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_wait(USE_PDL)
+    pdl_launch_dependents(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     g_ptr = x_ptr + row * stride_x + cols
@@ -48,5 +52,5 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
     block = min(1024, triton.next_power_of_2(inter))
     grid = (M, triton.cdiv(inter, block))
     _silu_and_mul_kernel[grid](x2, o2, x2.stride(0), o2.stride(0), inter, BLOCK=block,
-                               EVEN=(inter % block == 0), num_warps=4)
+                               EVEN=(inter % block == 0), num_warps=4, **pdl_launch(x2.device))
     return out

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from kvflow.kernels.moe_routing import align_by_expert_triton, moe_sum
+from kvflow.kernels.pdl import pdl_launch, pdl_launch_dependents, pdl_wait
 
 
 @triton.jit(do_not_specialize=["num_pairs"])
@@ -32,7 +33,9 @@ def _gate_up_kernel(x_ptr, w13_ptr, h_ptr, pairs_ptr, block_expert_ptr,
                     num_pairs, top_k, num_experts, H, I,
                     stride_xt, stride_we, stride_wn, stride_hp,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    IEEE: tl.constexpr):
+                    IEEE: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_wait(USE_PDL)                  # the routing (pairs, block experts) comes from before
+    pdl_launch_dependents(USE_PDL)
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if e >= num_experts:
@@ -74,7 +77,9 @@ def _down_kernel(h_ptr, w2_ptr, out_ptr, pairs_ptr, block_expert_ptr, weights_pt
                  num_pairs, num_experts, H, I,
                  stride_hp, stride_we, stride_wn, stride_op,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 IEEE: tl.constexpr):
+                 IEEE: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_wait(USE_PDL)
+    pdl_launch_dependents(USE_PDL)
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if e >= num_experts:
@@ -218,7 +223,8 @@ def launch_gate_up(x, w13, hbuf, pairs, block_expert, top_k: int, block_m: int, 
     _gate_up_kernel[(nblocks, triton.cdiv(inter, block_n))](
         x, w13, hbuf, pairs, block_expert, x.shape[0] * top_k, top_k, e, h, inter,
         x.stride(0), w13.stride(0), w13.stride(1), hbuf.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=x.dtype == torch.float32, **tile)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=x.dtype == torch.float32,
+        **pdl_launch(x.device), **tile)
 
 
 def launch_down(hbuf, w2, out, pairs, block_expert, weights, block_m: int, tile: dict):
@@ -231,7 +237,7 @@ def launch_down(hbuf, w2, out, pairs, block_expert, weights, block_m: int, tile:
         hbuf, w2, out, pairs, block_expert, weights, out.shape[0], e, h, inter,
         hbuf.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=hbuf.dtype == torch.float32,
-        **tile)
+        **pdl_launch(hbuf.device), **tile)
 
 
 @torch.compiler.disable  # launched eagerly from compiled graphs (a graph break), not traced

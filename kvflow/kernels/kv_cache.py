@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kvflow.kernels.pdl import pdl_launch, pdl_launch_dependents, pdl_wait
+
 _MAX_TILE = 4096          # elements per program tile (K and V each)
 
 
@@ -41,8 +43,10 @@ def _reshape_and_cache_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh,      # key/value [T, KV, D]
     stride_cb, stride_ct, stride_ch,                 # caches [num_blocks, block_size, KV, D]
     NUM_KV: tl.constexpr, HEAD: tl.constexpr, HEAD_PAD: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, FP8: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, FP8: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)                                # before the padding early return, too
+    pdl_launch_dependents(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     if slot < 0:                                     # padding token: nothing to write
@@ -104,4 +108,4 @@ def reshape_and_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.T
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         NUM_KV=num_kv, HEAD=head, HEAD_PAD=head_pad, BLOCK_SIZE=block_size, BLOCK_H=block_h,
-        FP8=fp8, num_warps=4)
+        FP8=fp8, num_warps=4, **pdl_launch(key.device))

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kvflow.kernels.pdl import pdl_launch, pdl_launch_dependents, pdl_wait
+
 _MAX_SINGLE = 32768       # widest row kept in registers
 _CHUNK = 8192             # column chunk of the two-pass path
 
@@ -22,7 +24,10 @@ def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     stride_x, stride_r, stride_o, stride_ro, N, eps,
     BLOCK: tl.constexpr, SINGLE: tl.constexpr, HAS_RES: tl.constexpr, EVEN: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    pdl_wait(USE_PDL)
+    pdl_launch_dependents(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     r_row = res_ptr + row * stride_r
@@ -91,7 +96,7 @@ def _launch(x2, r2, weight, out, res_out, eps, has_res):
     _rms_norm_kernel[(M,)](
         x2, r2, weight, out, res_out, x2.stride(0), r2.stride(0), out.stride(0),
         res_out.stride(0), N, eps, BLOCK=block, SINGLE=single, HAS_RES=has_res,
-        EVEN=(block == N), num_warps=num_warps)
+        EVEN=(block == N), num_warps=num_warps, **pdl_launch(x2.device))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

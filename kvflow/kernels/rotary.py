@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kvflow.kernels.pdl import pdl_launch, pdl_launch_dependents, pdl_wait
+
 _MAX_TILE = 4096            # (heads x rot/2) elements per step
 
 
@@ -41,7 +43,9 @@ def _rotary_kernel(pos_ptr, q_ptr, k_ptr, cs_ptr,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_cs,
                    NUM_Q: tl.constexpr, NUM_K: tl.constexpr, HALF: tl.constexpr,
                    HALF_PAD: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
-                   IS_NEOX: tl.constexpr, HAS_KEY: tl.constexpr):
+                   IS_NEOX: tl.constexpr, HAS_KEY: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_wait(USE_PDL)
+    pdl_launch_dependents(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     offs = tl.arange(0, HALF_PAD)
@@ -84,7 +88,8 @@ def rotary_embedding(positions: torch.Tensor, query: torch.Tensor, key: Optional
         positions, query, k, cos_sin_cache,
         query.stride(0), query.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
         NUM_Q=num_q, NUM_K=num_k, HALF=half, HALF_PAD=half_pad, BLOCK_HQ=block_hq,
-        BLOCK_HK=block_hk, IS_NEOX=is_neox, HAS_KEY=key is not None, num_warps=4)
+        BLOCK_HK=block_hk, IS_NEOX=is_neox, HAS_KEY=key is not None, num_warps=4,
+        **pdl_launch(query.device))
 
 
 def compute_cos_sin_cache(rotary_dim: int, max_position: int, base: float = 10000.0,

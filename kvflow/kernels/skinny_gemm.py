@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvflow.kernels.pdl import pdl_launch, pdl_launch_dependents, pdl_wait
 from kvflow.kernels.split_k import reduce_splits
 
 MAX_M = 16                 # rows the kernel takes; more rows go to cuBLAS (compute-bound GEMM)
@@ -45,11 +46,48 @@ CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
 
 @triton.jit
+def _load_w(w_rows, k0, k_hi, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """One [BLOCK_N, BLOCK_K] tile of W at column k0 (zeros past k_hi unless EVEN_K)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    if EVEN_K:
+        return tl.load(w_rows + offs_k[None, :], eviction_policy="evict_first")
+    return tl.load(w_rows + offs_k[None, :], mask=offs_k[None, :] < k_hi, other=0.0,
+                   eviction_policy="evict_first")
+
+
+@triton.jit
+def _step(acc, w, x_ptr, offs_m, m_mask, stride_xm, k0, k_hi,
+          USE_DOT: tl.constexpr, DEFER: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+          BLOCK_K: tl.constexpr):
+    """acc += x[:, k0:k0+BLOCK_K] . w (w: [BLOCK_N, BLOCK_K], the tile at k0)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    if USE_DOT:
+        x_mask = m_mask[None, :] if EVEN_K else m_mask[None, :] & (offs_k[:, None] < k_hi)
+        xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
+                     mask=x_mask, other=0.0)                                   # [BK, BM]
+        if IEEE:
+            acc = tl.dot(w, xt, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w, xt, acc)
+    else:
+        x_mask = m_mask[:, None] if EVEN_K else m_mask[:, None] & (offs_k[None, :] < k_hi)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=x_mask, other=0.0)                                    # [BM, BK]
+        prod = x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]    # [BM, BN, BK]
+        if DEFER:
+            acc += prod
+        else:
+            acc += tl.sum(prod, axis=2)
+    return acc
+
+
+@triton.jit
 def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
                         M, N, K, K_PER_SPLIT, stride_xm, stride_wn,
                         HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, DEFER: tl.constexpr,
                         EVEN_K: tl.constexpr, IEEE: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        USE_PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -62,36 +100,23 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
     w_rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * stride_wn   # [BN, 1]
     k_lo = pid_k * K_PER_SPLIT                           # K_PER_SPLIT % BLOCK_K == 0
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    # W is static: its first tile is requested before waiting for the previous kernel (PDL),
+    # so the DRAM round trip overlaps that kernel's tail. x is read only after the wait.
+    w = _load_w(w_rows, k_lo, k_hi, BLOCK_K, EVEN_K)                              # [BN, BK]
+    pdl_wait(USE_PDL)
+    pdl_launch_dependents(USE_PDL)
     if USE_DOT:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)                      # out^T
     elif DEFER:
         acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        if EVEN_K:
-            w = tl.load(w_rows + offs_k[None, :], eviction_policy="evict_first")   # [BN, BK]
-        else:
-            w = tl.load(w_rows + offs_k[None, :], mask=offs_k[None, :] < k_hi, other=0.0,
-                        eviction_policy="evict_first")
-        if USE_DOT:
-            x_mask = m_mask[None, :] if EVEN_K else m_mask[None, :] & (offs_k[:, None] < k_hi)
-            xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
-                         mask=x_mask, other=0.0)                                   # [BK, BM]
-            if IEEE:
-                acc = tl.dot(w, xt, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(w, xt, acc)
-        else:
-            x_mask = m_mask[:, None] if EVEN_K else m_mask[:, None] & (offs_k[None, :] < k_hi)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                        mask=x_mask, other=0.0)                                    # [BM, BK]
-            prod = x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]    # [BM, BN, BK]
-            if DEFER:
-                acc += prod
-            else:
-                acc += tl.sum(prod, axis=2)
+    acc = _step(acc, w, x_ptr, offs_m, m_mask, stride_xm, k_lo, k_hi,
+                USE_DOT, DEFER, EVEN_K, IEEE, BLOCK_K)
+    for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
+        w = _load_w(w_rows, k0, k_hi, BLOCK_K, EVEN_K)
+        acc = _step(acc, w, x_ptr, offs_m, m_mask, stride_xm, k0, k_hi,
+                    USE_DOT, DEFER, EVEN_K, IEEE, BLOCK_K)
     if USE_DOT:
         res = tl.trans(acc)                                                       # [BM, BN]
     elif DEFER:
@@ -220,7 +245,7 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] =
         HAS_BIAS=has_bias and split == 1, USE_DOT=use_dot, DEFER=defer,
         EVEN_K=k % bk == 0, IEEE=x.dtype == torch.float32,
         BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk,
-        num_warps=warps, num_stages=config.get("num_stages", 2))
+        num_warps=warps, num_stages=config.get("num_stages", 2), **pdl_launch(x.device))
     if split > 1:
         reduce_splits(part, out, bias)
     return out

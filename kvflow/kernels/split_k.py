@@ -12,13 +12,17 @@ import torch
 import triton
 import triton.language as tl
 
+from kvflow.kernels.pdl import pdl_launch, pdl_launch_dependents, pdl_wait
+
 _BLOCK = 1024
 
 
 @triton.jit
 def _reduce_splits_kernel(part_ptr, b_ptr, out_ptr, MN, N, HAS_BIAS: tl.constexpr,
-                          SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+                          SPLIT: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     """out[i] = sum_s part[s, i] (+ bias[i % N]) in fp32, in split order; cast to out's dtype."""
+    pdl_wait(USE_PDL)
+    pdl_launch_dependents(USE_PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -36,5 +40,5 @@ def reduce_splits(part: torch.Tensor, out: torch.Tensor,
     has_bias = bias is not None
     _reduce_splits_kernel[(triton.cdiv(m * n, _BLOCK),)](
         part, bias if has_bias else part, out, m * n, n, HAS_BIAS=has_bias, SPLIT=split,
-        BLOCK=_BLOCK, num_warps=4)
+        BLOCK=_BLOCK, num_warps=4, **pdl_launch(out.device))
     return out

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvflow.kernels.pdl import pdl_launch, pdl_launch_dependents, pdl_wait
 from kvflow.kernels.split_k import reduce_splits
 
 
@@ -38,7 +39,10 @@ def _gptq_gemm_kernel(x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr,
                       BITS: tl.constexpr, GROUP: tl.constexpr, ZP_OFF: tl.constexpr,
                       USE_G_IDX: tl.constexpr, ONE_GROUP: tl.constexpr, IEEE: tl.constexpr,
                       GEMV: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      USE_PDL: tl.constexpr):
+    pdl_wait(USE_PDL)
+    pdl_launch_dependents(USE_PDL)
     PACK: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
     BKP: tl.constexpr = BLOCK_K // PACK                  # packed rows per block
@@ -190,7 +194,7 @@ def gptq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
         try:
             _gptq_gemm_kernel[grid](
                 x, qweight, qzeros, scales, g_idx if g_idx is not None else qweight, part,
-                m, n, k, k_per_split, x.stride(0), **consts, **cfg)
+                m, n, k, k_per_split, x.stride(0), **consts, **cfg, **pdl_launch(x.device))
             break
         except triton.runtime.errors.OutOfResources:
             if cfg["num_stages"] <= 1:
