@@ -112,7 +112,8 @@ def test_kernel_fits_stages_to_shared_memory(monkeypatch):
             return launch
 
     monkeypatch.setattr(w4a16, "_gptq_gemm_kernel", TooBigAboveTwoStages())
-    monkeypatch.setattr(w4a16, "_STAGES_THAT_FIT", {})
+    from kvflow.kernels import stage_fit
+    monkeypatch.setattr(stage_fit, "_STAGES_THAT_FIT", {})
     g = torch.Generator().manual_seed(5)
     t, _ = rtn_quantize(torch.randn(128, 64, generator=g), 4, 32, False, True, False)
     t = {name: v.to(dev) for name, v in t.items()}

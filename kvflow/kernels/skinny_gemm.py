@@ -39,6 +39,7 @@ import triton.language as tl
 
 from kvflow.kernels.pdl import pdl_launch, pdl_launch_dependents, pdl_wait
 from kvflow.kernels.split_k import reduce_splits
+from kvflow.kernels.stage_fit import launch_fitting_stages
 
 MAX_M = 16                 # rows the kernel takes; more rows go to cuBLAS (compute-bound GEMM)
 _ACC_REGS = 64             # deferred-reduction accumulator budget (fp32 registers per thread)
@@ -240,12 +241,16 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] =
     part = out if split == 1 else torch.empty((split, m, n), device=x.device,
                                               dtype=torch.float32)
     has_bias = bias is not None
-    _skinny_gemm_kernel[(triton.cdiv(n, bn), split)](
+    consts = dict(HAS_BIAS=has_bias and split == 1, USE_DOT=use_dot, DEFER=defer,
+                  EVEN_K=k % bk == 0, IEEE=x.dtype == torch.float32,
+                  BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+    # The first W tile is held across the loop (requested before the PDL wait): on top of
+    # the pipeline's buffers, so tuned stage counts may need one stage less to fit.
+    launch_fitting_stages(
+        _skinny_gemm_kernel, (triton.cdiv(n, bn), split),
+        (x.device.index, x.dtype, tuple(consts.items())), config.get("num_stages", 2),
         x, w, bias if has_bias else w, part, m, n, k, k_per_split, x.stride(0), w.stride(0),
-        HAS_BIAS=has_bias and split == 1, USE_DOT=use_dot, DEFER=defer,
-        EVEN_K=k % bk == 0, IEEE=x.dtype == torch.float32,
-        BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk,
-        num_warps=warps, num_stages=config.get("num_stages", 2), **pdl_launch(x.device))
+        **consts, **pdl_launch(x.device))
     if split > 1:
         reduce_splits(part, out, bias)
     return out

@@ -31,6 +31,7 @@ import triton.language as tl
 
 from kvflow.kernels.pdl import pdl_launch, pdl_launch_dependents, pdl_wait
 from kvflow.kernels.split_k import reduce_splits
+from kvflow.kernels.stage_fit import launch_fitting_stages
 
 
 @triton.jit
@@ -148,7 +149,6 @@ def choose_config(m: int, n: int, k: int, group: int, num_sms: int = 132) -> dic
 
 
 _NUM_SMS: dict = {}
-_STAGES_THAT_FIT: dict = {}   # launch variant -> num_stages reduced to fit shared memory
 
 
 def gptq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
@@ -185,22 +185,13 @@ def gptq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]), split)
     consts = dict(BITS=bits, GROUP=group, ZP_OFF=zero_offset, USE_G_IDX=g_idx is not None,
                   ONE_GROUP=one_group, IEEE=x.dtype == torch.float32, GEMV=gemv)
-    # The shared memory a pipeline stage needs depends on more than the tile (act-order
-    # gathers per-row scales and zeros; the dtype; the GPU's limit), so the stage count is
-    # fitted at the first launch of each variant: fewer stages until it compiles, remembered.
-    fit_key = (x.device.index, x.dtype, tuple(cfg.items()), tuple(consts.items()))
-    cfg["num_stages"] = _STAGES_THAT_FIT.get(fit_key, cfg["num_stages"])
-    while True:
-        try:
-            _gptq_gemm_kernel[grid](
-                x, qweight, qzeros, scales, g_idx if g_idx is not None else qweight, part,
-                m, n, k, k_per_split, x.stride(0), **consts, **cfg, **pdl_launch(x.device))
-            break
-        except triton.runtime.errors.OutOfResources:
-            if cfg["num_stages"] <= 1:
-                raise
-            cfg["num_stages"] -= 1
-            _STAGES_THAT_FIT[fit_key] = cfg["num_stages"]
+    # Act-order gathers per-row scales and zeros in every stage: fit the stages to the GPU.
+    num_stages = cfg.pop("num_stages")
+    launch_fitting_stages(
+        _gptq_gemm_kernel, grid, (x.device.index, x.dtype, tuple(cfg.items()),
+                                  tuple(consts.items())), num_stages,
+        x, qweight, qzeros, scales, g_idx if g_idx is not None else qweight, part,
+        m, n, k, k_per_split, x.stride(0), **consts, **cfg, **pdl_launch(x.device))
     if split == 1:
         return part[0]
     return reduce_splits(part, torch.empty((m, n), device=x.device, dtype=x.dtype))

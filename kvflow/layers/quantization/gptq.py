@@ -205,7 +205,8 @@ class GPTQLinearMethod:
         if kind == "g_idx":
             # Fused shards (q/k/v, gate/up) share one g_idx: GPTQ derives act-order from the
             # shared input, so their checkpoint copies must agree; a mismatch would be silent.
-            if getattr(param, "_loaded", False) and not torch.equal(param.data, loaded.to(param.dtype)):
+            if getattr(param, "_loaded", False) and not torch.equal(
+                    param.data, loaded.to(param.device, param.dtype)):
                 raise ValueError("GPTQ: g_idx differs between the fused shards of one layer")
             _copy(param.data, loaded)
             param._loaded = True
