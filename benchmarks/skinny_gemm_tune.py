@@ -3,6 +3,7 @@ write the per-device table that kvflow.kernels.skinny_gemm.choose_config reads.
 
     source benchmarks/device_env.sh && python3 benchmarks/skinny_gemm_tune.py [--out DIR]
         [--ms 1,2,4,8] [--budget-s 200] [--models qwen3-0.6b,llama3.1-8b]
+        [--shapes qkv,o] [--merge kvflow/kernels/configs/skinny_gemm_NVIDIA_H200.json]
 
 For each projection of Qwen3-0.6B and Llama-3.1-8B (bf16, y = x @ W^T, W [N, K]) and each M it
 times F.linear, the default config of skinny_gemm.default_config and a staged search (stage 0:
@@ -15,7 +16,8 @@ Writes to DIR (default $OUT, else /tmp/out):
   skinny_gemm_tune.json          every case: torch / default / best times, GB/s, best config
   skinny_gemm_<device>.json      the table: {"device", "configs": {"N,K": {"M": cfg | null}}};
                                  null where torch is not beaten by >= MIN_GAIN. Copy it into
-                                 kvflow/kernels/configs/ to use it (KVFLOW_SKINNY_GEMM=1).
+                                 kvflow/kernels/configs/ to use it. With --merge the table
+                                 starts from that file and only the tuned entries change.
 Stage 1 is skipped once --budget-s has elapsed, so the run stays under ~4 minutes on an H200.
 """
 from __future__ import annotations
@@ -39,6 +41,8 @@ MODELS = {
                    "down": (1024, 3072), "lm_head": (151936, 1024)},
     "llama3.1-8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
                     "down": (4096, 14336), "lm_head": (128256, 4096)},
+    # Mixtral's attention projections have Llama-8B's shapes; its experts are the fused MoE.
+    "mixtral-8x7b": {"lm_head": (32000, 4096)},
 }
 ROTATE_BYTES = 256 << 20
 MIN_GAIN = 0.03            # the kernel must be >= 3% faster than torch to take a shape over
@@ -49,11 +53,14 @@ def stage0(m, n, k, sms):
     """GEMV tiles (register-bounded) and tensor-core tiles, each with the split-K values that
     give between ~1 and 16 programs per SM (split 1 always)."""
     bm = triton.next_power_of_2(m)
+    # Long GEMV steps (up to 2048 columns) put more of W in flight per program: at one row the
+    # small matrices are latency-bound, not bandwidth-bound.
     tiles = [dict(block_n=bn, block_k=bk, num_warps=4, num_stages=2, use_dot=False)
-             for bn, bk in itertools.product((4, 8, 16, 32), (128, 256, 512))
+             for bn, bk in itertools.product((4, 8, 16, 32), (256, 512, 1024, 2048))
              if bm * bn * bk <= GEMV_TILE_ELEMS and not (bn == 4 and m < 8)]
     tiles += [dict(block_n=bn, block_k=bk, num_warps=4, num_stages=3, use_dot=True)
-              for bn, bk in ((32, 128), (64, 64), (64, 128), (64, 256), (128, 64), (128, 128))]
+              for bn, bk in ((16, 256), (32, 128), (32, 256), (64, 64), (64, 128), (64, 256),
+                             (128, 64), (128, 128))]
     cands = []
     for t in tiles:
         slabs = -(-n // t["block_n"])
@@ -67,7 +74,7 @@ def stage0(m, n, k, sms):
 
 
 def stage1(best):
-    stages = (2, 3, 4, 5) if best.get("use_dot") else (1, 2, 3)
+    stages = (2, 3, 4, 5, 6) if best.get("use_dot") else (1, 2, 3)
     cands = [dict(best, num_warps=w) for w in (1, 2, 8)]
     cands += [dict(best, num_stages=s) for s in stages if s != best.get("num_stages")]
     return cands
@@ -79,6 +86,8 @@ def main():
     ap.add_argument("--ms", default="1,2,4,8")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--budget-s", type=float, default=200.0)
+    ap.add_argument("--shapes", default="", help="only these projections (e.g. qkv,o)")
+    ap.add_argument("--merge", default="", help="a table file to update instead of replacing")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU check of the script itself (TRITON_INTERPRET=1, tiny shapes)")
     args = ap.parse_args()
@@ -109,8 +118,15 @@ def run(args, ms, dev_name, sms, device, time_us, models):
     torch.manual_seed(0)
     dtype = torch.bfloat16
     results, table = [], {}
+    if args.merge:
+        with open(args.merge) as f:
+            table = json.load(f)["configs"]
+    done = set()
     for model in args.models.split(",") if models is MODELS else models:
         for name, (n, k) in models[model].items():
+            if (args.shapes and name not in args.shapes.split(",")) or (n, k) in done:
+                continue
+            done.add((n, k))
             wbytes = n * k * 2
             copies = max(2, math.ceil(ROTATE_BYTES / wbytes))
             ws = [torch.randn(n, k, device=device, dtype=dtype) * 0.05 for _ in range(copies)]
