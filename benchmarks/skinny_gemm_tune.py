@@ -8,7 +8,9 @@ write the per-device table that kvflow.kernels.skinny_gemm.choose_config reads.
 For each projection of Qwen3-0.6B and Llama-3.1-8B (bf16, y = x @ W^T, W [N, K]) and each M it
 times F.linear, the default config of skinny_gemm.default_config and a staged search (stage 0:
 GEMV and tensor-core tiles x split-K; stage 1: warps x stages around the best). Times are CUDA
-graph replays (launch overhead excluded, as in the decode graphs), each graph cycling over enough
+graph replays (launch overhead excluded, as in the decode graphs) of an RMSNorm followed by the
+product, minus the norm alone (as in a decode step, where PDL overlaps a Triton kernel's start
+with its predecessor and cuBLAS's launch waits for it); each graph cycles over enough
 copies of W (>= ROTATE_BYTES in all, several times the 50 MB L2) that every call reads its matrix
 from HBM. GB/s counts the weight bytes only (x and y are < 0.2% of them).
 
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 import triton
 
 import kvflow.kernels.skinny_gemm as sg
+from kvflow.kernels.norm import rms_norm
 from graph_timing import graph_time_us
 
 MODELS = {
@@ -133,10 +136,24 @@ def run(args, ms, dev_name, sms, device, time_us, models):
             for m in ms:
                 x = torch.randn(m, k, device=device, dtype=dtype)
 
-                def timed(cfg=None):
-                    return time_us([lambda w=w: sg.skinny_gemm(x, w, None, cfg) for w in ws])
+                # In a decode step every projection follows a small kernel (a norm, SiLU or
+                # attention) that PDL lets it overlap; cuBLAS cannot. Each timed call is one
+                # RMSNorm + the product, and the norm's own time is subtracted.
+                xn = torch.randn(m, k, device=device, dtype=dtype)
+                wn = torch.ones(k, device=device, dtype=dtype)
 
-                t_torch = time_us([lambda w=w: F.linear(x, w) for w in ws])
+                def pre():
+                    return rms_norm(xn, wn, 1e-6)
+
+                t_pre = time_us([pre for _ in ws])
+
+                def chain(gemm):
+                    return time_us([lambda w=w: (pre(), gemm(w)) for w in ws]) - t_pre
+
+                def timed(cfg=None):
+                    return chain(lambda w: sg.skinny_gemm(x, w, None, cfg))
+
+                t_torch = chain(lambda w: F.linear(x, w))
                 default = sg.default_config(m, n, k, sms)
                 t_default = timed(default)
                 best, tried, failed = (t_default, default), 1, 0
