@@ -10,6 +10,15 @@ change; each step copies the real inputs into their first B rows and pads the re
     block_table [max_bs, max_blocks_per_req] int32 (only the used columns are refreshed; the
         attention kernel never reads past a row's seq_len)
 
+Host inputs travel in one pinned-to-device copy per step: a flat int64 staging buffer
+    [ids | positions | slots | seq_lens | fill_rows | rows] (max_bs each), then the block table
+    (int32, max_bs x max_blocks_per_req, only the first B rows copied)
+whose device copy holds the block table the graphs read (a view) and whose other parts the first
+node of every graph unpacks into the buffers above (kvflow/kernels/decode_inputs.py), taking the
+input token of a request whose previous token is still in flight from the runner's
+`last_sampled` (fill_rows[i] = its row, else -1). `rows` (the requests' rows, batch order) lets
+the runner record the sampled tokens without another copy (`staged_rows`).
+
 The graph covers the model forward and the LM head (logits [bucket, vocab] float32 is a static
 output); sampling runs outside, on logits[:B]. The attention backend must read every length from
 these tensors (host-side max_seq_len is passed as the max_model_len upper bound), which the
@@ -33,6 +42,7 @@ import torch
 from kvflow.attention.backend import AttentionMetadata
 from kvflow.attention.local_attention import decode_local_into, local_is_global, local_table_width
 from kvflow.forward_context import LOCAL, set_forward_context
+from kvflow.kernels.decode_inputs import unpack_decode_inputs
 
 logger = logging.getLogger("kvflow")
 
@@ -46,7 +56,10 @@ def default_buckets(max_num_seqs: int, limit: int = 512) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model, device: torch.device, max_model_len: int, block_size: int,
-                 max_blocks_per_req: int, buckets: list[int], local_chunk: int | None = None):
+                 max_blocks_per_req: int, buckets: list[int], local_chunk: int | None = None,
+                 last_sampled: torch.Tensor | None = None):
+        """last_sampled: the runner's [max_num_reqs] int64 device tensor of each row's last
+        sampled token (the source of fill_rows); None: inputs always come from the host."""
         self.model = model
         # As in ModelRunner.extra_metadata: local layers read the global metadata when it is
         # the same thing; otherwise the local virtual batch is rebuilt inside the graph.
@@ -65,7 +78,14 @@ class DecodeGraphs:
         self.slot_mapping = torch.full((n,), -1, dtype=torch.int64, device=device)
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
-        self.block_table = torch.zeros((n, max_blocks_per_req), dtype=torch.int32, device=device)
+        # Staging (see the module doc): 6 int64 rows of n, then the int32 block table.
+        self._head = 6 * n
+        self._mb = max_blocks_per_req
+        stage_len = self._head + -(-n * max_blocks_per_req // 2)
+        self._dev_stage = torch.zeros(stage_len, dtype=torch.int64, device=device)
+        self.block_table = self._bt_view(self._dev_stage)
+        self.last_sampled = (last_sampled if last_sampled is not None
+                             else torch.zeros(1, dtype=torch.int64, device=device))
         if local_chunk is not None:
             w = local_table_width(local_chunk, block_size, max_blocks_per_req)
             self.local_seq_lens = torch.ones(n, dtype=torch.int32, device=device)
@@ -73,13 +93,11 @@ class DecodeGraphs:
             self.local_block_table = torch.zeros((n, w), dtype=torch.int32, device=device)
             # Host bound for kernel configuration: a chunk plus its offset in the first block.
             self.local_max_seq_len = min(max_model_len, local_chunk + block_size - 1)
-        # Pinned staging, one H2D copy each: ids | positions | slots | seq_lens, and block tables.
-        # Two sets, alternating by step parity (the runner's overlapped scheduling may launch
-        # step N+1 while step N's copies are still queued).
+        # Pinned host staging, two sets alternating by step parity (the runner's overlapped
+        # scheduling may write step N+1's inputs while step N's copy is still queued).
         pin = device.type == "cuda"   # CPU: unpinned (tests drive _forward without graphs)
-        self._stage = [torch.zeros((4, n), dtype=torch.int64, pin_memory=pin) for _ in range(2)]
-        self._bt_stage = [torch.zeros((n, max_blocks_per_req), dtype=torch.int32, pin_memory=pin)
-                          for _ in range(2)]
+        self._stage = [torch.zeros(stage_len, dtype=torch.int64, pin_memory=pin)
+                       for _ in range(2)]
         # One logits buffer shared by all graphs (a per-graph output would cost
         # sum(buckets) x vocab x 4 bytes: gigabytes for a 150k vocabulary).
         self.logits = torch.empty((n, model.config.vocab_size), dtype=torch.float32, device=device)
@@ -105,6 +123,21 @@ class DecodeGraphs:
             query_start_loc=self.query_start_loc[:bs + 1], seq_lens=self.local_seq_lens[:bs],
             block_table=self.local_block_table[:bs], slot_mapping=self.slot_mapping[:bs],
             is_decode_only=True, seq_starts=self.local_seq_starts[:bs])
+
+    def _bt_view(self, stage: torch.Tensor) -> torch.Tensor:
+        """The block table part of a staging buffer: [max_bs, max_blocks_per_req] int32."""
+        n, mb = self.max_bs, self._mb
+        return stage.view(torch.int32)[2 * self._head:2 * self._head + n * mb].view(n, mb)
+
+    def staged_rows(self, b: int) -> torch.Tensor:
+        """The rows of the last run()'s B requests, on the device: [B] int64 (valid until the
+        next run)."""
+        n = self.max_bs
+        return self._dev_stage[5 * n:5 * n + b]
+
+    def _unpack(self, bs: int) -> None:
+        unpack_decode_inputs(self._dev_stage, self.max_bs, bs, self.last_sampled,
+                             self.input_ids, self.positions, self.slot_mapping, self.seq_lens)
 
     def _forward(self, bs: int) -> None:
         md = self._metadata(bs)
@@ -132,10 +165,12 @@ class DecodeGraphs:
         # Largest first: smaller graphs reuse the pool's blocks.
         for bs in reversed(self.buckets):
             for _ in range(2):  # warm up (autotuning, lazy init) outside the graph
+                self._unpack(bs)
                 self._forward(bs)
             torch.cuda.synchronize(self.device)
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=self.pool):
+                self._unpack(bs)
                 self._forward(bs)
             self.graphs[bs] = g
         torch.cuda.synchronize(self.device)
@@ -149,31 +184,42 @@ class DecodeGraphs:
         return bool(self.graphs) and num_reqs <= self.max_bs
 
     def run(self, input_ids: np.ndarray, positions: np.ndarray, slot_mapping: np.ndarray,
-            seq_lens: np.ndarray, block_table: np.ndarray, parity: int = 0, fill=None,
-            source: torch.Tensor | None = None) -> torch.Tensor:
-        """All arrays describe B decode requests (B tokens); block_table is [B, max_blocks_per_req]
-        (full rows). Returns logits [B, vocab]."""
+            seq_lens: np.ndarray, block_table: np.ndarray, parity: int = 0,
+            fill_rows: np.ndarray | None = None, rows: np.ndarray | None = None) -> torch.Tensor:
+        """All arrays describe B decode requests (B tokens); block_table is [B,
+        max_blocks_per_req] (full rows); fill_rows [B]: the row of last_sampled holding request
+        i's input token, or -1 (take input_ids[i]); rows [B]: the requests' rows (see
+        staged_rows). Returns logits [B, vocab]."""
+        bs = self.stage_inputs(input_ids, positions, slot_mapping, seq_lens, block_table, parity,
+                               fill_rows, rows)
+        self.graphs[bs].replay()
+        return self.logits[:input_ids.shape[0]]
+
+    def stage_inputs(self, input_ids: np.ndarray, positions: np.ndarray,
+                     slot_mapping: np.ndarray, seq_lens: np.ndarray, block_table: np.ndarray,
+                     parity: int = 0, fill_rows: np.ndarray | None = None,
+                     rows: np.ndarray | None = None) -> int:
+        """run()'s host part: pack the inputs and queue their one copy to the device; returns
+        the bucket whose graph serves them."""
         b = input_ids.shape[0]
         bs = next(s for s in self.buckets if s >= b)
-        st = self._stage[parity].numpy()
-        st[0, :b] = input_ids
-        st[1, :b] = positions
-        st[2, :b] = slot_mapping
-        st[3, :b] = seq_lens
+        n = self.max_bs
+        stage = self._stage[parity]
+        st = stage.numpy()
+        st[0:b] = input_ids
+        st[n:n + b] = positions
+        st[2 * n:2 * n + b] = slot_mapping
+        st[3 * n:3 * n + b] = seq_lens
+        st[4 * n:4 * n + b] = -1 if fill_rows is None else fill_rows
+        if rows is not None:
+            st[5 * n:5 * n + b] = rows
         if bs > b:  # padding rows: no KV write, one harmless context token
-            st[0, b:bs] = 0
-            st[1, b:bs] = 0
-            st[2, b:bs] = -1
-            st[3, b:bs] = 1
-        stage = self._stage[parity].to(self.device, non_blocking=True)
-        self.input_ids[:bs].copy_(stage[0, :bs])
-        self.positions[:bs].copy_(stage[1, :bs])
-        self.slot_mapping[:bs].copy_(stage[2, :bs])
-        self.seq_lens[:bs].copy_(stage[3, :bs])
-        if fill is not None:  # (token indices, rows): input ids still on the device
-            self.input_ids[fill[0]] = source[fill[1]]
-        bt = self._bt_stage[parity]
-        bt.numpy()[:b] = block_table
-        self.block_table[:b].copy_(bt[:b], non_blocking=True)
-        self.graphs[bs].replay()
-        return self.logits[:b]
+            st[b:bs] = 0
+            st[n + b:n + bs] = 0
+            st[2 * n + b:2 * n + bs] = -1
+            st[3 * n + b:3 * n + bs] = 1
+            st[4 * n + b:4 * n + bs] = -1
+        self._bt_view(stage).numpy()[:b] = block_table
+        used = self._head + -(-b * self._mb // 2)   # int64 elements up to block-table row b
+        self._dev_stage[:used].copy_(stage[:used], non_blocking=True)
+        return bs

@@ -247,15 +247,16 @@ class ModelRunner:
         handle = StepHandle(out)
         sample_states = [s for s, flag in zip(states, sampling) if flag]
         decode_only = total == b
-        fill = None
-        if from_device.size:
-            fill = (self._to_device(from_device, torch.int64, "fill_idx"),
-                    self._to_device(rows[req_idx[from_device]], torch.int64, "fill_rows"))
+        sample_rows = None                       # [S] rows of the sampled requests, on device
         if (decode_only and self.graphs is not None and self.graphs.can_run(b)
                 and not any(s.params.prompt_logprobs is not None for s in states)):
+            fill_rows = np.full(b, -1, dtype=np.int64)
+            fill_rows[from_device] = rows[from_device]       # decode only: token i = request i
             logits = self.graphs.run(input_ids, positions, slot_mapping, seq_lens,
-                                     self.block_buf[rows], self._parity, fill=fill,
-                                     source=self.last_sampled)
+                                     self.block_buf[rows], self._parity, fill_rows=fill_rows,
+                                     rows=rows)
+            if len(sample_states) == b:
+                sample_rows = self.graphs.staged_rows(b)
             if not sample_states:
                 return handle
             if len(sample_states) < b:
@@ -273,7 +274,9 @@ class ModelRunner:
                 is_decode_only=decode_only, num_decode_reqs=int(np.argmax(nsched != 1))
                 if not decode_only else b)
             ids_t = self._to_device(input_ids, torch.int64, "ids")
-            if fill is not None:
+            if from_device.size:
+                fill = (self._to_device(from_device, torch.int64, "fill_idx"),
+                        self._to_device(rows[req_idx[from_device]], torch.int64, "fill_rows"))
                 ids_t[fill[0]] = self.last_sampled[fill[1]]
             pos_t = self._to_device(positions, torch.int64, "pos")
             with set_forward_context(md, self.extra_metadata(md), kv_connector=self.kv_connector):
@@ -285,8 +288,10 @@ class ModelRunner:
                 hidden[self._to_device(logits_indices, torch.int64, "logits_idx")])
         result = self.sampler(logits, self._sampling_metadata(sample_states))
         tokens = result.sampled_token_ids                                  # [S] on device
-        sample_rows = self._to_device(np.fromiter((s.row for s in sample_states), dtype=np.int64,
-                                                  count=len(sample_states)), torch.int64, "srows")
+        if sample_rows is None:
+            sample_rows = self._to_device(np.fromiter((s.row for s in sample_states),
+                                                      dtype=np.int64, count=len(sample_states)),
+                                          torch.int64, "srows")
         self.last_sampled[sample_rows] = tokens
         n = len(sample_states)
         handle.tokens_host = self._tokens_host[self._parity][:n]
@@ -362,7 +367,8 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self.model, self.device, self.max_model_len, self.block_size,
                                    self.max_blocks_per_req,
                                    buckets or default_buckets(self.max_num_reqs),
-                                   local_chunk=self.local_chunk)
+                                   local_chunk=self.local_chunk,
+                                   last_sampled=self.last_sampled)
         self.graphs.capture()
 
     # ------------------------------------------------------------------ profiling

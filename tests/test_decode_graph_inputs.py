@@ -1,0 +1,73 @@
+"""The decode graph's one-copy input staging (kvflow/worker/cuda_graphs.py) and the kernel that
+unpacks it inside the graph (kvflow/kernels/decode_inputs.py).
+
+CPU: the kernel runs under Triton's interpreter; DecodeGraphs' staging is driven without a
+capture (stage_inputs + _unpack are exactly what a replay does before the forward)."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import kvflow.kernels  # noqa: E402,F401  (applies the interpreter fixes)
+from kvflow.kernels import decode_inputs as di  # noqa: E402
+from kvflow.worker.cuda_graphs import DecodeGraphs  # noqa: E402
+from tests.conftest import kernel_device  # noqa: E402
+
+DEVICE = kernel_device(di._decode_inputs_kernel)
+
+
+@pytest.mark.parametrize("n, bs", [(8, 8), (16, 5), (700, 600)])
+def test_kernel_matches_reference(n, bs):
+    g = torch.Generator().manual_seed(n + bs)
+    stage = torch.randint(0, 1000, (6 * n,), generator=g)
+    fill = torch.randint(-1, 4, (n,), generator=g)          # -1 or a row of last_sampled
+    stage[4 * n:5 * n] = fill
+    stage[2 * n:2 * n + 3] = -1                              # padding slots pass through
+    stage, last = stage.to(DEVICE), torch.arange(100, 104, device=DEVICE)
+    outs = []
+    for fn in (di.unpack_decode_inputs, di.decode_inputs_ref):
+        bufs = [torch.full((n,), 7, dtype=torch.int64, device=DEVICE) for _ in range(3)]
+        bufs.append(torch.full((n,), 7, dtype=torch.int32, device=DEVICE))
+        fn(stage, n, bs, last, *bufs)
+        outs.append(bufs)
+    for got, ref in zip(*outs):
+        assert torch.equal(got, ref)
+    ids = outs[0][0]
+    for i in range(bs):
+        f = int(fill[i])
+        assert int(ids[i]) == (100 + f if f >= 0 else int(stage[i]))
+    assert (ids[bs:] == 7).all() and outs[0][3].dtype == torch.int32   # rows >= bs untouched
+
+
+def test_stage_inputs_one_copy_round_trip():
+    """stage_inputs packs B requests (padded to the bucket) into one staging buffer; the device
+    copy holds the block table the graph reads, and _unpack fills the graph inputs, taking
+    in-flight tokens from last_sampled."""
+    model = SimpleNamespace(config=SimpleNamespace(vocab_size=8))
+    last = torch.tensor([50, 51, 52, 53, 54], device=DEVICE)
+    graphs = DecodeGraphs(model, torch.device(DEVICE), max_model_len=64, block_size=16,
+                          max_blocks_per_req=3, buckets=[1, 4, 8], last_sampled=last)
+    ids = np.array([11, 12, 13]); pos = np.array([5, 17, 40]); slots = np.array([5, 33, 72])
+    lens = pos + 1
+    bt = np.array([[0, 9, 9], [1, 2, 9], [3, 4, 5]], dtype=np.int32)
+    rows = np.array([4, 0, 2])
+    fill = np.array([-1, 0, 2])             # requests 1 and 2 wait on tokens still on the device
+    for parity in (0, 1):
+        bs = graphs.stage_inputs(ids, pos, slots, lens, bt, parity, fill_rows=fill, rows=rows)
+        assert bs == 4
+        graphs._unpack(bs)
+        assert graphs.input_ids[:4].tolist() == [11, 50, 52, 0]
+        assert graphs.positions[:4].tolist() == [5, 17, 40, 0]
+        assert graphs.slot_mapping[:4].tolist() == [5, 33, 72, -1]      # pad row: no KV write
+        assert graphs.seq_lens[:4].tolist() == [6, 18, 41, 1]
+        assert graphs.seq_lens.dtype == torch.int32
+        assert graphs.block_table[:3].tolist() == bt.tolist()
+        assert graphs.staged_rows(3).tolist() == rows.tolist()
+    # A smaller batch next: only its rows are refreshed, the copy stops after its block rows.
+    bs = graphs.stage_inputs(ids[:1], pos[:1] + 1, slots[:1] + 1, lens[:1] + 1, bt[:1] + 1)
+    graphs._unpack(bs)
+    assert bs == 1 and graphs.input_ids[0].item() == 11 and graphs.seq_lens[0].item() == 7
+    assert graphs.block_table[0].tolist() == (bt[0] + 1).tolist()
