@@ -151,3 +151,9 @@ class TestFusedMerge:
         _check([1] * 6, [9, 40, 150, 600, 33, 1], 4, 2, 32, 16, torch.float32, num_splits=4)
         big = attn_mod._SPLIT_COUNTERS[(torch.device(DEVICE).type, torch.device(DEVICE).index)]
         assert big.numel() >= 12 and attn_mod._RETIRED_COUNTERS == [small]
+
+    def test_choose_config_fuses_decode_tiles_only(self):
+        decode = choose_config(1, 1, 32, 8, 128, 1, 32768, torch.bfloat16, num_sms=132)
+        assert decode.num_splits > 1 and decode.fused_merge
+        prefill = choose_config(256, 1, 32, 8, 128, 256, 32768, torch.bfloat16, num_sms=132)
+        assert prefill.num_splits > 1 and prefill.block_m == 128 and not prefill.fused_merge

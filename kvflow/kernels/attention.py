@@ -31,10 +31,32 @@ Mapping programs to requests without host data (CUDA-graph safe):
 
 Split-KV (flash-decoding): when the grid above would not fill the GPU (small batch, few KV
 heads) and contexts are long, grid dim 2 = num_splits segments partition each program's KV
-range; each writes an unnormalised fp32 partial (acc, running max m, sum l) and
-`_merge_splits_kernel` combines them: out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s.
-Empty segments write (0, -1e30, 0) and weigh nothing. This works for any q_len, so chunked
-prefill of one request over a long prefix is split as well.
+range into n_live = cdiv(num_tiles, per_seg) non-empty segments of per_seg = cdiv(num_tiles,
+num_splits) tiles; each writes an unnormalised fp32 partial (acc, running max m, sum l) and the
+partials are merged, out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s (M = max_s m_s), by
+`_merge_partials`: exact max, then fmas strictly in split order (deterministic and independent
+of tile layout / num_warps). This works for any q_len, so chunked prefill of one request over a
+long prefix is split as well. Two ways to merge (AttentionConfig.fused_merge):
+  * fused (default): no second launch (at decode batch 1 that launch is ~1.8 us of a ~6 us
+    layer). After storing its partial, a segment program takes a ticket: CTA barrier, then one
+    atomic add (acq_rel, gpu scope) on counter [grid row, KV head] of a persistent zeroed int32
+    buffer (_split_counters). The program that draws n_live - 1 arrived last: barrier, it loads
+    the n_live partials (".cg", L2) in split order, writes the output and resets the counter to
+    0, so the next launch and every CUDA-graph replay start clean. Nobody waits on anybody, so
+    the protocol cannot deadlock whatever the CTA residency. Segments >= n_live (the split count
+    comes from max_seq_len, an upper bound under CUDA graphs, so short contexts leave most of
+    them empty) exit right after reading the lengths: no partial, no ticket. With n_live == 1
+    the one segment normalises in registers with the same arithmetic (no partial, no ticket).
+  * two kernels: every segment writes a partial (empty ones (0, -1e30, 0), which weigh
+    exactly nothing) and `_merge_splits_kernel` (grid [rows, KV]) merges all num_splits.
+  Same result bit for bit (tests/test_attention_fused_merge.py); kept for comparison and as a
+  fallback. choose_config fuses for decode-like tiles (<= 64 rows) only: 128-row prefill
+  tiles spill much more with the merge's loads. Split-KV is only chosen when the grid has
+  < #SMs programs, so the fused merge's serial tail (one program per q-block merges) is never
+  on a large grid's critical path.
+PDL (kvflow/kernels/pdl.py): both kernels wait for their predecessor first thing in every
+program (everything they read, even the lengths, may be written by it) and then let their
+dependents launch.
 
 Mixed batches: with `num_decode_reqs` (decodes ordered first, as the runner schedules them) the
 decode requests and the rest run as two launches over slices of the same metadata tensors, so
@@ -50,7 +72,7 @@ measured on an H200, see choose_config):
   Shared memory: stages, then block_n, then block_m shrink until Q + K/V buffers (_smem_bytes)
   fit the device's opt-in limit (227 KB on Hopper, less on Ampere/Ada).
   num_splits: only when (q-blocks x KV heads) < #SMs; about 2 waves, >= MIN_SPLIT_TOKENS per
-  segment, a power of two <= MAX_SPLITS.
+  segment, a power of two <= MAX_SPLITS. fused_merge: block_m <= 64.
 Chunked local attention: with `seq_starts` (virtual batches of
 kvflow/attention/local_attention.py) a request's KV range starts at seq_starts[i] < block_size
 instead of 0; the tile holding it is masked, tiles before it skipped (HAS_STARTS constexpr, so
@@ -58,7 +80,8 @@ the plain path compiles exactly as before).
 Invariants: K/V of every context position < seq_len has been written; block_table entries past
 the request's blocks may be anything (they are never dereferenced unmasked); KV cache strides
 are shared by K and V and the head dim is contiguous; block * block_stride and token-row
-offsets are computed in int64.
+offsets are computed in int64. Split-KV launches on one device are stream-ordered (they share
+its ticket counters; kvflow runs the model, eager or as a CUDA graph, on one stream).
 """
 from __future__ import annotations
 
@@ -515,7 +538,13 @@ def choose_config(num_tokens: int, num_reqs: int, num_heads: int, num_kv_heads: 
             while num_splits > cap:
                 num_splits //= 2
             num_splits = max(1, num_splits)
-    return AttentionConfig(block_m, block_q, block_n, num_warps, num_stages, num_splits, direct)
+    # Fused split-KV merge for decode-like tiles only: with 128-row tiles the merge's
+    # [rows, HEAD_PAD] fp32 loads raise ptxas spills of the sm_90 kernel from ~0.8 KB to ~6 KB
+    # (D=128, bf16), while the one long-prefix chunk that splits there is compute-heavy and a
+    # second launch costs it little.
+    fused_merge = block_m <= 64
+    return AttentionConfig(block_m, block_q, block_n, num_warps, num_stages, num_splits, direct,
+                           fused_merge)
 
 
 def unified_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
