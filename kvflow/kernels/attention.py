@@ -31,10 +31,32 @@ Mapping programs to requests without host data (CUDA-graph safe):
 
 Split-KV (flash-decoding): when the grid above would not fill the GPU (small batch, few KV
 heads) and contexts are long, grid dim 2 = num_splits segments partition each program's KV
-range; each writes an unnormalised fp32 partial (acc, running max m, sum l) and
-`_merge_splits_kernel` combines them: out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s.
-Empty segments write (0, -1e30, 0) and weigh nothing. This works for any q_len, so chunked
-prefill of one request over a long prefix is split as well.
+range into n_live = cdiv(num_tiles, per_seg) non-empty segments of per_seg = cdiv(num_tiles,
+num_splits) tiles; each writes an unnormalised fp32 partial (acc, running max m, sum l) and the
+partials are merged, out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s (M = max_s m_s), by
+`_merge_partials`: exact max, then fmas strictly in split order (deterministic and independent
+of tile layout / num_warps). This works for any q_len, so chunked prefill of one request over a
+long prefix is split as well. Two ways to merge (AttentionConfig.fused_merge):
+  * fused (default): no second launch (at decode batch 1 that launch is ~1.8 us of a ~6 us
+    layer). After storing its partial, a segment program takes a ticket: CTA barrier, then one
+    atomic add (acq_rel, gpu scope) on counter [grid row, KV head] of a persistent zeroed int32
+    buffer (_split_counters). The program that draws n_live - 1 arrived last: barrier, it loads
+    the n_live partials (".cg", L2) in split order, writes the output and resets the counter to
+    0, so the next launch and every CUDA-graph replay start clean. Nobody waits on anybody, so
+    the protocol cannot deadlock whatever the CTA residency. Segments >= n_live (the split count
+    comes from max_seq_len, an upper bound under CUDA graphs, so short contexts leave most of
+    them empty) exit right after reading the lengths: no partial, no ticket. With n_live == 1
+    the one segment normalises in registers with the same arithmetic (no partial, no ticket).
+  * two kernels: every segment writes a partial (empty ones (0, -1e30, 0), which weigh
+    exactly nothing) and `_merge_splits_kernel` (grid [rows, KV]) merges all num_splits.
+  Same result bit for bit (tests/test_attention_fused_merge.py); kept for comparison and as a
+  fallback. choose_config fuses for decode-like tiles (<= 64 rows) only: 128-row prefill
+  tiles spill much more with the merge's loads. Split-KV is only chosen when the grid has
+  < #SMs programs, so the fused merge's serial tail (one program per q-block merges) is never
+  on a large grid's critical path.
+PDL (kvflow/kernels/pdl.py): both kernels wait for their predecessor first thing in every
+program (everything they read, even the lengths, may be written by it) and then let their
+dependents launch.
 
 Mixed batches: with `num_decode_reqs` (decodes ordered first, as the runner schedules them) the
 decode requests and the rest run as two launches over slices of the same metadata tensors, so
@@ -50,7 +72,7 @@ measured on an H200, see choose_config):
   Shared memory: stages, then block_n, then block_m shrink until Q + K/V buffers (_smem_bytes)
   fit the device's opt-in limit (227 KB on Hopper, less on Ampere/Ada).
   num_splits: only when (q-blocks x KV heads) < #SMs; about 2 waves, >= MIN_SPLIT_TOKENS per
-  segment, a power of two <= MAX_SPLITS.
+  segment, a power of two <= MAX_SPLITS. fused_merge: block_m <= 64.
 Chunked local attention: with `seq_starts` (virtual batches of
 kvflow/attention/local_attention.py) a request's KV range starts at seq_starts[i] < block_size
 instead of 0; the tile holding it is masked, tiles before it skipped (HAS_STARTS constexpr, so
@@ -58,10 +80,12 @@ the plain path compiles exactly as before).
 Invariants: K/V of every context position < seq_len has been written; block_table entries past
 the request's blocks may be anything (they are never dereferenced unmasked); KV cache strides
 are shared by K and V and the head dim is contiguous; block * block_stride and token-row
-offsets are computed in int64.
+offsets are computed in int64. Split-KV launches on one device are stream-ordered (they share
+its ticket counters; kvflow runs the model, eager or as a CUDA graph, on one stream).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -69,9 +93,16 @@ import torch
 import triton
 import triton.language as tl
 
+from kvflow.kernels.pdl import pdl_launch, pdl_launch_dependents, pdl_wait
+
 LOG2E = 1.4426950408889634
 MIN_SPLIT_TOKENS = 256     # fewest context tokens per split-KV segment
 MAX_SPLITS = 32
+# Splits whose partials a merge loads per unrolled group: their loads are independent, so they
+# are in flight together (one L2 round trip per group, not per split), while the arithmetic
+# stays strictly sequential in split order. 8 x [rows, HEAD_PAD] fp32 fits the registers of
+# the decode tiles.
+MERGE_UNROLL = 8
 # Start of the running max: finite, so rows that see only masked scores stay NaN-free.
 _EMPTY_MAX = tl.constexpr(-1.0e30)
 
@@ -149,6 +180,43 @@ def _attend_tile(acc, m_i, l_i, q, k_base, v_base, bt_row, tile, q_pos, seq_len,
     return acc, m_new, l_i
 
 
+@triton.jit
+def _merge_partials(part_ptr, m_ptr, l_ptr, prow, head, row_ok, n,
+                    stride_pt, stride_ph, stride_mt, stride_mh,
+                    HEAD_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, UNROLL: tl.constexpr):
+    """out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over splits s < n (M = max_s m_s)
+    for rows (partial row prow [R] int64, query head head [R]); returns [R, HEAD_PAD] fp32.
+
+    The one merge of both split-KV paths (the fused last-arriving split and
+    `_merge_splits_kernel`), so they agree bit for bit: the max is exact in any order, and the
+    sums are explicit fmas in split order, independent of the tile layout and num_warps (a
+    tl.sum over splits would reduce in a layout-dependent tree). Splits that contribute nothing
+    (empty segments' (0, _EMPTY_MAX, 0), or s >= n) add fma(0, 0, x) = x. Loads are ".cg"
+    (L2, not L1): in the fused path they read other CTAs' partials of this very launch."""
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, HEAD_PAD)
+    ml_row = prow * stride_mt + head * stride_mh                               # [R]
+    acc_row = prow * stride_pt + head * stride_ph                              # [R]
+    m_all = tl.load(m_ptr + ml_row[:, None] + offs_s[None, :],
+                    mask=row_ok[:, None] & (offs_s < n)[None, :], other=float("-inf"),
+                    cache_modifier=".cg")                                      # [R, SPLITS_PAD]
+    m_max = tl.where(row_ok, tl.max(m_all, 1), 0.0)     # rows not merged: keep them NaN-free
+    o = tl.zeros([prow.shape[0], HEAD_PAD], tl.float32)
+    den = tl.zeros([prow.shape[0]], tl.float32)
+    for s0 in range(0, n, UNROLL):
+        for j in tl.static_range(UNROLL):
+            s = s0 + j
+            ok = row_ok & (s < n)
+            m_s = tl.load(m_ptr + ml_row + s, mask=ok, other=float("-inf"), cache_modifier=".cg")
+            l_s = tl.load(l_ptr + ml_row + s, mask=ok, other=0.0, cache_modifier=".cg")
+            acc_s = tl.load(part_ptr + (acc_row + s * HEAD_PAD)[:, None] + offs_d[None, :],
+                            mask=ok[:, None], other=0.0, cache_modifier=".cg")  # [R, HEAD_PAD]
+            w = tl.math.exp2(m_s - m_max)
+            o = tl.fma(acc_s, w[:, None], o)
+            den = tl.fma(l_s, w, den)
+    return o / tl.where(row_ok, den, 1.0)[:, None]
+
+
 # Batch-dependent arguments are not specialized: a mixed batch's prefill launch receives slices
 # (qsl[nd:], seq_lens[nd:], block_table[nd:], query[t0:]) whose 16-byte alignment and counts
 # change with the number of decodes nd; specializing on them compiled a new variant for many
@@ -156,26 +224,33 @@ def _attend_tile(acc, m_i, l_i, q, k_base, v_base, bt_row, tile, q_pos, seq_len,
 # table's row stride is the widest request's block count this step, equally arbitrary. Without
 # an fp8 cache the k/v scale pointers are seq_lens slices too (unread placeholders).
 _NO_SPECIALIZE = dict(do_not_specialize=["num_reqs", "num_splits", "stride_bt"],
-                      do_not_specialize_on_alignment=["q_ptr", "out_ptr", "m_ptr", "l_ptr",
-                                                      "qsl_ptr", "seq_lens_ptr", "bt_ptr",
-                                                      "starts_ptr", "k_scale_ptr", "v_scale_ptr"])
+                      do_not_specialize_on_alignment=["q_ptr", "out_ptr", "part_ptr", "m_ptr",
+                                                      "l_ptr", "cnt_ptr", "qsl_ptr",
+                                                      "seq_lens_ptr", "bt_ptr", "starts_ptr",
+                                                      "k_scale_ptr", "v_scale_ptr"])
 
 
 @triton.jit(**_NO_SPECIALIZE)
 def _attention_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, m_ptr, l_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, m_ptr, l_ptr, cnt_ptr,
     qsl_ptr, seq_lens_ptr, bt_ptr, starts_ptr, k_scale_ptr, v_scale_ptr,
     qk_scale, num_reqs, num_splits,
     stride_qt, stride_qh,            # query [T, H, D]
-    stride_ot, stride_oh,            # out [T, H, D], or split partial acc [T, H, S, HEAD_PAD]
-    stride_mt, stride_mh,            # split partial m / l [T, H, S]
+    stride_ot, stride_oh,            # out [T, H, D]
+    stride_pt, stride_ph,            # split partial acc [rows, H, S, HEAD_PAD]
+    stride_mt, stride_mh,            # split partial m / l [rows, H, S]
     stride_cb, stride_ct, stride_ch,  # K and V caches [num_blocks, block_size, KV, D]
     stride_bt,                       # block_table [B, max_blocks]
     QPK: tl.constexpr, QPK_PAD: tl.constexpr, HEAD: tl.constexpr, HEAD_PAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
-    HAS_STARTS: tl.constexpr, KV_FP8: tl.constexpr,
+    HAS_STARTS: tl.constexpr, KV_FP8: tl.constexpr, FUSED_MERGE: tl.constexpr,
+    SPLITS_PAD: tl.constexpr, MERGE_UNROLL_: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    # Every input (query, the KV cache, lengths, tables) may be written by the previous kernel:
+    # wait first, in every program (kvflow/kernels/pdl.py).
+    pdl_wait(USE_PDL)
+    pdl_launch_dependents(USE_PDL)
     kv_head = tl.program_id(1)
     seg = tl.program_id(2)
     if DIRECT:
@@ -195,6 +270,26 @@ def _attention_kernel(
     seq_len = tl.load(seq_lens_ptr + req)
     ctx_len = seq_len - q_len           # context tokens before this request's first query
 
+    # KV range of this q-block: [kv_lo, kv_end), tiles [t0, t1) of it for this segment.
+    first_pos = ctx_len + q_block * BLOCK_Q
+    kv_end = ctx_len + tl.minimum(q_len, (q_block + 1) * BLOCK_Q)
+    num_tiles = tl.cdiv(kv_end, BLOCK_N)
+    if SPLIT:
+        per_seg = tl.cdiv(num_tiles, num_splits)
+        n_live = tl.cdiv(num_tiles, per_seg)   # segments with tiles: [0, n_live)
+        t0 = seg * per_seg
+        t1 = tl.minimum(t0 + per_seg, num_tiles)
+        if FUSED_MERGE:
+            # An empty segment (the split count comes from a max_seq_len upper bound; short
+            # contexts leave most segments empty) neither stores a partial nor takes a ticket:
+            # every program of this q-block derives the same n_live, so the merge counts and
+            # reads exactly the segments < n_live.
+            if seg >= n_live:
+                return
+    else:
+        t0 = 0
+        t1 = num_tiles
+
     # Rows: (query token, head of the KV group); see module docstring.
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_PAD)
@@ -208,25 +303,15 @@ def _attention_kernel(
     q = tl.load(q_ptr + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)   # [BLOCK_M, HEAD_PAD]
 
-    # KV range of this q-block: [kv_lo, kv_end). Tiles in [head_end, num_full) need no mask;
-    # the (at most one) tile holding kv_lo and the diagonal / tail tiles do; tiles wholly
-    # before kv_lo are skipped. kv_lo (local-attention virtual batches) is < block_size and
-    # <= every query position of the request, so every valid row still sees a key.
+    # Tiles in [head_end, num_full) need no mask; the (at most one) tile holding kv_lo and the
+    # diagonal / tail tiles do; tiles wholly before kv_lo are skipped. kv_lo (local-attention
+    # virtual batches) is < block_size and <= every query position of the request, so every
+    # valid row still sees a key.
     if HAS_STARTS:
         kv_lo = tl.load(starts_ptr + req)
     else:
         kv_lo = 0
-    first_pos = ctx_len + q_block * BLOCK_Q
-    kv_end = ctx_len + tl.minimum(q_len, (q_block + 1) * BLOCK_Q)
-    num_tiles = tl.cdiv(kv_end, BLOCK_N)
     num_full = (first_pos + 1) // BLOCK_N
-    if SPLIT:
-        per_seg = tl.cdiv(num_tiles, num_splits)
-        t0 = seg * per_seg
-        t1 = tl.minimum(t0 + per_seg, num_tiles)
-    else:
-        t0 = 0
-        t1 = num_tiles
 
     if KV_FP8:
         # Scales are read on the device (not baked in), so CUDA graphs see reloaded scales.
@@ -261,15 +346,50 @@ def _attention_kernel(
     if KV_FP8:
         acc = acc * tl.load(v_scale_ptr)      # P @ (V / v_scale) * v_scale; linear in acc
     if SPLIT:
-        # Unnormalised partial; empty segments store (0, _EMPTY_MAX, 0). Partial rows are
-        # numbered from this launch's first token, qsl[0].
-        prow = tok - tl.load(qsl_ptr)
-        o_ptrs = (out_ptr + prow[:, None] * stride_ot + head[:, None] * stride_oh
-                  + seg * HEAD_PAD + offs_d[None, :])
-        tl.store(o_ptrs, acc, mask=row_ok[:, None])
-        ml_off = prow * stride_mt + head * stride_mh + seg
-        tl.store(m_ptr + ml_off, m_i, mask=row_ok)
-        tl.store(l_ptr + ml_off, l_i, mask=row_ok)
+        if FUSED_MERGE and n_live == 1:
+            # The only segment: merge it in registers (the same arithmetic as
+            # _merge_partials with one split, so the result does not depend on the path),
+            # no partial, no ticket.
+            w = tl.math.exp2(m_i - tl.where(row_ok, m_i, 0.0))
+            o = tl.fma(acc, w[:, None], 0.0)
+            den = tl.fma(l_i, w, 0.0)
+            o = o / tl.where(row_ok, den, 1.0)[:, None]
+            o_ptrs = (out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh
+                      + offs_d[None, :])
+            tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & d_ok[None, :])
+        else:
+            # Unnormalised partial; empty segments (two-kernel path only) store
+            # (0, _EMPTY_MAX, 0). Partial rows are numbered from this launch's first token,
+            # qsl[0].
+            prow = tok - tl.load(qsl_ptr)
+            p_ptrs = (part_ptr + prow[:, None] * stride_pt + head[:, None] * stride_ph
+                      + seg * HEAD_PAD + offs_d[None, :])
+            tl.store(p_ptrs, acc, mask=row_ok[:, None])
+            ml_off = prow * stride_mt + head * stride_mh + seg
+            tl.store(m_ptr + ml_off, m_i, mask=row_ok)
+            tl.store(l_ptr + ml_off, l_i, mask=row_ok)
+            if FUSED_MERGE:
+                # Ticket: the segment that arrives last merges. The CTA barrier orders every
+                # thread's partial stores before the (single-thread) release of the atomic;
+                # its acquire side, in the last arriver, orders the merge's loads after all
+                # the other segments' releases (CUTLASS's semaphore pattern). Nobody waits for
+                # anybody, so it cannot deadlock whatever the residency or launch order.
+                tl.debug_barrier()
+                cnt = cnt_ptr + tl.program_id(0) * tl.num_programs(1) + kv_head
+                ticket = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
+                if ticket == n_live - 1:
+                    tl.debug_barrier()    # the acquire (one thread) before every thread's loads
+                    o = _merge_partials(part_ptr, m_ptr, l_ptr, prow, head, row_ok, n_live,
+                                        stride_pt, stride_ph, stride_mt, stride_mh,
+                                        HEAD_PAD, SPLITS_PAD, MERGE_UNROLL_)
+                    o_ptrs = (out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh
+                              + offs_d[None, :])
+                    tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty),
+                             mask=row_ok[:, None] & d_ok[None, :])
+                    # All n_live tickets of this launch are taken: back to 0 for the next
+                    # launch and every CUDA-graph replay (kernel completion publishes it).
+                    tl.store(cnt, 0)
     else:
         # Every valid row saw key 0 (position 0 <= its position), so l_i > 0; rows that are
         # not stored may have l_i == 0.
@@ -279,29 +399,31 @@ def _attention_kernel(
 
 
 @triton.jit(do_not_specialize=["num_reqs", "num_splits"],
-            do_not_specialize_on_alignment=["out_ptr", "acc_ptr", "m_ptr", "l_ptr", "qsl_ptr"])
-def _merge_splits_kernel(out_ptr, acc_ptr, m_ptr, l_ptr, qsl_ptr, num_reqs, num_splits,
-                         stride_ot, stride_oh, stride_at, stride_ah, stride_mt, stride_mh,
-                         HEAD: tl.constexpr, HEAD_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr):
-    """out[t, h] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s  (M = max_s m_s).
-    Program r merges partial row r, i.e. token t = qsl[0] + r."""
+            do_not_specialize_on_alignment=["out_ptr", "part_ptr", "m_ptr", "l_ptr", "qsl_ptr"])
+def _merge_splits_kernel(out_ptr, part_ptr, m_ptr, l_ptr, qsl_ptr, num_reqs, num_splits,
+                         stride_ot, stride_oh, stride_pt, stride_ph, stride_mt, stride_mh,
+                         QPK: tl.constexpr, QPK_PAD: tl.constexpr, HEAD: tl.constexpr,
+                         HEAD_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+                         MERGE_UNROLL_: tl.constexpr, USE_PDL: tl.constexpr):
+    """Two-kernel split-KV path: program (r, kv head) merges partial row r (token
+    t = qsl[0] + r) for the query heads of that KV head, over all num_splits segments."""
+    pdl_wait(USE_PDL)
+    pdl_launch_dependents(USE_PDL)
     r = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
+    kv_head = tl.program_id(1)
     t = r + tl.load(qsl_ptr)
     if t >= tl.load(qsl_ptr + num_reqs):     # padding row: no partials were written
         return
-    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_h = tl.arange(0, QPK_PAD)
     offs_d = tl.arange(0, HEAD_PAD)
-    s_ok = offs_s < num_splits
-    ml_off = r * stride_mt + h * stride_mh + offs_s
-    m = tl.load(m_ptr + ml_off, mask=s_ok, other=float("-inf"))       # [SPLITS_PAD]
-    l = tl.load(l_ptr + ml_off, mask=s_ok, other=0.0)
-    w = tl.math.exp2(m - tl.max(m, 0))
-    acc = tl.load(acc_ptr + r * stride_at + h * stride_ah + offs_s[:, None] * HEAD_PAD
-                  + offs_d[None, :], mask=s_ok[:, None], other=0.0)    # [SPLITS_PAD, HEAD_PAD]
-    o = tl.sum(acc * w[:, None], 0) / tl.sum(w * l, 0)
-    tl.store(out_ptr + t * stride_ot + h * stride_oh + offs_d,
-             o.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD)
+    head = kv_head * QPK + offs_h                                         # [QPK_PAD]
+    row_ok = offs_h < QPK
+    prow = tl.zeros([QPK_PAD], tl.int64) + r
+    o = _merge_partials(part_ptr, m_ptr, l_ptr, prow, head, row_ok, num_splits,
+                        stride_pt, stride_ph, stride_mt, stride_mh,
+                        HEAD_PAD, SPLITS_PAD, MERGE_UNROLL_)              # [QPK_PAD, HEAD_PAD]
+    tl.store(out_ptr + t * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD)[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,6 +438,9 @@ class AttentionConfig:
     num_stages: int
     num_splits: int    # KV segments per program; 1 = no split-KV
     direct: bool       # one program per request (needs block_q >= max_query_len)
+    # Split-KV merge inside the attention launch (last-arriving segment, see module doc);
+    # False: the two-kernel path (_merge_splits_kernel), same result bit for bit.
+    fused_merge: bool = True
 
 
 _DEVICE_LIMITS: dict[int, tuple[int, int]] = {}
@@ -413,7 +538,13 @@ def choose_config(num_tokens: int, num_reqs: int, num_heads: int, num_kv_heads: 
             while num_splits > cap:
                 num_splits //= 2
             num_splits = max(1, num_splits)
-    return AttentionConfig(block_m, block_q, block_n, num_warps, num_stages, num_splits, direct)
+    # Fused split-KV merge for decode-like tiles only: with 128-row tiles the merge's
+    # [rows, HEAD_PAD] fp32 loads raise ptxas spills of the sm_90 kernel from ~0.8 KB to ~6 KB
+    # (D=128, bf16), while the one long-prefix chunk that splits there is compute-heavy and a
+    # second launch costs it little.
+    fused_merge = block_m <= 64
+    return AttentionConfig(block_m, block_q, block_n, num_warps, num_stages, num_splits, direct,
+                           fused_merge)
 
 
 def unified_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -425,7 +556,8 @@ def unified_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
                       num_decode_reqs: int = 0,
                       seq_starts: Optional[torch.Tensor] = None,
                       k_scale: Optional[torch.Tensor] = None,
-                      v_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      v_scale: Optional[torch.Tensor] = None,
+                      fused_merge: Optional[bool] = None) -> torch.Tensor:
     """Causal paged attention of a varlen batch; semantics of `ref_paged_attention`.
 
     query [T, H, D] (head dim contiguous; T may include padding rows past query_start_loc[-1],
@@ -440,6 +572,8 @@ def unified_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
     attends only to positions >= seq_starts[i] (< block_size, <= its first query position).
     An fp8 (float8_e4m3fn) cache holds K / k_scale and V / v_scale; k_scale / v_scale are
     float32 scalar tensors (default 1.0).
+    fused_merge overrides AttentionConfig.fused_merge (split-KV merge in the attention launch,
+    or the separate merge kernel; for tests and benchmarks).
     Returns out [T, H, D].
     """
     T, H, D = query.shape
@@ -462,10 +596,43 @@ def unified_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
     for r0, r1, n_tok, max_q in parts:
         cfg = config or choose_config(n_tok, r1 - r0, H, KV, D, max_q, max_seq_len, query.dtype,
                                       num_sms, num_splits, smem)
+        if fused_merge is not None and fused_merge != cfg.fused_merge:
+            cfg = dataclasses.replace(cfg, fused_merge=fused_merge)
         _launch(query, key_cache, value_cache, out, query_start_loc[r0:r1 + 1],
                 seq_lens[r0:r1], block_table[r0:r1], n_tok, max_q, scale, cfg,
                 None if seq_starts is None else seq_starts[r0:r1], k_scale, v_scale)
     return out
+
+
+# Split-KV tickets: one int32 counter per (grid row, KV head) of a fused-merge launch, zero
+# between launches (the last arriver resets its counter). One buffer per device, shared by
+# every launch: launches on a device are stream-ordered (kvflow runs the model on one stream;
+# a CUDA graph replays on it too), so no two launches use it at once. The decode graphs'
+# warm-up runs (outside capture) grow it to what their capture needs.
+_SPLIT_COUNTERS: dict[tuple[str, Optional[int]], torch.Tensor] = {}
+_RETIRED_COUNTERS: list[torch.Tensor] = []
+_MIN_COUNTERS = 4096      # 16 KB: heuristic split launches have < #SMs + KV rows x heads
+
+
+def _split_counters(device: torch.device, n: int) -> torch.Tensor:
+    """A zero-filled int32 buffer of >= n counters on `device`, allocated (or grown) outside
+    CUDA-graph capture only: allocated while capturing, its memset would not run until replay
+    and the buffer would belong to the graph's pool."""
+    key = (device.type, device.index)
+    buf = _SPLIT_COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"split-KV attention needs {n} ticket counters on {device} but only "
+                f"{0 if buf is None else buf.numel()} exist; run the same shape once before "
+                "capturing the CUDA graph (or use fused_merge=False)")
+        size = max(_MIN_COUNTERS, triton.next_power_of_2(n))
+        if buf is not None:
+            # Never freed: CUDA graphs captured earlier keep its address (and it stays zero).
+            _RETIRED_COUNTERS.append(buf)
+        buf = torch.zeros(size, dtype=torch.int32, device=device)
+        _SPLIT_COUNTERS[key] = buf
+    return buf
 
 
 def _launch(query, key_cache, value_cache, out, query_start_loc, seq_lens, block_table,
@@ -494,6 +661,7 @@ def _launch(query, key_cache, value_cache, out, query_start_loc, seq_lens, block
                   BLOCK_N=cfg.block_n, DIRECT=cfg.direct, SPLIT=split, PREC=prec,
                   HAS_STARTS=seq_starts is not None,
                   KV_FP8=key_cache.dtype == torch.float8_e4m3fn,
+                  SPLITS_PAD=MAX_SPLITS, MERGE_UNROLL_=MERGE_UNROLL,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if common["KV_FP8"]:
         one = None
@@ -504,28 +672,36 @@ def _launch(query, key_cache, value_cache, out, query_start_loc, seq_lens, block
         scales = (seq_lens, seq_lens)      # unread placeholders
     qk_scale = scale * LOG2E
     cache_strides = (key_cache.stride(0), key_cache.stride(1), key_cache.stride(2))
+    pdl = pdl_launch(query.device)
+    starts = seq_starts if seq_starts is not None else seq_lens
     if not split:
         _attention_kernel[(grid0, KV, 1)](
-            query, key_cache, value_cache, out, out, out,
-            query_start_loc, seq_lens, block_table,
-            seq_starts if seq_starts is not None else seq_lens, *scales, qk_scale, B, 1,
-            query.stride(0), query.stride(1), out.stride(0), out.stride(1), 0, 0,
-            *cache_strides, block_table.stride(0), **common)
+            query, key_cache, value_cache, out, out, out, out, seq_lens,
+            query_start_loc, seq_lens, block_table, starts, *scales, qk_scale, B, 1,
+            query.stride(0), query.stride(1), out.stride(0), out.stride(1), 0, 0, 0, 0,
+            *cache_strides, block_table.stride(0), FUSED_MERGE=False, **common, **pdl)
         return
 
     S = cfg.num_splits
+    assert S <= MAX_SPLITS, S
     rows = min(num_tokens, T)
     acc = torch.empty((rows, H, S, head_pad), dtype=torch.float32, device=query.device)
     m = torch.empty((rows, H, S), dtype=torch.float32, device=query.device)
     l = torch.empty_like(m)
+    # Counter (grid row i, KV head h) is i * KV + h.
+    counters = _split_counters(query.device, grid0 * KV) if cfg.fused_merge else seq_lens
     _attention_kernel[(grid0, KV, S)](
-        query, key_cache, value_cache, acc, m, l,
-        query_start_loc, seq_lens, block_table,
-        seq_starts if seq_starts is not None else seq_lens, *scales, qk_scale, B, S,
-        query.stride(0), query.stride(1), acc.stride(0), acc.stride(1), m.stride(0), m.stride(1),
-        *cache_strides, block_table.stride(0), **common)
-    _merge_splits_kernel[(rows, H)](
+        query, key_cache, value_cache, out, acc, m, l, counters,
+        query_start_loc, seq_lens, block_table, starts, *scales, qk_scale, B, S,
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        acc.stride(0), acc.stride(1), m.stride(0), m.stride(1),
+        *cache_strides, block_table.stride(0), FUSED_MERGE=cfg.fused_merge, **common, **pdl)
+    if cfg.fused_merge:
+        return
+    _merge_splits_kernel[(rows, KV)](
         out, acc, m, l, query_start_loc, B, S, out.stride(0), out.stride(1),
-        acc.stride(0), acc.stride(1), m.stride(0), m.stride(1), HEAD=D, HEAD_PAD=head_pad,
-        # One merge variant for every split count (S <= MAX_SPLITS; the extra lanes are masked).
-        SPLITS_PAD=MAX_SPLITS, num_warps=4 if head_pad * MAX_SPLITS <= 4096 else 8)
+        acc.stride(0), acc.stride(1), m.stride(0), m.stride(1), QPK=qpk,
+        QPK_PAD=common["QPK_PAD"], HEAD=D, HEAD_PAD=head_pad,
+        # One merge variant for every split count (S <= MAX_SPLITS; the extra lanes of the
+        # max are masked, the sums stop at S).
+        SPLITS_PAD=MAX_SPLITS, MERGE_UNROLL_=MERGE_UNROLL, num_warps=4, **pdl)
