@@ -140,3 +140,144 @@ def test_short_slot_mapping_and_empty():
     empty = qk_norm_rope_cache(q[:0], k[:0], v[:0], pos[:0], cs, True, qw, kw, 1e-6, kc, vc,
                                slots[:0])
     assert empty.shape == (0, 2, 64)
+
+
+# ------------------------------------------------------------------------------------------
+# The Attention layer that owns its rotary / q-k norm: Triton (fused) vs torch (reference)
+# ------------------------------------------------------------------------------------------
+def _layer_batch(dtype, kv_dtype, norm, rot_factor, is_neox, seed=0):
+    """An Attention layer owning rotary (+ q/k RMSNorm) and one mixed step: two decode rows
+    over cached context, one prefill chunk over a cached prefix, one padding row (slot -1)."""
+    from kvflow.attention.backend import AttentionMetadata
+    from kvflow.attention.layer import Attention
+    from kvflow.layers.norm import RMSNorm
+    from kvflow.layers.rotary import RotaryEmbedding
+
+    g = torch.Generator().manual_seed(seed)
+    H, KV, D, bs = 4, 2, 64, 4
+    rotary = RotaryEmbedding(D, 128, 10000.0, None, rot_factor, is_neox).to(DEVICE)
+    qn = kn = None
+    if norm:
+        qn, kn = RMSNorm(D, 1e-6), RMSNorm(D, 1e-6)
+        for n in (qn, kn):
+            n.weight.data = (1 + 0.3 * torch.randn(D, generator=g)).to(dtype).to(DEVICE)
+    layer = Attention(H, D, D ** -0.5, KV, rotary=rotary, q_norm=qn, k_norm=kn)
+    seq_lens, q_lens = [9, 5, 9], [1, 1, 6]
+    block_table = torch.tensor([[5, 2, 7], [0, 3, 0], [1, 4, 6]], dtype=torch.int32)
+    positions, slots = [], []
+    for r, (s, ql) in enumerate(zip(seq_lens, q_lens)):
+        for p in range(s - ql, s):
+            positions.append(p)
+            slots.append(int(block_table[r, p // bs]) * bs + p % bs)
+    positions.append(0)                                  # padding row
+    slots.append(-1)
+    T, n = len(positions), len(positions) - 1
+    cache_dtype = torch.float8_e4m3fn if kv_dtype == "fp8" else dtype
+    cache = torch.randn(2, 8, bs, KV, D, generator=g).to(cache_dtype).to(DEVICE)  # old context
+    md = AttentionMetadata(
+        num_actual_tokens=n, max_query_len=max(q_lens), max_seq_len=max(seq_lens),
+        query_start_loc=torch.tensor([0, 1, 2, 8], dtype=torch.int32, device=DEVICE),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
+        block_table=block_table.to(DEVICE),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=DEVICE),
+        query_start_loc_cpu=torch.tensor([0, 1, 2, 8], dtype=torch.int32),
+        seq_lens_cpu=torch.tensor(seq_lens, dtype=torch.int32), num_decode_reqs=2)
+    qkv = torch.randn(T, (H + 2 * KV) * D + 8, generator=g).to(dtype).to(DEVICE)
+    pos = torch.tensor(positions, dtype=torch.int64, device=DEVICE)
+    if kv_dtype == "fp8":
+        layer.k_scale.fill_(0.5)
+        layer.v_scale.fill_(1.5)
+    layer.to(DEVICE)
+    return layer, md, cache, qkv, pos, (H, KV, D, n)
+
+
+def _run_layer(layer, backend, caps, md, cache, qkv, pos, dims, spec_dtype, kv_dtype):
+    from kvflow.attention.backend import AttentionSpec
+    from kvflow.forward_context import set_forward_context
+
+    H, KV, D, _ = dims
+    spec = AttentionSpec(H, KV, D, D ** -0.5, spec_dtype, kv_cache_dtype=kv_dtype, block_size=4)
+    layer.bind_impl(backend.make_impl(spec), caps)
+    layer.kv_cache = cache.clone()
+    x = qkv.clone()                                     # the unfused path rotates in place
+    q, k, v = x[:, :H * D], x[:, H * D:(H + KV) * D], x[:, (H + KV) * D:(H + 2 * KV) * D]
+    with set_forward_context(md):
+        out = layer(q, k, v, pos)
+    return out, layer.kv_cache
+
+
+@pytest.mark.parametrize("dtype,kv_dtype,norm,rot_factor,is_neox", [
+    (torch.float32, "auto", True, 1.0, True),
+    (torch.bfloat16, "auto", True, 1.0, True),
+    (torch.float16, "auto", False, 0.5, True),
+    (torch.bfloat16, "fp8", True, 1.0, False),
+    (torch.float32, "auto", False, 1.0, True),
+])
+def test_layer_triton_fused_matches_torch_backend(dtype, kv_dtype, norm, rot_factor, is_neox):
+    import dataclasses
+
+    from kvflow.attention.torch_backend import TorchAttentionBackend
+    from kvflow.attention.triton_backend import TritonAttentionBackend
+
+    layer, md, cache, qkv, pos, dims = _layer_batch(dtype, kv_dtype, norm, rot_factor, is_neox)
+    n = dims[3]
+    torch_be, triton_be = TorchAttentionBackend(), TritonAttentionBackend()
+    assert triton_be.capabilities.fuses_qk_rope_cache
+    assert not torch_be.capabilities.fuses_qk_rope_cache
+    ref, ref_cache = _run_layer(layer, torch_be, torch_be.capabilities, md, cache, qkv, pos,
+                                dims, dtype, kv_dtype)
+    assert not layer.fuse_qk_rope
+    out, out_cache = _run_layer(layer, triton_be, triton_be.capabilities, md, cache, qkv, pos,
+                                dims, dtype, kv_dtype)
+    assert layer.fuse_qk_rope
+    # The Triton backend with fusion turned off: the layer applies norm + rotary itself.
+    unfused_caps = dataclasses.replace(triton_be.capabilities, fuses_qk_rope_cache=False)
+    out2, cache2 = _run_layer(layer, triton_be, unfused_caps, md, cache, qkv, pos, dims, dtype,
+                              kv_dtype)
+    assert not layer.fuse_qk_rope
+    tol = {torch.float32: 2e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}[dtype]
+    tol_cache = 0.13 if kv_dtype == "fp8" else tol
+    for o, c in ((out, out_cache), (out2, cache2)):
+        torch.testing.assert_close(o[:n].float(), ref[:n].float(), atol=tol, rtol=tol)
+        torch.testing.assert_close(c.float(), ref_cache.float(), atol=tol_cache, rtol=tol_cache)
+    if not norm:      # without the norm both Triton paths run the same roundings
+        assert torch.equal(out[:n], out2[:n])
+        assert torch.equal(out_cache.view(torch.uint8), cache2.view(torch.uint8))
+
+
+def test_layer_custom_op_fused_path():
+    """The layer's custom op (what torch.compile calls) carries the positions on the fused
+    path and gives the eager result."""
+    from kvflow.attention.layer import bind_attention_layers
+    from kvflow.attention.triton_backend import TritonAttentionBackend
+    from kvflow.forward_context import set_forward_context
+
+    dtype = torch.bfloat16
+    layer, md, cache, qkv, pos, dims = _layer_batch(dtype, "auto", True, 1.0, True)
+    H, KV, D, n = dims
+    be = TritonAttentionBackend()
+    eager, eager_cache = _run_layer(layer, be, be.capabilities, md, cache, qkv, pos, dims,
+                                    dtype, "auto")
+    bind_attention_layers(torch.nn.ModuleDict({"attn": layer}))
+    layer.kv_cache = cache.clone()
+    q, k, v = qkv[:, :H * D], qkv[:, H * D:(H + KV) * D], qkv[:, (H + KV) * D:(H + 2 * KV) * D]
+    with set_forward_context(md):
+        out = torch.ops.kvflow.unified_attention(q, k, v, layer.layer_name, pos)
+    assert torch.equal(out[:n], eager[:n]) and torch.equal(layer.kv_cache, eager_cache)
+
+
+def test_layer_argument_checks():
+    from kvflow.attention.layer import Attention
+    from kvflow.layers.norm import RMSNorm
+    from kvflow.layers.rotary import RotaryEmbedding
+
+    rot = RotaryEmbedding(64, 16, 10000.0)
+    with pytest.raises(ValueError, match="go together"):
+        Attention(2, 64, 0.1, 1, rotary=rot, q_norm=RMSNorm(64))
+    with pytest.raises(ValueError, match="need a rotary"):
+        Attention(2, 64, 0.1, 1, q_norm=RMSNorm(64), k_norm=RMSNorm(64))
+    with pytest.raises(ValueError, match="head dim"):
+        Attention(2, 32, 0.1, 1, rotary=rot)
+    layer = Attention(2, 64, 0.1, 1, rotary=rot)
+    with pytest.raises(ValueError, match="positions"):
+        layer(torch.zeros(1, 128), torch.zeros(1, 64), torch.zeros(1, 64))
