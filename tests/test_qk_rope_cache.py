@@ -281,3 +281,69 @@ def test_layer_argument_checks():
     layer = Attention(2, 64, 0.1, 1, rotary=rot)
     with pytest.raises(ValueError, match="positions"):
         layer(torch.zeros(1, 128), torch.zeros(1, 64), torch.zeros(1, 64))
+
+
+def test_layer_fused_path_under_torch_compile():
+    """fullgraph torch.compile of a forward around the layer: the fused op gets the positions
+    as a graph input and gives the eager result (output and cache)."""
+    from kvflow.attention.layer import bind_attention_layers
+    from kvflow.attention.triton_backend import TritonAttentionBackend
+    from kvflow.forward_context import set_forward_context
+
+    dtype = torch.float32
+    layer, md, cache, qkv, pos, dims = _layer_batch(dtype, "auto", True, 1.0, True)
+    H, KV, D, n = dims
+    be = TritonAttentionBackend()
+    eager, eager_cache = _run_layer(layer, be, be.capabilities, md, cache, qkv, pos, dims,
+                                    dtype, "auto")
+    bind_attention_layers(torch.nn.ModuleDict({"attn": layer}))
+    layer.kv_cache = cache.clone()
+
+    def forward(x, p):
+        q, k, v = x[:, :H * D], x[:, H * D:(H + KV) * D], x[:, (H + KV) * D:(H + 2 * KV) * D]
+        return layer(q, k, v, p) * 2
+
+    with torch.inference_mode(), set_forward_context(md):
+        out = torch.compile(forward, fullgraph=True)(qkv.clone(), pos)
+    assert torch.equal(out[:n], eager[:n] * 2) and torch.equal(layer.kv_cache, eager_cache)
+
+
+def test_qwen3_model_fused_matches_torch_backend(tmp_path, make_llm):
+    """A whole Qwen3 (q/k norm) through the runner's model: rebound to the Triton backend
+    (interpreter), the fused layers give the torch backend's logits, for a prefill, a chunk
+    over the cached prefix, and the CUDA-graph decode path driven eagerly (its persistent
+    positions buffer reaches the fused kernel)."""
+    import numpy as np
+
+    from kvflow.attention.triton_backend import TritonAttentionBackend
+    from kvflow.worker.cuda_graphs import DecodeGraphs
+    from tests.conftest import make_hf_model, save_hf_model
+    from tests.test_llama4 import runner_logits
+
+    path = save_hf_model(make_hf_model("qwen3"), tmp_path / "qwen3")
+    llm = make_llm(path, max_model_len=64, block_size=16)
+    runner = llm.llm_engine.executor.worker.runner
+    ids = np.random.default_rng(3).integers(0, 383, size=24).tolist()
+    ref = runner_logits(llm, ids, splits=[])
+    torch_impls = [layer.impl for layer in runner.attn_layers]
+    be = TritonAttentionBackend()
+    try:
+        for layer in runner.attn_layers:
+            layer.bind_impl(be.make_impl(runner.attention_spec(layer)), be.capabilities)
+        assert all(layer.fuse_qk_rope for layer in runner.attn_layers)
+        out = runner_logits(llm, ids, splits=[17])
+        assert (out - ref).abs().max().item() < 1e-4
+        graphs = DecodeGraphs(runner.model, runner.device, runner.max_model_len, 16,
+                              runner.max_blocks_per_req, [2])
+        graphs.input_ids[:1] = ids[20]
+        graphs.positions[:1] = 20
+        graphs.slot_mapping[:1] = 20                       # rewrite the same K/V
+        graphs.seq_lens[:1] = 21
+        graphs.block_table[:1] = torch.arange(runner.max_blocks_per_req, dtype=torch.int32)
+        with torch.inference_mode():
+            graphs._forward(2)                             # row 1: padding (slot -1)
+        assert (graphs.logits[0] - ref[20]).abs().max().item() < 1e-4
+    finally:
+        for layer, impl in zip(runner.attn_layers, torch_impls):
+            layer.bind_impl(impl, type(runner.backend).capabilities)
+        llm.llm_engine.reset_prefix_cache()
