@@ -264,6 +264,19 @@ def test_layer_custom_op_fused_path():
     with set_forward_context(md):
         out = torch.ops.kvflow.unified_attention(q, k, v, layer.layer_name, pos)
     assert torch.equal(out[:n], eager[:n]) and torch.equal(layer.kv_cache, eager_cache)
+    # Rebound to a backend that does not fuse, an op call with positions (a graph traced
+    # before) still gives the same result: the layer applies the transform itself.
+    from kvflow.attention.backend import AttentionSpec
+    from kvflow.attention.torch_backend import TorchAttentionBackend
+    tb = TorchAttentionBackend()
+    layer.bind_impl(tb.make_impl(AttentionSpec(H, KV, D, D ** -0.5, dtype, block_size=4)),
+                    tb.capabilities)
+    layer.kv_cache = cache.clone()
+    q_before = q.clone()
+    with set_forward_context(md):
+        out2 = torch.ops.kvflow.unified_attention(q, k, v, layer.layer_name, pos)
+    assert torch.equal(q, q_before)
+    torch.testing.assert_close(out2[:n].float(), out[:n].float(), atol=6e-2, rtol=6e-2)
 
 
 def test_layer_argument_checks():

@@ -145,6 +145,11 @@ class Attention(nn.Module):
                       positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """positions: given only on the fused path (q/k before norm and rotary, which the
         impl applies); None: q/k are ready."""
+        if positions is not None and not self.fuse_qk_rope:
+            # A graph traced while a fusing backend was bound, run after rebinding one that
+            # does not fuse: apply the transform here, on copies (the op mutates no argument).
+            q, k = self.apply_qk_rope(positions, q.clone(), k.clone())
+            positions = None
         ctx = get_forward_context()
         md = ctx.metadata(self.attn_kind)
         t = q.shape[0]
