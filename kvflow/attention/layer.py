@@ -139,6 +139,8 @@ class Attention(nn.Module):
                                    "through kvflow.compilation.compile_model (or call "
                                    "kvflow.attention.layer.bind_attention_layers first)")
             return torch.ops.kvflow.unified_attention(q, k, v, self.layer_name, fused_positions)
+        if fused_positions is None:      # the ready-q/k call, exactly as before the fusion
+            return self.forward_eager(q, k, v)
         return self.forward_eager(q, k, v, fused_positions)
 
     def forward_eager(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
