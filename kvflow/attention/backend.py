@@ -70,6 +70,11 @@ class BackendCapabilities:
     devices: tuple[str, ...] = ("cuda",)
     # fp8 KV caches may need a newer GPU than the backend itself (e4m3 casts: sm89+).
     fp8_min_compute_capability: Optional[tuple[int, int]] = None
+    # The impl also has forward_qk_rope (QKRopeAttentionImpl): it applies a layer's per-head
+    # q/k RMSNorm and rotary itself, fused with the KV-cache write (one launch instead of up to
+    # four at the start of every layer). Not a requirement: layers that own a rotary apply it
+    # themselves on backends without it, so this never rejects a backend.
+    fuses_qk_rope_cache: bool = False
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,35 @@ class AttentionImpl(Protocol):
         num_actual_tokens are unspecified). k_scale/v_scale (float32 scalars, the layer's) are
         the per-tensor scales of an fp8 cache: stored = K / k_scale; a backend that declares
         only "auto" caches may ignore them."""
+        ...
+
+
+@dataclass(frozen=True)
+class QKRope:
+    """The pre-attention transform of a layer, handed to a backend that declares
+    fuses_qk_rope_cache: per token, q/k heads -> [RMSNorm over the head dim with weights
+    q_norm_weight / k_norm_weight (both or neither), eps] -> rotary by cos_sin_cache[positions]
+    (rotary_dim = cos_sin_cache.shape[-1] <= head size; neox pairs (i, i + rot/2) or
+    interleaved pairs (2i, 2i + 1)). Arithmetic: kvflow/kernels/reference.py
+    (ref_qk_norm_rope_cache)."""
+    positions: torch.Tensor                          # [T] int64, on device
+    cos_sin_cache: torch.Tensor                      # [max_position, rotary_dim] float32
+    is_neox: bool = True
+    q_norm_weight: Optional[torch.Tensor] = None     # [head_size]
+    k_norm_weight: Optional[torch.Tensor] = None     # [head_size]
+    eps: float = 1e-6
+
+
+class QKRopeAttentionImpl(AttentionImpl, Protocol):
+    """The impl of a backend that declares fuses_qk_rope_cache."""
+
+    def forward_qk_rope(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        kv_cache: torch.Tensor, metadata: AttentionMetadata, rope: QKRope,
+                        k_scale: Optional[torch.Tensor] = None,
+                        v_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """As forward, but query [T, H, D] / key [T, KV, D] are taken before `rope` (norm +
+        rotary), which the impl applies: the transformed keys go to the cache only, and the
+        inputs are not modified."""
         ...
 
 

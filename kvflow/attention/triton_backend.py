@@ -3,6 +3,9 @@
 Every step is two launches (three with split-KV): reshape_and_cache writes the new tokens' K/V
 at metadata.slot_mapping, then unified_attention serves prefill, chunked prefill with cached
 prefix, and decode rows of one varlen batch (see kvflow/kernels/attention.py for the design).
+Layers that own their rotary (and per-head q/k norm) call forward_qk_rope instead: the cache
+write becomes kvflow/kernels/qk_rope_cache.py, which also normalises and rotates q and k, so
+the layer's pre-attention work is one launch (fuses_qk_rope_cache).
 
 CUDA graphs: the kernels read every per-request length from query_start_loc / seq_lens (device
 tensors), and derive their grids from tensor shapes (T, B, KV heads). The host ints
@@ -16,7 +19,8 @@ from typing import Optional
 
 import torch
 
-from kvflow.attention.backend import AttentionMetadata, AttentionSpec, BackendCapabilities
+from kvflow.attention.backend import (AttentionMetadata, AttentionSpec, BackendCapabilities,
+                                     QKRope)
 
 # Head sizes: any multiple of 16 in [32, 256] (non powers of two are padded to the next power
 # of two inside the kernel, with masked loads).
@@ -63,6 +67,21 @@ class TritonAttentionImpl:
                           k_scale=k_scale, v_scale=v_scale)
         return out
 
+    def forward_qk_rope(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        kv_cache: torch.Tensor, metadata: AttentionMetadata, rope: QKRope,
+                        k_scale: Optional[torch.Tensor] = None,
+                        v_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """query [T, H, D], key/value [T, KV, D] before norm/rotary (strided views of the qkv
+        output are fine) -> out [T, H, D]: one fused launch normalises and rotates q and k
+        and writes K/V into the cache, then attention reads q from its output."""
+        from kvflow.kernels.qk_rope_cache import qk_norm_rope_cache
+
+        q = qk_norm_rope_cache(query, key, value, rope.positions, rope.cos_sin_cache,
+                               rope.is_neox, rope.q_norm_weight, rope.k_norm_weight, rope.eps,
+                               kv_cache[0], kv_cache[1], metadata.slot_mapping, k_scale,
+                               v_scale)                                    # [T, H, D]
+        return self.forward(q, None, None, kv_cache, metadata, k_scale, v_scale)
+
 
 class TritonAttentionBackend:
     name = "triton"
@@ -78,6 +97,7 @@ class TritonAttentionBackend:
         min_compute_capability=(8, 0),
         supports_cuda_graphs=True,
         devices=("cuda",),
+        fuses_qk_rope_cache=True,       # forward_qk_rope
     )
 
     def make_impl(self, spec: AttentionSpec) -> TritonAttentionImpl:

@@ -9,6 +9,7 @@ from kvflow.kernels.reference import (  # noqa: F401
     ref_cos_sin_cache,
     ref_fused_add_rms_norm,
     ref_paged_attention,
+    ref_qk_norm_rope_cache,
     ref_reshape_and_cache,
     ref_rms_norm,
     ref_rotary_embedding,
@@ -90,4 +91,5 @@ if HAS_TRITON:
     )
     from kvflow.kernels.kv_cache import reshape_and_cache  # noqa: F401
     from kvflow.kernels.norm import fused_add_rms_norm, rms_norm  # noqa: F401
+    from kvflow.kernels.qk_rope_cache import qk_norm_rope_cache  # noqa: F401
     from kvflow.kernels.rotary import compute_cos_sin_cache, rotary_embedding  # noqa: F401

@@ -144,5 +144,38 @@ def ref_rotary_embedding(positions: torch.Tensor, query: torch.Tensor,
         key[:n] = _ref_rotate(key[:n], cos, sin, is_neox)
 
 
+# ---------------------------------------------------------------------------------------------
+# Fused pre-attention transform (kernels/qk_rope_cache.py)
+# ---------------------------------------------------------------------------------------------
+def ref_qk_norm_rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           positions: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox: bool,
+                           q_norm_weight: Optional[torch.Tensor],
+                           k_norm_weight: Optional[torch.Tensor], eps: float,
+                           key_cache: torch.Tensor, value_cache: torch.Tensor,
+                           slot_mapping: torch.Tensor, k_scale: Optional[torch.Tensor] = None,
+                           v_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The composition the fused kernel replaces: q [T, H, D], k/v [T, KV, D] ->
+    [rms_norm per head] -> rotary -> k/v into key_cache/value_cache [NB, BS, KV, D] at
+    slot_mapping (-1 skipped; an fp8 cache stores x / scale saturated to +-448, rounded to
+    nearest). Returns the transformed q [T, H, D]; the inputs are not modified."""
+    t = q.shape[0]
+    if q_norm_weight is not None:
+        q, k = ref_rms_norm(q, q_norm_weight, eps), ref_rms_norm(k, k_norm_weight, eps)
+    else:
+        q, k = q.clone(), k.clone()
+    ref_rotary_embedding(positions[:t], q, k, cos_sin_cache, is_neox)
+    if key_cache.dtype == torch.float8_e4m3fn:
+        def quant(x, scale):
+            s = scale if scale is not None else torch.ones((), dtype=torch.float32)
+            return (x.float() / s).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).view(torch.uint8)
+        # Index assignment has no float8 kernel on CPU: the same bytes move as uint8.
+        ref_reshape_and_cache(quant(k, k_scale), quant(v, v_scale),
+                              key_cache.view(torch.uint8), value_cache.view(torch.uint8),
+                              slot_mapping)
+    else:
+        ref_reshape_and_cache(k, v, key_cache, value_cache, slot_mapping)
+    return q
+
+
 def default_scale(head_size: int) -> float:
     return 1.0 / math.sqrt(head_size)

@@ -51,16 +51,15 @@ class LlamaAttention(nn.Module):
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
-        self.attn = Attention(self.qkv_proj.num_heads, hd, hd ** -0.5, self.qkv_proj.num_kv_heads)
+        # The attention layer owns the per-head q/k norm and the rotary (it fuses them with
+        # the KV-cache write where the backend can); they stay registered here, under their
+        # checkpoint names.
+        self.attn = Attention(self.qkv_proj.num_heads, hd, hd ** -0.5, self.qkv_proj.num_kv_heads,
+                              rotary=rotary, q_norm=self.q_norm, k_norm=self.k_norm)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))    # [T, H*D], [T, KV*D] x2
-        if self.q_norm is not None:
-            t = q.shape[0]
-            q = self.q_norm(q.reshape(t, -1, self.head_dim)).view(t, -1)
-            k = self.k_norm(k.reshape(t, -1, self.head_dim)).view(t, -1)
-        q, k = self.rotary_emb(positions, q, k)
-        return self.o_proj(self.attn(q, k, v))
+        return self.o_proj(self.attn(q, k, v, positions))
 
 
 class LlamaDecoderLayer(nn.Module):

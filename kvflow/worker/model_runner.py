@@ -116,7 +116,7 @@ class ModelRunner:
         # One backend for all layers: it must serve every distinct spec (global and local).
         self.backend = select_backend(list(dict.fromkeys(specs)), self.device, requested)
         for layer, spec in zip(self.attn_layers, specs):
-            layer.impl = self.backend.make_impl(spec)
+            layer.bind_impl(self.backend.make_impl(spec), self.backend.capabilities)
 
     def extra_metadata(self, md: AttentionMetadata) -> dict[str, AttentionMetadata]:
         """Metadata of the non-global attention kinds for a step described by `md`."""
