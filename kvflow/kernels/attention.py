@@ -618,7 +618,10 @@ def _split_counters(device: torch.device, n: int) -> torch.Tensor:
     """A zero-filled int32 buffer of >= n counters on `device`, allocated (or grown) outside
     CUDA-graph capture only: allocated while capturing, its memset would not run until replay
     and the buffer would belong to the graph's pool."""
-    key = (device.type, device.index)
+    index = device.index
+    if index is None and device.type == "cuda":     # "cuda" and "cuda:0" are one buffer
+        index = torch.cuda.current_device()
+    key = (device.type, index)
     buf = _SPLIT_COUNTERS.get(key)
     if buf is None or buf.numel() < n:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
