@@ -169,3 +169,29 @@ def test_skinny_linear_op_schema():
 def test_model_shapes_gpu(m, n, k):
     x, w, b = _operands(m, n, k, torch.bfloat16, False)
     _close(sg.skinny_gemm(x, w, b), sg.skinny_gemm_ref(x, w, b), torch.bfloat16)
+
+
+@pytest.mark.parametrize("m, n, k, use_dot", [(1, 24, 256, False), (3, 40, 192, False),
+                                              (5, 64, 256, True)])
+def test_silu_mul_input_matches_separate_activation(m, n, k, use_dot):
+    """A gated MLP's down projection: silu(gate) * up applied as x is loaded gives exactly the
+    product of the activation kernel's output (same fp32 math, one rounding)."""
+    from kvflow.kernels.activation import silu_and_mul
+    g = torch.Generator().manual_seed(m * n + k)
+    gate_up = (torch.randn(m, 2 * k, generator=g) * 2).to(torch.bfloat16).to(DEVICE)
+    w = (torch.randn(n, k, generator=g) * 0.05).to(torch.bfloat16).to(DEVICE)
+    cfg = dict(block_n=16, block_k=64, split_k=2, num_warps=4, num_stages=2, use_dot=use_dot)
+    fused = sg.skinny_gemm(gate_up, w, None, cfg, silu_mul_input=True)
+    separate = sg.skinny_gemm(silu_and_mul(gate_up), w, None, cfg)
+    assert torch.equal(fused, separate)
+    with pytest.raises(AssertionError):
+        sg.skinny_gemm(gate_up[:, :k + 1], w, None, cfg, silu_mul_input=True)
+
+
+def test_dense_linear_silu_mul_input_falls_back_exactly():
+    """Off the skinny path (CPU, fp32) silu_mul_input is the activation, then F.linear."""
+    from kvflow.kernels.reference import ref_silu_and_mul
+    x = torch.randn(3, 2 * 48)
+    w = torch.randn(20, 48)
+    out = linear_mod.dense_linear(x, w, None, skinny=True, silu_mul_input=True)
+    assert torch.equal(out, F.linear(ref_silu_and_mul(x), w))

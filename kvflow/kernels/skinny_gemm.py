@@ -57,23 +57,35 @@ def _load_w(w_rows, k0, k_hi, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _step(acc, w, x_ptr, offs_m, m_mask, stride_xm, k0, k_hi,
+def _load_x(ptrs, mask, K, SILU_MUL: tl.constexpr):
+    """x at `ptrs`; with SILU_MUL the input row is gate | up ([2K]) and x = silu(gate) * up,
+    computed in fp32 and rounded once, exactly as kernels/activation.py's silu_and_mul."""
+    if SILU_MUL:
+        g = tl.load(ptrs, mask=mask, other=0.0)
+        u = tl.load(ptrs + K, mask=mask, other=0.0).to(tl.float32)
+        gf = g.to(tl.float32)
+        return (gf * tl.sigmoid(gf) * u).to(g.dtype)
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _step(acc, w, x_ptr, offs_m, m_mask, stride_xm, k0, k_hi, K,
           USE_DOT: tl.constexpr, DEFER: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
-          BLOCK_K: tl.constexpr):
+          BLOCK_K: tl.constexpr, SILU_MUL: tl.constexpr):
     """acc += x[:, k0:k0+BLOCK_K] . w (w: [BLOCK_N, BLOCK_K], the tile at k0)."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     if USE_DOT:
         x_mask = m_mask[None, :] if EVEN_K else m_mask[None, :] & (offs_k[:, None] < k_hi)
-        xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None],
-                     mask=x_mask, other=0.0)                                   # [BK, BM]
+        xt = _load_x(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None], x_mask, K,
+                     SILU_MUL)                                                 # [BK, BM]
         if IEEE:
             acc = tl.dot(w, xt, acc, input_precision="ieee")
         else:
             acc = tl.dot(w, xt, acc)
     else:
         x_mask = m_mask[:, None] if EVEN_K else m_mask[:, None] & (offs_k[None, :] < k_hi)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=x_mask, other=0.0)                                    # [BM, BK]
+        x = _load_x(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], x_mask, K,
+                    SILU_MUL)                                                  # [BM, BK]
         prod = x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]    # [BM, BN, BK]
         if DEFER:
             acc += prod
@@ -88,7 +100,7 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
                         HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, DEFER: tl.constexpr,
                         EVEN_K: tl.constexpr, IEEE: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        USE_PDL: tl.constexpr):
+                        SILU_MUL: tl.constexpr, USE_PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -112,12 +124,12 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
         acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _step(acc, w, x_ptr, offs_m, m_mask, stride_xm, k_lo, k_hi,
-                USE_DOT, DEFER, EVEN_K, IEEE, BLOCK_K)
+    acc = _step(acc, w, x_ptr, offs_m, m_mask, stride_xm, k_lo, k_hi, K,
+                USE_DOT, DEFER, EVEN_K, IEEE, BLOCK_K, SILU_MUL)
     for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
         w = _load_w(w_rows, k0, k_hi, BLOCK_K, EVEN_K)
-        acc = _step(acc, w, x_ptr, offs_m, m_mask, stride_xm, k0, k_hi,
-                    USE_DOT, DEFER, EVEN_K, IEEE, BLOCK_K)
+        acc = _step(acc, w, x_ptr, offs_m, m_mask, stride_xm, k0, k_hi, K,
+                    USE_DOT, DEFER, EVEN_K, IEEE, BLOCK_K, SILU_MUL)
     if USE_DOT:
         res = tl.trans(acc)                                                       # [BM, BN]
     elif DEFER:
@@ -216,13 +228,17 @@ def choose_config(m: int, n: int, k: int, device: Optional[torch.device] = None)
 
 # --------------------------------------------------------------------------------- launch
 def skinny_gemm(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                config: Optional[dict] = None) -> torch.Tensor:
+                config: Optional[dict] = None, silu_mul_input: bool = False) -> torch.Tensor:
     """x [M, K] @ w[N, K]^T (+ bias [N]) -> [M, N] in x.dtype, fp32 accumulation, M <= 16.
     config: dict(block_n, block_k, split_k, num_warps, num_stages[, use_dot]); default
     `choose_config` (the default heuristic where the table says cuBLAS wins: the caller decides
-    whether to call this at all)."""
-    assert x.dim() == 2 and w.dim() == 2 and x.shape[1] == w.shape[1], (x.shape, w.shape)
-    m, k = x.shape
+    whether to call this at all). silu_mul_input: x is [M, 2K] = gate | up and the product
+    is silu_and_mul(x) @ w^T, the activation applied as x is loaded (a gated MLP's down
+    projection without the activation's own launch; same rounding)."""
+    k = w.shape[1]
+    assert x.dim() == 2 and w.dim() == 2 and x.shape[1] == (2 * k if silu_mul_input else k), \
+        (x.shape, w.shape, silu_mul_input)
+    m = x.shape[0]
     n = w.shape[0]
     assert 1 <= m <= MAX_M, f"skinny_gemm takes 1..{MAX_M} rows, got {m}"
     x = x if x.stride(1) == 1 else x.contiguous()
@@ -243,7 +259,8 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] =
     has_bias = bias is not None
     consts = dict(HAS_BIAS=has_bias and split == 1, USE_DOT=use_dot, DEFER=defer,
                   EVEN_K=k % bk == 0, IEEE=x.dtype == torch.float32,
-                  BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+                  BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, SILU_MUL=silu_mul_input,
+                  num_warps=warps)
     # The first W tile is held across the loop (requested before the PDL wait): on top of
     # the pipeline's buffers, so tuned stage counts may need one stage less to fit.
     launch_fitting_stages(

@@ -22,12 +22,13 @@ from torch import nn
 
 from kvflow import envs
 from kvflow.distributed import get_tp_rank, get_tp_size, tp_all_reduce
+from kvflow.layers import ops
 
 _SKINNY_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                 skinny: bool = False) -> torch.Tensor:
+                 skinny: bool = False, silu_mul_input: bool = False) -> torch.Tensor:
     """x [..., K] @ weight[N, K]^T (+ bias): the one place unquantized layers multiply.
 
     skinny (the layer's KVFLOW_SKINNY_GEMM, read when it was built): CUDA fp16/bf16 inputs of at
@@ -35,25 +36,39 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     cuBLAS wins on that shape. The row count is only known at run time under torch.compile (the
     token dimension is symbolic), so compiled graphs call the opaque op kvflow::skinny_linear,
     which decides when it runs; eager calls decide here. Everything else (CPU, fp32, off) is
-    exactly F.linear."""
+    exactly F.linear.
+
+    silu_mul_input: x is [..., 2K] = gate | up and the product is silu_and_mul(x) @ W^T (a
+    gated MLP's down projection). Where the skinny GEMM runs, it applies the activation as it
+    loads x (one launch fewer per layer at decode, same rounding); elsewhere the activation
+    kernel runs first."""
     if (skinny and x.is_cuda and x.dtype in _SKINNY_DTYPES and weight.dtype == x.dtype
             and (bias is None or bias.dtype == x.dtype)):
         if torch.compiler.is_compiling():
+            # Compiled graphs trace the activation (inductor fuses it) and keep the product.
+            if silu_mul_input:
+                x = ops.silu_and_mul(x)
             return torch.ops.kvflow.skinny_linear(x, weight, bias)
-        return _skinny_linear(x, weight, bias)
+        return _skinny_linear(x, weight, bias, silu_mul_input)
+    if silu_mul_input:
+        x = ops.silu_and_mul(x)
     return F.linear(x, weight, bias)
 
 
-def _skinny_linear(x: torch.Tensor, weight: torch.Tensor,
-                   bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   silu_mul_input: bool = False) -> torch.Tensor:
     from kvflow import kernels
-    k, n = x.shape[-1], weight.shape[0]
-    m = x.numel() // k if k else 0
+    k, n = weight.shape[1], weight.shape[0]
+    kx = x.shape[-1]                                       # k, or 2k with silu_mul_input
+    m = x.numel() // kx if kx else 0
     if kernels.HAS_TRITON and weight.stride(-1) == 1:
         import kvflow.kernels.skinny_gemm as sg
         cfg = sg.choose_config(m, n, k, x.device) if 1 <= m <= sg.MAX_M else None
         if cfg is not None:
-            return sg.skinny_gemm(x.reshape(m, k), weight, bias, cfg).view(*x.shape[:-1], n)
+            return sg.skinny_gemm(x.reshape(m, kx), weight, bias, cfg,
+                                  silu_mul_input=silu_mul_input).view(*x.shape[:-1], n)
+    if silu_mul_input:
+        x = ops.silu_and_mul(x)
     return F.linear(x, weight, bias)
 
 
@@ -222,12 +237,17 @@ class RowParallelLinear(LinearBase):
             loaded = loaded.narrow(1, get_tp_rank() * n, n)
         default_weight_loader(param, loaded)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, silu_mul_input: bool = False) -> torch.Tensor:
+        """silu_mul_input: x is gate | up ([..., 2 * in_features]) and the layer multiplies
+        silu(gate) * up (see dense_linear; fused into the product where possible)."""
         # Bias added once, after the reduction.
         if self.quant_method is not None:
+            if silu_mul_input:
+                x = ops.silu_and_mul(x)
             out = tp_all_reduce(self.quant_method.apply(self, x))
         else:
-            out = tp_all_reduce(dense_linear(x, self.weight, None, self.skinny_gemm))
+            out = tp_all_reduce(dense_linear(x, self.weight, None, self.skinny_gemm,
+                                             silu_mul_input))
         return out if self.bias is None else out + self.bias
 
 

@@ -13,7 +13,6 @@ from torch import nn
 
 from kvflow.attention.layer import Attention
 from kvflow.config import ModelConfig
-from kvflow.layers.activation import SiluAndMul
 from kvflow.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from kvflow.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from kvflow.layers.norm import RMSNorm
@@ -26,12 +25,13 @@ class LlamaMLP(nn.Module):
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(hidden, [intermediate, intermediate],
                                                        bias=bias, quant_config=quant_config)
-        self.act_fn = SiluAndMul()
         self.down_proj = RowParallelLinear(intermediate, hidden, bias=bias,
                                            quant_config=quant_config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        # silu(gate) * up runs inside the down projection where it can (decode's skinny GEMM
+        # applies it as it loads x), else as its own kernel just before.
+        return self.down_proj(self.gate_up_proj(x), silu_mul_input=True)
 
 
 class LlamaAttention(nn.Module):
