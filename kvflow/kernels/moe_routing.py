@@ -25,20 +25,18 @@ import torch
 import triton
 import triton.language as tl
 
+from kvflow.kernels.pdl import pdl_launch, pdl_launch_dependents, pdl_wait
+
 
 # ------------------------------------------------------------------------------------ top-k
 @triton.jit
-def _topk_kernel(logits_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, stride_lt,
-                 TOP_K: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr,
+def _select_topk(x, e_ok, TOP_K: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr,
                  SIGMOID: tl.constexpr, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr):
-    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    """x [BT, E_PAD] fp32 router logits (-inf where not e_ok [E_PAD]) -> (weights [BT, K_PAD]
+    fp32, ids [BT, K_PAD] int64). One body for the top-k kernel and the fused router kernel, so
+    the two give bit-identical results from the same logits."""
     experts = tl.arange(0, E_PAD)
     slots = tl.arange(0, K_PAD)
-    tok_ok = tokens < num_tokens
-    e_ok = experts < num_experts
-    rows = tl.minimum(tokens, num_tokens - 1).to(tl.int64)   # tail tokens redo the last one
-    x = tl.load(logits_ptr + rows[:, None] * stride_lt + experts[None, :],
-                mask=e_ok[None, :], other=float("-inf")).to(tl.float32)       # [BT, E_PAD]
     if SIGMOID:   # rank the raw logits; weight = sigmoid(logit)
         scores = x
     else:         # rank the softmax probabilities (fp32)
@@ -58,10 +56,39 @@ def _topk_kernel(logits_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, stri
         avail = avail & (experts[None, :] != idx[:, None])
     if RENORMALIZE:
         weights = weights / tl.sum(weights, axis=1)[:, None]
+    return weights, ids
+
+
+@triton.jit
+def _store_topk(weights_ptr, ids_ptr, weights, ids, tokens, num_tokens, TOP_K: tl.constexpr,
+                K_PAD: tl.constexpr):
+    slots = tl.arange(0, K_PAD)
     out = tokens[:, None].to(tl.int64) * TOP_K + slots[None, :]
-    mask = tok_ok[:, None] & (slots[None, :] < TOP_K)
+    mask = (tokens < num_tokens)[:, None] & (slots[None, :] < TOP_K)
     tl.store(weights_ptr + out, weights, mask=mask)
     tl.store(ids_ptr + out, ids, mask=mask)
+
+
+@triton.jit
+def _topk_kernel(logits_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, stride_lt,
+                 TOP_K: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr,
+                 SIGMOID: tl.constexpr, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr,
+                 USE_PDL: tl.constexpr):
+    pdl_wait(USE_PDL)                  # the logits are the predecessor's output
+    pdl_launch_dependents(USE_PDL)
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    experts = tl.arange(0, E_PAD)
+    e_ok = experts < num_experts
+    rows = tl.minimum(tokens, num_tokens - 1).to(tl.int64)   # tail tokens redo the last one
+    x = tl.load(logits_ptr + rows[:, None] * stride_lt + experts[None, :],
+                mask=e_ok[None, :], other=float("-inf")).to(tl.float32)       # [BT, E_PAD]
+    weights, ids = _select_topk(x, e_ok, TOP_K, K_PAD, RENORMALIZE, SIGMOID, BLOCK_T, E_PAD)
+    _store_topk(weights_ptr, ids_ptr, weights, ids, tokens, num_tokens, TOP_K, K_PAD)
+
+
+def _check_scoring(scoring: str) -> None:
+    if scoring not in ("softmax", "sigmoid"):
+        raise ValueError(f"MoE scoring must be 'softmax' or 'sigmoid', got {scoring!r}")
 
 
 @torch.compiler.disable  # launched eagerly from compiled graphs (a graph break), not traced
@@ -72,8 +99,7 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int, renormalize: bool,
     scoring "softmax": fp32 softmax over E, then the K largest (ties -> lowest expert id),
     optionally renormalised to sum to 1. "sigmoid" (Llama 4): the K largest raw logits, weight
     sigmoid(logit); renormalize is ignored, as in select_experts."""
-    if scoring not in ("softmax", "sigmoid"):
-        raise ValueError(f"MoE scoring must be 'softmax' or 'sigmoid', got {scoring!r}")
+    _check_scoring(scoring)
     t, e = router_logits.shape
     dev = router_logits.device
     weights = torch.empty((t, top_k), dtype=torch.float32, device=dev)     # [T, K]
@@ -88,7 +114,7 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int, renormalize: bool,
         logits, weights, ids, t, e, logits.stride(0),
         TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k),
         RENORMALIZE=renormalize and not sigmoid, SIGMOID=sigmoid, BLOCK_T=block_t, E_PAD=e_pad,
-        num_warps=4)
+        num_warps=4, **pdl_launch(dev))
     return weights, ids
 
 
@@ -96,11 +122,13 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int, renormalize: bool,
 @triton.jit
 def _align_kernel(ids_ptr, pairs_ptr, block_expert_ptr, num_pairs, num_experts, num_rows,
                   BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
-                  BLOCK_B: tl.constexpr):
+                  BLOCK_B: tl.constexpr, USE_PDL: tl.constexpr):
     """One program, in phases: fill every padded row with the padding value; count pairs per
     expert (one-hot sums over chunks of pairs); padded group offsets; place each pair at its
     expert's next free row + its rank among the chunk's pairs of that expert (a one-hot
     cumsum, so the order within an expert is the pair order); the expert of each block."""
+    pdl_wait(USE_PDL)                  # ids come from the top-k kernel; the outputs may still
+    pdl_launch_dependents(USE_PDL)     # be read by the previous layer's expert kernels
     experts = tl.arange(0, E_PAD)
     e_ok = experts < num_experts     # padding columns and the remote id E match no expert
     for r0 in range(0, num_rows, CHUNK):
@@ -152,14 +180,17 @@ def align_by_expert_triton(topk_ids: torch.Tensor, num_experts: int, block_m: in
     chunk = max(16, 4096 // e_pad)           # one-hot tile [CHUNK, E_PAD] of ~4K elements
     _align_kernel[(1,)](flat, sorted_pairs, block_expert, n, num_experts, p,
                         BLOCK_M=block_m, E_PAD=e_pad, CHUNK=chunk,
-                        BLOCK_B=max(16, 4096 // e_pad), num_warps=8)
+                        BLOCK_B=max(16, 4096 // e_pad), num_warps=8,
+                        **pdl_launch(flat.device))
     return sorted_pairs, block_expert
 
 
 # ------------------------------------------------------------------------------------- combine
 @triton.jit
 def _sum_kernel(in_ptr, out_ptr, H, stride_it, stride_ik, stride_ot,
-                TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+                TOP_K: tl.constexpr, BLOCK_H: tl.constexpr, USE_PDL: tl.constexpr):
+    pdl_wait(USE_PDL)                  # the expert outputs are the predecessor's
+    pdl_launch_dependents(USE_PDL)
     t = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     ok = cols < H
@@ -184,5 +215,5 @@ def moe_sum(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     block_h = min(1024, triton.next_power_of_2(h))
     _sum_kernel[(t, triton.cdiv(h, block_h))](
         out, res, h, out.stride(0), out.stride(1), res.stride(0),
-        TOP_K=k, BLOCK_H=block_h, num_warps=4)
+        TOP_K=k, BLOCK_H=block_h, num_warps=4, **pdl_launch(out.device))
     return res
