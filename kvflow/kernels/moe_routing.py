@@ -118,6 +118,163 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int, renormalize: bool,
     return weights, ids
 
 
+# ---------------------------------------------------------------------- router GEMM + top-k
+# At decode the router is a [T<=4, H] x [H, E] product: cuBLAS runs it as a split-K GEMM plus a
+# reduction kernel (~6 us of a Mixtral layer on the H200, more than the GEMM's bytes need) and
+# the top-k kernel follows. One kernel does both here. Each program computes the logits of a
+# block of tokens for a slice of the experts (whole dot products over H, so the fp32 sums do not
+# depend on the split), rounds them to the model dtype exactly as the unfused bf16 linear's
+# output is rounded, and selects with _select_topk. With several expert slices (many experts:
+# one program streaming all of Qwen3-MoE's 128 x 2048 router would be bound by one SM's
+# bandwidth), each slice stores its logits and takes a ticket; the last slice of a token block
+# to arrive does the top-k and resets the ticket for the next launch (CUDA-graph safe: the
+# counters are always left at zero).
+ROUTER_TOPK_MAX_T = 256        # above: cuBLAS (the kernel re-reads the router per token block)
+_GEMV_MAX_T = 4                # up to here broadcast-multiply-sum; above, tl.dot on 16-row blocks
+_SLICE_BYTES = 64 * 1024       # router bytes one program streams before the experts are split
+_TICKETS: dict = {}            # device -> int32 [_MAX_TICKETS] counters, always zero between launches
+_MAX_TICKETS = triton.cdiv(ROUTER_TOPK_MAX_T, 16)
+
+
+@triton.jit
+def _router_topk_kernel(x_ptr, w_ptr, logits_ptr, ticket_ptr, weights_ptr, ids_ptr,
+                        num_tokens, num_experts, H, stride_xt, stride_we,
+                        TOP_K: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr,
+                        SIGMOID: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+                        E_PAD: tl.constexpr, BLOCK_H: tl.constexpr, SPLIT: tl.constexpr,
+                        DOT: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr):
+    pid_t, pid_e = tl.program_id(0), tl.program_id(1)
+    tokens = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    rows = tl.minimum(tokens, num_tokens - 1).to(tl.int64)   # tail tokens redo the last one
+    experts = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_ok = experts < num_experts
+    w_rows = w_ptr + experts.to(tl.int64) * stride_we
+    # The router weight is static: its first chunk is fetched before the wait (PDL), the rest
+    # one chunk ahead of its use.
+    hs = tl.arange(0, BLOCK_H)
+    if DOT:
+        w = tl.load(w_rows[None, :] + hs[:, None], mask=e_ok[None, :] & (hs[:, None] < H),
+                    other=0.0)                                                # [BH, BE]
+    else:
+        w = tl.load(w_rows[:, None] + hs[None, :], mask=e_ok[:, None] & (hs[None, :] < H),
+                    other=0.0)                                                # [BE, BH]
+    pdl_wait(USE_PDL)                  # x is the predecessor's output
+    pdl_launch_dependents(USE_PDL)
+    acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        hs = h0 + tl.arange(0, BLOCK_H)
+        x = tl.load(x_ptr + rows[:, None] * stride_xt + hs[None, :], mask=hs[None, :] < H,
+                    other=0.0)                                                # [BT, BH]
+        nxt = hs + BLOCK_H
+        if DOT:
+            w_next = tl.load(w_rows[None, :] + nxt[:, None],
+                             mask=e_ok[None, :] & (nxt[:, None] < H), other=0.0)
+            if IEEE:   # fp32 models: full precision, not TF32, like F.linear
+                acc = tl.dot(x, w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, w, acc)
+        else:
+            w_next = tl.load(w_rows[:, None] + nxt[None, :],
+                             mask=e_ok[:, None] & (nxt[None, :] < H), other=0.0)
+            prod = x[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32)  # [BT, BE, BH]
+            acc += tl.sum(prod, axis=2)
+        w = w_next
+    # The unfused router returns logits in the model dtype: round the same way.
+    logits = acc.to(x_ptr.dtype.element_ty).to(tl.float32)                   # [BT, BE]
+    logits = tl.where(e_ok[None, :], logits, float("-inf"))
+    if SPLIT:
+        tok_ok = tokens < num_tokens
+        tl.store(logits_ptr + tokens[:, None].to(tl.int64) * num_experts + experts[None, :],
+                 logits, mask=tok_ok[:, None] & e_ok[None, :])
+        tl.debug_barrier()             # every thread's logits stored before the release
+        ticket = tl.atomic_add(ticket_ptr + pid_t, 1, sem="acq_rel")
+        if ticket == tl.num_programs(1) - 1:     # the last slice of this token block
+            tl.debug_barrier()
+            all_e = tl.arange(0, E_PAD)
+            all_ok = all_e < num_experts
+            full = tl.load(logits_ptr + rows[:, None] * num_experts + all_e[None, :],
+                           mask=all_ok[None, :], other=float("-inf"),
+                           cache_modifier=".cg")                               # [BT, E_PAD]
+            weights, ids = _select_topk(full, all_ok, TOP_K, K_PAD, RENORMALIZE, SIGMOID,
+                                        BLOCK_T, E_PAD)
+            _store_topk(weights_ptr, ids_ptr, weights, ids, tokens, num_tokens, TOP_K, K_PAD)
+            tl.atomic_xchg(ticket_ptr + pid_t, 0)
+    else:
+        weights, ids = _select_topk(logits, e_ok, TOP_K, K_PAD, RENORMALIZE, SIGMOID, BLOCK_T,
+                                    BLOCK_E)
+        _store_topk(weights_ptr, ids_ptr, weights, ids, tokens, num_tokens, TOP_K, K_PAD)
+
+
+def _tickets(device: torch.device):
+    """The zeroed counters of `device`, made on first use; None while a CUDA graph is being
+    captured and none exist (a zero-fill captured into the graph would not run now)."""
+    buf = _TICKETS.get(device)
+    if buf is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = _TICKETS[device] = torch.zeros(_MAX_TICKETS, dtype=torch.int32, device=device)
+    return buf
+
+
+def router_topk_config(t: int, e: int, h: int, dtype: torch.dtype) -> dict:
+    """Tiles for T tokens, E experts, H hidden: the GEMV form for T <= _GEMV_MAX_T (one token
+    block), else tl.dot on 16-token blocks with E padded to >= 16; experts split into slices of
+    at most _SLICE_BYTES of router weight (at least 8 experts, 16 for tl.dot)."""
+    dot = t > _GEMV_MAX_T
+    block_t = 16 if dot else triton.next_power_of_2(t)
+    e_pad = max(16 if dot else 1, triton.next_power_of_2(e))
+    block_e = e_pad
+    min_e = 16 if dot else 8
+    while block_e > min_e and block_e * h * dtype.itemsize > _SLICE_BYTES:
+        block_e //= 2
+    if dot:
+        block_h = 64
+    else:    # the [BT, BE, BH] product tile ~4K elements
+        block_h = max(16, min(triton.next_power_of_2(h), 4096 // (block_t * block_e)))
+    return dict(BLOCK_T=block_t, BLOCK_E=block_e, E_PAD=e_pad, BLOCK_H=block_h, DOT=dot,
+                num_warps=4)
+
+
+@torch.compiler.disable  # launched eagerly from compiled graphs (a graph break), not traced
+def router_topk(x: torch.Tensor, weight: torch.Tensor, top_k: int, renormalize: bool,
+                scoring: str = "softmax", config: dict | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, H] (T <= ROUTER_TOPK_MAX_T), router weight [E, H] of x's dtype ->
+    (weights [T, K] float32, ids [T, K] int64): topk_softmax(F.linear(x, weight), ...) in one
+    launch. Logits are accumulated in fp32 and rounded to x.dtype as F.linear's output is, so
+    the results equal the unfused path's whenever both GEMMs round to the same logits (always
+    for exact sums; otherwise up to where fp32 summation order moves a rounding boundary, as a
+    different cuBLAS algorithm would). config: tile overrides (tests)."""
+    _check_scoring(scoring)
+    t, h = x.shape
+    e = weight.shape[0]
+    dev = x.device
+    weights = torch.empty((t, top_k), dtype=torch.float32, device=dev)     # [T, K]
+    ids = torch.empty((t, top_k), dtype=torch.int64, device=dev)           # [T, K]
+    if t == 0:
+        return weights, ids
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    if weight.stride(1) != 1:
+        weight = weight.contiguous()
+    cfg = router_topk_config(t, e, h, x.dtype)
+    cfg.update(config or {})
+    splits = cfg["E_PAD"] // cfg["BLOCK_E"]
+    t_blocks = triton.cdiv(t, cfg["BLOCK_T"])
+    tickets = _tickets(dev) if splits > 1 and t_blocks <= _MAX_TICKETS else None
+    if splits > 1 and tickets is None:   # no counters: one program per token block
+        cfg["BLOCK_E"], splits = cfg["E_PAD"], 1
+    logits = torch.empty((t, e) if splits > 1 else (1,), dtype=torch.float32, device=dev)
+    sigmoid = scoring == "sigmoid"
+    _router_topk_kernel[(t_blocks, splits)](
+        x, weight, logits, tickets if tickets is not None else ids, weights, ids,
+        t, e, h, x.stride(0), weight.stride(0),
+        TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k),
+        RENORMALIZE=renormalize and not sigmoid, SIGMOID=sigmoid, SPLIT=splits > 1,
+        IEEE=x.dtype == torch.float32, **cfg, **pdl_launch(dev))
+    return weights, ids
+
+
 # -------------------------------------------------------------------------------- alignment
 @triton.jit
 def _align_kernel(ids_ptr, pairs_ptr, block_expert_ptr, num_pairs, num_experts, num_rows,
