@@ -100,18 +100,20 @@ def _check_fused(x, gate, k, renorm, scoring, config=None):
 @pytest.mark.parametrize("scoring,renorm", [("softmax", True), ("softmax", False),
                                             ("sigmoid", False)])
 def test_router_topk_bit_equal_to_unfused(dtype, e, scoring, renorm):
-    """T across the GEMV (<= 4) and tl.dot forms, H not a multiple of the H tile, the expert
-    split (several programs + ticket) forced on and off."""
+    """T across the GEMV (<= 4) and tl.dot forms, H not a multiple of the H tile, one and
+    several H chunks, the expert split (several programs + ticket) forced on and off."""
     g = torch.Generator().manual_seed(e)
     for t, h in [(1, 64), (3, 200), (4, 96), (5, 200), (37, 72)]:
         x, wt = _exact_data(g, t, e, h, dtype)
         gate = _router(e, h, dtype, wt)
         dot = router_topk_config(t, e, h, dtype)["DOT"]
-        splits = [None] + ([{"BLOCK_E": 16 if dot else 8}] if e > (16 if dot else 8) else [])
+        # Tile overrides: several H chunks (the GEMV form's prefetch); several expert slices.
+        cfgs = [None, {"BLOCK_H": 16 if e <= 16 else 64}] + (
+            [{"BLOCK_E": 16 if dot else 8, "BLOCK_H": 64}] if e > (16 if dot else 8) else [])
         for k in sorted({1, 2, min(8, e)}):
             if scoring == "sigmoid" and k > 2:
                 continue
-            for cfg in splits:
+            for cfg in cfgs:
                 _check_fused(x, gate, k, renorm, scoring, cfg)
 
 

@@ -129,9 +129,10 @@ def topk_softmax(router_logits: torch.Tensor, top_k: int, renormalize: bool,
 # bandwidth), each slice stores its logits and takes a ticket; the last slice of a token block
 # to arrive does the top-k and resets the ticket for the next launch (CUDA-graph safe: the
 # counters are always left at zero).
-ROUTER_TOPK_MAX_T = 256        # above: cuBLAS (the kernel re-reads the router per token block)
+ROUTER_TOPK_MAX_T = 64         # above: cuBLAS (the kernel re-reads the router per token block)
 _GEMV_MAX_T = 4                # up to here broadcast-multiply-sum; above, tl.dot on 16-row blocks
 _SLICE_BYTES = 64 * 1024       # router bytes one program streams before the experts are split
+_GEMV_TILE = 32768             # elements of the GEMV form's register tile (Mixtral: all 8 x 4096)
 _TICKETS: dict = {}            # device -> int32 [_MAX_TICKETS] counters, always zero between launches
 _MAX_TICKETS = triton.cdiv(ROUTER_TOPK_MAX_T, 16)
 
@@ -149,13 +150,12 @@ def _router_topk_kernel(x_ptr, w_ptr, logits_ptr, ticket_ptr, weights_ptr, ids_p
     experts = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     e_ok = experts < num_experts
     w_rows = w_ptr + experts.to(tl.int64) * stride_we
-    # The router weight is static: its first chunk is fetched before the wait (PDL), the rest
-    # one chunk ahead of its use.
-    hs = tl.arange(0, BLOCK_H)
-    if DOT:
-        w = tl.load(w_rows[None, :] + hs[:, None], mask=e_ok[None, :] & (hs[:, None] < H),
-                    other=0.0)                                                # [BH, BE]
-    else:
+    # GEMV form (decode): the router weight is static, so its first chunk is fetched before
+    # the wait (PDL), the rest one chunk ahead of use; a chunk is usually the whole slice, so
+    # all of the weight is in flight before the wait and only x is read after it. The tl.dot
+    # form loads as it goes and leaves the pipelining to Triton.
+    if not DOT:
+        hs = tl.arange(0, BLOCK_H)
         w = tl.load(w_rows[:, None] + hs[None, :], mask=e_ok[:, None] & (hs[None, :] < H),
                     other=0.0)                                                # [BE, BH]
     pdl_wait(USE_PDL)                  # x is the predecessor's output
@@ -163,22 +163,27 @@ def _router_topk_kernel(x_ptr, w_ptr, logits_ptr, ticket_ptr, weights_ptr, ids_p
     acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
     for h0 in range(0, H, BLOCK_H):
         hs = h0 + tl.arange(0, BLOCK_H)
-        x = tl.load(x_ptr + rows[:, None] * stride_xt + hs[None, :], mask=hs[None, :] < H,
-                    other=0.0)                                                # [BT, BH]
         nxt = hs + BLOCK_H
         if DOT:
-            w_next = tl.load(w_rows[None, :] + nxt[:, None],
-                             mask=e_ok[None, :] & (nxt[:, None] < H), other=0.0)
+            x = tl.load(x_ptr + rows[:, None] * stride_xt + hs[None, :], mask=hs[None, :] < H,
+                        other=0.0)                                            # [BT, BH]
+            wd = tl.load(w_rows[None, :] + hs[:, None], mask=e_ok[None, :] & (hs[:, None] < H),
+                         other=0.0)                                           # [BH, BE]
             if IEEE:   # fp32 models: full precision, not TF32, like F.linear
-                acc = tl.dot(x, w, acc, input_precision="ieee")
+                acc = tl.dot(x, wd, acc, input_precision="ieee")
             else:
-                acc = tl.dot(x, w, acc)
+                acc = tl.dot(x, wd, acc)
         else:
             w_next = tl.load(w_rows[:, None] + nxt[None, :],
                              mask=e_ok[:, None] & (nxt[None, :] < H), other=0.0)
-            prod = x[:, None, :].to(tl.float32) * w[None, :, :].to(tl.float32)  # [BT, BE, BH]
-            acc += tl.sum(prod, axis=2)
-        w = w_next
+            wf = w.to(tl.float32)
+            for i in tl.static_range(BLOCK_T):   # the [BE, BH] tile serves every token
+                row = tl.minimum(pid_t * BLOCK_T + i, num_tokens - 1).to(tl.int64)
+                xi = tl.load(x_ptr + row * stride_xt + hs, mask=hs < H,
+                             other=0.0).to(tl.float32)                             # [BH]
+                part = tl.sum(wf * xi[None, :], axis=1)                             # [BE]
+                acc = tl.where(tl.arange(0, BLOCK_T)[:, None] == i, acc + part[None, :], acc)
+            w = w_next
     # The unfused router returns logits in the model dtype: round the same way.
     logits = acc.to(x_ptr.dtype.element_ty).to(tl.float32)                   # [BT, BE]
     logits = tl.where(e_ok[None, :], logits, float("-inf"))
@@ -219,20 +224,24 @@ def _tickets(device: torch.device):
 def router_topk_config(t: int, e: int, h: int, dtype: torch.dtype) -> dict:
     """Tiles for T tokens, E experts, H hidden: the GEMV form for T <= _GEMV_MAX_T (one token
     block), else tl.dot on 16-token blocks with E padded to >= 16; experts split into slices of
-    at most _SLICE_BYTES of router weight (at least 8 experts, 16 for tl.dot)."""
+    at most _SLICE_BYTES of router weight (at least 16 experts for tl.dot). The GEMV form keeps
+    a slice's whole [BE, H] tile in registers (up to _GEMV_TILE elements, 16 warps): one DRAM
+    round trip rather than a chain of dependent chunk loads."""
     dot = t > _GEMV_MAX_T
     block_t = 16 if dot else triton.next_power_of_2(t)
     e_pad = max(16 if dot else 1, triton.next_power_of_2(e))
     block_e = e_pad
-    min_e = 16 if dot else 8
+    min_e = 16 if dot else 1
     while block_e > min_e and block_e * h * dtype.itemsize > _SLICE_BYTES:
         block_e //= 2
     if dot:
-        block_h = 64
-    else:    # the [BT, BE, BH] product tile ~4K elements
-        block_h = max(16, min(triton.next_power_of_2(h), 4096 // (block_t * block_e)))
+        block_h, warps = 128, 4
+    else:
+        block_h = max(16, min(triton.next_power_of_2(h), _GEMV_TILE // block_e))
+        tile = block_e * block_h
+        warps = 16 if tile >= 16384 else 8 if tile >= 4096 else 4
     return dict(BLOCK_T=block_t, BLOCK_E=block_e, E_PAD=e_pad, BLOCK_H=block_h, DOT=dot,
-                num_warps=4)
+                num_warps=warps)
 
 
 @torch.compiler.disable  # launched eagerly from compiled graphs (a graph break), not traced
