@@ -1,5 +1,5 @@
 """MoE routing kernels (kvflow/kernels/moe_routing.py) against their torch references: top-k vs
-select_experts, the expert alignment vs fused_moe.align_by_expert (exactly), the combine vs an
+select_experts, the fused router GEMM + top-k vs ReplicatedLinear + top-k, the expert alignment vs fused_moe.align_by_expert (exactly), the combine vs an
 in-order fp32 sum (bit for bit).
 
 Without a GPU they run under Triton's CPU interpreter (TRITON_INTERPRET=1, set by conftest
@@ -12,7 +12,8 @@ pytest.importorskip("triton")
 
 from kvflow.kernels.fused_moe import align_by_expert  # noqa: E402
 from kvflow.kernels.moe_routing import (  # noqa: E402
-    _align_kernel, align_by_expert_triton, moe_sum, topk_softmax)
+    _align_kernel, align_by_expert_triton, moe_sum, router_topk, router_topk_config, topk_softmax)
+from kvflow.layers.linear import ReplicatedLinear  # noqa: E402
 from kvflow.layers.moe import select_experts  # noqa: E402
 from tests.conftest import kernel_device  # noqa: E402
 
@@ -62,6 +63,86 @@ def test_topk_ties_pick_the_lowest_expert():
     w, ids = topk_softmax(logits.to(DEVICE), 3, True)
     assert ids.tolist() == [[1, 2, 4], [0, 1, 2]]
     torch.testing.assert_close(w.cpu(), torch.full((2, 3), 1 / 3))
+
+
+# ---------------------------------------------------------------------- fused router + top-k
+def _router(e, h, dtype, w):
+    gate = ReplicatedLinear(h, e, bias=False).to(DEVICE, dtype)
+    gate.weight.data.copy_(w)
+    return gate
+
+
+def _exact_data(g, t, e, h, dtype):
+    """Multiples of 1/4 times multiples of 1/8, |sum| <= h/2: every partial sum is exact in fp32,
+    so any GEMM order gives the same fp32 logits and the same rounding to dtype. Small integers
+    also make many tied logits (more after rounding to bf16/fp16)."""
+    x = (torch.randint(-4, 5, (t, h), generator=g).float() / 4).to(DEVICE, dtype)   # [T, H]
+    w = (torch.randint(-4, 5, (e, h), generator=g).float() / 8).to(DEVICE, dtype)   # [E, H]
+    return x, w
+
+
+def _check_fused(x, gate, k, renorm, scoring, config=None):
+    """Fused vs today's unfused GPU path (router linear, then topk_softmax): bit for bit; and vs
+    select_experts' torch ops: the same logits selected (torch.topk may order tied experts
+    differently), close weights."""
+    w, ids = router_topk(x, gate.weight, k, renorm, scoring, config=config)
+    logits = gate(x)                                                         # [T, E] dtype
+    uw, uids = topk_softmax(logits, k, renorm, scoring)
+    assert w.dtype == torch.float32 and ids.dtype == torch.int64
+    assert torch.equal(ids, uids) and torch.equal(w, uw)
+    rw, rids = select_experts(logits.cpu(), k, renorm, scoring)
+    assert torch.equal(logits.cpu().gather(1, ids.cpu()), logits.cpu().gather(1, rids))
+    torch.testing.assert_close(w.cpu(), rw, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("e", [8, 16, 128])
+@pytest.mark.parametrize("scoring,renorm", [("softmax", True), ("softmax", False),
+                                            ("sigmoid", False)])
+def test_router_topk_bit_equal_to_unfused(dtype, e, scoring, renorm):
+    """T across the GEMV (<= 4) and tl.dot forms, H not a multiple of the H tile, one and
+    several H chunks, the expert split (several programs + ticket) forced on and off."""
+    g = torch.Generator().manual_seed(e)
+    for t, h in [(1, 64), (3, 200), (4, 96), (5, 200), (37, 72)]:
+        x, wt = _exact_data(g, t, e, h, dtype)
+        gate = _router(e, h, dtype, wt)
+        dot = router_topk_config(t, e, h, dtype)["DOT"]
+        # Tile overrides: several H chunks (the GEMV form's prefetch); several expert slices.
+        cfgs = [None, {"BLOCK_H": 16 if e <= 16 else 64}] + (
+            [{"BLOCK_E": 16 if dot else 8, "BLOCK_H": 64}] if e > (16 if dot else 8) else [])
+        for k in sorted({1, 2, min(8, e)}):
+            if scoring == "sigmoid" and k > 2:
+                continue
+            for cfg in cfgs:
+                _check_fused(x, gate, k, renorm, scoring, cfg)
+
+
+def test_router_topk_ties_and_random_inputs():
+    """Experts with identical router rows tie exactly: the lowest id wins, in both paths. Random
+    bf16 data (sums not exact): the same on CPU; on a GPU the two GEMMs add in different orders,
+    which can move a logit across a bf16 rounding boundary (compare ids and close weights)."""
+    e, h = 16, 128
+    g = torch.Generator().manual_seed(5)
+    x, wt = _exact_data(g, 6, e, h, torch.bfloat16)
+    x[:, 0] = 1
+    wt[2] = 0
+    wt[2, 0] = 32                           # logit 32: far above the others' (|sum| ~ 4)
+    wt[5] = wt[9] = wt[12] = wt[2]          # experts 2, 5, 9, 12 tie for the top
+    gate = _router(e, h, torch.bfloat16, wt)
+    for t in (1, 6):
+        _check_fused(x[:t], gate, 3, True, "softmax")
+        w, ids = router_topk(x[:t], gate.weight, 3, True)
+        assert (ids.cpu() == torch.tensor([2, 5, 9])).all()
+        assert (w.cpu() == 1 / 3).all()
+    for e, t in [(8, 1), (128, 2), (16, 20)]:
+        x = torch.randn(t, 256, generator=g).to(DEVICE, torch.bfloat16)
+        wt = (torch.randn(e, 256, generator=g) / 16).to(DEVICE, torch.bfloat16)
+        gate = _router(e, 256, torch.bfloat16, wt)
+        w, ids = router_topk(x, gate.weight, 2, True)
+        uw, uids = topk_softmax(gate(x), 2, True)
+        assert torch.equal(ids, uids)
+        torch.testing.assert_close(w, uw, atol=1e-2, rtol=1e-2)
+    assert router_topk(x[:0], gate.weight, 2, True)[0].shape == (0, 2)
 
 
 # --------------------------------------------------------------------------------- alignment

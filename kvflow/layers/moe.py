@@ -25,6 +25,9 @@ the routing. The alternative, all-to-all dispatch (send each token only to the r
 experts, then all-to-all back), moves T*K/ranks rows instead and pays off across nodes or at large
 EP sizes; it needs per-step variable-size exchanges and is not implemented.
 
+Routing: `route` = router GEMM + `select_experts`, one Triton kernel on the fused path (see
+`route`), else the linear layer and the top-k separately.
+
 Compute: `fused_moe` — the Triton grouped GEMM on CUDA (kvflow/kernels/fused_moe.py; default,
 KVFLOW_FUSED_MOE=0 turns it off, and the Triton top-k of `select_experts` with it), else the
 torch reference `fused_moe_torch` (tokens sorted by expert, one matmul per expert on its
@@ -46,7 +49,7 @@ from kvflow.distributed import (get_ep_rank, get_ep_size, get_moe_tp_rank, get_m
                                 tp_all_reduce)
 from kvflow.layers import ops
 from kvflow.layers.expert_placement import ExpertPlacement
-from kvflow.layers.linear import ReplicatedLinear, _checked, _param
+from kvflow.layers.linear import LinearBase, ReplicatedLinear, _checked, _param
 
 try:
     from kvflow.kernels import HAS_TRITON as _HAS_TRITON
@@ -106,6 +109,28 @@ def select_experts(router_logits: torch.Tensor, top_k: int, renormalize: bool,
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, ids
+
+
+_ROUTER_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def route(gate: LinearBase, x: torch.Tensor, top_k: int, renormalize: bool,
+          scoring: str = "softmax") -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, H] -> (weights [T, K] float32, expert ids [T, K] int64):
+    select_experts(gate(x), ...), the router GEMM included.
+
+    Where select_experts would run its Triton top-k (CUDA, fused MoE on, not being compiled)
+    and the router is a plain replicated matrix (no bias, not quantized, x's dtype) of at most
+    ROUTER_TOPK_MAX_T tokens, one kernel (moe_routing.router_topk) computes the logits and
+    selects: a decode layer saves cuBLAS's split-K GEMM + reduction and a launch. Nothing here
+    needs the logits themselves (no aux loss, no returned router logits). Elsewhere: unfused."""
+    if (x.is_cuda and moe_dispatch_graph_safe() and not torch.compiler.is_compiling()
+            and gate.quant_method is None and gate.bias is None and x.dim() == 2
+            and x.dtype in _ROUTER_DTYPES and gate.weight.dtype == x.dtype):
+        from kvflow.kernels.moe_routing import ROUTER_TOPK_MAX_T, router_topk
+        if x.shape[0] <= ROUTER_TOPK_MAX_T:
+            return router_topk(x, gate.weight, top_k, renormalize, scoring)
+    return select_experts(gate(x), top_k, renormalize, scoring)
 
 
 @torch.compiler.disable  # data-dependent per-expert row counts: keep it out of the graph
@@ -300,5 +325,5 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] -> [T, H]."""
-        weights, ids = select_experts(self.gate(x), self.top_k, self.renormalize)
+        weights, ids = route(self.gate, x, self.top_k, self.renormalize)
         return self.experts(x, weights, ids)

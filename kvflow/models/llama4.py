@@ -29,7 +29,7 @@ from kvflow.config import ModelConfig
 from kvflow.layers.embedding import VocabParallelEmbedding
 from kvflow.layers.linear import QKVParallelLinear, ReplicatedLinear, RowParallelLinear
 from kvflow.layers.moe import (FusedMoE, GraphSafeWhenFusedMoE,
-                               make_stacked_expert_params_mapping, select_experts)
+                               make_stacked_expert_params_mapping, route)
 from kvflow.layers.norm import L2Norm, RMSNorm
 from kvflow.layers.rotary import RotaryEmbedding
 from kvflow.models.llama import LlamaForCausalLM, LlamaMLP
@@ -110,8 +110,7 @@ class Llama4MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] -> [T, H]."""
-        weights, ids = select_experts(self.router(x), self.top_k, renormalize=False,
-                                      scoring="sigmoid")
+        weights, ids = route(self.router, x, self.top_k, renormalize=False, scoring="sigmoid")
         routed = self.experts(x, weights, ids, weights_on_input=True)
         return self.shared_expert(x) + routed
 

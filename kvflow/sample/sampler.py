@@ -2,7 +2,7 @@
 
 Order of processing (vLLM v1 semantics):
   float32 -> min_tokens -> logit_bias -> penalties (repetition, frequency, presence)
-  -> greedy rows: argmax
+  -> greedy rows: argmax (row_argmax: a Triton two-stage argmax for few CUDA rows)
   -> random rows: temperature -> top-k -> top-p -> min-p -> exponential-race sample.
 Logprobs are of the raw float32 logits (see logprobs.py).
 
@@ -20,6 +20,12 @@ import torch
 from kvflow.sample.logprobs import LogprobsTensors, compute_topk_logprobs
 from kvflow.sample.metadata import SamplingMetadata
 from kvflow.sample.penalties import apply_penalties
+
+try:
+    from kvflow.kernels import HAS_TRITON as _HAS_TRITON
+except ImportError:  # pragma: no cover
+    _HAS_TRITON = False
+_ARGMAX_MAX_ROWS = 64          # = kvflow.kernels.argmax.ARGMAX_MAX_ROWS (not imported: triton)
 
 
 @dataclass
@@ -89,6 +95,17 @@ def apply_top_k_top_p(logits: torch.Tensor, k: Optional[torch.Tensor],
     return logits.masked_fill_(logits < ptile, float("-inf"))
 
 
+def row_argmax(x: torch.Tensor) -> torch.Tensor:
+    """x [B, V] -> [B] int64, exactly x.argmax(dim=-1) (first maximum; NaN counts as the
+    largest). Few CUDA rows: the two-stage Triton argmax (kvflow/kernels/argmax.py) -- torch's
+    reduction runs one block per row, 28 us for a 128K vocabulary; else torch."""
+    if x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= _ARGMAX_MAX_ROWS and x.shape[1] > 0 \
+            and x.dtype.is_floating_point and _HAS_TRITON:
+        from kvflow.kernels.argmax import argmax_rows
+        return argmax_rows(x)
+    return x.argmax(dim=-1)
+
+
 def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """Zero, in place, tokens whose probability is < min_p * (the row's max probability).
 
@@ -120,7 +137,7 @@ def sample_exponential_race(probs: torch.Tensor,
     # E == 0 is possible in float32; a zero-probability token would then give 0/0 = nan, which
     # argmax treats as the maximum. Clamping keeps masked tokens at exactly 0.
     noise.clamp_min_(torch.finfo(noise.dtype).tiny)
-    return probs.div_(noise).argmax(dim=-1)
+    return row_argmax(probs.div_(noise))
 
 
 class Sampler:
@@ -161,7 +178,7 @@ class Sampler:
     @staticmethod
     def _sample(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         # Greedy: first maximum, as torch.argmax. Taken before temperature touches the logits.
-        greedy_ids = None if meta.all_random else logits.argmax(dim=-1)  # [B]
+        greedy_ids = None if meta.all_random else row_argmax(logits)  # [B]
         if meta.all_greedy:
             return greedy_ids
 
