@@ -22,7 +22,7 @@ from kvflow.kernels.pdl import pdl_launch, pdl_launch_dependents, pdl_wait
 ARGMAX_MAX_ROWS = 64          # above: torch (its grid then covers the rows; no gain to chase)
 _TARGET_PROGRAMS = 256        # stage-1 programs to aim for (~2 per SM of an H100/H200)
 _MIN_CHUNK, _MAX_CHUNK = 1024, 8192
-_BIG = 2147483647
+_BIG = tl.constexpr(2147483647)
 
 
 @triton.jit
