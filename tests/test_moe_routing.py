@@ -89,7 +89,13 @@ def _check_fused(x, gate, k, renorm, scoring, config=None):
     logits = gate(x)                                                         # [T, E] dtype
     uw, uids = topk_softmax(logits, k, renorm, scoring)
     assert w.dtype == torch.float32 and ids.dtype == torch.int64
-    assert torch.equal(ids, uids) and torch.equal(w, uw)
+    assert torch.equal(ids, uids)
+    if w.is_cuda:
+        # Same selection code, but compiled into two kernels: the GPU compiler may contract
+        # the softmax / renormalisation arithmetic differently (last-bit differences).
+        torch.testing.assert_close(w, uw, atol=0, rtol=1e-6)
+    else:
+        assert torch.equal(w, uw)
     rw, rids = select_experts(logits.cpu(), k, renorm, scoring)
     assert torch.equal(logits.cpu().gather(1, ids.cpu()), logits.cpu().gather(1, rids))
     torch.testing.assert_close(w.cpu(), rw, atol=1e-6, rtol=1e-5)

@@ -34,7 +34,9 @@ def _select_topk(x, e_ok, TOP_K: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE:
                  SIGMOID: tl.constexpr, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr):
     """x [BT, E_PAD] fp32 router logits (-inf where not e_ok [E_PAD]) -> (weights [BT, K_PAD]
     fp32, ids [BT, K_PAD] int64). One body for the top-k kernel and the fused router kernel, so
-    the two give bit-identical results from the same logits."""
+    the two select the same experts from the same logits, with the same weights (bit for bit
+    under the interpreter; compiled, the two kernels may contract the softmax arithmetic
+    differently: last-bit differences, measured on the H200)."""
     experts = tl.arange(0, E_PAD)
     slots = tl.arange(0, K_PAD)
     if SIGMOID:   # rank the raw logits; weight = sigmoid(logit)
