@@ -32,6 +32,13 @@ def fused_moe_kernel() -> bool:
     return os.environ.get("KVFLOW_FUSED_MOE", "1") != "0"
 
 
+def skinny_silu_mul() -> bool:
+    """KVFLOW_SKINNY_SILU_MUL (default 1): where a gated MLP's down projection runs as the
+    skinny GEMM, silu(gate) * up is applied inside it as x is loaded (one launch fewer per
+    layer); 0 runs the activation kernel first. Read when a layer is built."""
+    return os.environ.get("KVFLOW_SKINNY_SILU_MUL", "1") != "0"
+
+
 def skinny_gemm() -> bool:
     """KVFLOW_SKINNY_GEMM (default 1): unquantized linear layers (incl. tensor-parallel shards, the LM head
     and MoE routers) on CUDA with fp16/bf16 inputs of at most 16 rows use the Triton skinny GEMM

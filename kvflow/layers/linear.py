@@ -99,6 +99,7 @@ class LinearBase(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.quant_method = quant_config.get_linear_method() if quant_config is not None else None
         self.skinny_gemm = envs.skinny_gemm()
+        self.skinny_silu_mul = envs.skinny_silu_mul()
         if self.quant_method is None:
             self.weight = _param((out_features, in_features))   # [out, in] as in HF checkpoints
             self.weight.weight_loader = self.weight_loader
@@ -246,6 +247,8 @@ class RowParallelLinear(LinearBase):
                 x = ops.silu_and_mul(x)
             out = tp_all_reduce(self.quant_method.apply(self, x))
         else:
+            if silu_mul_input and not self.skinny_silu_mul:
+                x, silu_mul_input = ops.silu_and_mul(x), False
             out = tp_all_reduce(dense_linear(x, self.weight, None, self.skinny_gemm,
                                              silu_mul_input))
         return out if self.bias is None else out + self.bias
