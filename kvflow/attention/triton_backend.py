@@ -1,8 +1,10 @@
 """The Triton attention backend: paged KV cache write + unified paged attention.
 
-Every step is two launches (three with split-KV): reshape_and_cache writes the new tokens' K/V
-at metadata.slot_mapping, then unified_attention serves prefill, chunked prefill with cached
-prefix, and decode rows of one varlen batch (see kvflow/kernels/attention.py for the design).
+Every step is two launches: reshape_and_cache writes the new tokens' K/V at
+metadata.slot_mapping, then unified_attention serves prefill, chunked prefill with cached
+prefix, and decode rows of one varlen batch (see kvflow/kernels/attention.py for the design;
+with split-KV on decode-sized tiles the last split merges the partials, larger tiles add a
+merge launch; mixed batches run decodes and the rest as two attention launches).
 Layers that own their rotary (and per-head q/k norm) call forward_qk_rope instead: the cache
 write becomes kvflow/kernels/qk_rope_cache.py, which also normalises and rotates q and k, so
 the layer's pre-attention work is one launch (fuses_qk_rope_cache).
