@@ -2,7 +2,8 @@
 # One device call: install carried wheels, run the GPU checks and/or benchmarks.
 #   bash benchmarks/device_run.sh tests            # GPU suite
 #   bash benchmarks/device_run.sh bench MODEL...   # offline benchmarks (configs under benchmarks/configs)
-# Results land in $OUT (bench.jsonl, logs).
+# Results land in $OUT (bench.jsonl, logs). The device's copy of the tree may carry a stale .git:
+# pass the commit being measured as KVFLOW_COMMIT=<sha> so the records name it.
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
 export KVFLOW_CACHE_DIR=${KVFLOW_CACHE_DIR:-/tmp/kvflow-cache}

@@ -94,6 +94,10 @@ WORKLOADS: dict[str, Callable] = {"nanovllm": wl_nanovllm, "decode1": wl_decode1
 
 
 def _git_commit() -> str:
+    """KVFLOW_COMMIT if set (a copied working tree, e.g. on the device machine, may carry a
+    stale or no .git), else the checkout's HEAD."""
+    if os.environ.get("KVFLOW_COMMIT"):
+        return os.environ["KVFLOW_COMMIT"]
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         return subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -125,6 +129,10 @@ def run(args) -> list[dict]:
     info = dict(torch=torch.__version__)
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+        # What the plan may use, and what startup (profile, warm-up, graph capture) did use.
+        util = kw.get("gpu_memory_utilization") or eng.config.cache.gpu_memory_utilization
+        info["memory_budget_gib"] = round(util * torch.cuda.mem_get_info()[1] / 2 ** 30, 2)
+        info.update(_peaks())
     init = dict(base, record="init", llm_constructor_s=round(init_s, 3),
                 enforce_eager=bool(kw.get("enforce_eager")),
                 compilation_level=eng.config.compilation.level, max_model_len=eng.max_model_len,
@@ -136,14 +144,25 @@ def run(args) -> list[dict]:
     for w in names:
         if eng.step_trace is not None:
             eng.step_trace.clear()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()     # peaks below are this workload's own
         rec = WORKLOADS[w](llm, base, args.temperature)
         if eng.step_trace:
             rec["step_trace"] = summarize_trace(eng.step_trace)
         if torch.cuda.is_available():
-            rec["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_reserved() / 2 ** 30, 2)
+            rec.update(_peaks())
         records.append(rec)
         _emit(rec, args.out)
     return records
+
+
+def _peaks() -> dict:
+    """Peak GPU memory since the last reset: reserved by torch's caching allocator (what the
+    memory plan must bound) and allocated by live tensors (reserved - allocated = cached or
+    fragmented blocks)."""
+    import torch
+    return dict(peak_gpu_memory_gib=round(torch.cuda.max_memory_reserved() / 2 ** 30, 2),
+                peak_gpu_allocated_gib=round(torch.cuda.max_memory_allocated() / 2 ** 30, 2))
 
 
 def summarize_trace(trace: list) -> dict:
