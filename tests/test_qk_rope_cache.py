@@ -209,6 +209,12 @@ def _layer_batch(dtype, kv_dtype, norm, rot_factor, is_neox, seed=0):
     return layer, md, cache, qkv, pos, (H, KV, D, n)
 
 
+def _split_qkv(x, dims):
+    """[T, (H + 2 KV) * D] -> q, k, v column slices (as the model's qkv split)."""
+    H, KV, D, _ = dims
+    return x[:, :H * D], x[:, H * D:(H + KV) * D], x[:, (H + KV) * D:(H + 2 * KV) * D]
+
+
 def _run_layer(layer, backend, caps, md, cache, qkv, pos, dims, spec_dtype, kv_dtype):
     from kvflow.attention.backend import AttentionSpec
     from kvflow.forward_context import set_forward_context
@@ -217,8 +223,7 @@ def _run_layer(layer, backend, caps, md, cache, qkv, pos, dims, spec_dtype, kv_d
     spec = AttentionSpec(H, KV, D, D ** -0.5, spec_dtype, kv_cache_dtype=kv_dtype, block_size=4)
     layer.bind_impl(backend.make_impl(spec), caps)
     layer.kv_cache = cache.clone()
-    x = qkv.clone()                                     # the unfused path rotates in place
-    q, k, v = x[:, :H * D], x[:, H * D:(H + KV) * D], x[:, (H + KV) * D:(H + 2 * KV) * D]
+    q, k, v = _split_qkv(qkv.clone(), dims)              # the unfused path rotates in place
     with set_forward_context(md):
         out = layer(q, k, v, pos)
     return out, layer.kv_cache
@@ -263,22 +268,30 @@ def test_layer_triton_fused_matches_torch_backend(dtype, kv_dtype, norm, rot_fac
         assert torch.equal(out_cache.view(torch.uint8), cache2.view(torch.uint8))
 
 
-def test_layer_custom_op_fused_path():
-    """The layer's custom op (what torch.compile calls) carries the positions on the fused
-    path and gives the eager result."""
+def _fused_layer_for_op(dtype):
+    """A q/k-norm layer on the Triton backend, its eager fused result (output, cache), then
+    registered for the custom op with a fresh copy of the cache."""
     from kvflow.attention.layer import bind_attention_layers
     from kvflow.attention.triton_backend import TritonAttentionBackend
-    from kvflow.forward_context import set_forward_context
 
-    dtype = torch.bfloat16
     layer, md, cache, qkv, pos, dims = _layer_batch(dtype, "auto", True, 1.0, True)
-    H, KV, D, n = dims
     be = TritonAttentionBackend()
     eager, eager_cache = _run_layer(layer, be, be.capabilities, md, cache, qkv, pos, dims,
                                     dtype, "auto")
     bind_attention_layers(torch.nn.ModuleDict({"attn": layer}))
     layer.kv_cache = cache.clone()
-    q, k, v = qkv[:, :H * D], qkv[:, H * D:(H + KV) * D], qkv[:, (H + KV) * D:(H + 2 * KV) * D]
+    return layer, md, cache, qkv, pos, dims, eager, eager_cache
+
+
+def test_layer_custom_op_fused_path():
+    """The layer's custom op (what torch.compile calls) carries the positions on the fused
+    path and gives the eager result."""
+    from kvflow.forward_context import set_forward_context
+
+    dtype = torch.bfloat16
+    layer, md, cache, qkv, pos, dims, eager, eager_cache = _fused_layer_for_op(dtype)
+    H, KV, D, n = dims
+    q, k, v = _split_qkv(qkv, dims)
     with set_forward_context(md):
         out = torch.ops.kvflow.unified_attention(q, k, v, layer.layer_name, pos)
     assert torch.equal(out[:n], eager[:n]) and torch.equal(layer.kv_cache, eager_cache)
@@ -317,22 +330,14 @@ def test_layer_argument_checks():
 def test_layer_fused_path_under_torch_compile():
     """fullgraph torch.compile of a forward around the layer: the fused op gets the positions
     as a graph input and gives the eager result (output and cache)."""
-    from kvflow.attention.layer import bind_attention_layers
-    from kvflow.attention.triton_backend import TritonAttentionBackend
     from kvflow.forward_context import set_forward_context
 
     dtype = torch.float32
-    layer, md, cache, qkv, pos, dims = _layer_batch(dtype, "auto", True, 1.0, True)
-    H, KV, D, n = dims
-    be = TritonAttentionBackend()
-    eager, eager_cache = _run_layer(layer, be, be.capabilities, md, cache, qkv, pos, dims,
-                                    dtype, "auto")
-    bind_attention_layers(torch.nn.ModuleDict({"attn": layer}))
-    layer.kv_cache = cache.clone()
+    layer, md, cache, qkv, pos, dims, eager, eager_cache = _fused_layer_for_op(dtype)
+    n = dims[3]
 
     def forward(x, p):
-        q, k, v = x[:, :H * D], x[:, H * D:(H + KV) * D], x[:, (H + KV) * D:(H + 2 * KV) * D]
-        return layer(q, k, v, p) * 2
+        return layer(*_split_qkv(x, dims), p) * 2
 
     with torch.inference_mode(), set_forward_context(md):
         out = torch.compile(forward, fullgraph=True)(qkv.clone(), pos)
