@@ -23,7 +23,7 @@ DEVICE = kernel_device(_attention_kernel)
 
 
 def _counters_zero():
-    for buf in list(attn_mod._SPLIT_COUNTERS.values()) + attn_mod._RETIRED_COUNTERS:
+    for buf in list(attn_mod._SPLIT_COUNTERS.buffers.values()) + attn_mod._SPLIT_COUNTERS.retired:
         assert int(buf.count_nonzero()) == 0, "ticket counters not reset"
 
 
@@ -141,16 +141,15 @@ class TestFusedMerge:
         assert torch.equal(out, again)
 
     def test_counters_grow_and_keep_old_buffer(self, monkeypatch):
-        monkeypatch.setattr(attn_mod, "_SPLIT_COUNTERS", {})
-        monkeypatch.setattr(attn_mod, "_RETIRED_COUNTERS", [])
-        monkeypatch.setattr(attn_mod, "_MIN_COUNTERS", 4)
+        from kvflow.kernels.tickets import TicketCounters
+        monkeypatch.setattr(attn_mod, "_SPLIT_COUNTERS", TicketCounters(min_size=4))
         small = attn_mod._split_counters(torch.device(DEVICE), 3)
         assert small.numel() == 4 and attn_mod._split_counters(torch.device(DEVICE), 4) is small
         # 6 requests x 2 KV heads = 12 counters: the buffer grows; the old one is kept
         # (a captured graph may still point at it).
         _check([1] * 6, [9, 40, 150, 600, 33, 1], 4, 2, 32, 16, torch.float32, num_splits=4)
-        (big,) = attn_mod._SPLIT_COUNTERS.values()
-        assert big.numel() >= 12 and attn_mod._RETIRED_COUNTERS == [small]
+        (big,) = attn_mod._SPLIT_COUNTERS.buffers.values()
+        assert big.numel() >= 12 and attn_mod._SPLIT_COUNTERS.retired == [small]
 
     def test_choose_config_fuses_decode_tiles_only(self):
         decode = choose_config(1, 1, 32, 8, 128, 1, 32768, torch.bfloat16, num_sms=132)

@@ -94,6 +94,7 @@ import triton
 import triton.language as tl
 
 from kvflow.kernels.pdl import pdl_launch, pdl_launch_dependents, pdl_wait
+from kvflow.kernels.tickets import TicketCounters
 
 LOG2E = 1.4426950408889634
 MIN_SPLIT_TOKENS = 256     # fewest context tokens per split-KV segment
@@ -604,37 +605,19 @@ def unified_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
     return out
 
 
-# Split-KV tickets: one int32 counter per (grid row, KV head) of a fused-merge launch, zero
-# between launches (the last arriver resets its counter). One buffer per device, shared by
-# every launch: launches on a device are stream-ordered (kvflow runs the model on one stream;
-# a CUDA graph replays on it too), so no two launches use it at once. The decode graphs'
-# warm-up runs (outside capture) grow it to what their capture needs.
-_SPLIT_COUNTERS: dict[tuple[str, Optional[int]], torch.Tensor] = {}
-_RETIRED_COUNTERS: list[torch.Tensor] = []
-_MIN_COUNTERS = 4096      # 16 KB: heuristic split launches have < #SMs + KV rows x heads
+# Split-KV tickets (kernels/tickets.py): one int32 counter per (grid row, KV head) of a
+# fused-merge launch. The decode graphs' warm-up runs (outside capture) grow the buffer to what
+# their capture needs. 4096 (16 KB): heuristic split launches have < #SMs + KV rows x heads.
+_SPLIT_COUNTERS = TicketCounters(min_size=4096)
 
 
 def _split_counters(device: torch.device, n: int) -> torch.Tensor:
-    """A zero-filled int32 buffer of >= n counters on `device`, allocated (or grown) outside
-    CUDA-graph capture only: allocated while capturing, its memset would not run until replay
-    and the buffer would belong to the graph's pool."""
-    index = device.index
-    if index is None and device.type == "cuda":     # "cuda" and "cuda:0" are one buffer
-        index = torch.cuda.current_device()
-    key = (device.type, index)
-    buf = _SPLIT_COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                f"split-KV attention needs {n} ticket counters on {device} but only "
-                f"{0 if buf is None else buf.numel()} exist; run the same shape once before "
-                "capturing the CUDA graph (or use fused_merge=False)")
-        size = max(_MIN_COUNTERS, triton.next_power_of_2(n))
-        if buf is not None:
-            # Never freed: CUDA graphs captured earlier keep its address (and it stays zero).
-            _RETIRED_COUNTERS.append(buf)
-        buf = torch.zeros(size, dtype=torch.int32, device=device)
-        _SPLIT_COUNTERS[key] = buf
+    buf = _SPLIT_COUNTERS.get(device, n)
+    if buf is None:
+        raise RuntimeError(
+            f"split-KV attention needs {n} ticket counters on {device} but they would have to "
+            "be allocated during CUDA-graph capture; run the same shape once before capturing "
+            "the CUDA graph (or use fused_merge=False)")
     return buf
 
 

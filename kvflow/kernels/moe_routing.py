@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from kvflow.kernels.pdl import pdl_launch, pdl_launch_dependents, pdl_wait
+from kvflow.kernels.tickets import TicketCounters
 
 
 # ------------------------------------------------------------------------------------ top-k
@@ -135,8 +136,8 @@ ROUTER_TOPK_MAX_T = 64         # above: cuBLAS (the kernel re-reads the router p
 _GEMV_MAX_T = 4                # up to here broadcast-multiply-sum; above, tl.dot on 16-row blocks
 _SLICE_BYTES = 64 * 1024       # router bytes one program streams before the experts are split
 _GEMV_TILE = 32768             # elements of the GEMV form's register tile (Mixtral: all 8 x 4096)
-_TICKETS: dict = {}            # device -> int32 [_MAX_TICKETS] counters, always zero between launches
 _MAX_TICKETS = triton.cdiv(ROUTER_TOPK_MAX_T, 16)
+_TICKETS = TicketCounters(min_size=_MAX_TICKETS)   # kernels/tickets.py: one per token block
 
 
 @triton.jit
@@ -212,17 +213,6 @@ def _router_topk_kernel(x_ptr, w_ptr, logits_ptr, ticket_ptr, weights_ptr, ids_p
         _store_topk(weights_ptr, ids_ptr, weights, ids, tokens, num_tokens, TOP_K, K_PAD)
 
 
-def _tickets(device: torch.device):
-    """The zeroed counters of `device`, made on first use; None while a CUDA graph is being
-    captured and none exist (a zero-fill captured into the graph would not run now)."""
-    buf = _TICKETS.get(device)
-    if buf is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        buf = _TICKETS[device] = torch.zeros(_MAX_TICKETS, dtype=torch.int32, device=device)
-    return buf
-
-
 def router_topk_config(t: int, e: int, h: int, dtype: torch.dtype) -> dict:
     """Tiles for T tokens, E experts, H hidden: the GEMV form for T <= _GEMV_MAX_T (one token
     block), else tl.dot on 16-token blocks with E padded to >= 16; experts split into slices of
@@ -272,7 +262,9 @@ def router_topk(x: torch.Tensor, weight: torch.Tensor, top_k: int, renormalize: 
     cfg.update(config or {})
     splits = cfg["E_PAD"] // cfg["BLOCK_E"]
     t_blocks = triton.cdiv(t, cfg["BLOCK_T"])
-    tickets = _tickets(dev) if splits > 1 and t_blocks <= _MAX_TICKETS else None
+    # None while a CUDA graph is captured before any counters exist: handled below.
+    tickets = (_TICKETS.get(dev, _MAX_TICKETS) if splits > 1 and t_blocks <= _MAX_TICKETS
+               else None)
     if splits > 1 and tickets is None:   # no counters: one program per token block
         cfg["BLOCK_E"], splits = cfg["E_PAD"], 1
     logits = torch.empty((t, e) if splits > 1 else (1,), dtype=torch.float32, device=dev)

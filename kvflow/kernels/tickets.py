@@ -1,0 +1,44 @@
+"""Ticket counters: the shared state of "the last program to arrive finishes the job" kernels
+(the split-KV attention merge, the fused router's expert slices).
+
+A kernel's programs each bump a counter (an acq_rel atomic after their partial results are
+stored); the one that draws the last ticket combines the partials and resets the counter to 0,
+so a buffer is always zero between launches and a CUDA graph can replay it. One buffer per
+device and user, shared by all launches of that user: kvflow runs the model on one stream (a
+graph replays on it too), so no two launches use a buffer at once.
+
+Allocation happens outside CUDA-graph capture only: allocated while capturing, its zero-fill
+would not run until replay and the buffer would belong to the graph's pool. A buffer that grows
+is retired, never freed: a graph captured earlier keeps its address (and it stays zero).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+
+
+class TicketCounters:
+    def __init__(self, min_size: int):
+        self.min_size = min_size
+        self.buffers: dict[tuple[str, Optional[int]], torch.Tensor] = {}
+        self.retired: list[torch.Tensor] = []
+
+    def get(self, device: torch.device, n: int) -> Optional[torch.Tensor]:
+        """A zero-filled int32 buffer of >= n counters on `device`; None when that would need
+        an allocation during CUDA-graph capture (the caller falls back or explains)."""
+        index = device.index
+        if index is None and device.type == "cuda":    # "cuda" and "cuda:0" are one buffer
+            index = torch.cuda.current_device()
+        key = (device.type, index)
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < n:
+            if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                return None
+            if buf is not None:
+                self.retired.append(buf)
+            buf = torch.zeros(max(self.min_size, triton.next_power_of_2(n)), dtype=torch.int32,
+                              device=device)
+            self.buffers[key] = buf
+        return buf
