@@ -97,7 +97,9 @@ def test_tuned_table(tmp_path, monkeypatch):
     """The device's table: an entry's config; null (cuBLAS wins) and shapes it never measured
     both mean cuBLAS."""
     monkeypatch.setattr(sg, "CONFIG_DIR", str(tmp_path))
-    monkeypatch.setattr(sg, "_device_info", lambda device: ("Fake GPU X", 100))
+    from types import SimpleNamespace
+    monkeypatch.setattr(sg, "device_properties",
+                        lambda device: SimpleNamespace(name="Fake GPU X", multi_processor_count=100))
     sg.load_table.cache_clear()
     cfg = dict(block_n=32, block_k=128, split_k=2, num_warps=4, num_stages=3, use_dot=False)
     (tmp_path / "skinny_gemm_Fake_GPU_X.json").write_text(json.dumps(

@@ -93,6 +93,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvflow.kernels.device import device_properties
 from kvflow.kernels.pdl import pdl_launch, pdl_launch_dependents, pdl_wait
 from kvflow.kernels.tickets import TicketCounters
 
@@ -444,7 +445,6 @@ class AttentionConfig:
     fused_merge: bool = True
 
 
-_DEVICE_LIMITS: dict[int, tuple[int, int]] = {}
 _H100_LIMITS = (132, 227 * 1024)             # SMs, opt-in shared memory per block
 
 
@@ -453,15 +453,12 @@ def _device_limits(device: torch.device) -> tuple[int, int]:
     values elsewhere (they only steer the heuristics)."""
     if device.type != "cuda":
         return _H100_LIMITS
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _DEVICE_LIMITS:
-        props = torch.cuda.get_device_properties(idx)
-        smem = getattr(props, "shared_memory_per_block_optin", 0)
-        if not smem:   # older torch: by architecture
-            smem = {(9, 0): 227 * 1024, (8, 0): 163 * 1024}.get((props.major, props.minor),
-                                                                99 * 1024)
-        _DEVICE_LIMITS[idx] = (props.multi_processor_count, smem)
-    return _DEVICE_LIMITS[idx]
+    props = device_properties(device)
+    smem = getattr(props, "shared_memory_per_block_optin", 0)
+    if not smem:   # older torch: by architecture
+        smem = {(9, 0): 227 * 1024, (8, 0): 163 * 1024}.get((props.major, props.minor),
+                                                            99 * 1024)
+    return props.multi_processor_count, smem
 
 
 def _num_sms(device: torch.device) -> int:

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvflow.kernels.device import device_properties
 from kvflow.kernels.moe_routing import align_by_expert_triton, moe_sum
 from kvflow.kernels.pdl import pdl_launch, pdl_launch_dependents, pdl_wait
 
@@ -192,18 +193,13 @@ def shape_key(num_experts: int, hidden: int, inter: int, dtype: torch.dtype) -> 
     return f"E{num_experts}_H{hidden}_I{inter}_{str(dtype).replace('torch.', '')}"
 
 
-@functools.lru_cache(maxsize=None)
-def _device_name(index: int) -> str:
-    return torch.cuda.get_device_name(index)
-
-
 def choose_config(num_pairs: int, dtype: torch.dtype, num_experts: int = 0, hidden: int = 0,
                   inter: int = 0, device: torch.device | None = None) -> dict:
     """The tuned tiles of the smallest measured bucket >= num_pairs (the largest past the
     end) for this GPU and expert shape, else `default_config`. Result: {"block_m": int,
     "gate_up": {block_n, block_k, num_warps, num_stages}, "down": {...}}."""
     if device is not None and device.type == "cuda" and dtype != torch.float32:
-        table = _tuned_table(_device_name(device.index or 0),
+        table = _tuned_table(device_properties(device).name,
                              shape_key(num_experts, hidden, inter, dtype))
         for max_pairs, cfg in table:
             if num_pairs <= max_pairs:

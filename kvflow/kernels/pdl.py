@@ -31,12 +31,13 @@ KVFLOW_PDL=0.
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from kvflow.kernels.device import device_properties
 
 try:  # Triton >= 3.3; the interpreter never executes these (USE_PDL is False there).
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -59,19 +60,14 @@ def pdl_launch_dependents(USE_PDL: tl.constexpr):
         gdc_launch_dependents()
 
 
-@functools.lru_cache(maxsize=None)
-def _device_supports_pdl(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) >= (9, 0)
-
-
 def pdl_enabled(device: torch.device) -> bool:
     """Whether kernels launched on `device` use PDL (env KVFLOW_PDL=0 turns it off)."""
     if not _HAS_GDC or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
     if os.environ.get("KVFLOW_PDL", "1") == "0":
         return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _device_supports_pdl(index)
+    props = device_properties(device)
+    return (props.major, props.minor) >= (9, 0)
 
 
 def pdl_launch(device: torch.device) -> dict:

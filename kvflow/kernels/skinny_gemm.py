@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvflow.kernels.device import device_properties
 from kvflow.kernels.pdl import pdl_launch, pdl_launch_dependents, pdl_wait
 from kvflow.kernels.split_k import reduce_splits
 from kvflow.kernels.stage_fit import launch_fitting_stages
@@ -201,17 +202,6 @@ def load_table(device_name: str) -> dict:
     return table
 
 
-_DEVICE_INFO: dict = {}
-
-
-def _device_info(device: torch.device) -> tuple[str, int]:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _DEVICE_INFO:
-        props = torch.cuda.get_device_properties(idx)
-        _DEVICE_INFO[idx] = (props.name, props.multi_processor_count)
-    return _DEVICE_INFO[idx]
-
-
 def choose_config(m: int, n: int, k: int, device: Optional[torch.device] = None) -> Optional[dict]:
     """The config for an (M, N, K) product on a GPU: the tuned table's entry for (N, K, M
     bucket) on this GPU model; None (use cuBLAS) where the table says cuBLAS wins or has no
@@ -222,8 +212,7 @@ def choose_config(m: int, n: int, k: int, device: Optional[torch.device] = None)
         return None
     if device is None or device.type != "cuda":
         return default_config(m, n, k)
-    name, _ = _device_info(device)
-    return load_table(name).get((n, k, m_bucket(m)))
+    return load_table(device_properties(device).name).get((n, k, m_bucket(m)))
 
 
 # --------------------------------------------------------------------------------- launch

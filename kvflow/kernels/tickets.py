@@ -18,6 +18,8 @@ from typing import Optional
 import torch
 import triton
 
+from kvflow.kernels.device import cuda_index
+
 
 class TicketCounters:
     def __init__(self, min_size: int):
@@ -28,10 +30,8 @@ class TicketCounters:
     def get(self, device: torch.device, n: int) -> Optional[torch.Tensor]:
         """A zero-filled int32 buffer of >= n counters on `device`; None when that would need
         an allocation during CUDA-graph capture (the caller falls back or explains)."""
-        index = device.index
-        if index is None and device.type == "cuda":    # "cuda" and "cuda:0" are one buffer
-            index = torch.cuda.current_device()
-        key = (device.type, index)
+        # "cuda" and "cuda:0" are one buffer
+        key = (device.type, cuda_index(device) if device.type == "cuda" else device.index)
         buf = self.buffers.get(key)
         if buf is None or buf.numel() < n:
             if device.type == "cuda" and torch.cuda.is_current_stream_capturing():

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvflow.kernels.device import device_properties
 from kvflow.kernels.pdl import pdl_launch, pdl_launch_dependents, pdl_wait
 from kvflow.kernels.split_k import reduce_splits
 from kvflow.kernels.stage_fit import launch_fitting_stages
@@ -148,7 +149,6 @@ def choose_config(m: int, n: int, k: int, group: int, num_sms: int = 132) -> dic
     return cfg
 
 
-_NUM_SMS: dict = {}
 
 
 def gptq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
@@ -164,10 +164,8 @@ def gptq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
     assert qweight.shape == (k * bits // 32, n) and n % (32 // bits) == 0
     group = k if group_size == -1 else group_size
     if config is None:
-        dev = x.device
-        if dev.type == "cuda" and dev.index not in _NUM_SMS:
-            _NUM_SMS[dev.index] = torch.cuda.get_device_properties(dev).multi_processor_count
-        config = choose_config(m, n, k, group, _NUM_SMS.get(dev.index, 132))
+        sms = device_properties(x.device).multi_processor_count if x.is_cuda else 132
+        config = choose_config(m, n, k, group, sms)
     cfg = dict(config)
     split = cfg.pop("SPLIT_K", 1)
     gemv = cfg.pop("GEMV", False) and m <= 8

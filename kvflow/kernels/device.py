@@ -1,0 +1,25 @@
+"""The CUDA device facts kernels choose configurations by, read once per device.
+
+`torch.device("cuda")` has no index (it means the current device); tensors always carry one.
+`cuda_index` resolves both to the same number, so caches keyed by it never split one GPU in two.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.lru_cache(maxsize=None)
+def _properties(index: int):
+    return torch.cuda.get_device_properties(index)
+
+
+def device_properties(device: torch.device):
+    """torch.cuda.get_device_properties of a CUDA device (name, multi_processor_count, major,
+    minor, shared_memory_per_block_optin, ...), cached."""
+    return _properties(cuda_index(device))
