@@ -197,3 +197,97 @@ def test_dense_linear_silu_mul_input_falls_back_exactly():
     w = torch.randn(20, 48)
     out = linear_mod.dense_linear(x, w, None, skinny=True, silu_mul_input=True)
     assert torch.equal(out, F.linear(ref_silu_and_mul(x), w))
+
+
+@pytest.mark.parametrize("m, use_dot, split_k", [(1, False, 1), (3, False, 3), (2, True, 1),
+                                                 (16, True, 2), (16, False, 1)])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_add_norm_input_matches_norm_then_product(m, use_dot, split_k, with_residual):
+    """The residual add + RMSNorm applied as x is loaded: the product of the normalised rows
+    (within the product's own rounding; the sum of squares may be added in another order) and
+    exactly the new residual, for K splits whose programs each see only part of the row."""
+    from kvflow.kernels.reference import ref_fused_add_rms_norm, ref_rms_norm
+    g = torch.Generator().manual_seed(m * 31 + split_k)
+    for k, n, bias in ((200, 37, True), (192, 40, False)):
+        x = (torch.randn(m, k, generator=g) * 3).to(torch.bfloat16).to(DEVICE)
+        res = torch.randn(m, k, generator=g).to(torch.bfloat16).to(DEVICE)
+        nw = (torch.rand(k, generator=g) + 0.5).to(torch.bfloat16).to(DEVICE)
+        w = (torch.randn(n, k, generator=g) * 0.1).to(torch.bfloat16).to(DEVICE)
+        b = torch.randn(n, generator=g).to(torch.bfloat16).to(DEVICE) if bias else None
+        cfg = dict(block_n=16, block_k=64, split_k=split_k, num_warps=4, num_stages=2,
+                   use_dot=use_dot)
+        if with_residual:
+            out, new_res = sg.skinny_gemm_add_norm(x, res, nw, 1e-5, w, b, cfg)
+            normed, ref_res = ref_fused_add_rms_norm(x, res, nw, 1e-5)
+            assert torch.equal(new_res, ref_res)
+            assert new_res.data_ptr() not in (x.data_ptr(), res.data_ptr())
+        else:
+            out, new_res = sg.skinny_gemm_add_norm(x, None, nw, 1e-5, w, b, cfg)
+            normed = ref_rms_norm(x, nw, 1e-5)
+            assert new_res is x
+        _close(out, sg.skinny_gemm_ref(normed, w, b), torch.bfloat16)
+
+
+def test_add_norm_input_rejects_mismatched_shapes():
+    x = torch.zeros(2, 64, dtype=torch.bfloat16, device=DEVICE)
+    w = torch.zeros(8, 64, dtype=torch.bfloat16, device=DEVICE)
+    with pytest.raises(AssertionError):
+        sg.skinny_gemm_add_norm(x, x[:1], torch.ones(64, dtype=x.dtype, device=DEVICE), 1e-6, w)
+    with pytest.raises(AssertionError):
+        sg.skinny_gemm_add_norm(x, None, torch.ones(32, dtype=x.dtype, device=DEVICE), 1e-6, w)
+
+
+def test_forward_add_norm_fallback_is_norm_then_linear():
+    """Off the skinny path (CPU here) a layer's forward_add_norm is exactly the norm module,
+    then the layer: with a residual, and without one (layer 0: the input is the residual)."""
+    from kvflow.layers.linear import QKVParallelLinear
+    from kvflow.layers.norm import RMSNorm
+    g = torch.Generator().manual_seed(8)
+    lin = QKVParallelLinear(64, 16, 2, 1, bias=True).to(torch.bfloat16)
+    norm = RMSNorm(64, 1e-5).to(torch.bfloat16)
+    for p in (*lin.parameters(), *norm.parameters()):
+        p.data.copy_(torch.randn(p.shape, generator=g))
+    x = torch.randn(3, 64, generator=g).to(torch.bfloat16)
+    res = torch.randn(3, 64, generator=g).to(torch.bfloat16)
+    out, new_res = lin.forward_add_norm(x, res, norm)
+    normed, ref_res = norm(x, res)
+    assert torch.equal(out, lin(normed)) and torch.equal(new_res, ref_res)
+    out, new_res = lin.forward_add_norm(x, None, norm)
+    assert torch.equal(out, lin(norm(x))) and new_res is x
+
+
+def test_skinny_linear_add_norm_path():
+    """What forward_add_norm runs on CUDA (here on the interpreter's CPU tensors): leading dims
+    flattened to rows and restored, the norm applied in the product; None (the caller's
+    fallback) above MAX_M rows."""
+    from kvflow.kernels.reference import ref_fused_add_rms_norm
+    g = torch.Generator().manual_seed(9)
+    w = (torch.randn(24, 64, generator=g) * 0.1).to(torch.bfloat16).to(DEVICE)
+    nw = (torch.rand(64, generator=g) + 0.5).to(torch.bfloat16).to(DEVICE)
+    x = torch.randn(2, 3, 64, generator=g).to(torch.bfloat16).to(DEVICE)
+    res = torch.randn(2, 3, 64, generator=g).to(torch.bfloat16).to(DEVICE)
+    out, new_res = linear_mod._skinny_linear_add_norm(x, res, nw, 1e-6, w, None)
+    normed, ref_res = ref_fused_add_rms_norm(x, res, nw, 1e-6)
+    assert out.shape == (2, 3, 24) and torch.equal(new_res, ref_res)
+    _close(out.reshape(6, 24), sg.skinny_gemm_ref(normed.reshape(6, 64), w), torch.bfloat16)
+    big = torch.randn(sg.MAX_M + 1, 64, generator=g).to(torch.bfloat16).to(DEVICE)
+    assert linear_mod._skinny_linear_add_norm(big, big, nw, 1e-6, w, None) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs CUDA, compiled")
+@pytest.mark.parametrize("m", [1, 4, 16])
+@pytest.mark.parametrize("n, k", [(6144, 4096), (28672, 4096), (4096, 1024), (6144, 1024)])
+def test_add_norm_model_shapes_gpu(m, n, k):
+    """Decode shapes (Llama-3.1-8B q/k/v and gate/up, Qwen3-0.6B's) with the tuned or default
+    config: the fused norm against the norm kernel followed by the product."""
+    from kvflow.kernels.norm import fused_add_rms_norm
+    g = torch.Generator().manual_seed(m + n)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16).to(DEVICE)
+    res = (torch.randn(m, k, generator=g) * 4).to(torch.bfloat16).to(DEVICE)
+    nw = (torch.rand(k, generator=g) + 0.5).to(torch.bfloat16).to(DEVICE)
+    w = (torch.randn(n, k, generator=g) * 0.02).to(torch.bfloat16).to(DEVICE)
+    out, new_res = sg.skinny_gemm_add_norm(x, res, nw, 1e-5, w)
+    normed, ref_res = fused_add_rms_norm(x, res, nw, 1e-5)
+    assert torch.equal(new_res, ref_res)
+    _close(out, sg.skinny_gemm_ref(normed, w), torch.bfloat16)
