@@ -126,6 +126,12 @@ def run(args) -> list[dict]:
                 kvflow=__version__, commit=_git_commit(),
                 tensor_parallel_size=eng.config.parallel.tensor_parallel_size,
                 enable_expert_parallel=eng.config.parallel.enable_expert_parallel)
+    # Switches that change what is measured (A/B runs differ only here).
+    env = {k: v for k, v in sorted(os.environ.items())
+           if (k.startswith("KVFLOW_") and k not in ("KVFLOW_COMMIT", "KVFLOW_CACHE_DIR"))
+           or k == "PYTORCH_CUDA_ALLOC_CONF"}
+    if env:
+        base["env"] = env
     info = dict(torch=torch.__version__)
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)

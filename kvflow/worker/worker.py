@@ -6,12 +6,15 @@ Memory plan (computed before the KV cache is allocated, logged on one line):
        other processes' share is excluded by construction) - torch peak of a max-size dummy step.
   CPU: KV = kv_cache_memory (default 2 GiB).
   kv_cache_memory, when given, overrides the GPU plan too.
+The plan counts allocated bytes; expandable segments (use_expandable_segments) keep the
+allocator's reserve at that, so the process stays within gpu_memory_utilization.
 """
 from __future__ import annotations
 
 import dataclasses
 import gc
 import logging
+import os
 import time
 
 import torch
@@ -43,11 +46,28 @@ class MemoryPlan:
                 f"{self.max_concurrency:.1f} requests of {self.max_model_len} tokens")
 
 
+def use_expandable_segments() -> bool:
+    """Turn on the CUDA caching allocator's expandable segments unless the user configured the
+    allocator (PYTORCH_CUDA_ALLOC_CONF set: theirs wins). Returns whether they are on.
+
+    Why: the plan budgets *allocated* bytes (weights + profiled activation peak + KV + graphs),
+    but the caching allocator reserves whole segments and cannot merge freed blocks of different
+    segments, so a run whose activation sizes vary reserves more than it allocates. Measured on
+    the H200, Qwen3-0.6B throughput8k: 123.4 GiB allocated at peak, 131.8 GiB reserved, above
+    the 125.8 GiB budget of gpu_memory_utilization 0.9. With expandable segments freed pages are
+    remapped within one growing segment and the reserve stays at the allocated peak."""
+    if os.environ.get("PYTORCH_CUDA_ALLOC_CONF"):
+        return "expandable_segments:true" in os.environ["PYTORCH_CUDA_ALLOC_CONF"].lower()
+    torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    return True
+
+
 class Worker:
     def __init__(self, config: EngineConfig, attention_backend: str | None = None):
         self.config = config
         self.device = config.device
         if self.device.type == "cuda":
+            self.expandable_segments = use_expandable_segments()
             torch.cuda.set_device(self.device)
         torch.manual_seed(config.model.seed)
         t0 = time.perf_counter()
