@@ -61,7 +61,7 @@ def cases():
             (True, 16, 64, 128, False, True, True), (False, 4, 8, 512, False, True, False)]:
         c = dict(HAS_BIAS=False, USE_DOT=dot, DEFER=False, EVEN_K=True, IEEE=False, BLOCK_M=bm,
                  BLOCK_N=bn, BLOCK_K=bk, SILU_MUL=silu, NORM=norm, HAS_RES=res,
-                 NORM_BK=max(64, 1024 // bm), USE_PDL=True)
+                 USE_PDL=True)
         out.append((sg._skinny_gemm_kernel, a, c, dict(num_warps=4, num_stages=3)))
     a = {n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr")}
     a.update({"pos_ptr": "*i64", "cs_ptr": "*fp32", "qw_ptr": "*bf16", "kw_ptr": "*bf16",

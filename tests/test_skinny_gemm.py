@@ -199,22 +199,22 @@ def test_dense_linear_silu_mul_input_falls_back_exactly():
     assert torch.equal(out, F.linear(ref_silu_and_mul(x), w))
 
 
-@pytest.mark.parametrize("m, use_dot, split_k", [(1, False, 1), (3, False, 3), (2, True, 1),
-                                                 (16, True, 2), (16, False, 1)])
+@pytest.mark.parametrize("m, use_dot, block_n", [(1, False, 16), (3, False, 8), (2, True, 16),
+                                                 (16, True, 32), (16, False, 16)])
 @pytest.mark.parametrize("with_residual", [True, False])
-def test_add_norm_input_matches_norm_then_product(m, use_dot, split_k, with_residual):
-    """The residual add + RMSNorm applied as x is loaded: the product of the normalised rows
-    (within the product's own rounding; the sum of squares may be added in another order) and
-    exactly the new residual, for K splits whose programs each see only part of the row."""
+def test_add_norm_input_matches_norm_then_product(m, use_dot, block_n, with_residual):
+    """The residual add + RMSNorm applied as x is loaded, the row scale at the end: the product
+    of the normalised rows within the product's own rounding, and exactly the new residual
+    (written by one N block of several)."""
     from kvflow.kernels.reference import ref_fused_add_rms_norm, ref_rms_norm
-    g = torch.Generator().manual_seed(m * 31 + split_k)
+    g = torch.Generator().manual_seed(m * 31 + block_n)
     for k, n, bias in ((200, 37, True), (192, 40, False)):
         x = (torch.randn(m, k, generator=g) * 3).to(torch.bfloat16).to(DEVICE)
         res = torch.randn(m, k, generator=g).to(torch.bfloat16).to(DEVICE)
         nw = (torch.rand(k, generator=g) + 0.5).to(torch.bfloat16).to(DEVICE)
         w = (torch.randn(n, k, generator=g) * 0.1).to(torch.bfloat16).to(DEVICE)
         b = torch.randn(n, generator=g).to(torch.bfloat16).to(DEVICE) if bias else None
-        cfg = dict(block_n=16, block_k=64, split_k=split_k, num_warps=4, num_stages=2,
+        cfg = dict(block_n=block_n, block_k=64, split_k=1, num_warps=4, num_stages=2,
                    use_dot=use_dot)
         if with_residual:
             out, new_res = sg.skinny_gemm_add_norm(x, res, nw, 1e-5, w, b, cfg)
@@ -235,6 +235,9 @@ def test_add_norm_input_rejects_mismatched_shapes():
         sg.skinny_gemm_add_norm(x, x[:1], torch.ones(64, dtype=x.dtype, device=DEVICE), 1e-6, w)
     with pytest.raises(AssertionError):
         sg.skinny_gemm_add_norm(x, None, torch.ones(32, dtype=x.dtype, device=DEVICE), 1e-6, w)
+    with pytest.raises(AssertionError, match="split_k 1"):
+        sg.skinny_gemm_add_norm(x, None, torch.ones(64, dtype=x.dtype, device=DEVICE), 1e-6, w,
+                                config=dict(block_n=8, block_k=16, split_k=2))
 
 
 def test_forward_add_norm_fallback_is_norm_then_linear():
@@ -256,11 +259,13 @@ def test_forward_add_norm_fallback_is_norm_then_linear():
     assert torch.equal(out, lin(norm(x))) and new_res is x
 
 
-def test_skinny_linear_add_norm_path():
+def test_skinny_linear_add_norm_path(monkeypatch):
     """What forward_add_norm runs on CUDA (here on the interpreter's CPU tensors): leading dims
     flattened to rows and restored, the norm applied in the product; None (the caller's
-    fallback) above MAX_M rows."""
+    fallback) above MAX_M rows and where the config splits K."""
     from kvflow.kernels.reference import ref_fused_add_rms_norm
+    cfg = dict(block_n=8, block_k=32, split_k=1, num_warps=4)
+    monkeypatch.setattr(sg, "choose_config", lambda m, n, k, device=None: dict(cfg))
     g = torch.Generator().manual_seed(9)
     w = (torch.randn(24, 64, generator=g) * 0.1).to(torch.bfloat16).to(DEVICE)
     nw = (torch.rand(64, generator=g) + 0.5).to(torch.bfloat16).to(DEVICE)
@@ -272,6 +277,8 @@ def test_skinny_linear_add_norm_path():
     _close(out.reshape(6, 24), sg.skinny_gemm_ref(normed.reshape(6, 64), w), torch.bfloat16)
     big = torch.randn(sg.MAX_M + 1, 64, generator=g).to(torch.bfloat16).to(DEVICE)
     assert linear_mod._skinny_linear_add_norm(big, big, nw, 1e-6, w, None) is None
+    cfg["split_k"] = 2
+    assert linear_mod._skinny_linear_add_norm(x, res, nw, 1e-6, w, None) is None
 
 
 @pytest.mark.gpu
@@ -287,7 +294,10 @@ def test_add_norm_model_shapes_gpu(m, n, k):
     res = (torch.randn(m, k, generator=g) * 4).to(torch.bfloat16).to(DEVICE)
     nw = (torch.rand(k, generator=g) + 0.5).to(torch.bfloat16).to(DEVICE)
     w = (torch.randn(n, k, generator=g) * 0.02).to(torch.bfloat16).to(DEVICE)
-    out, new_res = sg.skinny_gemm_add_norm(x, res, nw, 1e-5, w)
+    cfg = sg.choose_config(m, n, k, x.device)
+    if cfg is None or cfg.get("split_k", 1) != 1:
+        cfg = dict(sg.default_config(m, n, k), split_k=1)
+    out, new_res = sg.skinny_gemm_add_norm(x, res, nw, 1e-5, w, None, cfg)
     normed, ref_res = fused_add_rms_norm(x, res, nw, 1e-5)
     assert torch.equal(new_res, ref_res)
     _close(out, sg.skinny_gemm_ref(normed, w), torch.bfloat16)

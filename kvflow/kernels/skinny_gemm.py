@@ -80,32 +80,35 @@ def _load_h(x_ptr, r_ptr, offs, mask, HAS_RES: tl.constexpr):
 
 
 @triton.jit
-def _load_normed(x_ptr, r_ptr, ro_ptr, g_ptrs, offs, mask, g_mask, rstd, write_res,
+def _load_scaled(x_ptr, r_ptr, ro_ptr, g_ptrs, offs, mask, g_mask, write_res,
                  HAS_RES: tl.constexpr):
-    """rms_norm(x + residual) at `offs` with the row scale `rstd` (broadcast to the tile),
-    rounded as kernels/norm.py rounds: (h * rstd) to the dtype, times the weight, to the dtype.
+    """h * g in fp32 (h = x + residual, rounded to the dtype as kernels/norm.py does; g the
+    norm's weight) and h itself in fp32, for the row's sum of squares. The row scale rsqrt(mean
+    h^2 + eps) is applied to the product's fp32 result instead (see skinny_gemm_add_norm).
     Programs with `write_res` also store h, the new residual, at the same offsets of ro."""
     h = _load_h(x_ptr, r_ptr, offs, mask, HAS_RES)
     if HAS_RES:
         tl.store(ro_ptr + offs, h, mask=mask & write_res)
-    g = tl.load(g_ptrs, mask=g_mask, other=0.0).to(tl.float32)
-    return ((h.to(tl.float32) * rstd).to(h.dtype).to(tl.float32) * g).to(h.dtype)
+    hf = h.to(tl.float32)
+    return hf * tl.load(g_ptrs, mask=g_mask, other=0.0).to(tl.float32), hf
 
 
 @triton.jit
-def _step(acc, w, x_ptr, r_ptr, ro_ptr, g_ptr, rstd, write_res, offs_m, m_mask, stride_xm,
+def _step(acc, ss, w, x_ptr, r_ptr, ro_ptr, g_ptr, write_res, offs_m, m_mask, stride_xm,
           k0, k_hi, K, USE_DOT: tl.constexpr, DEFER: tl.constexpr, EVEN_K: tl.constexpr,
           IEEE: tl.constexpr, BLOCK_K: tl.constexpr, SILU_MUL: tl.constexpr,
           NORM: tl.constexpr, HAS_RES: tl.constexpr):
     """acc += x[:, k0:k0+BLOCK_K] . w (w: [BLOCK_N, BLOCK_K], the tile at k0), x being the
-    input as loaded (silu-and-mul'ed or normalised when asked)."""
+    input as loaded (silu-and-mul'ed, or h * g with NORM, which also adds h^2 into ss)."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     if USE_DOT:
         x_mask = m_mask[None, :] if EVEN_K else m_mask[None, :] & (offs_k[:, None] < k_hi)
         offs = offs_m[None, :] * stride_xm + offs_k[:, None]                    # [BK, BM]
         if NORM:
-            xt = _load_normed(x_ptr, r_ptr, ro_ptr, g_ptr + offs_k[:, None], offs, x_mask,
-                              offs_k[:, None] < K, rstd[None, :], write_res, HAS_RES)
+            xg, hf = _load_scaled(x_ptr, r_ptr, ro_ptr, g_ptr + offs_k[:, None], offs, x_mask,
+                                  offs_k[:, None] < K, write_res, HAS_RES)
+            ss += hf * hf
+            xt = xg.to(w.dtype)          # the tensor-core operand: h * g rounded once
         else:
             xt = _load_x(x_ptr, offs, x_mask, K, SILU_MUL)
         if IEEE:
@@ -116,16 +119,17 @@ def _step(acc, w, x_ptr, r_ptr, ro_ptr, g_ptr, rstd, write_res, offs_m, m_mask, 
         x_mask = m_mask[:, None] if EVEN_K else m_mask[:, None] & (offs_k[None, :] < k_hi)
         offs = offs_m[:, None] * stride_xm + offs_k[None, :]                    # [BM, BK]
         if NORM:
-            x = _load_normed(x_ptr, r_ptr, ro_ptr, g_ptr + offs_k[None, :], offs, x_mask,
-                             offs_k[None, :] < K, rstd[:, None], write_res, HAS_RES)
+            x, hf = _load_scaled(x_ptr, r_ptr, ro_ptr, g_ptr + offs_k[None, :], offs, x_mask,
+                                 offs_k[None, :] < K, write_res, HAS_RES)
+            ss += hf * hf
         else:
-            x = _load_x(x_ptr, offs, x_mask, K, SILU_MUL)
-        prod = x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]    # [BM, BN, BK]
+            x = _load_x(x_ptr, offs, x_mask, K, SILU_MUL).to(tl.float32)
+        prod = x[:, None, :] * w.to(tl.float32)[None, :, :]                   # [BM, BN, BK]
         if DEFER:
             acc += prod
         else:
             acc += tl.sum(prod, axis=2)
-    return acc
+    return acc, ss
 
 
 @triton.jit
@@ -135,7 +139,7 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, r_ptr, g_ptr, ro_ptr,
                         EVEN_K: tl.constexpr, IEEE: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         SILU_MUL: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
-                        NORM_BK: tl.constexpr, USE_PDL: tl.constexpr):
+                        USE_PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -153,40 +157,39 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, r_ptr, g_ptr, ro_ptr,
     w = _load_w(w_rows, k_lo, k_hi, BLOCK_K, EVEN_K)                              # [BN, BK]
     pdl_wait(USE_PDL)
     pdl_launch_dependents(USE_PDL)
-    if NORM:
-        # The row scale needs the whole row of h = x + residual, whatever this program's K
-        # range: one pass over it (a few KB a row, from L2) while the first W tile is in flight.
-        ss = tl.zeros((BLOCK_M, NORM_BK), dtype=tl.float32)
-        for c0 in range(0, K, NORM_BK):
-            offs_c = c0 + tl.arange(0, NORM_BK)
-            h = _load_h(x_ptr, r_ptr, offs_m[:, None] * stride_xm + offs_c[None, :],
-                        m_mask[:, None] & (offs_c[None, :] < K), HAS_RES).to(tl.float32)
-            ss += h * h
-        rstd = tl.math.rsqrt(tl.sum(ss, 1) / K + eps)                             # [BM]
-    else:
-        rstd = tl.zeros((BLOCK_M,), dtype=tl.float32)
     # The new residual is written once: by the programs of the first N block.
     write_res = pid_n == 0
+    # NORM: sum of h^2 per row, elementwise until the end (no reduction in the loop).
+    if USE_DOT:
+        ss = tl.zeros((BLOCK_K, BLOCK_M), dtype=tl.float32)
+    else:
+        ss = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     if USE_DOT:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)                      # out^T
     elif DEFER:
         acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _step(acc, w, x_ptr, r_ptr, ro_ptr, g_ptr, rstd, write_res, offs_m, m_mask,
-                stride_xm, k_lo, k_hi, K, USE_DOT, DEFER, EVEN_K, IEEE, BLOCK_K, SILU_MUL,
-                NORM, HAS_RES)
+    acc, ss = _step(acc, ss, w, x_ptr, r_ptr, ro_ptr, g_ptr, write_res, offs_m, m_mask,
+                    stride_xm, k_lo, k_hi, K, USE_DOT, DEFER, EVEN_K, IEEE, BLOCK_K, SILU_MUL,
+                    NORM, HAS_RES)
     for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
         w = _load_w(w_rows, k0, k_hi, BLOCK_K, EVEN_K)
-        acc = _step(acc, w, x_ptr, r_ptr, ro_ptr, g_ptr, rstd, write_res, offs_m, m_mask,
-                    stride_xm, k0, k_hi, K, USE_DOT, DEFER, EVEN_K, IEEE, BLOCK_K, SILU_MUL,
-                    NORM, HAS_RES)
+        acc, ss = _step(acc, ss, w, x_ptr, r_ptr, ro_ptr, g_ptr, write_res, offs_m, m_mask,
+                        stride_xm, k0, k_hi, K, USE_DOT, DEFER, EVEN_K, IEEE, BLOCK_K,
+                        SILU_MUL, NORM, HAS_RES)
     if USE_DOT:
         res = tl.trans(acc)                                                       # [BM, BN]
     elif DEFER:
         res = tl.sum(acc, axis=2)
     else:
         res = acc
+    if NORM:     # one split: this program saw the whole row
+        if USE_DOT:
+            rstd = tl.math.rsqrt(tl.sum(ss, axis=0) / K + eps)                    # [BM]
+        else:
+            rstd = tl.math.rsqrt(tl.sum(ss, axis=1) / K + eps)
+        res = res * rstd[:, None]
     out_mask = m_mask[:, None] & n_mask[None, :]
     out_offs = offs_m[:, None] * N + offs_n[None, :]
     if HAS_BIAS:        # only set when there is a single split: the reduce kernel adds it
@@ -289,11 +292,16 @@ def skinny_gemm_add_norm(x: torch.Tensor, residual: Optional[torch.Tensor],
     and RMSNorm done as the product loads its input, instead of a norm kernel before it.
 
     x, residual: [M, K] (residual None: the norm of x alone, and x is returned as the residual);
-    norm_weight [K]. The normalised input is rounded exactly as kernels/norm.py rounds it, so
-    the product sees the same operand as the two-kernel path; only the row's fp32 sum of squares
-    may be added in another order. Each program reads the whole row once more for that sum
-    (from L2; the row is a few KB), which makes any K split possible. The new residual is a
-    fresh tensor: x and residual are read by every program, so neither can be overwritten."""
+    norm_weight [K]. One pass: since rms_norm(h) = rstd * h * g with one scale rstd per row,
+    each program multiplies h * g into the product and adds h^2 up as it goes, and scales its
+    fp32 result by rstd = rsqrt(mean(h^2) + eps) at the end -- no extra read of the row, no
+    wait for a norm. That needs the whole row in every program, so the config must have
+    split_k 1 (the callers fall back to the norm kernel otherwise). Rounding: h is rounded to
+    the dtype like the norm kernel's residual, but the normalised input is not rounded before
+    the product (the tensor-core form rounds h * g once): the result differs from the norm
+    kernel followed by the product by the product's own rounding, not more. The new residual
+    is a fresh tensor: x and residual are read by every program, so neither can be
+    overwritten."""
     m, k = x.shape
     assert w.dim() == 2 and w.shape[1] == k and norm_weight.shape == (k,), \
         (x.shape, w.shape, norm_weight.shape)
@@ -330,13 +338,13 @@ def _launch(x, w, bias, config, silu_mul: bool = False, norm: Optional[tuple] = 
     if norm is not None:
         residual, g, eps, residual_out = norm
         has_res = residual is not x
+        assert split == 1, "the norm's row scale needs the whole row in each program: split_k 1"
     else:
         residual, g, eps, residual_out, has_res = x, x, 0.0, x, False
     consts = dict(HAS_BIAS=has_bias and split == 1, USE_DOT=use_dot, DEFER=defer,
                   EVEN_K=k % bk == 0, IEEE=x.dtype == torch.float32,
                   BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, SILU_MUL=silu_mul,
-                  NORM=norm is not None, HAS_RES=has_res,
-                  NORM_BK=max(64, 1024 // block_m), num_warps=warps)
+                  NORM=norm is not None, HAS_RES=has_res, num_warps=warps)
     # The first W tile is held across the loop (requested before the PDL wait): on top of
     # the pipeline's buffers, so tuned stage counts may need one stage less to fit.
     launch_fitting_stages(

@@ -76,8 +76,8 @@ def _skinny_linear_add_norm(x: torch.Tensor, residual: Optional[torch.Tensor],
                             norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
                             bias: Optional[torch.Tensor]):
     """(rms_norm(x + residual) @ weight^T (+ bias), x + residual) in one skinny GEMM, or None
-    where the skinny GEMM does not take the product: more rows than it takes, or a shape the
-    device's tuned table leaves to cuBLAS."""
+    where the skinny GEMM does not take the product (more rows than it takes, or a shape the
+    device's tuned table leaves to cuBLAS) or splits K (the norm needs whole rows)."""
     from kvflow import kernels
     if not kernels.HAS_TRITON or weight.stride(-1) != 1:
         return None
@@ -85,7 +85,10 @@ def _skinny_linear_add_norm(x: torch.Tensor, residual: Optional[torch.Tensor],
     n, k = weight.shape
     m = x.numel() // k if k else 0
     cfg = sg.choose_config(m, n, k, x.device) if 1 <= m <= sg.MAX_M else None
-    if cfg is None:
+    if cfg is None or cfg.get("split_k", 1) != 1:     # the norm needs whole rows per program
+        return None
+    import os
+    if cfg.get("use_dot") and os.environ.get("KVFLOW_SKINNY_NORM") == "gemv":   # A/B (temporary)
         return None
     out, residual = sg.skinny_gemm_add_norm(
         x.reshape(m, k), None if residual is None else residual.reshape(m, k),
@@ -142,8 +145,8 @@ class LinearBase(nn.Module):
                          norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """(self(norm(x + residual)), x + residual); residual None: (self(norm(x)), x).
         norm: the RMSNorm in front of this layer (its weight and eps). Where the product runs
-        as the skinny GEMM (decode), the add and the norm are applied as it loads x: one launch
-        fewer, same rounding of the normalised input (kernels/skinny_gemm.py)."""
+        as the skinny GEMM without a K split (decode), the add and the norm are applied as it
+        loads x: one launch fewer (kernels/skinny_gemm.py's skinny_gemm_add_norm)."""
         fused = self._skinny_add_norm(x, residual, norm)
         if fused is not None:
             return fused
