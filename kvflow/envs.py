@@ -39,14 +39,6 @@ def skinny_silu_mul() -> bool:
     return os.environ.get("KVFLOW_SKINNY_SILU_MUL", "1") != "0"
 
 
-def skinny_norm() -> bool:
-    """KVFLOW_SKINNY_NORM (default 1): where a projection that follows a decoder layer's
-    residual add + RMSNorm (q/k/v, gate/up) runs as the skinny GEMM, the add and the norm are
-    applied inside it as x is loaded (one launch fewer per norm); 0 runs the norm kernel first.
-    Read when a layer is built."""
-    return os.environ.get("KVFLOW_SKINNY_NORM", "1") != "0"
-
-
 def skinny_gemm() -> bool:
     """KVFLOW_SKINNY_GEMM (default 1): unquantized linear layers (incl. tensor-parallel shards, the LM head
     and MoE routers) on CUDA with fp16/bf16 inputs of at most 16 rows use the Triton skinny GEMM

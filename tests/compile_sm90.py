@@ -50,18 +50,12 @@ def cases():
         c = dict(TOP_K=k, K_PAD=triton.next_power_of_2(k), RENORMALIZE=True, SIGMOID=False,
                  SPLIT=cfg["E_PAD"] > cfg["BLOCK_E"], IEEE=False, USE_PDL=True, **cfg)
         out.append((mr._router_topk_kernel, a, c, dict(num_warps=warps)))
-    a = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16",
-         "r_ptr": "*bf16", "g_ptr": "*bf16", "ro_ptr": "*bf16", "M": "i32",
-         "N": "i32", "K": "i32", "K_PER_SPLIT": "i32", "stride_xm": "i32", "stride_wn": "i32",
-         "eps": "fp32"}
-    # (dot, BLOCK_M, BLOCK_N, BLOCK_K, silu-and-mul input, norm input, with a residual)
-    for dot, bm, bn, bk, silu, norm, res in [
-            (False, 1, 8, 1024, False, False, False), (False, 1, 8, 1024, True, False, False),
-            (True, 16, 64, 128, True, False, False), (False, 1, 8, 512, False, True, True),
-            (True, 16, 64, 128, False, True, True), (False, 4, 8, 512, False, True, False)]:
+    a = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32",
+         "N": "i32", "K": "i32", "K_PER_SPLIT": "i32", "stride_xm": "i32", "stride_wn": "i32"}
+    for dot, bm, bn, bk, silu in [(False, 1, 8, 1024, False), (False, 1, 8, 1024, True),
+                                  (True, 16, 64, 128, True)]:
         c = dict(HAS_BIAS=False, USE_DOT=dot, DEFER=False, EVEN_K=True, IEEE=False, BLOCK_M=bm,
-                 BLOCK_N=bn, BLOCK_K=bk, SILU_MUL=silu, NORM=norm, HAS_RES=res,
-                 USE_PDL=True)
+                 BLOCK_N=bn, BLOCK_K=bk, SILU_MUL=silu, USE_PDL=True)
         out.append((sg._skinny_gemm_kernel, a, c, dict(num_warps=4, num_stages=3)))
     a = {n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr")}
     a.update({"pos_ptr": "*i64", "cs_ptr": "*fp32", "qw_ptr": "*bf16", "kw_ptr": "*bf16",

@@ -58,88 +58,50 @@ def _load_w(w_rows, k0, k_hi, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _load_x(x_ptr, offs, mask, K, SILU_MUL: tl.constexpr):
-    """x at `x_ptr + offs`; with SILU_MUL the input row is gate | up ([2K]) and x = silu(gate) *
-    up, computed in fp32 and rounded once, exactly as kernels/activation.py's silu_and_mul."""
+def _load_x(ptrs, mask, K, SILU_MUL: tl.constexpr):
+    """x at `ptrs`; with SILU_MUL the input row is gate | up ([2K]) and x = silu(gate) * up,
+    computed in fp32 and rounded once, exactly as kernels/activation.py's silu_and_mul."""
     if SILU_MUL:
-        g = tl.load(x_ptr + offs, mask=mask, other=0.0)
-        u = tl.load(x_ptr + offs + K, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(ptrs, mask=mask, other=0.0)
+        u = tl.load(ptrs + K, mask=mask, other=0.0).to(tl.float32)
         gf = g.to(tl.float32)
         return (gf * tl.sigmoid(gf) * u).to(g.dtype)
-    return tl.load(x_ptr + offs, mask=mask, other=0.0)
+    return tl.load(ptrs, mask=mask, other=0.0)
 
 
 @triton.jit
-def _load_h(x_ptr, r_ptr, offs, mask, HAS_RES: tl.constexpr):
-    """The norm's input h = x (+ residual), rounded to the dtype as kernels/norm.py does."""
-    h = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    if HAS_RES:
-        h = (h.to(tl.float32) + tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-             ).to(h.dtype)
-    return h
-
-
-@triton.jit
-def _load_scaled(x_ptr, r_ptr, ro_ptr, g_ptrs, offs, mask, g_mask, write_res,
-                 HAS_RES: tl.constexpr):
-    """h * g in fp32 (h = x + residual, rounded to the dtype as kernels/norm.py does; g the
-    norm's weight) and h itself in fp32, for the row's sum of squares. The row scale rsqrt(mean
-    h^2 + eps) is applied to the product's fp32 result instead (see skinny_gemm_add_norm).
-    Programs with `write_res` also store h, the new residual, at the same offsets of ro."""
-    h = _load_h(x_ptr, r_ptr, offs, mask, HAS_RES)
-    if HAS_RES:
-        tl.store(ro_ptr + offs, h, mask=mask & write_res)
-    hf = h.to(tl.float32)
-    return hf * tl.load(g_ptrs, mask=g_mask, other=0.0).to(tl.float32), hf
-
-
-@triton.jit
-def _step(acc, ss, w, x_ptr, r_ptr, ro_ptr, g_ptr, write_res, offs_m, m_mask, stride_xm,
-          k0, k_hi, K, USE_DOT: tl.constexpr, DEFER: tl.constexpr, EVEN_K: tl.constexpr,
-          IEEE: tl.constexpr, BLOCK_K: tl.constexpr, SILU_MUL: tl.constexpr,
-          NORM: tl.constexpr, HAS_RES: tl.constexpr):
-    """acc += x[:, k0:k0+BLOCK_K] . w (w: [BLOCK_N, BLOCK_K], the tile at k0), x being the
-    input as loaded (silu-and-mul'ed, or h * g with NORM, which also adds h^2 into ss)."""
+def _step(acc, w, x_ptr, offs_m, m_mask, stride_xm, k0, k_hi, K,
+          USE_DOT: tl.constexpr, DEFER: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+          BLOCK_K: tl.constexpr, SILU_MUL: tl.constexpr):
+    """acc += x[:, k0:k0+BLOCK_K] . w (w: [BLOCK_N, BLOCK_K], the tile at k0)."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     if USE_DOT:
         x_mask = m_mask[None, :] if EVEN_K else m_mask[None, :] & (offs_k[:, None] < k_hi)
-        offs = offs_m[None, :] * stride_xm + offs_k[:, None]                    # [BK, BM]
-        if NORM:
-            xg, hf = _load_scaled(x_ptr, r_ptr, ro_ptr, g_ptr + offs_k[:, None], offs, x_mask,
-                                  offs_k[:, None] < K, write_res, HAS_RES)
-            ss += tl.sum(hf * hf, axis=0)
-            xt = xg.to(w.dtype)          # the tensor-core operand: h * g rounded once
-        else:
-            xt = _load_x(x_ptr, offs, x_mask, K, SILU_MUL)
+        xt = _load_x(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None], x_mask, K,
+                     SILU_MUL)                                                 # [BK, BM]
         if IEEE:
             acc = tl.dot(w, xt, acc, input_precision="ieee")
         else:
             acc = tl.dot(w, xt, acc)
     else:
         x_mask = m_mask[:, None] if EVEN_K else m_mask[:, None] & (offs_k[None, :] < k_hi)
-        offs = offs_m[:, None] * stride_xm + offs_k[None, :]                    # [BM, BK]
-        if NORM:
-            x, hf = _load_scaled(x_ptr, r_ptr, ro_ptr, g_ptr + offs_k[None, :], offs, x_mask,
-                                 offs_k[None, :] < K, write_res, HAS_RES)
-            ss += tl.sum(hf * hf, axis=1)
-        else:
-            x = _load_x(x_ptr, offs, x_mask, K, SILU_MUL).to(tl.float32)
-        prod = x[:, None, :] * w.to(tl.float32)[None, :, :]                   # [BM, BN, BK]
+        x = _load_x(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], x_mask, K,
+                    SILU_MUL)                                                  # [BM, BK]
+        prod = x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]    # [BM, BN, BK]
         if DEFER:
             acc += prod
         else:
             acc += tl.sum(prod, axis=2)
-    return acc, ss
+    return acc
 
 
 @triton.jit
-def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, r_ptr, g_ptr, ro_ptr,
-                        M, N, K, K_PER_SPLIT, stride_xm, stride_wn, eps,
+def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
+                        M, N, K, K_PER_SPLIT, stride_xm, stride_wn,
                         HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, DEFER: tl.constexpr,
                         EVEN_K: tl.constexpr, IEEE: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        SILU_MUL: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr,
-                        USE_PDL: tl.constexpr):
+                        SILU_MUL: tl.constexpr, USE_PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -157,34 +119,24 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, r_ptr, g_ptr, ro_ptr,
     w = _load_w(w_rows, k_lo, k_hi, BLOCK_K, EVEN_K)                              # [BN, BK]
     pdl_wait(USE_PDL)
     pdl_launch_dependents(USE_PDL)
-    # The new residual is written once: by the programs of the first N block.
-    write_res = pid_n == 0
-    # NORM: sum of h^2 per row, reduced every step: an elementwise [BM, BK] accumulator would
-    # live in the replicated layout of x's tile (measured: 64 -> 119 registers a thread in the
-    # M=1 GEMV, half the resident programs).
-    ss = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if USE_DOT:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)                      # out^T
     elif DEFER:
         acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc, ss = _step(acc, ss, w, x_ptr, r_ptr, ro_ptr, g_ptr, write_res, offs_m, m_mask,
-                    stride_xm, k_lo, k_hi, K, USE_DOT, DEFER, EVEN_K, IEEE, BLOCK_K, SILU_MUL,
-                    NORM, HAS_RES)
+    acc = _step(acc, w, x_ptr, offs_m, m_mask, stride_xm, k_lo, k_hi, K,
+                USE_DOT, DEFER, EVEN_K, IEEE, BLOCK_K, SILU_MUL)
     for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
         w = _load_w(w_rows, k0, k_hi, BLOCK_K, EVEN_K)
-        acc, ss = _step(acc, ss, w, x_ptr, r_ptr, ro_ptr, g_ptr, write_res, offs_m, m_mask,
-                        stride_xm, k0, k_hi, K, USE_DOT, DEFER, EVEN_K, IEEE, BLOCK_K,
-                        SILU_MUL, NORM, HAS_RES)
+        acc = _step(acc, w, x_ptr, offs_m, m_mask, stride_xm, k0, k_hi, K,
+                    USE_DOT, DEFER, EVEN_K, IEEE, BLOCK_K, SILU_MUL)
     if USE_DOT:
         res = tl.trans(acc)                                                       # [BM, BN]
     elif DEFER:
         res = tl.sum(acc, axis=2)
     else:
         res = acc
-    if NORM:     # one split: this program saw the whole row
-        res = res * tl.math.rsqrt(ss / K + eps)[:, None]
     out_mask = m_mask[:, None] & n_mask[None, :]
     out_offs = offs_m[:, None] * N + offs_n[None, :]
     if HAS_BIAS:        # only set when there is a single split: the reduce kernel adds it
@@ -275,46 +227,10 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] =
     k = w.shape[1]
     assert x.dim() == 2 and w.dim() == 2 and x.shape[1] == (2 * k if silu_mul_input else k), \
         (x.shape, w.shape, silu_mul_input)
-    x = x if x.stride(1) == 1 else x.contiguous()
-    return _launch(x, w, bias, config, silu_mul=silu_mul_input)
-
-
-def skinny_gemm_add_norm(x: torch.Tensor, residual: Optional[torch.Tensor],
-                         norm_weight: torch.Tensor, eps: float, w: torch.Tensor,
-                         bias: Optional[torch.Tensor] = None, config: Optional[dict] = None
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rms_norm(x + residual) @ w^T (+ bias), x + residual): a decoder layer's residual add
-    and RMSNorm done as the product loads its input, instead of a norm kernel before it.
-
-    x, residual: [M, K] (residual None: the norm of x alone, and x is returned as the residual);
-    norm_weight [K]. One pass: since rms_norm(h) = rstd * h * g with one scale rstd per row,
-    each program multiplies h * g into the product and adds h^2 up as it goes, and scales its
-    fp32 result by rstd = rsqrt(mean(h^2) + eps) at the end -- no extra read of the row, no
-    wait for a norm. That needs the whole row in every program, so the config must have
-    split_k 1 (the callers fall back to the norm kernel otherwise). Rounding: h is rounded to
-    the dtype like the norm kernel's residual, but the normalised input is not rounded before
-    the product (the tensor-core form rounds h * g once): the result differs from the norm
-    kernel followed by the product by the product's own rounding, not more. The new residual
-    is a fresh tensor: x and residual are read by every program, so neither can be
-    overwritten."""
-    m, k = x.shape
-    assert w.dim() == 2 and w.shape[1] == k and norm_weight.shape == (k,), \
-        (x.shape, w.shape, norm_weight.shape)
-    x = x.contiguous()
-    if residual is not None:
-        assert residual.shape == x.shape, (residual.shape, x.shape)
-        residual_out = torch.empty_like(x)
-        out = _launch(x, w, bias, config, norm=(residual.contiguous(), norm_weight, eps,
-                                                residual_out))
-        return out, residual_out
-    return _launch(x, w, bias, config, norm=(x, norm_weight, eps, x)), x
-
-
-def _launch(x, w, bias, config, silu_mul: bool = False, norm: Optional[tuple] = None):
-    """The one launcher. norm: (residual, norm_weight, eps, residual_out) with residual is x
-    meaning "no residual" (x, residual, residual_out share the row stride)."""
-    m, n, k = x.shape[0], w.shape[0], w.shape[1]
+    m = x.shape[0]
+    n = w.shape[0]
     assert 1 <= m <= MAX_M, f"skinny_gemm takes 1..{MAX_M} rows, got {m}"
+    x = x if x.stride(1) == 1 else x.contiguous()
     w = w if w.stride(1) == 1 else w.contiguous()
     if config is None:
         config = choose_config(m, n, k, x.device) or default_config(m, n, k)
@@ -325,33 +241,21 @@ def _launch(x, w, bias, config, silu_mul: bool = False, norm: Optional[tuple] = 
     split = triton.cdiv(k, k_per_split)
     block_m = max(16, triton.next_power_of_2(m)) if use_dot else triton.next_power_of_2(m)
     warps = config.get("num_warps", 4)
-    # The deferred reduction's accumulator plus the norm's operands (x, residual and weight
-    # tiles, held in the product's replicated layout) cost 119 registers a thread in the M=1
-    # GEMV (against 64 without the norm: half the resident programs); reducing every step keeps
-    # the norm's variant at 64.
-    defer = (not use_dot and norm is None
-             and block_m * bn * bk <= _ACC_REGS * 32 * warps)
+    defer = not use_dot and block_m * bn * bk <= _ACC_REGS * 32 * warps
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     part = out if split == 1 else torch.empty((split, m, n), device=x.device,
                                               dtype=torch.float32)
     has_bias = bias is not None
-    if norm is not None:
-        residual, g, eps, residual_out = norm
-        has_res = residual is not x
-        assert split == 1, "the norm's row scale needs the whole row in each program: split_k 1"
-    else:
-        residual, g, eps, residual_out, has_res = x, x, 0.0, x, False
     consts = dict(HAS_BIAS=has_bias and split == 1, USE_DOT=use_dot, DEFER=defer,
                   EVEN_K=k % bk == 0, IEEE=x.dtype == torch.float32,
-                  BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, SILU_MUL=silu_mul,
-                  NORM=norm is not None, HAS_RES=has_res, num_warps=warps)
+                  BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, SILU_MUL=silu_mul_input,
+                  num_warps=warps)
     # The first W tile is held across the loop (requested before the PDL wait): on top of
     # the pipeline's buffers, so tuned stage counts may need one stage less to fit.
     launch_fitting_stages(
         _skinny_gemm_kernel, (triton.cdiv(n, bn), split),
         (x.device.index, x.dtype, tuple(consts.items())), config.get("num_stages", 2),
-        x, w, bias if has_bias else w, part, residual, g, residual_out,
-        m, n, k, k_per_split, x.stride(0), w.stride(0), float(eps),
+        x, w, bias if has_bias else w, part, m, n, k, k_per_split, x.stride(0), w.stride(0),
         **consts, **pdl_launch(x.device))
     if split > 1:
         reduce_splits(part, out, bias)

@@ -72,31 +72,6 @@ def _skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     return F.linear(x, weight, bias)
 
 
-def _skinny_linear_add_norm(x: torch.Tensor, residual: Optional[torch.Tensor],
-                            norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
-                            bias: Optional[torch.Tensor]):
-    """(rms_norm(x + residual) @ weight^T (+ bias), x + residual) in one skinny GEMM, or None
-    where the skinny GEMM does not take the product (more rows than it takes, or a shape the
-    device's tuned table leaves to cuBLAS) or splits K (the norm needs whole rows)."""
-    from kvflow import kernels
-    if not kernels.HAS_TRITON or weight.stride(-1) != 1:
-        return None
-    import kvflow.kernels.skinny_gemm as sg
-    n, k = weight.shape
-    m = x.numel() // k if k else 0
-    cfg = sg.choose_config(m, n, k, x.device) if 1 <= m <= sg.MAX_M else None
-    # The norm needs whole rows per program (no K split). The tensor-core form pads the rows
-    # to 16 and holds the norm's operands for all 16: 255 registers and spills on sm_90, and
-    # Llama-3.1-8B decode1 took 6.0 ms instead of 4.3 with its gate/up fused; it keeps the
-    # norm kernel in front.
-    if cfg is None or cfg.get("split_k", 1) != 1 or cfg.get("use_dot", False):
-        return None
-    out, residual = sg.skinny_gemm_add_norm(
-        x.reshape(m, k), None if residual is None else residual.reshape(m, k),
-        norm_weight, eps, weight, bias, cfg)
-    return out.view(*x.shape[:-1], n), residual.view(x.shape)
-
-
 @torch.library.custom_op("kvflow::skinny_linear", mutates_args=())
 def _skinny_linear_op(x: torch.Tensor, weight: torch.Tensor,
                       bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -125,7 +100,6 @@ class LinearBase(nn.Module):
         self.quant_method = quant_config.get_linear_method() if quant_config is not None else None
         self.skinny_gemm = envs.skinny_gemm()
         self.skinny_silu_mul = envs.skinny_silu_mul()
-        self.skinny_norm = envs.skinny_norm()
         if self.quant_method is None:
             self.weight = _param((out_features, in_features))   # [out, in] as in HF checkpoints
             self.weight.weight_loader = self.weight_loader
@@ -141,32 +115,6 @@ class LinearBase(nn.Module):
         if self.quant_method is not None:
             return self.quant_method.apply(self, x, self.bias)
         return dense_linear(x, self.weight, self.bias, self.skinny_gemm)
-
-    def forward_add_norm(self, x: torch.Tensor, residual: Optional[torch.Tensor],
-                         norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """(self(norm(x + residual)), x + residual); residual None: (self(norm(x)), x).
-        norm: the RMSNorm in front of this layer (its weight and eps). Where the product runs
-        as the skinny GEMM without a K split (decode), the add and the norm are applied as it
-        loads x: one launch fewer (kernels/skinny_gemm.py's skinny_gemm_add_norm)."""
-        fused = self._skinny_add_norm(x, residual, norm)
-        if fused is not None:
-            return fused
-        if residual is None:
-            return self(norm(x)), x
-        hidden, residual = norm(x, residual)
-        return self(hidden), residual
-
-    def _skinny_add_norm(self, x, residual, norm):
-        """The fused path's result, or None where it does not apply: quantized or compiled
-        (inductor fuses the norm itself), off CUDA or fp16/bf16 (see _skinny_linear_add_norm
-        for the row and shape conditions)."""
-        if not (self.skinny_norm and self.skinny_gemm and self.quant_method is None
-                and x.is_cuda and x.dtype in _SKINNY_DTYPES and self.weight.dtype == x.dtype
-                and (self.bias is None or self.bias.dtype == x.dtype)
-                and not torch.compiler.is_compiling()):
-            return None
-        return _skinny_linear_add_norm(x, residual, norm.weight, norm.eps, self.weight,
-                                       self.bias)
 
     def weight_loader(self, param, loaded, shard_id=None):
         default_weight_loader(param, loaded)

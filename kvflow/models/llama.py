@@ -33,12 +33,6 @@ class LlamaMLP(nn.Module):
         # applies it as it loads x), else as its own kernel just before.
         return self.down_proj(self.gate_up_proj(x), silu_mul_input=True)
 
-    def forward_add_norm(self, x: torch.Tensor, residual: torch.Tensor, norm: RMSNorm):
-        """(self(norm(x + residual)), x + residual), the add and norm fused into gate/up's
-        product where it can (see LinearBase.forward_add_norm)."""
-        gate_up, residual = self.gate_up_proj.forward_add_norm(x, residual, norm)
-        return self.down_proj(gate_up, silu_mul_input=True), residual
-
 
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, qkv_bias: bool, o_bias: bool,
@@ -64,17 +58,7 @@ class LlamaAttention(nn.Module):
                               rotary=rotary, q_norm=self.q_norm, k_norm=self.k_norm)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        return self.attend(positions, self.qkv_proj(hidden))
-
-    def forward_add_norm(self, positions: torch.Tensor, hidden: torch.Tensor,
-                         residual: Optional[torch.Tensor], norm: RMSNorm):
-        """(self(norm(hidden + residual)), hidden + residual), the add and norm fused into the
-        q/k/v product where it can (see LinearBase.forward_add_norm)."""
-        qkv, residual = self.qkv_proj.forward_add_norm(hidden, residual, norm)
-        return self.attend(positions, qkv), residual
-
-    def attend(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj.split(qkv)                      # [T, H*D], [T, KV*D] x2
+        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))    # [T, H*D], [T, KV*D] x2
         return self.o_proj(self.attn(q, k, v, positions))
 
 
@@ -94,20 +78,16 @@ class LlamaDecoderLayer(nn.Module):
             mlp = LlamaMLP(cfg.hidden_size, cfg.intermediate_size, mlp_bias, quant_config=qc)
         self.mlp_name = mlp_name
         setattr(self, mlp_name, mlp)
-        # A dense MLP takes its norm into its first product; MoE blocks take normed input.
-        self._mlp_fuses_norm = isinstance(mlp, LlamaMLP)
 
     def forward(self, positions, hidden, residual: Optional[torch.Tensor]):
-        """hidden: the previous layer's output (the embeddings at layer 0, residual None).
-        Returns this layer's output and the residual stream, neither yet added to the other:
-        each residual add + RMSNorm runs in front of the product that consumes it."""
-        hidden, residual = self.self_attn.forward_add_norm(positions, hidden, residual,
-                                                           self.input_layernorm)
-        mlp = getattr(self, self.mlp_name)
-        if self._mlp_fuses_norm:
-            return mlp.forward_add_norm(hidden, residual, self.post_attention_layernorm)
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return mlp(hidden), residual
+        return getattr(self, self.mlp_name)(hidden), residual
 
 
 class LlamaModel(nn.Module):
