@@ -56,9 +56,12 @@ def use_expandable_segments() -> bool:
     the H200, Qwen3-0.6B throughput8k: 123.4 GiB allocated at peak, 131.8 GiB reserved, above
     the 125.8 GiB budget of gpu_memory_utilization 0.9. With expandable segments freed pages are
     remapped within one growing segment and the reserve stays at the allocated peak."""
-    if os.environ.get("PYTORCH_CUDA_ALLOC_CONF"):
-        return "expandable_segments:true" in os.environ["PYTORCH_CUDA_ALLOC_CONF"].lower()
-    torch.cuda.memory._set_allocator_settings("expandable_segments:True")
+    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    if conf:
+        return "expandable_segments:true" in conf.replace(" ", "").lower()
+    # torch >= 2.9 names the setter per accelerator (the CUDA one warns that it is deprecated).
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    (setter or torch.cuda.memory._set_allocator_settings)("expandable_segments:True")
     return True
 
 
