@@ -69,6 +69,21 @@ def cases():
              BLOCK_HQ=16, BLOCK_HK=8, BLOCK_SIZE=16, NQ_CHUNKS=1, HAS_PASS=False, IS_NEOX=True,
              HAS_NORM=True, FP8=False, USE_PDL=True)
     out.append((qr._qk_norm_rope_cache_kernel, a, c, dict(num_warps=4)))
+    from kvflow.kernels import attention as at
+    a = {n: "*bf16" for n in ("q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr")}
+    a.update({"part_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "cnt_ptr": "*i32",
+              "qsl_ptr": "*i32", "seq_lens_ptr": "*i32", "bt_ptr": "*i32", "starts_ptr": "*i32",
+              "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "qk_scale": "fp32",
+              "num_reqs": "i32", "num_splits": "i32"})
+    a.update({n: "i32" for n in ("stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_pt",
+                                 "stride_ph", "stride_mt", "stride_mh", "stride_cb", "stride_ct",
+                                 "stride_ch", "stride_bt")})
+    for split, prefetch in [(True, True), (False, True), (True, False)]:   # Llama-3.1-8B decode
+        c = dict(QPK=4, QPK_PAD=4, HEAD=128, HEAD_PAD=128, BLOCK_SIZE=16, BLOCK_M=16, BLOCK_Q=1,
+                 BLOCK_N=64, DIRECT=True, SPLIT=split, PREC="tf32", HAS_STARTS=False,
+                 KV_FP8=False, FUSED_MERGE=split, SPLITS_PAD=at.MAX_SPLITS,
+                 MERGE_UNROLL_=at.MERGE_UNROLL, PREFETCH=prefetch, USE_PDL=True)
+        out.append((at._attention_kernel, a, c, dict(num_warps=4, num_stages=2)))
     return [(fn, _sig(args, c), c, dict(o, **pdl)) for fn, args, c, o in out]
 
 

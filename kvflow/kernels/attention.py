@@ -86,6 +86,7 @@ its ticket counters; kvflow runs the model, eager or as a CUDA graph, on one str
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -105,6 +106,9 @@ MAX_SPLITS = 32
 # stays strictly sequential in split order. 8 x [rows, HEAD_PAD] fp32 fits the registers of
 # the decode tiles.
 MERGE_UNROLL = 8
+# Decode-like launches load their first KV tile before the PDL wait (see _attention_kernel).
+# KVFLOW_ATTN_PREFETCH=0 turns it off (read once, at import).
+_PREFETCH = os.environ.get("KVFLOW_ATTN_PREFETCH", "1") != "0"
 # Start of the running max: finite, so rows that see only masked scores stay NaN-free.
 _EMPTY_MAX = tl.constexpr(-1.0e30)
 
@@ -124,6 +128,36 @@ def _find_request(qsl_ptr, num_reqs, pid, base, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
+def _tile_rows(bt_row, start, kpos, seq_len, ok, stride_cb, stride_ct,
+               BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """Cache row offsets [BLOCK_N] (int64) of the tile's tokens kpos = start + arange(BLOCK_N),
+    through the block table. `ok` (scalar) gates the table reads (the prefetch's condition)."""
+    if BLOCK_SIZE % BLOCK_N == 0:
+        # The tile lies in one physical block: one scalar block-table read. `start` < seq_len
+        # always, so the entry is valid even for masked tiles.
+        blk = tl.load(bt_row + start // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
+        return blk * stride_cb + ((start % BLOCK_SIZE) + tl.arange(0, BLOCK_N)) * stride_ct
+    # The tile spans BLOCK_N / BLOCK_SIZE blocks: one vector read of their entries.
+    if MASKED:
+        blk = tl.load(bt_row + kpos // BLOCK_SIZE, mask=ok & (kpos < seq_len), other=0)
+    else:
+        blk = tl.load(bt_row + kpos // BLOCK_SIZE, mask=ok, other=0)
+    return blk.to(tl.int64) * stride_cb + (kpos % BLOCK_SIZE) * stride_ct
+
+
+@triton.jit
+def _softmax_step(s, m_i, l_i, kpos, q_pos, seq_len, kv_lo, qk_scale, MASKED: tl.constexpr):
+    """Online-softmax update for scores s [BLOCK_M, BLOCK_N]: (p, alpha, m_new, l_new)."""
+    if MASKED:
+        keep = (kpos[None, :] <= q_pos[:, None]) & ((kpos < seq_len) & (kpos >= kv_lo))[None, :]
+        s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)                   # qk_scale > 0
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])                     # one FMA + ex2
+    alpha = tl.math.exp2(m_i - m_new)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
 def _attend_tile(acc, m_i, l_i, q, k_base, v_base, bt_row, tile, q_pos, seq_len, kv_lo,
                  qk_scale, stride_cb, stride_ct,
                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr,
@@ -134,22 +168,11 @@ def _attend_tile(acc, m_i, l_i, q, k_base, v_base, bt_row, tile, q_pos, seq_len,
     MASKED=False promises every token of the tile is in [kv_lo, seq_len) and <= every row's
     q_pos. kv_lo: the request's first attended position (seq_starts; 0 without).
     """
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_PAD)
     start = tile * BLOCK_N
-    kpos = start + offs_n                                               # [BLOCK_N]
-    if BLOCK_SIZE % BLOCK_N == 0:
-        # The tile lies in one physical block: one scalar block-table read. `start` < seq_len
-        # always, so the entry is valid even for masked tiles.
-        blk = tl.load(bt_row + start // BLOCK_SIZE).to(tl.int64)
-        row_off = blk * stride_cb + ((start % BLOCK_SIZE) + offs_n) * stride_ct   # [BLOCK_N]
-    else:
-        # The tile spans BLOCK_N / BLOCK_SIZE blocks: one vector read of their entries.
-        if MASKED:
-            blk = tl.load(bt_row + kpos // BLOCK_SIZE, mask=kpos < seq_len, other=0)
-        else:
-            blk = tl.load(bt_row + kpos // BLOCK_SIZE)
-        row_off = blk.to(tl.int64) * stride_cb + (kpos % BLOCK_SIZE) * stride_ct
+    kpos = start + tl.arange(0, BLOCK_N)                                # [BLOCK_N]
+    row_off = _tile_rows(bt_row, start, kpos, seq_len, True, stride_cb, stride_ct,
+                         BLOCK_SIZE, BLOCK_N, MASKED)
     kv_off = row_off[:, None] + offs_d[None, :]                        # [BLOCK_N, HEAD_PAD]
 
     if MASKED:
@@ -163,15 +186,8 @@ def _attend_tile(acc, m_i, l_i, q, k_base, v_base, bt_row, tile, q_pos, seq_len,
     # An fp8 cache holds K / k_scale: upcast exactly (e4m3 fits in bf16/fp16/fp32); the scale
     # is folded into qk_scale by the caller.
     s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PREC)       # [BLOCK_M, BLOCK_N]
-    if MASKED:
-        keep = (kpos[None, :] <= q_pos[:, None]) & ((kpos < seq_len) & (kpos >= kv_lo))[None, :]
-        s = tl.where(keep, s, float("-inf"))
-
-    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)                   # qk_scale > 0
-    p = tl.math.exp2(s * qk_scale - m_new[:, None])                     # one FMA + ex2
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-
+    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, kpos, q_pos, seq_len, kv_lo, qk_scale,
+                                       MASKED)
     if MASKED:
         v = tl.load(v_base + kv_off, mask=kv_mask, other=0.0)
     elif HEAD != HEAD_PAD:
@@ -179,7 +195,33 @@ def _attend_tile(acc, m_i, l_i, q, k_base, v_base, bt_row, tile, q_pos, seq_len,
     else:
         v = tl.load(v_base + kv_off)
     acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None], input_precision=PREC)
-    return acc, m_new, l_i
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _prefetch_tile(k_base, v_base, bt_row, tile, ok, stride_cb, stride_ct,
+                   BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr,
+                   HEAD_PAD: tl.constexpr):
+    """K and V of a tile wholly before the step's new tokens, loaded only where `ok`
+    (otherwise zeros and no memory access): issued before the PDL wait."""
+    offs_d = tl.arange(0, HEAD_PAD)
+    start = tile * BLOCK_N
+    kpos = start + tl.arange(0, BLOCK_N)
+    row_off = _tile_rows(bt_row, start, kpos, 0, ok, stride_cb, stride_ct,
+                         BLOCK_SIZE, BLOCK_N, False)
+    kv_off = row_off[:, None] + offs_d[None, :]
+    mask = ok & (offs_d < HEAD)[None, :]
+    return (tl.load(k_base + kv_off, mask=mask, other=0.0),
+            tl.load(v_base + kv_off, mask=mask, other=0.0))
+
+
+@triton.jit
+def _attend_loaded(acc, m_i, l_i, q, k, v, qk_scale, PREC: tl.constexpr):
+    """_attend_tile's step for an unmasked tile whose K and V are already loaded."""
+    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PREC)
+    p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, 0, 0, 0, 0, qk_scale, False)
+    acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None], input_precision=PREC)
+    return acc, m_i, l_i
 
 
 @triton.jit
@@ -247,14 +289,37 @@ def _attention_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
     HAS_STARTS: tl.constexpr, KV_FP8: tl.constexpr, FUSED_MERGE: tl.constexpr,
-    SPLITS_PAD: tl.constexpr, MERGE_UNROLL_: tl.constexpr, USE_PDL: tl.constexpr,
+    SPLITS_PAD: tl.constexpr, MERGE_UNROLL_: tl.constexpr, PREFETCH: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
-    # Every input (query, the KV cache, lengths, tables) may be written by the previous kernel:
-    # wait first, in every program (kvflow/kernels/pdl.py).
-    pdl_wait(USE_PDL)
-    pdl_launch_dependents(USE_PDL)
     kv_head = tl.program_id(1)
     seg = tl.program_id(2)
+    if PREFETCH:
+        # Decode-like launches (DIRECT, no seq_starts): this program's first KV tile, when it
+        # lies wholly before the step's new tokens, is loaded before the PDL wait, so its DRAM
+        # round trip overlaps the previous kernel (the q/k rotary + cache write). Safe because
+        # only the query and the new tokens' K/V come from the previous kernel: the lengths and
+        # block table were written by the step's input copy, and the cached K/V of earlier
+        # positions by earlier steps -- kernels that completed before the previous kernel's
+        # own wait returned, hence before this kernel could start (kernels/pdl.py).
+        p_req = tl.program_id(0)
+        p_q0 = tl.load(qsl_ptr + p_req)
+        p_qlen = tl.load(qsl_ptr + p_req + 1) - p_q0
+        p_ctx = tl.load(seq_lens_ptr + p_req) - p_qlen
+        p_tiles = tl.cdiv(p_ctx + tl.minimum(p_qlen, BLOCK_Q), BLOCK_N)
+        if SPLIT:
+            p_t0 = seg * tl.cdiv(p_tiles, num_splits)
+        else:
+            p_t0 = 0
+        pre_ok = (p_qlen > 0) & ((p_t0 + 1) * BLOCK_N <= p_ctx)
+        k_pre, v_pre = _prefetch_tile(k_cache_ptr + kv_head * stride_ch,
+                                      v_cache_ptr + kv_head * stride_ch,
+                                      bt_ptr + p_req.to(tl.int64) * stride_bt, p_t0, pre_ok,
+                                      stride_cb, stride_ct, BLOCK_SIZE, BLOCK_N, HEAD, HEAD_PAD)
+    # Everything else (the query, the new tokens' K/V) may be written by the previous kernel:
+    # wait, in every program, before any other load and before any early return.
+    pdl_wait(USE_PDL)
+    pdl_launch_dependents(USE_PDL)
     if DIRECT:
         req = tl.program_id(0)
         q_block = 0
@@ -336,6 +401,12 @@ def _attention_kernel(
     else:
         t_mid = t0
         t_tail = tl.maximum(t0, num_full)
+    if PREFETCH:
+        # pre_ok: tile t0 == t_mid lies before ctx_len <= every query position, so it is one of
+        # the unmasked tiles [t_mid, num_full) and inside this segment [t0, t1).
+        if pre_ok:
+            acc, m_i, l_i = _attend_loaded(acc, m_i, l_i, q, k_pre, v_pre, qk_scale, PREC)
+            t_mid = t_mid + 1
     for t in range(t_mid, tl.minimum(t1, num_full)):
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_base, v_base, bt_row, t, q_pos,
                                      seq_len, kv_lo, qk_scale, stride_cb, stride_ct, BLOCK_SIZE,
@@ -645,6 +716,8 @@ def _launch(query, key_cache, value_cache, out, query_start_loc, seq_lens, block
                   HAS_STARTS=seq_starts is not None,
                   KV_FP8=key_cache.dtype == torch.float8_e4m3fn,
                   SPLITS_PAD=MAX_SPLITS, MERGE_UNROLL_=MERGE_UNROLL,
+                  PREFETCH=(_PREFETCH and cfg.direct and seq_starts is None
+                            and cfg.block_m <= 64),
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if common["KV_FP8"]:
         one = None
