@@ -26,6 +26,9 @@ from typing import Callable
 from kvflow.sampling_params import SamplingParams
 
 
+_MAX_TOKEN_ID = 10000      # the reference's prompt ids lie in [0, 10000]
+
+
 def _prompts(ids_list):
     return [{"prompt_token_ids": ids} for ids in ids_list]
 
@@ -122,6 +125,10 @@ def run(args) -> list[dict]:
     llm = LLM(args.model, **kw)
     init_s = time.perf_counter() - t0
     eng = llm.llm_engine
+    vocab = eng.config.model.vocab_size
+    if vocab <= _MAX_TOKEN_ID:
+        raise ValueError(f"model: the workloads draw prompt token ids up to {_MAX_TOKEN_ID} (as "
+                         f"the reference does), but this model's vocabulary has {vocab} tokens")
     base = dict(model=os.path.basename(os.path.normpath(args.model or "default")), engine="kvflow",
                 kvflow=__version__, commit=_git_commit(),
                 tensor_parallel_size=eng.config.parallel.tensor_parallel_size,
