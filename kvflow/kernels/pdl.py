@@ -13,13 +13,22 @@ The convention every kvflow Triton kernel on the decode path follows:
 
     @triton.jit
     def _k(..., USE_PDL: tl.constexpr):
-        ... only loads of read-only inputs (weights, tables built at startup) ...
+        ... only loads of data the previous kernel cannot be writing (see below) ...
         pdl_wait(USE_PDL)                 # every program, unconditionally, before any other
                                           # global load or store, and before any early return
         pdl_launch_dependents(USE_PDL)    # lets the next kernel start launching
         ...
 
     _k[grid](..., **pdl_launch(device))   # USE_PDL=... plus launch_pdl=...
+
+What may be read before the wait: read-only inputs (weights, tables built at startup), and
+data written two or more kernels back. A kernel starts early only once its predecessor has
+passed its own wait, which returned after *its* predecessor completed with its writes visible;
+so everything but the immediately previous kernel's writes is settled. Decode attention uses
+this: the step's lengths and block table and the KV of earlier steps are read before the wait,
+the query and the new tokens' K/V (written by the kernel just before) after it. Kernels other
+than the previous one must not write what a kernel reads early: true of a forward's data flow,
+where each tensor is written once per step.
 
 Why "every program, before any early return": a program that exits without waiting lets its
 kernel complete before the predecessor has, and the successor's wait (on this kernel) would then

@@ -413,7 +413,7 @@ class ModelRunner:
         chunk = min(max_num_tokens, L)
         # The longest query that still runs as one q-block per request in the prefill tiles:
         # the "direct" attention variant.
-        from kvflow.kernels.attention import prefill_block_q
+        from kvflow.kernels.attention_config import prefill_block_q
         layer = self.attn_layers[0] if self.attn_layers else None
         block_q = prefill_block_q(layer.num_heads, layer.num_kv_heads) if layer else 128
         direct_q = min(max(2, block_q), L - 1)

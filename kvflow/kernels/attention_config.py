@@ -1,0 +1,137 @@
+"""Tile configurations of the paged attention kernel (kernels/attention.py): host-side only,
+from shapes and device limits; upper bounds for the lengths are fine (CUDA graphs pass them).
+
+Tuning knobs (all in `choose_config`; `config=` overrides, e.g. for benchmarking; defaults
+measured on an H200, see choose_config):
+  block_m/block_q: prefill 128 rows; decode-like max(16, next_pow2(max_q) * QPK_PAD) <= 64.
+  block_n: prefill 128 for D = 128, else 64; decode 64 (32 for D > 128); halved for fp32.
+  num_warps / num_stages: prefill 8 / 3 (2 for D > 128): wgmma with cp.async pipelining of
+  the gathered K/V tiles; decode 4 / 2.
+  fp32 uses 3xTF32 dots (tensor cores, about fp32 accuracy).
+  Shared memory: stages, then block_n, then block_m shrink until Q + K/V buffers (_smem_bytes)
+  fit the device's opt-in limit (227 KB on Hopper, less on Ampere/Ada).
+  num_splits: only when (q-blocks x KV heads) < #SMs; about 2 waves, >= MIN_SPLIT_TOKENS per
+  segment, a power of two <= MAX_SPLITS. fused_merge: block_m <= 64.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+
+from kvflow.kernels.device import device_properties
+
+MIN_SPLIT_TOKENS = 256     # fewest context tokens per split-KV segment
+MAX_SPLITS = 32
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    block_m: int       # tile rows = block_q * next_pow2(QPK) (or more, padded to >= 16)
+    block_q: int       # query tokens per program
+    block_n: int       # KV tokens per tile
+    num_warps: int
+    num_stages: int
+    num_splits: int    # KV segments per program; 1 = no split-KV
+    direct: bool       # one program per request (needs block_q >= max_query_len)
+    # Split-KV merge inside the attention launch (last-arriving segment, see module doc);
+    # False: the two-kernel path (_merge_splits_kernel), same result bit for bit.
+    fused_merge: bool = True
+
+
+_H100_LIMITS = (132, 227 * 1024)             # SMs, opt-in shared memory per block
+
+
+def device_limits(device: torch.device) -> tuple[int, int]:
+    """(multiprocessor count, opt-in shared memory per block) of a CUDA device; H100/H200
+    values elsewhere (they only steer the heuristics)."""
+    if device.type != "cuda":
+        return _H100_LIMITS
+    props = device_properties(device)
+    smem = getattr(props, "shared_memory_per_block_optin", 0)
+    if not smem:   # older torch: by architecture
+        smem = {(9, 0): 227 * 1024, (8, 0): 163 * 1024}.get((props.major, props.minor),
+                                                            99 * 1024)
+    return props.multi_processor_count, smem
+
+
+def _smem_bytes(block_m: int, block_n: int, head_pad: int, elem: int, stages: int) -> int:
+    """Shared memory of a configuration, an upper bound fitted to Triton 3.6's allocation for
+    this kernel on sm_90: the Q tile plus max(stages - 1, 2) K and V tile buffers; fp32
+    (3xTF32 dots) keeps up to 1.5x that."""
+    tiles = (block_m + 2 * max(stages - 1, 2) * block_n) * head_pad * elem
+    return (tiles * 3 // 2 if elem == 4 else tiles) + 4096
+
+
+def prefill_block_q(num_heads: int, num_kv_heads: int) -> int:
+    """Query positions per q-block of the prefill tiles (128 rows over the padded query heads of
+    a KV head; fewer only if shared memory forces it): a batch whose longest query is at most
+    this runs "direct", one q-block per request."""
+    qpk_pad = triton.next_power_of_2(num_heads // num_kv_heads)
+    return max(128, qpk_pad) // qpk_pad
+
+
+def choose_config(num_tokens: int, num_reqs: int, num_heads: int, num_kv_heads: int,
+                  head_size: int, max_query_len: int, max_seq_len: int, dtype: torch.dtype,
+                  num_sms: int = 132, num_splits: Optional[int] = None,
+                  smem_limit: int = 227 * 1024) -> AttentionConfig:
+    """Tile configuration by shape. Only host ints are read; upper bounds are fine.
+
+    Defaults were measured on an H200 (bf16, block size 16, Triton 3.6): decode 64-token
+    tiles / 2 stages reached 3.9-4.4 TB/s; prefill 128x128 tiles / 8 warps / 3 stages for
+    D=128, 128x64 for D=64 and (2 stages) D=256 were the fastest of the sweep."""
+    qpk_pad = triton.next_power_of_2(num_heads // num_kv_heads)
+    head_pad = triton.next_power_of_2(head_size)
+    elem = dtype.itemsize
+    max_query_len = max(1, max_query_len)
+    bq_small = triton.next_power_of_2(max_query_len)
+    if bq_small * qpk_pad <= 64:
+        # Decode-like: every request fits one q-block; memory-bound, small tiles, 4 warps.
+        # Two q-block sizes only, decode (1) and short chunk (the most that fits 64 rows): each
+        # distinct BLOCK_Q is a Triton compilation, and chunk remainders of any length would
+        # otherwise compile new variants inside the first requests.
+        block_q = 1 if max_query_len == 1 else 64 // qpk_pad
+        block_m = max(16, block_q * qpk_pad)
+        block_n = 64 if head_pad <= 128 else 32
+        num_warps, num_stages, direct = 4, 2, True
+    else:
+        block_q = prefill_block_q(num_heads, num_kv_heads)
+        block_m = block_q * qpk_pad
+        block_n = 128 if head_pad == 128 else 64
+        num_warps, num_stages = 8, (3 if head_pad <= 128 else 2)
+        direct = block_q >= max_query_len
+    if elem == 4:
+        block_n = max(16, block_n // 2)                 # 4-byte tiles: halve the KV tile
+    # Fit shared memory: fewer stages, then narrower KV tiles, then fewer query rows.
+    while _smem_bytes(block_m, block_n, head_pad, elem, num_stages) > smem_limit:
+        if num_stages > 2:
+            num_stages -= 1
+        elif block_n > 16:
+            block_n //= 2
+        elif block_m // 2 >= max(16, qpk_pad):
+            block_m //= 2
+            block_q = block_m // qpk_pad
+            direct = direct and block_q >= max_query_len
+        else:
+            break
+
+    n_qblocks = num_reqs if direct else num_tokens // block_q + num_reqs
+    programs = max(1, n_qblocks * num_kv_heads)
+    if num_splits is None:
+        num_splits = 1
+        if programs < num_sms and max_seq_len >= 2 * MIN_SPLIT_TOKENS:
+            want = triton.cdiv(2 * num_sms, programs)
+            cap = max_seq_len // MIN_SPLIT_TOKENS
+            num_splits = min(triton.next_power_of_2(want), MAX_SPLITS)
+            while num_splits > cap:
+                num_splits //= 2
+            num_splits = max(1, num_splits)
+    # Fused split-KV merge for decode-like tiles only: with 128-row tiles the merge's
+    # [rows, HEAD_PAD] fp32 loads raise ptxas spills of the sm_90 kernel from ~0.8 KB to ~6 KB
+    # (D=128, bf16), while the one long-prefix chunk that splits there is compute-heavy and a
+    # second launch costs it little.
+    fused_merge = block_m <= 64
+    return AttentionConfig(block_m, block_q, block_n, num_warps, num_stages, num_splits, direct,
+                           fused_merge)
