@@ -70,7 +70,9 @@ class Worker:
         self.config = config
         self.device = config.device
         if self.device.type == "cuda":
-            self.expandable_segments = use_expandable_segments()
+            if not use_expandable_segments():
+                logger.info("PYTORCH_CUDA_ALLOC_CONF leaves expandable segments off: the "
+                            "allocator may reserve more than the memory plan (fragmentation)")
             torch.cuda.set_device(self.device)
         torch.manual_seed(config.model.seed)
         t0 = time.perf_counter()
