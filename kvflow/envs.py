@@ -39,6 +39,19 @@ def skinny_silu_mul() -> bool:
     return os.environ.get("KVFLOW_SKINNY_SILU_MUL", "1") != "0"
 
 
+def pdl() -> bool:
+    """KVFLOW_PDL (default 1): programmatic dependent launch for kvflow's Triton kernels on sm90+
+    (kvflow/kernels/pdl.py); 0 turns it off. Read at every launch."""
+    return os.environ.get("KVFLOW_PDL", "1") != "0"
+
+
+def attn_prefetch() -> bool:
+    """KVFLOW_ATTN_PREFETCH (default 1): decode-like attention launches load their first cached
+    KV tile before the PDL wait (kvflow/kernels/attention.py); 0 turns it off. Read when the
+    attention kernels module is imported."""
+    return os.environ.get("KVFLOW_ATTN_PREFETCH", "1") != "0"
+
+
 def skinny_gemm() -> bool:
     """KVFLOW_SKINNY_GEMM (default 1): unquantized linear layers (incl. tensor-parallel shards, the LM head
     and MoE routers) on CUDA with fp16/bf16 inputs of at most 16 rows use the Triton skinny GEMM

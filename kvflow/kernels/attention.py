@@ -78,13 +78,13 @@ its ticket counters; kvflow runs the model, eager or as a CUDA graph, on one str
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from kvflow import envs
 from kvflow.kernels.attention_config import (
     MAX_SPLITS,
     AttentionConfig,
@@ -102,7 +102,7 @@ LOG2E = 1.4426950408889634
 MERGE_UNROLL = 8
 # Decode-like launches load their first KV tile before the PDL wait (see _attention_kernel).
 # KVFLOW_ATTN_PREFETCH=0 turns it off (read once, at import).
-_PREFETCH = os.environ.get("KVFLOW_ATTN_PREFETCH", "1") != "0"
+_PREFETCH = envs.attn_prefetch()
 # Start of the running max: finite, so rows that see only masked scores stay NaN-free.
 _EMPTY_MAX = tl.constexpr(-1.0e30)
 

@@ -46,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvflow import envs
 from kvflow.kernels.device import device_properties
 
 try:  # Triton >= 3.3; the interpreter never executes these (USE_PDL is False there).
@@ -73,7 +74,7 @@ def pdl_enabled(device: torch.device) -> bool:
     """Whether kernels launched on `device` use PDL (env KVFLOW_PDL=0 turns it off)."""
     if not _HAS_GDC or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
-    if os.environ.get("KVFLOW_PDL", "1") == "0":
+    if not envs.pdl():
         return False
     props = device_properties(device)
     return (props.major, props.minor) >= (9, 0)
