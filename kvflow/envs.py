@@ -52,6 +52,14 @@ def attn_prefetch() -> bool:
     return os.environ.get("KVFLOW_ATTN_PREFETCH", "1") != "0"
 
 
+def skinny_l2_prefetch_mb() -> float | None:
+    """KVFLOW_SKINNY_L2_PREFETCH_MB: how much of a skinny GEMM's weight (MB, all programs
+    together) is requested into L2 before its PDL wait (kvflow/kernels/skinny_gemm.py); unset:
+    half the device's L2; 0 turns the prefetch off. Read at every launch."""
+    v = os.environ.get("KVFLOW_SKINNY_L2_PREFETCH_MB")
+    return None if v in (None, "") else float(v)
+
+
 def skinny_gemm() -> bool:
     """KVFLOW_SKINNY_GEMM (default 1): unquantized linear layers (incl. tensor-parallel shards, the LM head
     and MoE routers) on CUDA with fp16/bf16 inputs of at most 16 rows use the Triton skinny GEMM
