@@ -60,6 +60,14 @@ def skinny_l2_prefetch_mb() -> float | None:
     return None if v in (None, "") else float(v)
 
 
+def fused_sampling() -> bool:
+    """KVFLOW_FUSED_SAMPLING (default 1): on CUDA, random sampling without top-k / top-p / min-p
+    or per-request seeds is one Triton pass over the logits (Gumbel-max, kernels/argmax.py's
+    sample_rows) instead of temperature, softmax, noise and argmax passes in torch; 0 keeps
+    torch. Read when the sampler is built."""
+    return os.environ.get("KVFLOW_FUSED_SAMPLING", "1") != "0"
+
+
 def skinny_gemm() -> bool:
     """KVFLOW_SKINNY_GEMM (default 1): unquantized linear layers (incl. tensor-parallel shards, the LM head
     and MoE routers) on CUDA with fp16/bf16 inputs of at most 16 rows use the Triton skinny GEMM

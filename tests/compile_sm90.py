@@ -33,9 +33,11 @@ def cases():
     import torch
     pdl = dict(launch_pdl=True)
     out = []
-    a = {"x_ptr": "*fp32", "val_ptr": "*fp32", "idx_ptr": "*i32", "V": "i32", "stride_xb": "i32",
-         "num_chunks": "i32"}
-    out.append((am._argmax_chunks_kernel, a, dict(CHUNK=1024, USE_PDL=True), dict(num_warps=4)))
+    a = {"x_ptr": "*fp32", "val_ptr": "*fp32", "idx_ptr": "*i32", "temp_ptr": "*fp32",
+         "V": "i32", "stride_xb": "i32", "num_chunks": "i32", "seed": "i32"}
+    for gumbel in (False, True):
+        out.append((am._argmax_chunks_kernel, a, dict(CHUNK=8192, GUMBEL=gumbel, USE_PDL=True),
+                    dict(num_warps=8)))
     a = {"val_ptr": "*fp32", "idx_ptr": "*i32", "out_ptr": "*i64", "num_chunks": "i32"}
     out.append((am._argmax_final_kernel, a, dict(NC_PAD=128, USE_PDL=True), dict(num_warps=4)))
     a = {"stage_ptr": "*i64", "last_ptr": "*i64", "ids_ptr": "*i64", "pos_ptr": "*i64",

@@ -6,6 +6,11 @@ Order of processing (vLLM v1 semantics):
   -> random rows: temperature -> top-k -> top-p -> min-p -> exponential-race sample.
 Logprobs are of the raw float32 logits (see logprobs.py).
 
+On CUDA, when no row uses top-k, top-p, min-p or its own seeded generator (the common serving
+case), temperature + sampling are one Triton pass over the logits (kernels/argmax.py's
+sample_rows: the same exponential race in log space, Gumbel-max, with in-kernel Philox noise
+keyed from the default generator) instead of five [B, V] passes and a copy.
+
 Everything is batched over rows; the only per-row Python loop is the noise draw of rows that
 own a seeded generator (it touches one [V] row each). Stages no row needs are skipped, decided
 from host-side metadata so that no stage costs a device sync.
@@ -17,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from kvflow import envs
 from kvflow.sample.logprobs import LogprobsTensors, compute_topk_logprobs
 from kvflow.sample.metadata import SamplingMetadata
 from kvflow.sample.penalties import apply_penalties
@@ -106,6 +112,11 @@ def row_argmax(x: torch.Tensor) -> torch.Tensor:
     return x.argmax(dim=-1)
 
 
+def _triton_device(x: torch.Tensor) -> bool:
+    """Whether the sampling kernels run on x's device (CUDA; tests put the interpreter here)."""
+    return x.is_cuda
+
+
 def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """Zero, in place, tokens whose probability is < min_p * (the row's max probability).
 
@@ -141,7 +152,10 @@ def sample_exponential_race(probs: torch.Tensor,
 
 
 class Sampler:
-    """Stateless; `Sampler()(logits, meta)`. Never modifies the caller's `logits`."""
+    """`Sampler()(logits, meta)`. Never modifies the caller's `logits`."""
+
+    def __init__(self):
+        self.fused_random = envs.fused_sampling() and _HAS_TRITON
 
     @torch.no_grad()
     def __call__(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
@@ -149,18 +163,28 @@ class Sampler:
             raise ValueError(f"logits must be [B={meta.num_rows}, V], got {tuple(logits.shape)}")
         raw_logits = logits  # kept intact for the raw logprobs
 
-        modifies = (not meta.all_greedy or meta.min_tokens_mask is not None
-                    or meta.logit_bias is not None or meta.penalties is not None)
+        fused = self._fused_random_ok(logits, meta)
+        # The torch path of random rows divides the logits in place; the fused one only reads.
+        modifies = (meta.min_tokens_mask is not None or meta.logit_bias is not None
+                    or meta.penalties is not None or (not meta.all_greedy and not fused))
         if modifies:
             # Work on a float32 copy: .float() copies only when the dtype changes.
             logits = logits.float() if logits.dtype != torch.float32 else logits.clone()
             self._apply_logits_processors(logits, meta)
-        sampled = self._sample(logits, meta)  # [B] int64
+        sampled = self._sample(logits, meta, fused)  # [B] int64
 
         logprobs = None
         if meta.max_num_logprobs is not None:
             logprobs = compute_topk_logprobs(raw_logits, sampled, meta.max_num_logprobs)
         return SamplerOutput(sampled_token_ids=sampled, logprobs=logprobs)
+
+    def _fused_random_ok(self, logits: torch.Tensor, meta: SamplingMetadata) -> bool:
+        """Random rows in one Triton pass (see the module docstring): CUDA, and no stage the
+        kernel does not do (truncation, min-p) nor a row whose noise must come from its own
+        generator (a seeded request samples the same tokens whatever the batch)."""
+        return (self.fused_random and _triton_device(logits) and not meta.all_greedy
+                and meta.top_k is None and meta.top_p is None and meta.min_p is None
+                and not meta.generators and logits.shape[1] > 0)
 
     @staticmethod
     def _apply_logits_processors(logits: torch.Tensor, meta: SamplingMetadata) -> None:
@@ -176,19 +200,26 @@ class Sampler:
             apply_penalties(logits, meta.penalties)
 
     @staticmethod
-    def _sample(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    def _sample(logits: torch.Tensor, meta: SamplingMetadata, fused: bool) -> torch.Tensor:
         # Greedy: first maximum, as torch.argmax. Taken before temperature touches the logits.
         greedy_ids = None if meta.all_random else row_argmax(logits)  # [B]
         if meta.all_greedy:
             return greedy_ids
 
-        logits.div_(meta.temperature.unsqueeze(1))  # greedy rows divide by 1.0
-        apply_top_k_top_p(logits, meta.top_k, meta.top_p, meta.max_top_k,
-                          meta.top_p_full_sort)
-        probs = logits.softmax(dim=-1)  # [B, V]
-        if meta.min_p is not None:
-            apply_min_p(probs, meta.min_p)
-        random_ids = sample_exponential_race(probs, meta.generators)  # [B]
+        if fused:
+            from kvflow.kernels.argmax import sample_rows
+            # The kernel's Philox key, from the default generator (seeded by the engine's
+            # seed): a host draw, no device sync.
+            seed = int(torch.randint(0, 2 ** 31 - 1, ()).item())
+            random_ids = sample_rows(logits, meta.temperature, seed)  # [B]
+        else:
+            logits.div_(meta.temperature.unsqueeze(1))  # greedy rows divide by 1.0
+            apply_top_k_top_p(logits, meta.top_k, meta.top_p, meta.max_top_k,
+                              meta.top_p_full_sort)
+            probs = logits.softmax(dim=-1)  # [B, V]
+            if meta.min_p is not None:
+                apply_min_p(probs, meta.min_p)
+            random_ids = sample_exponential_race(probs, meta.generators)  # [B]
         if greedy_ids is None:
             return random_ids
         return torch.where(meta.greedy_mask, greedy_ids, random_ids)

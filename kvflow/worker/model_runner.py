@@ -405,6 +405,23 @@ class ModelRunner:
         self.sampler(logits, SamplingMetadata.build(params, [[]] * b, [[]] * b, {},
                                                     self.vocab_size, self.device))
 
+    def _warm_up_sampling(self) -> None:
+        """Compile the sampling kernels (greedy argmax and the fused random draw) for every
+        chunk size they can pick, on a dummy row of the vocabulary: the sampler runs outside
+        the dummy steps and the CUDA graphs."""
+        if self.device.type != "cuda":
+            return
+        from kvflow import kernels
+        if not kernels.HAS_TRITON:
+            return
+        from kvflow.kernels.argmax import CHUNKS, argmax_rows, sample_rows
+        logits = torch.zeros((1, self.config.model.vocab_size), dtype=torch.float32,
+                             device=self.device)
+        temperature = torch.ones((1,), dtype=torch.float32, device=self.device)
+        for chunk in CHUNKS:
+            argmax_rows(logits, chunk)
+            sample_rows(logits, temperature, 0, chunk)
+
     def warm_up(self, max_num_tokens: int) -> None:
         """Run the batch shapes serving will hit (long prefill, many prefills, decodes mixed
         with prefill chunks, chunks over long contexts, eager decode) so that Triton compiles
@@ -435,5 +452,6 @@ class ModelRunner:
             q_odd = q[:-1] + [max(1, q[-1] - 1)] if q[-1] > 1 else q[:-1] + [2]
             c_odd = None if c is None else c[:-1] + [max(c[-1], q_odd[-1])]
             self.dummy_run(q_odd, c_odd, sample=False)
+        self._warm_up_sampling()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
