@@ -52,14 +52,6 @@ def attn_prefetch() -> bool:
     return os.environ.get("KVFLOW_ATTN_PREFETCH", "1") != "0"
 
 
-def skinny_l2_prefetch_mb() -> float | None:
-    """KVFLOW_SKINNY_L2_PREFETCH_MB: how much of a skinny GEMM's weight (MB, all programs
-    together) is requested into L2 before its PDL wait (kvflow/kernels/skinny_gemm.py); unset:
-    half the device's L2; 0 turns the prefetch off. Read at every launch."""
-    v = os.environ.get("KVFLOW_SKINNY_L2_PREFETCH_MB")
-    return None if v in (None, "") else float(v)
-
-
 def fused_sampling() -> bool:
     """KVFLOW_FUSED_SAMPLING (default 1): on CUDA, random sampling without top-k / top-p / min-p
     or per-request seeds is one Triton pass over the logits (Gumbel-max, kernels/argmax.py's

@@ -59,11 +59,6 @@ def cases():
         c = dict(HAS_BIAS=False, USE_DOT=dot, DEFER=False, EVEN_K=True, IEEE=False, BLOCK_M=bm,
                  BLOCK_N=bn, BLOCK_K=bk, SILU_MUL=silu, USE_PDL=True)
         out.append((sg._skinny_gemm_kernel, a, c, dict(num_warps=4, num_stages=3)))
-        # the same with the pre-wait L2 prefetch (chunks per row: one per thread)
-        pa = dict(a, pf_elems="i32", pf_bytes="i32")
-        out.append((sg._skinny_gemm_kernel, pa,
-                    dict(c, L2_PREFETCH=True, PF_CHUNKS=max(1, 128 // bn)),
-                    dict(num_warps=4, num_stages=3)))
     a = {n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr")}
     a.update({"pos_ptr": "*i64", "cs_ptr": "*fp32", "qw_ptr": "*bf16", "kw_ptr": "*bf16",
               "out_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16",

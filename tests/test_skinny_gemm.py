@@ -12,7 +12,6 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-import triton
 
 pytest.importorskip("triton")
 
@@ -198,62 +197,3 @@ def test_dense_linear_silu_mul_input_falls_back_exactly():
     w = torch.randn(20, 48)
     out = linear_mod.dense_linear(x, w, None, skinny=True, silu_mul_input=True)
     assert torch.equal(out, F.linear(ref_silu_and_mul(x), w))
-
-
-# ----------------------------------------------------------------- pre-wait L2 prefetch
-@pytest.mark.parametrize("n, k, block_n, split, warps, elem", [
-    (4096, 4096, 8, 1, 4, 2), (6144, 4096, 8, 1, 4, 2), (28672, 4096, 64, 1, 2, 2),
-    (4096, 14336, 8, 1, 4, 2), (128256, 4096, 64, 1, 4, 2), (1024, 3072, 8, 4, 4, 2),
-    (37, 200, 16, 3, 4, 4), (4099, 1000, 8, 3, 1, 2)])
-@pytest.mark.parametrize("budget_mb", [0, 1, 25, 1000])
-def test_l2_prefetch_plan_stays_inside_rows_and_budget(n, k, block_n, split, warps, elem,
-                                                       budget_mb):
-    """The plan's requests are 16-byte aligned, one per thread, within the budget, and never
-    pass the end of any split's K range (so never the row, nor the tensor)."""
-    bk = 64
-    k_per_split = triton.cdiv(triton.cdiv(k, split), bk) * bk
-    split = triton.cdiv(k, k_per_split)
-    budget = budget_mb * 2 ** 20
-    chunks, pf = sg.l2_prefetch_plan(n, k, elem, block_n, k_per_split, split, 32 * warps,
-                                     budget, w_ptr=256, stride_wn=k)
-    if budget == 0:
-        assert (chunks, pf) == (0, 0)
-        return
-    if chunks == 0:
-        assert pf == 0
-        return
-    assert block_n * chunks <= max(block_n, 32 * warps)        # no thread issues two requests
-    assert (pf * elem) % 16 == 0 and pf > 0
-    rows = triton.cdiv(n, block_n) * block_n * split
-    assert rows * chunks * pf * elem <= budget
-    for s in range(split):                                      # inside every split's range
-        k_lo = s * k_per_split
-        assert k_lo + chunks * pf <= min(k, k_lo + k_per_split)
-
-
-def test_l2_prefetch_plan_refuses_misaligned_weights():
-    assert sg.l2_prefetch_plan(4096, 4096, 2, 8, 4096, 1, 128, 2 ** 24, w_ptr=8,
-                               stride_wn=4096) == (0, 0)
-    assert sg.l2_prefetch_plan(4096, 4100, 2, 8, 4104, 1, 128, 2 ** 24, w_ptr=0,
-                               stride_wn=4100) == (0, 0)          # 8200-byte rows
-    assert sg.l2_prefetch_plan(4096, 4096, 2, 8, 4096, 1, 128, 2 ** 24, w_ptr=0,
-                               stride_wn=4096) != (0, 0)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs CUDA, compiled")
-@pytest.mark.parametrize("m", [1, 4, 16])
-@pytest.mark.parametrize("n, k, split_k", [(4096, 4096, 1), (28672, 4096, 1), (4096, 14336, 1),
-                                           (1024, 3072, 4), (37, 200, 3)])
-def test_l2_prefetch_changes_nothing_gpu(m, n, k, split_k, monkeypatch):
-    """The prefetch is a hint: with it (any budget) the output is bit-identical to without."""
-    if not sg.l2_prefetch_supported(torch.device(DEVICE)):
-        pytest.skip("bulk L2 prefetch needs sm_90+")
-    x, w, b = _operands(m, n, k, torch.bfloat16, True)
-    cfg = dict(sg.default_config(m, n, k), split_k=split_k)
-    monkeypatch.setenv("KVFLOW_SKINNY_L2_PREFETCH_MB", "0")
-    off = sg.skinny_gemm(x, w, b, cfg)
-    for mb in ("1", "24", "4096"):
-        monkeypatch.setenv("KVFLOW_SKINNY_L2_PREFETCH_MB", mb)
-        torch.testing.assert_close(sg.skinny_gemm(x, w, b, cfg), off, rtol=0, atol=0)
-    _close(off, sg.skinny_gemm_ref(x, w, b), torch.bfloat16)

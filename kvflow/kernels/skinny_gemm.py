@@ -37,7 +37,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kvflow import envs
 from kvflow.kernels.device import device_properties
 from kvflow.kernels.pdl import pdl_launch, pdl_launch_dependents, pdl_wait
 from kvflow.kernels.split_k import reduce_splits
@@ -56,22 +55,6 @@ def _load_w(w_rows, k0, k_hi, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
         return tl.load(w_rows + offs_k[None, :], eviction_policy="evict_first")
     return tl.load(w_rows + offs_k[None, :], mask=offs_k[None, :] < k_hi, other=0.0,
                    eviction_policy="evict_first")
-
-
-@triton.jit
-def _prefetch_l2(w_ptr, n0, N, k_lo, stride_wn, pf_elems, pf_bytes,
-                 BLOCK_N: tl.constexpr, PF_CHUNKS: tl.constexpr):
-    """Ask L2 for the first PF_CHUNKS * pf_elems columns of each of this program's rows from
-    k_lo: one bulk prefetch (sm_90 `cp.async.bulk.prefetch.L2`, fire and forget: no registers,
-    no completion to wait for) of pf_bytes per thread, BLOCK_N * PF_CHUNKS <= threads so no
-    request is issued twice. Addresses and sizes are 16-byte multiples (the host checks:
-    `_l2_prefetch_plan`)."""
-    idx = tl.arange(0, BLOCK_N * PF_CHUNKS)
-    row = tl.minimum(n0 + idx // PF_CHUNKS, N - 1)
-    ptrs = w_ptr + row.to(tl.int64) * stride_wn + k_lo + (idx % PF_CHUNKS) * pf_elems
-    size = tl.zeros([BLOCK_N * PF_CHUNKS], tl.int32) + pf_bytes
-    tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;",
-                              "=r,l,r", [ptrs, size], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -118,9 +101,7 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
                         HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, DEFER: tl.constexpr,
                         EVEN_K: tl.constexpr, IEEE: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        SILU_MUL: tl.constexpr, USE_PDL: tl.constexpr,
-                        pf_elems=0, pf_bytes=0, L2_PREFETCH: tl.constexpr = False,
-                        PF_CHUNKS: tl.constexpr = 1):
+                        SILU_MUL: tl.constexpr, USE_PDL: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -133,13 +114,8 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
     w_rows = w_ptr + tl.minimum(offs_n, N - 1).to(tl.int64)[:, None] * stride_wn   # [BN, 1]
     k_lo = pid_k * K_PER_SPLIT                           # K_PER_SPLIT % BLOCK_K == 0
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
-    # W is static: it may be read before waiting for the previous kernel (PDL), so its DRAM
-    # traffic overlaps that kernel. With L2_PREFETCH the first part of this program's slab is
-    # requested into L2 (a latency-bound predecessor -- norm, attention at a few rows --
-    # leaves HBM idle), and the first tile is loaded into registers. x is read after the wait.
-    if L2_PREFETCH:
-        _prefetch_l2(w_ptr, pid_n * BLOCK_N, N, k_lo, stride_wn, pf_elems, pf_bytes,
-                     BLOCK_N, PF_CHUNKS)
+    # W is static: its first tile is requested before waiting for the previous kernel (PDL),
+    # so the DRAM round trip overlaps that kernel's tail. x is read only after the wait.
     w = _load_w(w_rows, k_lo, k_hi, BLOCK_K, EVEN_K)                              # [BN, BK]
     pdl_wait(USE_PDL)
     pdl_launch_dependents(USE_PDL)
@@ -239,48 +215,6 @@ def choose_config(m: int, n: int, k: int, device: Optional[torch.device] = None)
     return load_table(device_properties(device).name).get((n, k, m_bucket(m)))
 
 
-# ----------------------------------------------------------------------- L2 prefetch plan
-_PF_ALIGN = 16             # bytes: cp.async.bulk addresses and sizes
-
-
-def l2_prefetch_supported(device: torch.device) -> bool:
-    """Bulk L2 prefetch needs sm_90+ and a compiled kernel (not the interpreter)."""
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        return False
-    props = device_properties(device)
-    return (props.major, props.minor) >= (9, 0)
-
-
-def l2_prefetch_plan(n: int, k: int, elem: int, block_n: int, k_per_split: int, split: int,
-                     threads: int, budget_bytes: int, w_ptr: int = 0,
-                     stride_wn: int = 0) -> tuple[int, int]:
-    """(chunks per row, elements per chunk) of the pre-wait L2 prefetch, (0, 0) for none.
-
-    Every row of every program asks for the same leading part of its K range, all programs
-    together at most `budget_bytes` (the weight beyond it streams as usual; a larger request
-    would evict its own first lines before they are used). A row's part never passes the
-    shortest split's range, so no request leaves the row (nor the tensor); its chunks are one
-    per thread (rows x chunks <= threads). Alignment: the base pointer, the row stride and every
-    chunk start are 16-byte multiples, or there is no prefetch."""
-    if budget_bytes <= 0 or (w_ptr % _PF_ALIGN) or (stride_wn * elem) % _PF_ALIGN \
-            or (k_per_split * elem) % _PF_ALIGN:
-        return 0, 0
-    rows = triton.cdiv(n, block_n) * block_n * split         # row ranges the grid reads
-    row_bytes = min(budget_bytes // rows, (k - (split - 1) * k_per_split) * elem)
-    chunks = max(1, threads // block_n)
-    chunk_bytes = row_bytes // chunks // _PF_ALIGN * _PF_ALIGN
-    if chunk_bytes == 0:
-        return 0, 0
-    return chunks, chunk_bytes // elem
-
-
-def _l2_budget(device: torch.device) -> int:
-    mb = envs.skinny_l2_prefetch_mb()
-    if mb is not None:
-        return int(mb * 2 ** 20)
-    return int(getattr(device_properties(device), "L2_cache_size", 0) or 0) // 2
-
-
 # --------------------------------------------------------------------------------- launch
 def skinny_gemm(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None,
                 config: Optional[dict] = None, silu_mul_input: bool = False) -> torch.Tensor:
@@ -316,20 +250,12 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] =
                   EVEN_K=k % bk == 0, IEEE=x.dtype == torch.float32,
                   BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, SILU_MUL=silu_mul_input,
                   num_warps=warps)
-    chunks, pf_elems = 0, 0
-    if l2_prefetch_supported(x.device):
-        chunks, pf_elems = l2_prefetch_plan(n, k, w.element_size(), bn, k_per_split, split,
-                                            32 * warps, _l2_budget(x.device), w.data_ptr(),
-                                            w.stride(0))
-    if chunks:
-        consts.update(L2_PREFETCH=True, PF_CHUNKS=chunks)
     # The first W tile is held across the loop (requested before the PDL wait): on top of
     # the pipeline's buffers, so tuned stage counts may need one stage less to fit.
     launch_fitting_stages(
         _skinny_gemm_kernel, (triton.cdiv(n, bn), split),
         (x.device.index, x.dtype, tuple(consts.items())), config.get("num_stages", 2),
         x, w, bias if has_bias else w, part, m, n, k, k_per_split, x.stride(0), w.stride(0),
-        pf_elems=pf_elems, pf_bytes=pf_elems * w.element_size(),
         **consts, **pdl_launch(x.device))
     if split > 1:
         reduce_splits(part, out, bias)
