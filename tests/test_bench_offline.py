@@ -38,3 +38,15 @@ def test_unknown_workload(tmp_path, capsys):
     assert _bench(model, tmp_path / "b.jsonl", workload="nope") != 0
     assert "unknown 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "b.jsonl").exists()
+
+
+def test_peaks_take_the_largest_rank():
+    from kvflow.bench.offline import _peaks
+    gib = 2 ** 30
+    assert _peaks([{}]) == {} and _peaks([]) == {}
+    assert _peaks([dict(peak_reserved=3 * gib, peak_allocated=2 * gib)]) == dict(
+        peak_gpu_memory_gib=3.0, peak_gpu_allocated_gib=2.0)
+    two = _peaks([dict(peak_reserved=3 * gib, peak_allocated=2 * gib),
+                  dict(peak_reserved=5 * gib, peak_allocated=gib)])
+    assert two == dict(peak_gpu_memory_gib=5.0, peak_gpu_allocated_gib=2.0,
+                       peak_gpu_memory_gib_per_rank=[3.0, 5.0])

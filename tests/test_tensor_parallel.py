@@ -142,6 +142,14 @@ def test_tp2_unseeded_sampling_runs(llama_pair):
     assert all(len(c.token_ids) == 8 for o in outs for c in o.outputs)
 
 
+def test_memory_stats_come_from_every_rank(llama_pair):
+    """The bench's peak-memory fields ask the workers (their own processes under TP), not the
+    driver's torch counters: one entry per rank, empty off CUDA."""
+    one, two = llama_pair
+    assert one.llm_engine.executor.memory_stats() == [{}]
+    assert two.llm_engine.executor.memory_stats(reset=True) == [{}, {}]
+
+
 @pytest.mark.timeout(60)
 def test_tp_config_validation(llama_pair):
     from kvflow.config import create_engine_config

@@ -145,7 +145,7 @@ def run(args) -> list[dict]:
         # What the plan may use, and what startup (profile, warm-up, graph capture) did use.
         util = kw.get("gpu_memory_utilization") or eng.config.cache.gpu_memory_utilization
         info["memory_budget_gib"] = round(util * torch.cuda.mem_get_info()[1] / 2 ** 30, 2)
-        info.update(_peaks())
+        info.update(_peaks(eng.executor.memory_stats(reset=True)))
     init = dict(base, record="init", llm_constructor_s=round(init_s, 3),
                 enforce_eager=bool(kw.get("enforce_eager")),
                 compilation_level=eng.config.compilation.level, max_model_len=eng.max_model_len,
@@ -157,25 +157,31 @@ def run(args) -> list[dict]:
     for w in names:
         if eng.step_trace is not None:
             eng.step_trace.clear()
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()     # peaks below are this workload's own
         rec = WORKLOADS[w](llm, base, args.temperature)
         if eng.step_trace:
             rec["step_trace"] = summarize_trace(eng.step_trace)
-        if torch.cuda.is_available():
-            rec.update(_peaks())
+        # This workload's own peaks: the window was reset after startup / the last workload.
+        rec.update(_peaks(eng.executor.memory_stats(reset=True)))
         records.append(rec)
         _emit(rec, args.out)
     return records
 
 
-def _peaks() -> dict:
-    """Peak GPU memory since the last reset: reserved by torch's caching allocator (what the
-    memory plan must bound) and allocated by live tensors (reserved - allocated = cached or
-    fragmented blocks)."""
-    import torch
-    return dict(peak_gpu_memory_gib=round(torch.cuda.max_memory_reserved() / 2 ** 30, 2),
-                peak_gpu_allocated_gib=round(torch.cuda.max_memory_allocated() / 2 ** 30, 2))
+def _peaks(per_rank: list[dict]) -> dict:
+    """Peak GPU memory from every rank's Worker.memory_stats: reserved by torch's caching
+    allocator (what the memory plan must bound) and allocated by live tensors (reserved -
+    allocated = cached or fragmented blocks), the largest rank's; per rank too when there are
+    several (tensor / expert parallel workers live in their own processes, so the driver's
+    own torch.cuda counters say nothing). {} without a GPU."""
+    ranks = [r for r in per_rank if r]
+    if not ranks:
+        return {}
+    gib = lambda b: round(b / 2 ** 30, 2)  # noqa: E731
+    out = dict(peak_gpu_memory_gib=gib(max(r["peak_reserved"] for r in ranks)),
+               peak_gpu_allocated_gib=gib(max(r["peak_allocated"] for r in ranks)))
+    if len(ranks) > 1:
+        out["peak_gpu_memory_gib_per_rank"] = [gib(r["peak_reserved"]) for r in ranks]
+    return out
 
 
 def summarize_trace(trace: list) -> dict:

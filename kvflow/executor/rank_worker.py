@@ -74,6 +74,8 @@ class RankWorker:
         if method == "initialize_cache":
             worker.initialize_cache(payload)
             return self.timings
+        if method == "memory_stats":
+            return worker.memory_stats(payload)
         if method == "sleeper":  # sleep mode: (name, args) on the SleepManager
             name, args = payload
             attr = getattr(worker.sleeper, name)

@@ -118,6 +118,11 @@ class RankedExecutor:
     def execute_model(self, so: SchedulerOutput) -> RunnerOutput:
         return self.resolve(self.launch(so))
 
+    def memory_stats(self, reset: bool = False) -> list[dict[str, int]]:
+        """Each rank's device memory peaks (Worker.memory_stats), in rank order."""
+        self._broadcast("memory_stats", reset)
+        return self._gather()
+
     # ------------------------------------------------------------------ sleep mode
     # Every rank sleeps / wakes its own shard. The serving state only changes through these
     # calls, so the driver caches rank 0's view after each (add_request asks on every request).

@@ -29,6 +29,10 @@ class UniProcExecutor:
     def resolve(self, handle) -> RunnerOutput:
         return self.worker.runner.resolve(handle)
 
+    def memory_stats(self, reset: bool = False) -> list[dict[str, int]]:
+        """The worker's device memory peaks, as a one-rank list (see RankedExecutor)."""
+        return [self.worker.memory_stats(reset)]
+
     # Sleep mode (kvflow/worker/sleep.py); a multi-process executor broadcasts these.
     def sleep(self, level: int) -> int:
         return self.worker.sleeper.sleep(level)

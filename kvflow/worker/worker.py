@@ -234,6 +234,18 @@ class Worker:
                 and self.runner.backend.capabilities.supports_cuda_graphs
                 and getattr(self.model, "supports_cuda_graphs", True))
 
+    def memory_stats(self, reset: bool = False) -> dict[str, int]:
+        """Peak bytes of this worker's device since the last reset: reserved by the caching
+        allocator (what the memory plan bounds) and allocated by live tensors. {} off CUDA.
+        reset: start a new peak window after reading."""
+        if self.device.type != "cuda":
+            return {}
+        stats = dict(peak_reserved=torch.cuda.max_memory_reserved(self.device),
+                     peak_allocated=torch.cuda.max_memory_allocated(self.device))
+        if reset:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        return stats
+
     # ------------------------------------------------------------------ steps
     def execute_model(self, so: SchedulerOutput) -> RunnerOutput:
         return self.runner.execute_model(so)
