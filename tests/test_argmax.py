@@ -145,3 +145,10 @@ def test_sampler_fused_path(monkeypatch):
     calls.clear()
     sampler(logits[:8], meta([SP(temperature=0.7, top_k=3)] * 8))
     assert not calls
+
+
+def test_sampler_row_limit_matches_the_kernel():
+    """The sampler keeps its own copy of the kernel's row limit (it must not import Triton)."""
+    import kvflow.kernels.argmax as am
+    import kvflow.sample.sampler as sampler_mod
+    assert sampler_mod._ARGMAX_MAX_ROWS == am.ARGMAX_MAX_ROWS

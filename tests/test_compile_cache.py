@@ -234,6 +234,8 @@ IGNORED_FLIPS = {
     "hf_name_or_path": _flip_hf(_name_or_path="/elsewhere"),
     "cache_dir_env": _flip_env("KVFLOW_CACHE_DIR", "/elsewhere"),
     "visible_devices": _flip_env("CUDA_VISIBLE_DEVICES", "3"),
+    "commit_label_env": _flip_env("KVFLOW_COMMIT", "deadbee"),
+    "step_trace_env": _flip_env("KVFLOW_STEP_TRACE", "1"),
 }
 
 

@@ -105,6 +105,9 @@ IGNORED_ENV: dict[str, str] = {
     "TORCHINDUCTOR_CACHE_DIR": "set per key by compile.py (would make the key self-referential)",
     "TRITON_CACHE_DIR": "set per key by compile.py",
     "KVFLOW_LOGGING_LEVEL": "logging only",
+    "KVFLOW_COMMIT": "a label the benchmarks write into their records",
+    "KVFLOW_STEP_TRACE": "host-side step timing only",
+    "KVFLOW_TEST_DEVICE": "which device the test suite runs on; the device itself is keyed",
     "TORCH_COMPILE_DEBUG_DIR": "where debug dumps go",
     "CUDA_VISIBLE_DEVICES": "device identity is keyed by name and compute capability",
     # Set by inductor itself while compiling (to torch's bundled tools): keying them would change
