@@ -85,7 +85,6 @@ def test_fold_conditions(monkeypatch):
     monkeypatch.setenv("KVFLOW_NORM_FOLD", "0")
     assert not norm_fold.fold_ok(x, prod, cons, False)
     monkeypatch.delenv("KVFLOW_NORM_FOLD")
-    monkeypatch.setattr(norm_fold, "get_tp_size", lambda: 2, raising=False)
     import kvflow.distributed as dist
     monkeypatch.setattr(dist, "get_tp_size", lambda: 2)
     assert not norm_fold.fold_ok(x, prod, cons, False)

@@ -84,11 +84,17 @@ def consumer_ok(layer: "LinearBase", hg: torch.Tensor) -> bool:
 def fold_ok(x: torch.Tensor, producer: "LinearBase", consumer: "LinearBase",
             silu_mul_input: bool) -> bool:
     """Whether producer(x) -> add + norm -> consumer can run folded (see the module doc)."""
+    from kvflow import kernels
     from kvflow.distributed import get_tp_size
+    if not kernels.HAS_TRITON:
+        return False
+    from kvflow.kernels.skinny_gemm import MAX_M
+    m = x.numel() // x.shape[-1]
+    if m > MAX_M:                       # prefill-sized: the cheapest rejection first
+        return False
     if not (envs.norm_fold() and _device_ok(x) and x.dtype in _DTYPES
             and not torch.compiler.is_compiling() and get_tp_size() == 1
             and producer.bias is None and (not silu_mul_input or producer.skinny_silu_mul)):
         return False
-    m = x.numel() // x.shape[-1]
     return (_skinny_single_split(producer, m, x.device) and producer.weight.dtype == x.dtype
             and consumer_ok(consumer, x))
