@@ -324,11 +324,18 @@ def _attention_kernel(
         base = tl.load(qsl_ptr) // BLOCK_Q   # qsl[0] > 0 when launched on a slice of requests
         req = _find_request(qsl_ptr, num_reqs, pid_q, base, BLOCK_Q)
         q_block = pid_q - (tl.load(qsl_ptr + req) // BLOCK_Q + req - base)
-    q_start = tl.load(qsl_ptr + req)
-    q_len = tl.load(qsl_ptr + req + 1) - q_start
+    if PREFETCH:
+        # The lengths were read before the wait (same request: DIRECT); reading them again
+        # would put one more L2 round trip between the wait and the query load.
+        q_start = p_q0
+        q_len = p_qlen
+        seq_len = p_ctx + p_qlen
+    else:
+        q_start = tl.load(qsl_ptr + req)
+        q_len = tl.load(qsl_ptr + req + 1) - q_start
+        seq_len = tl.load(seq_lens_ptr + req)
     if q_block * BLOCK_Q >= q_len:      # gap program, or a padding request
         return
-    seq_len = tl.load(seq_lens_ptr + req)
     ctx_len = seq_len - q_len           # context tokens before this request's first query
 
     # KV range of this q-block: [kv_lo, kv_end), tiles [t0, t1) of it for this segment.
