@@ -331,6 +331,30 @@ def test_nccl_transport_logic_over_gloo(model_dir, reference):
         cons.shutdown()
 
 
+def test_nccl_producer_binds_its_control_port_before_the_store(model_dir, monkeypatch):
+    """The engine picks the producer's control port free and releases it; the NCCL server must
+    bind it again before the rendezvous store asks the OS for an ephemeral port, which could
+    otherwise be that very port (seen in CI: 'Address already in use')."""
+    import kvflow.kv_transfer.nccl_transport as nt
+    order = []
+    real_server, real_store = nt.TCPKVServer, nt._store
+
+    def server(*a, **kw):
+        order.append("control")
+        return real_server(*a, **kw)
+
+    def store(*a, **kw):
+        order.append("store")
+        return real_store(*a, **kw)
+    monkeypatch.setattr(nt, "TCPKVServer", server)
+    monkeypatch.setattr(nt, "_store", store)
+    prod = engine(model_dir, producer_cfg(transport="nccl"))
+    try:
+        assert order == ["control", "store"]
+    finally:
+        prod.shutdown()
+
+
 def test_device_checksum_detects_a_flipped_byte():
     import torch
     from kvflow.kv_transfer.nccl_transport import device_checksum

@@ -92,13 +92,21 @@ class NCCLKVServer:
         self.cfg, self.layout, self.kv_caches, self.device = cfg, layout, kv_caches, device
         self._claim, self._release = claim, release_cb
         self._groups: dict[str, object] = {}
-        self._store = _store(cfg.host if cfg.host not in ("*", "::") else "0.0.0.0",
-                             cfg.nccl_port, True, cfg.timeout_s)
-        self.store_port = self._store.port
+        # The control port first: the engine picked it free a moment ago and released it
+        # (llm_engine._bind_kv_transfer_port), and the store's ephemeral port (nccl_port 0)
+        # could otherwise be handed that very port. No client can ask for the store before
+        # this constructor returns: the producer is advertised only after engine startup.
         self.control = TCPKVServer(cfg.host, cfg.port, layout, kv_caches, claim, release_cb,
                                    drop or (lambda rid: False),
                                    {"nccl_connect": self._connect, "pull_nccl": self._pull})
         self.port = self.control.port
+        try:
+            self._store = _store(cfg.host if cfg.host not in ("*", "::") else "0.0.0.0",
+                                 cfg.nccl_port, True, cfg.timeout_s)
+        except Exception:
+            self.control.close()      # no serving thread left behind a failed start
+            raise
+        self.store_port = self._store.port
 
     def _on_device(self) -> None:
         if self.device.type == "cuda":  # the control thread's current device, for NCCL
