@@ -407,16 +407,16 @@ class ModelRunner:
 
     def _warm_up_sampling(self) -> None:
         """Compile the sampling kernels (greedy argmax and the fused random draw) for every
-        chunk size they can pick, on a dummy row of the vocabulary: the sampler runs outside
-        the dummy steps and the CUDA graphs."""
+        chunk size they can pick, on a dummy row of the vocabulary: they run outside the CUDA
+        graphs, and the dummy steps sample with top-k / top-p (the torch path) at one batch
+        size only."""
         if self.device.type != "cuda":
             return
         from kvflow import kernels
         if not kernels.HAS_TRITON:
             return
         from kvflow.kernels.argmax import CHUNKS, argmax_rows, sample_rows
-        logits = torch.zeros((1, self.config.model.vocab_size), dtype=torch.float32,
-                             device=self.device)
+        logits = torch.zeros((1, self.vocab_size), dtype=torch.float32, device=self.device)
         temperature = torch.ones((1,), dtype=torch.float32, device=self.device)
         for chunk in CHUNKS:
             argmax_rows(logits, chunk)
