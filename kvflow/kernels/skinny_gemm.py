@@ -123,6 +123,21 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
     w = _load_w(w_rows, k_lo, k_hi, BLOCK_K, EVEN_K)                              # [BN, BK]
     pdl_wait(USE_PDL)
     pdl_launch_dependents(USE_PDL)
+    out_mask = m_mask[:, None] & n_mask[None, :]
+    out_offs = offs_m[:, None] * N + offs_n[None, :]
+    # The folded norm's operands are requested here, not after the loop: they are ready once the
+    # previous kernel is (the wait), and their round trips then hide under the W stream instead
+    # of lengthening the tail that the next kernel waits on.
+    if ROW_SCALE:
+        # The consumer half of a folded RMSNorm: x is h * g; the producer stored each of its
+        # programs' sum of h^2 for every row; rstd per row scales the fp32 product.
+        offs_s = tl.arange(0, SQ_PAD)
+        sq = tl.load(sq_ptr + offs_m[:, None] * n_sq + offs_s[None, :],
+                     mask=m_mask[:, None] & (offs_s[None, :] < n_sq), other=0.0)  # [BM, SQ]
+        rstd = tl.math.rsqrt(tl.sum(sq, axis=1) * inv_k + eps)                   # [BM]
+    if ADD_NORM:
+        r = tl.load(r_ptr + out_offs, mask=out_mask, other=0.0)                   # [BM, BN]
+        g = tl.load(g_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)       # [BN]
     if USE_DOT:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)                      # out^T
     elif DEFER:
@@ -141,15 +156,8 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
         res = tl.sum(acc, axis=2)
     else:
         res = acc
-    out_mask = m_mask[:, None] & n_mask[None, :]
-    out_offs = offs_m[:, None] * N + offs_n[None, :]
     if ROW_SCALE:
-        # The consumer half of a folded RMSNorm: x was h * g, the producer stored each of
-        # its programs' sum of h^2 for every row; rstd per row scales the fp32 product.
-        offs_s = tl.arange(0, SQ_PAD)
-        sq = tl.load(sq_ptr + offs_m[:, None] * n_sq + offs_s[None, :],
-                     mask=m_mask[:, None] & (offs_s[None, :] < n_sq), other=0.0)  # [BM, SQ]
-        res = res * tl.math.rsqrt(tl.sum(sq, axis=1) * inv_k + eps)[:, None]
+        res = res * rstd[:, None]
     if HAS_BIAS:        # only set when there is a single split: the reduce kernel adds it
         res += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     y = res.to(out_ptr.dtype.element_ty)
@@ -157,12 +165,10 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
         # The producer half of a folded residual add + RMSNorm (single split): h = y + r,
         # rounded as the norm kernel rounds it, is the new residual stream; the output is
         # h * g, and this program's sum of h^2 per row goes to sq[row, pid_n].
-        r = tl.load(r_ptr + out_offs, mask=out_mask, other=0.0)
         h = (y.to(tl.float32) + r.to(tl.float32)).to(y.dtype)
         tl.store(h_ptr + out_offs, h, mask=out_mask)
         hf = tl.where(out_mask, h.to(tl.float32), 0.0)
         tl.store(sq_ptr + offs_m * n_sq + pid_n, tl.sum(hf * hf, axis=1), mask=m_mask)
-        g = tl.load(g_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         y = (hf * g[None, :]).to(y.dtype)
     tl.store(out_ptr + pid_k.to(tl.int64) * M * N + out_offs, y, mask=out_mask)
 
