@@ -8,6 +8,8 @@ Llama-3.1-8B at decode; and the conditions that turn the fold off.
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -26,11 +28,12 @@ DEVICE = kernel_device(sg._skinny_gemm_kernel)
 @pytest.fixture
 def force_fold(monkeypatch):
     """Fold on the interpreter: CPU tensors count as the skinny GEMM's device and every product
-    gets a single-split config. Returns the list of (add_norm, row_scale) flags per launch."""
+    gets a single-split GEMV config (consumers fold only in that form). Returns the list of
+    (add_norm, row_scale) flags per launch."""
     if DEVICE == "cpu":
         monkeypatch.setattr(norm_fold, "_device_ok", lambda x: True)
     monkeypatch.setattr(sg, "choose_config",
-                        lambda m, n, k, device=None: dict(sg.default_config(m, n, k), split_k=1))
+                        lambda m, n, k, device=None: dict(sg.default_config(1, n, k), split_k=1))
     calls = []
     real = sg.skinny_gemm
 
@@ -80,7 +83,10 @@ def test_fold_conditions(monkeypatch):
     cons = MergedColumnParallelLinear(32, [48, 48]).to(torch.bfloat16)
     x = torch.zeros(2, 64, dtype=torch.bfloat16)
     assert norm_fold.fold_ok(x, prod, cons, False)
-    assert not norm_fold.fold_ok(x.float(), prod.float(), cons.float(), False)
+    # (Module.float() converts in place: copies, so the checks below still see bf16 layers)
+    assert not norm_fold.fold_ok(x.float(), copy.deepcopy(prod).float(),
+                                 copy.deepcopy(cons).float(), False)
+    assert norm_fold.fold_ok(x, prod, cons, False)
     assert not norm_fold.fold_ok(torch.zeros(17, 64, dtype=torch.bfloat16), prod, cons, False)
     monkeypatch.setenv("KVFLOW_NORM_FOLD", "0")
     assert not norm_fold.fold_ok(x, prod, cons, False)
@@ -89,6 +95,13 @@ def test_fold_conditions(monkeypatch):
     monkeypatch.setattr(dist, "get_tp_size", lambda: 2)
     assert not norm_fold.fold_ok(x, prod, cons, False)
     monkeypatch.setattr(dist, "get_tp_size", lambda: 1)
+    assert norm_fold.fold_ok(x, prod, cons, False)
+    # a consumer in the tensor-core form (its padded partial-sum tile costs registers)
+    monkeypatch.setattr(sg, "choose_config",
+                        lambda m, n, k, device=None: dict(sg.default_config(m, n, k), split_k=1,
+                                                          use_dot=n == 96))
+    assert not norm_fold.fold_ok(x, prod, cons, False)
+    assert norm_fold.fold_ok(x, prod, RowParallelLinear(32, 48).to(torch.bfloat16), False)
     monkeypatch.setattr(sg, "choose_config",
                         lambda m, n, k, device=None: dict(sg.default_config(m, n, k),
                                                           split_k=2, block_k=16))

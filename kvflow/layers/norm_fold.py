@@ -11,7 +11,7 @@ both run as single-split skinny GEMMs, the norm's work moves into their epilogue
   consumer   round(rsqrt(sum(sq[row]) / H + eps) * (out @ W'^T) (+ bias))
 
 No launch and no extra pass over anything: the producer already holds its outputs, the
-consumer loads one [M, programs] fp32 row after its loop. One rounding moves (the unfused norm
+consumer loads one [M, programs] fp32 row right after its PDL wait. One rounding moves (the unfused norm
 rounds h * rstd, then * g, before the product), well inside bf16's tolerance
 (tests/test_norm_fold.py). The residual stream is bit-identical.
 
@@ -20,7 +20,8 @@ producer decides (`fold_ok`) for both halves, knowing its consumer; any other re
 `materialize()` the ordinary norm output (from h, bit-identical to the unfused path). Off: CPU,
 fp32, torch.compile tracing, tensor parallelism (the producer's partial sums need their
 all-reduce first), quantized or biased producers, products without a single-split tuned
-config, and KVFLOW_NORM_FOLD=0.
+config, consumers in the tensor-core form (`skinny_gemm.foldable`: Llama-3.1-8B's gate/up
+product, so only its input norms fold), and KVFLOW_NORM_FOLD=0.
 """
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ def _device_ok(x: torch.Tensor) -> bool:
     return x.is_cuda
 
 
-def _skinny_single_split(layer: "LinearBase", m: int, device: torch.device) -> bool:
+def _skinny_single_split(layer: "LinearBase", m: int, device: torch.device,
+                         consumer: bool = False) -> bool:
     from kvflow import kernels
     if layer.quant_method is not None or not layer.skinny_gemm or not kernels.HAS_TRITON:
         return False
@@ -72,12 +74,12 @@ def _skinny_single_split(layer: "LinearBase", m: int, device: torch.device) -> b
     if w.stride(-1) != 1:
         return False
     from kvflow.kernels import skinny_gemm as sg
-    return sg.foldable(m, w.shape[0], w.shape[1], device)
+    return sg.foldable(m, w.shape[0], w.shape[1], device, consumer=consumer)
 
 
 def consumer_ok(layer: "LinearBase", hg: torch.Tensor) -> bool:
     """Whether `layer` can run the consumer half on hg (what fold_ok checked for it)."""
-    return (_skinny_single_split(layer, hg.numel() // hg.shape[-1], hg.device)
+    return (_skinny_single_split(layer, hg.numel() // hg.shape[-1], hg.device, consumer=True)
             and layer.weight.dtype == hg.dtype)
 
 
