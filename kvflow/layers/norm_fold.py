@@ -91,11 +91,15 @@ def fold_ok(x: torch.Tensor, producer: "LinearBase", consumer: "LinearBase",
     if not kernels.HAS_TRITON:
         return False
     from kvflow.kernels.skinny_gemm import MAX_M
-    m = x.numel() // x.shape[-1]
-    if m > MAX_M:                       # prefill-sized: the cheapest rejection first
+    # Never under torch.compile (checked before anything reads the token count, which is an
+    # unbacked symbol there: comparing it would force the compile off its one-graph-for-every-T
+    # trace). Then prefill-sized batches, the cheapest rejection.
+    if torch.compiler.is_compiling():
         return False
-    if not (envs.norm_fold() and _device_ok(x) and x.dtype in _DTYPES
-            and not torch.compiler.is_compiling() and get_tp_size() == 1
+    m = x.numel() // x.shape[-1]
+    if m > MAX_M:
+        return False
+    if not (envs.norm_fold() and _device_ok(x) and x.dtype in _DTYPES and get_tp_size() == 1
             and producer.bias is None and (not silu_mul_input or producer.skinny_silu_mul)):
         return False
     return (_skinny_single_split(producer, m, x.device) and producer.weight.dtype == x.dtype
