@@ -165,6 +165,10 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: [T] -> hidden states [T, hidden]."""
         return self.model(input_ids, positions)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [N, hidden] -> logits [N, vocab] (float32)."""
-        return self.lm_head.compute_logits(hidden).float()
+    def compute_logits(self, hidden: torch.Tensor,
+                       out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """hidden [N, hidden] -> logits [N, vocab] (float32). out: an fp32 [N, vocab] buffer to
+        write them into (the decode graph's): the cast and the copy are then one pass over the
+        logits instead of two (Llama-3.1-8B, 256 rows: 131 MB of fp32 less to write and read)."""
+        logits = self.lm_head.compute_logits(hidden)
+        return logits.float() if out is None else out.copy_(logits)
