@@ -60,6 +60,14 @@ def fused_sampling() -> bool:
     return os.environ.get("KVFLOW_FUSED_SAMPLING", "1") != "0"
 
 
+def norm_fold() -> bool:
+    """KVFLOW_NORM_FOLD (default 1): at decode, a residual add + RMSNorm between two
+    single-split skinny GEMMs runs in their epilogues instead of its own kernel
+    (kvflow/layers/norm_fold.py); 0 keeps the norm kernel. Read at every forward (CUDA graphs:
+    at capture)."""
+    return os.environ.get("KVFLOW_NORM_FOLD", "1") != "0"
+
+
 def skinny_gemm() -> bool:
     """KVFLOW_SKINNY_GEMM (default 1): unquantized linear layers (incl. tensor-parallel shards, the LM head
     and MoE routers) on CUDA with fp16/bf16 inputs of at most 16 rows use the Triton skinny GEMM

@@ -59,6 +59,17 @@ def cases():
         c = dict(HAS_BIAS=False, USE_DOT=dot, DEFER=False, EVEN_K=True, IEEE=False, BLOCK_M=bm,
                  BLOCK_N=bn, BLOCK_K=bk, SILU_MUL=silu, USE_PDL=True)
         out.append((sg._skinny_gemm_kernel, a, c, dict(num_warps=4, num_stages=3)))
+    # the folded RMSNorm's producer (o / down) and consumer (q/k/v GEMV, gate/up dot) halves
+    fa = dict(a, r_ptr="*bf16", h_ptr="*bf16", g_ptr="*bf16", sq_ptr="*fp32", n_sq="i32",
+              inv_k="fp32", eps="fp32")
+    for dot, bm, bn, bk, silu, mode in [(False, 1, 8, 1024, False, "add"),
+                                        (False, 1, 8, 1024, True, "add"),
+                                        (False, 1, 8, 512, False, "scale"),
+                                        (True, 16, 64, 128, False, "scale")]:
+        c = dict(HAS_BIAS=False, USE_DOT=dot, DEFER=False, EVEN_K=True, IEEE=False, BLOCK_M=bm,
+                 BLOCK_N=bn, BLOCK_K=bk, SILU_MUL=silu, USE_PDL=True,
+                 ADD_NORM=mode == "add", ROW_SCALE=mode == "scale", SQ_PAD=512)
+        out.append((sg._skinny_gemm_kernel, fa, c, dict(num_warps=4, num_stages=3)))
     a = {n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr")}
     a.update({"pos_ptr": "*i64", "cs_ptr": "*fp32", "qw_ptr": "*bf16", "kw_ptr": "*bf16",
               "out_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16",

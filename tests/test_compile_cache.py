@@ -299,8 +299,8 @@ class _BranchOnTokens(torch.nn.Module):
         hidden = self.inner(input_ids, positions)
         return hidden + 0.0 if input_ids.shape[0] > 4 else hidden * 1.0
 
-    def compute_logits(self, hidden):
-        return self.inner.compute_logits(hidden)
+    def compute_logits(self, hidden, out=None):
+        return self.inner.compute_logits(hidden, out=out)
 
 
 def test_untraceable_unbacked_falls_back_to_backed_shapes(worker, tmp_path, caplog):

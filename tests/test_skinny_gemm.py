@@ -17,6 +17,7 @@ pytest.importorskip("triton")
 
 import kvflow.kernels  # noqa: E402,F401  (applies the interpreter fixes)
 import kvflow.kernels.skinny_gemm as sg  # noqa: E402
+import triton  # noqa: E402
 from kvflow.layers import linear as linear_mod  # noqa: E402
 from tests.conftest import kernel_device  # noqa: E402
 
@@ -197,3 +198,65 @@ def test_dense_linear_silu_mul_input_falls_back_exactly():
     w = torch.randn(20, 48)
     out = linear_mod.dense_linear(x, w, None, skinny=True, silu_mul_input=True)
     assert torch.equal(out, F.linear(ref_silu_and_mul(x), w))
+
+
+# ------------------------------------------------------------ folded residual add + RMSNorm
+def _fold_chain(m, hidden, n_out, k_in, use_dot, bias, dtype=torch.bfloat16, seed=3):
+    """producer: y = x @ W1^T (K = k_in -> N = hidden) + residual add + RMSNorm, then the
+    consumer W2 (hidden -> n_out): folded (two launches) and unfused (GEMM, norm kernel /
+    reference, GEMM)."""
+    from kvflow.layers import ops
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k_in, generator=g).to(dtype).to(DEVICE)
+    w1 = (torch.randn(hidden, k_in, generator=g) * k_in ** -0.5).to(dtype).to(DEVICE)
+    w2 = (torch.randn(n_out, hidden, generator=g) * hidden ** -0.5).to(dtype).to(DEVICE)
+    r = torch.randn(m, hidden, generator=g).to(dtype).to(DEVICE)
+    gam = (1 + 0.1 * torch.randn(hidden, generator=g)).to(dtype).to(DEVICE)
+    b2 = torch.randn(n_out, generator=g).to(dtype).to(DEVICE) if bias else None
+    eps = 1e-5
+    cfg1 = dict(sg.default_config(m, hidden, k_in), split_k=1, use_dot=use_dot)
+    cfg2 = dict(sg.default_config(m, n_out, hidden), split_k=1, use_dot=use_dot)
+    hg, h, fold = sg.skinny_gemm(x, w1, None, cfg1, add_norm=(r, gam, eps))
+    folded = sg.skinny_gemm(hg, w2, b2, cfg2, row_scale=fold)
+    y1 = sg.skinny_gemm(x, w1, None, cfg1)
+    normed, h_ref = ops.fused_add_rms_norm(y1, r, gam, eps)
+    unfused = sg.skinny_gemm(normed, w2, b2, cfg2)
+    return dict(x=x, w1=w1, r=r, gam=gam, eps=eps, hg=hg, h=h, fold=fold, y1=y1, h_ref=h_ref,
+                folded=folded, unfused=unfused, w2=w2, b2=b2, cfg1=cfg1)
+
+
+@pytest.mark.parametrize("m, use_dot", [(1, False), (3, False), (5, True)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_folded_norm_matches_the_unfused_chain(m, use_dot, bias):
+    """The producer's residual stream is exactly the norm kernel's; its h * g and per-program
+    sums of squares are what they say; the consumer's result matches GEMM -> add+norm -> GEMM
+    to bf16 rounding (one rounding moved: h * g before the product, rstd after)."""
+    c = _fold_chain(m, hidden=96, n_out=40, k_in=64, use_dot=use_dot, bias=bias)
+    assert torch.equal(c["h"], c["h_ref"])                   # same rounding of y + r
+    hf = c["h"].float()
+    torch.testing.assert_close(c["hg"], (hf * c["gam"].float()).to(torch.bfloat16),
+                               rtol=0, atol=0)
+    sq = c["fold"].sq
+    bn = c["cfg1"]["block_n"]
+    assert sq.shape == (m, triton.cdiv(96, bn))
+    torch.testing.assert_close(sq.sum(1), (hf * hf).sum(1), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(sq[:, 0], (hf[:, :bn] ** 2).sum(1), rtol=1e-5, atol=1e-4)
+    # the consumer: exact against its own fp32 reference ...
+    rstd = torch.rsqrt((hf * hf).mean(1) + c["eps"])
+    ref = c["hg"].float() @ c["w2"].float().T * rstd[:, None]
+    if c["b2"] is not None:
+        ref = ref + c["b2"].float()
+    _close(c["folded"], ref.to(torch.bfloat16), torch.bfloat16)
+    # ... and within bf16 rounding of the unfused chain
+    scale = c["unfused"].float().abs().max().item() + 1.0
+    torch.testing.assert_close(c["folded"].float(), c["unfused"].float(), rtol=0,
+                               atol=4 * 2 ** -7 * scale)
+
+
+def test_folded_norm_needs_one_split():
+    x, w, _ = _operands(1, 32, 256, torch.bfloat16, False)
+    r = torch.zeros(1, 32, dtype=torch.bfloat16, device=DEVICE)
+    g = torch.ones(32, dtype=torch.bfloat16, device=DEVICE)
+    cfg = dict(sg.default_config(1, 32, 256), split_k=2, block_k=64)
+    with pytest.raises(AssertionError, match="single K split"):
+        sg.skinny_gemm(x, w, None, cfg, add_norm=(r, g, 1e-6))

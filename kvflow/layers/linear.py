@@ -22,6 +22,7 @@ from torch import nn
 
 from kvflow import envs
 from kvflow.distributed import get_tp_rank, get_tp_size, tp_all_reduce
+from kvflow.layers.norm_fold import NormedHidden, consumer_ok, fold_ok
 from kvflow.layers import ops
 
 _SKINNY_DTYPES = (torch.float16, torch.bfloat16)
@@ -72,6 +73,17 @@ def _skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     return F.linear(x, weight, bias)
 
 
+def _skinny_row_scaled(x: NormedHidden, weight: torch.Tensor,
+                       bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The consumer half of a folded norm (the producer checked `fold_ok` for this layer)."""
+    import kvflow.kernels.skinny_gemm as sg
+    hg = x.hg
+    k = hg.shape[-1]
+    m = hg.numel() // k
+    out = sg.skinny_gemm(hg.reshape(m, k), weight, bias, row_scale=x.fold)
+    return out.view(*hg.shape[:-1], weight.shape[0])
+
+
 @torch.library.custom_op("kvflow::skinny_linear", mutates_args=())
 def _skinny_linear_op(x: torch.Tensor, weight: torch.Tensor,
                       bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -111,7 +123,13 @@ class LinearBase(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x) -> torch.Tensor:
+        """x: [..., in_features], or a NormedHidden from a producer that folded the norm in
+        front of this layer (layers/norm_fold.py): its consumer half runs here."""
+        if isinstance(x, NormedHidden):
+            if x.fold is not None and consumer_ok(self, x.hg):
+                return _skinny_row_scaled(x, self.weight, self.bias)
+            x = x.materialize()
         if self.quant_method is not None:
             return self.quant_method.apply(self, x, self.bias)
         return dense_linear(x, self.weight, self.bias, self.skinny_gemm)
@@ -238,9 +256,30 @@ class RowParallelLinear(LinearBase):
             loaded = loaded.narrow(1, get_tp_rank() * n, n)
         default_weight_loader(param, loaded)
 
-    def forward(self, x: torch.Tensor, silu_mul_input: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, silu_mul_input: bool = False, add_norm=None):
         """silu_mul_input: x is gate | up ([..., 2 * in_features]) and the layer multiplies
-        silu(gate) * up (see dense_linear; fused into the product where possible)."""
+        silu(gate) * up (see dense_linear; fused into the product where possible).
+
+        add_norm = (residual, norm, consumer): the residual add + RMSNorm `norm` that follows,
+        whose output `consumer` (a linear layer) reads. Returns (normalised, new residual):
+        folded into this product and the consumer's (a NormedHidden) where `fold_ok`, else
+        the norm layer's own output."""
+        if add_norm is not None:
+            residual, norm, consumer = add_norm
+            if fold_ok(x, self, consumer, silu_mul_input):
+                from kvflow.kernels import skinny_gemm as sg
+                kx = x.shape[-1]
+                m = x.numel() // kx
+                n = self.weight.shape[0]
+                hg, h, fold = sg.skinny_gemm(x.reshape(m, kx), self.weight, None,
+                                             silu_mul_input=silu_mul_input,
+                                             add_norm=(residual.reshape(m, n), norm.weight,
+                                                       norm.eps))
+                shape = (*x.shape[:-1], n)
+                h = h.view(shape)
+                return NormedHidden(hg.view(shape), h, norm, fold), h
+            normed, residual = norm(self.forward(x, silu_mul_input), residual)
+            return NormedHidden(normed, residual, norm), residual
         # Bias added once, after the reduction.
         if self.quant_method is not None:
             if silu_mul_input:

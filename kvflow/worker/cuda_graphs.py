@@ -147,7 +147,7 @@ class DecodeGraphs:
             extra = {LOCAL: md} if self.local_is_global else {}
         with set_forward_context(md, extra):
             hidden = self.model(self.input_ids[:bs], self.positions[:bs])
-        self.logits[:bs].copy_(self.model.compute_logits(hidden))
+        self.model.compute_logits(hidden, out=self.logits[:bs])
 
     @torch.inference_mode()
     def capture(self) -> None:
