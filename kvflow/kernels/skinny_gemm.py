@@ -265,8 +265,15 @@ def foldable(m: int, n: int, k: int, device: torch.device, consumer: bool = Fals
     cfg = choose_config(m, n, k, device) if 1 <= m <= MAX_M else None
     if cfg is None or (consumer and cfg.get("use_dot", False)):
         return False
-    return triton.cdiv(k, triton.cdiv(triton.cdiv(k, max(1, cfg.get("split_k", 1))),
-                                      cfg["block_k"]) * cfg["block_k"]) == 1
+    return _k_splits(k, cfg)[1] == 1
+
+
+def _k_splits(k: int, config: dict) -> tuple[int, int]:
+    """(K per split, number of splits) that `config` gives a K-long product. Each split covers
+    a whole number of BLOCK_K steps, so steps never straddle splits."""
+    k_per_split = triton.cdiv(triton.cdiv(k, max(1, config.get("split_k", 1))),
+                              config["block_k"]) * config["block_k"]
+    return k_per_split, triton.cdiv(k, k_per_split)
 
 
 def skinny_gemm(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -296,9 +303,7 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] =
         config = choose_config(m, n, k, x.device) or default_config(m, n, k)
     use_dot = bool(config.get("use_dot", False))
     bn, bk = config["block_n"], config["block_k"]
-    # Each split covers a whole number of BLOCK_K steps, so steps never straddle splits.
-    k_per_split = triton.cdiv(triton.cdiv(k, max(1, config.get("split_k", 1))), bk) * bk
-    split = triton.cdiv(k, k_per_split)
+    k_per_split, split = _k_splits(k, config)
     block_m = max(16, triton.next_power_of_2(m)) if use_dot else triton.next_power_of_2(m)
     warps = config.get("num_warps", 4)
     defer = not use_dot and block_m * bn * bk <= _ACC_REGS * 32 * warps

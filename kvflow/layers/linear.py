@@ -22,7 +22,7 @@ from torch import nn
 
 from kvflow import envs
 from kvflow.distributed import get_tp_rank, get_tp_size, tp_all_reduce
-from kvflow.layers.norm_fold import NormedHidden, consumer_ok, fold_ok
+from kvflow.layers.norm_fold import NormedHidden, fold_ok
 from kvflow.layers import ops
 
 _SKINNY_DTYPES = (torch.float16, torch.bfloat16)
@@ -75,7 +75,7 @@ def _skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
 
 def _skinny_row_scaled(x: NormedHidden, weight: torch.Tensor,
                        bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """The consumer half of a folded norm (the producer checked `fold_ok` for this layer)."""
+    """The consumer half of a folded norm (the producer's `fold_ok` approved this layer)."""
     import kvflow.kernels.skinny_gemm as sg
     hg = x.hg
     k = hg.shape[-1]
@@ -127,7 +127,7 @@ class LinearBase(nn.Module):
         """x: [..., in_features], or a NormedHidden from a producer that folded the norm in
         front of this layer (layers/norm_fold.py): its consumer half runs here."""
         if isinstance(x, NormedHidden):
-            if x.fold is not None and consumer_ok(self, x.hg):
+            if x.consumer is self:
                 return _skinny_row_scaled(x, self.weight, self.bias)
             x = x.materialize()
         if self.quant_method is not None:
@@ -277,7 +277,7 @@ class RowParallelLinear(LinearBase):
                                                        norm.eps))
                 shape = (*x.shape[:-1], n)
                 h = h.view(shape)
-                return NormedHidden(hg.view(shape), h, norm, fold), h
+                return NormedHidden(hg.view(shape), h, norm, fold, consumer), h
             normed, residual = norm(self.forward(x, silu_mul_input), residual)
             return NormedHidden(normed, residual, norm), residual
         # Bias added once, after the reduction.

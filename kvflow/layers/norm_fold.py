@@ -45,12 +45,14 @@ _DTYPES = (torch.float16, torch.bfloat16)
 class NormedHidden:
     """A hidden state that the next layer's input norm has already been applied to, by the
     projection before it. Folded (`fold` set): `hg` = round(h * g) [T, H], not yet scaled, and
-    `fold` carries the row sums of h^2 for the consumer's epilogue. Unfolded (`fold` None):
-    `hg` is the norm's ordinary output. `h` is the residual stream either way."""
+    `fold` carries the row sums of h^2 for the epilogue of `consumer`, the one layer `fold_ok`
+    approved. Unfolded (`fold` None): `hg` is the norm's ordinary output. `h` is the residual
+    stream either way."""
     hg: torch.Tensor
     h: torch.Tensor
     norm: "RMSNorm"
     fold: "Optional[FoldedNorm]" = None
+    consumer: "Optional[LinearBase]" = None
 
     def materialize(self) -> torch.Tensor:
         """The ordinary norm output (folded: recomputed from the same h, as the unfused path
@@ -65,22 +67,15 @@ def _device_ok(x: torch.Tensor) -> bool:
     return x.is_cuda
 
 
-def _skinny_single_split(layer: "LinearBase", m: int, device: torch.device,
-                         consumer: bool = False) -> bool:
-    from kvflow import kernels
-    if layer.quant_method is not None or not layer.skinny_gemm or not kernels.HAS_TRITON:
-        return False
+def _foldable(layer: "LinearBase", x: torch.Tensor, m: int, consumer: bool) -> bool:
+    """Whether `layer` (unquantized, skinny GEMM on, weight of x's dtype) can be the producer
+    or the consumer half on an m-row input on x's device. Triton is known to be there."""
     w = layer.weight
-    if w.stride(-1) != 1:
+    if (layer.quant_method is not None or not layer.skinny_gemm or w.dtype != x.dtype
+            or w.stride(-1) != 1):
         return False
     from kvflow.kernels import skinny_gemm as sg
-    return sg.foldable(m, w.shape[0], w.shape[1], device, consumer=consumer)
-
-
-def consumer_ok(layer: "LinearBase", hg: torch.Tensor) -> bool:
-    """Whether `layer` can run the consumer half on hg (what fold_ok checked for it)."""
-    return (_skinny_single_split(layer, hg.numel() // hg.shape[-1], hg.device, consumer=True)
-            and layer.weight.dtype == hg.dtype)
+    return sg.foldable(m, w.shape[0], w.shape[1], x.device, consumer=consumer)
 
 
 def fold_ok(x: torch.Tensor, producer: "LinearBase", consumer: "LinearBase",
@@ -102,5 +97,4 @@ def fold_ok(x: torch.Tensor, producer: "LinearBase", consumer: "LinearBase",
     if not (envs.norm_fold() and _device_ok(x) and x.dtype in _DTYPES and get_tp_size() == 1
             and producer.bias is None and (not silu_mul_input or producer.skinny_silu_mul)):
         return False
-    return (_skinny_single_split(producer, m, x.device) and producer.weight.dtype == x.dtype
-            and consumer_ok(consumer, x))
+    return _foldable(producer, x, m, consumer=False) and _foldable(consumer, x, m, consumer=True)
