@@ -330,13 +330,25 @@ COMPILATION_LEVEL_ALIASES = {0: NO_COMPILATION, 1: COMPILE_FORWARD, 2: COMPILE_F
 # default is this one line.
 DEFAULT_COMPILATION_LEVEL = NO_COMPILATION
 
+# Which steps replay CUDA graphs, with vLLM's names (CUDAGraphMode):
+#   FULL: decode steps (<= 512 requests) and small mixed / prefill steps (<= 512 tokens), each
+#       a whole-forward graph (kvflow/worker/cuda_graphs.py, mixed_graphs.py). The default.
+#   FULL_AND_PIECEWISE: vLLM's default; accepted as FULL (kvflow has no piecewise graphs: its
+#       attention reads every length from tensors, so mixed steps are captured whole).
+#   FULL_DECODE_ONLY: decode steps only; mixed steps run eagerly.
+#   NONE: no CUDA graphs (torch.compile unaffected; enforce_eager turns off both).
+CUDAGRAPH_MODES = {"FULL": "FULL", "FULL_AND_PIECEWISE": "FULL",
+                   "FULL_DECODE_ONLY": "FULL_DECODE_ONLY", "NONE": "NONE"}
+
 
 @dataclass(frozen=True)
 class CompilationConfig:
     """level: see COMPILATION_LEVEL_ALIASES. enforce_eager=True overrides it: no torch.compile
-    and no CUDA graphs (`compile_forward` is the effective switch)."""
+    and no CUDA graphs (`compile_forward` is the effective switch). cudagraph_mode: see
+    CUDAGRAPH_MODES (normalised at construction)."""
     level: int = DEFAULT_COMPILATION_LEVEL
     enforce_eager: bool = False
+    cudagraph_mode: str = "FULL"
 
     def __post_init__(self):
         level = self.level
@@ -347,6 +359,24 @@ class CompilationConfig:
                                               f"aliases of 3), got {level!r}")
         object.__setattr__(self, "level", COMPILATION_LEVEL_ALIASES[level])
         object.__setattr__(self, "enforce_eager", bool(self.enforce_eager))
+        mode = self.cudagraph_mode
+        key = mode.upper() if isinstance(mode, str) else mode
+        if key not in CUDAGRAPH_MODES:
+            extra = (" (kvflow has no piecewise graphs: use FULL, which captures mixed steps "
+                     "whole)" if key == "PIECEWISE" else "")
+            raise _fail("compilation_config", f"cudagraph_mode must be one of "
+                                              f"{sorted(CUDAGRAPH_MODES)}, got {mode!r}{extra}")
+        object.__setattr__(self, "cudagraph_mode", CUDAGRAPH_MODES[key])
+
+    @property
+    def decode_graphs(self) -> bool:
+        """Whether decode steps replay CUDA graphs (on a GPU whose backend supports them)."""
+        return not self.enforce_eager and self.cudagraph_mode != "NONE"
+
+    @property
+    def mixed_graphs(self) -> bool:
+        """Whether small mixed / prefill steps replay CUDA graphs too."""
+        return self.decode_graphs and self.cudagraph_mode == "FULL"
 
     @property
     def compile_forward(self) -> bool:
@@ -376,13 +406,19 @@ class CompilationConfig:
                     raise _fail("compilation_config", f"'level' ({value['level']!r}) and 'mode' "
                                                       f"({value['mode']!r}) disagree")
                 value["level"] = value.pop("mode")
-            _reject_unknown_keys("compilation_config", value, {"level"},
+            _reject_unknown_keys("compilation_config", value, {"level", "cudagraph_mode"},
                                  " (or its alias 'mode')")
-            value = value.get("level", DEFAULT_COMPILATION_LEVEL)
+            return cls(level=cls._level(value.get("level", DEFAULT_COMPILATION_LEVEL)),
+                       enforce_eager=enforce_eager,
+                       cudagraph_mode=value.get("cudagraph_mode", "FULL"))
+        return cls(level=cls._level(value), enforce_eager=enforce_eager)
+
+    @staticmethod
+    def _level(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise _fail("compilation_config", f"must be an integer level (0 or 3) or a dict "
                                               f"{{'level': N}}, got {value!r}")
-        return cls(level=value, enforce_eager=enforce_eager)
+        return value
 
 
 # ---------------------------------------------------------------------------------- KV transfer

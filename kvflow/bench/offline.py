@@ -148,7 +148,9 @@ def run(args) -> list[dict]:
         info.update(_peaks(eng.executor.memory_stats(reset=True)))
     init = dict(base, record="init", llm_constructor_s=round(init_s, 3),
                 enforce_eager=bool(kw.get("enforce_eager")),
-                compilation_level=eng.config.compilation.level, max_model_len=eng.max_model_len,
+                compilation_level=eng.config.compilation.level,
+                cudagraph_mode=eng.config.compilation.cudagraph_mode,
+                max_model_len=eng.max_model_len,
                 gpu_memory_utilization=kw.get("gpu_memory_utilization"),
                 kv_cache_tokens=eng.num_total_blocks() * eng.config.cache.block_size,
                 **eng.startup_timings(), **info)

@@ -61,6 +61,7 @@ IGNORED: dict[str, str] = {
     "kv_transfer.role": "KV transfer happens outside the compiled forward",
     "kv_transfer.transport": "KV transfer happens outside the compiled forward",
     "kv_transfer.failure_policy": "scheduler policy only",
+    "compilation.cudagraph_mode": "which steps replay CUDA graphs of the same compiled forward",
     "kv_transfer.timeout_s": "transfer deadline, host side only",
     "kv_transfer.hold_timeout_s": "host-side block lifetime only",
     "kv_transfer.host": "network address only",

@@ -24,8 +24,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs, no torch.compile")
     g.add_argument("--compilation-config", "-O", default=None, metavar="LEVEL|JSON",
                    help="torch.compile of the model forward, as vLLM's: an int level (-O0: "
-                        "none, -O3: compile; 1 and 2 mean 3) or JSON '{\"level\": 3}' "
-                        "(default: 0; docs/performance.md)")
+                        "none, -O3: compile; 1 and 2 mean 3) or JSON '{\"level\": 3, "
+                        "\"cudagraph_mode\": \"FULL_DECODE_ONLY\"}' (default: level 0, "
+                        "cudagraph_mode FULL: decode and small mixed steps in CUDA graphs; "
+                        "docs/performance.md)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     g.add_argument("--enable-expert-parallel", action="store_true",
                    help="MoE: partition experts across the tensor-parallel ranks instead of "

@@ -91,6 +91,7 @@ class ModelRunner:
         # Persistent pinned host buffers for H2D copies (allocating pinned memory per step is slow).
         self._pinned: dict[str, torch.Tensor] = {}
         self.graphs = None  # DecodeGraphs once captured
+        self.mixed_graphs = None  # MixedGraphs once captured (small steps that are not decodes)
         # Moves KV blocks to / from other instances (disaggregated prefill); null by default.
         self.kv_connector = NULL_WORKER_CONNECTOR
         # Last sampled token of each row, on the device: the next step's input for a decode
@@ -262,30 +263,24 @@ class ModelRunner:
             if len(sample_states) < b:
                 logits = logits[torch.from_numpy(np.flatnonzero(sampling)).to(self.device)]
         else:
-            md = AttentionMetadata(
-                num_actual_tokens=total, max_query_len=int(nsched.max()),
-                max_seq_len=int(seq_lens.max()),
-                query_start_loc=self._to_device(np.concatenate([[0], cu]), torch.int32, "qsl"),
-                seq_lens=self._to_device(seq_lens, torch.int32, "seq_lens"),
-                block_table=self._to_device(np.ascontiguousarray(block_table), torch.int32, "bt"),
-                slot_mapping=self._to_device(slot_mapping, torch.int64, "slots"),
-                query_start_loc_cpu=torch.from_numpy(np.concatenate([[0], cu]).astype(np.int32)),
-                seq_lens_cpu=torch.from_numpy(seq_lens.astype(np.int32)),
-                is_decode_only=decode_only, num_decode_reqs=int(np.argmax(nsched != 1))
-                if not decode_only else b)
-            ids_t = self._to_device(input_ids, torch.int64, "ids")
-            if from_device.size:
-                fill = (self._to_device(from_device, torch.int64, "fill_idx"),
-                        self._to_device(rows[req_idx[from_device]], torch.int64, "fill_rows"))
-                ids_t[fill[0]] = self.last_sampled[fill[1]]
-            pos_t = self._to_device(positions, torch.int64, "pos")
-            with set_forward_context(md, self.extra_metadata(md), kv_connector=self.kv_connector):
-                hidden = self.model(ids_t, pos_t)                          # [T, hidden]
+            logits_idx_t = None                  # [S] positions of the sampled rows, on device
+            if self.mixed_graphs is not None and self.mixed_graphs.can_run(total):
+                fill_tok = np.full(total, -1, dtype=np.int64)
+                fill_tok[from_device] = rows[req_idx[from_device]]
+                hidden, logits_idx_t, sample_rows = self.mixed_graphs.run(
+                    input_ids, positions, slot_mapping, fill_tok, np.concatenate([[0], cu]),
+                    seq_lens, self.block_buf[rows], logits_indices, rows[sampling],
+                    self._parity)
+            else:
+                hidden = self._eager_forward(nsched, cu, seq_lens, block_table, slot_mapping,
+                                             input_ids, positions, from_device,
+                                             rows[req_idx[from_device]], decode_only)
             self._prompt_logprobs(states, starts, computed, nsched, hidden, out)
             if not sample_states:
                 return handle
-            logits = self.model.compute_logits(
-                hidden[self._to_device(logits_indices, torch.int64, "logits_idx")])
+            if logits_idx_t is None:
+                logits_idx_t = self._to_device(logits_indices, torch.int64, "logits_idx")
+            logits = self.model.compute_logits(hidden[logits_idx_t])
         result = self.sampler(logits, self._sampling_metadata(sample_states))
         tokens = result.sampled_token_ids                                  # [S] on device
         if sample_rows is None:
@@ -307,6 +302,31 @@ class ModelRunner:
             st.pending += 1
         handle.sample_states = sample_states
         return handle
+
+    def _eager_forward(self, nsched, cu, seq_lens, block_table, slot_mapping, input_ids,
+                       positions, from_device, fill_rows, decode_only: bool) -> torch.Tensor:
+        """The model forward of a step outside the CUDA graphs; returns hidden [T, hidden].
+        from_device [F]: token indices whose ids come from last_sampled[fill_rows [F]]."""
+        b, total = seq_lens.shape[0], input_ids.shape[0]
+        qsl = np.concatenate([[0], cu])
+        md = AttentionMetadata(
+            num_actual_tokens=total, max_query_len=int(nsched.max()),
+            max_seq_len=int(seq_lens.max()),
+            query_start_loc=self._to_device(qsl, torch.int32, "qsl"),
+            seq_lens=self._to_device(seq_lens, torch.int32, "seq_lens"),
+            block_table=self._to_device(np.ascontiguousarray(block_table), torch.int32, "bt"),
+            slot_mapping=self._to_device(slot_mapping, torch.int64, "slots"),
+            query_start_loc_cpu=torch.from_numpy(qsl.astype(np.int32)),
+            seq_lens_cpu=torch.from_numpy(seq_lens.astype(np.int32)),
+            is_decode_only=decode_only,
+            num_decode_reqs=b if decode_only else int(np.argmax(nsched != 1)))
+        ids_t = self._to_device(input_ids, torch.int64, "ids")
+        if from_device.size:
+            ids_t[self._to_device(from_device, torch.int64, "fill_idx")] = \
+                self.last_sampled[self._to_device(fill_rows, torch.int64, "fill_rows")]
+        pos_t = self._to_device(positions, torch.int64, "pos")
+        with set_forward_context(md, self.extra_metadata(md), kv_connector=self.kv_connector):
+            return self.model(ids_t, pos_t)                                # [T, hidden]
 
     def resolve(self, handle: StepHandle) -> RunnerOutput:
         """Wait for a launched step and return its sampled tokens (and logprobs)."""
@@ -370,6 +390,28 @@ class ModelRunner:
                                    local_chunk=self.local_chunk,
                                    last_sampled=self.last_sampled)
         self.graphs.capture()
+        if self._mixed_graphs_ok():
+            from kvflow.worker.mixed_graphs import MixedGraphs, default_token_buckets
+            self.mixed_graphs = MixedGraphs(
+                self.model, self.device, self.max_model_len, self.max_blocks_per_req,
+                self.max_num_reqs,
+                default_token_buckets(self.config.scheduler.max_num_batched_tokens),
+                self.last_sampled, local_is_global=self.local_chunk is not None)
+            self.mixed_graphs.capture(pool=self.graphs.pool)
+
+    def _mixed_graphs_ok(self) -> bool:
+        """Small mixed steps replay graphs unless the config says no, a KV connector hooks the
+        forward's layers (host code) or chunked local attention needs its host-built virtual
+        batch."""
+        return (self.config.compilation.mixed_graphs
+                and self.kv_connector is NULL_WORKER_CONNECTOR
+                and (self.local_chunk is None
+                     or local_is_global(self.local_chunk, self.max_model_len)))
+
+    def drop_cuda_graphs(self) -> None:
+        """Release every captured graph (and with them their memory pool)."""
+        self.graphs = None
+        self.mixed_graphs = None
 
     # ------------------------------------------------------------------ profiling
     @torch.inference_mode()

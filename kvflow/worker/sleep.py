@@ -113,7 +113,7 @@ class SleepManager:
             free_before = torch.cuda.mem_get_info(dev)[0]
         released = 0
         # Graphs first: they hold the weights' and KV cache's addresses and their own pool.
-        self.worker.runner.graphs = None
+        self.worker.runner.drop_cuda_graphs()
         model = self._model()
         with torch.no_grad():
             for name, p in model.named_parameters():

@@ -193,6 +193,13 @@ class Worker:
         logits = max_bs * mc.vocab_size * 4
         # Decode activations of the largest bucket are a few hidden/intermediate rows per token.
         acts = max_bs * (4 * mc.hidden_size + 2 * mc.intermediate_size + mc.vocab_size) * 4
+        # Mixed-step graphs share that pool (activations of up to 512 token rows, no logits)
+        # and keep one hidden-state output per bucket.
+        if self.config.compilation.mixed_graphs:
+            from kvflow.worker.mixed_graphs import default_token_buckets
+            buckets = default_token_buckets(self.config.scheduler.max_num_batched_tokens)
+            acts = max(acts, buckets[-1] * (4 * mc.hidden_size + 2 * mc.intermediate_size) * 4)
+            acts += sum(buckets) * mc.hidden_size * 4
         return logits + acts
 
     def initialize_cache(self, num_blocks: int) -> None:
@@ -214,14 +221,17 @@ class Worker:
             self.timings["kernel_warmup_s"] = time.perf_counter() - t0
         if self.use_cuda_graphs:
             self.runner.capture_cuda_graphs()
-            self.timings["cuda_graph_s"] = self.runner.graphs.capture_s
-            self.timings["cuda_graph_gib"] = self.runner.graphs.capture_bytes / GiB
+            captured = [g for g in (self.runner.graphs, self.runner.mixed_graphs) if g is not None]
+            self.timings["cuda_graph_s"] = sum(g.capture_s for g in captured)
+            self.timings["cuda_graph_gib"] = sum(g.capture_bytes for g in captured) / GiB
         elif self.device.type == "cuda":
             logger.info("CUDA graphs off: %s", self.cuda_graphs_off_reason())
 
     def cuda_graphs_off_reason(self) -> str:
         if self.config.compilation.enforce_eager:
             return "enforce_eager"
+        if not self.config.compilation.decode_graphs:
+            return f"cudagraph_mode {self.config.compilation.cudagraph_mode}"
         if not self.runner.backend.capabilities.supports_cuda_graphs:
             return f"attention backend {self.runner.backend.name} does not declare them"
         if not getattr(self.model, "supports_cuda_graphs", True):
@@ -230,7 +240,7 @@ class Worker:
 
     @property
     def use_cuda_graphs(self) -> bool:
-        return (self.device.type == "cuda" and not self.config.compilation.enforce_eager
+        return (self.device.type == "cuda" and self.config.compilation.decode_graphs
                 and self.runner.backend.capabilities.supports_cuda_graphs
                 and getattr(self.model, "supports_cuda_graphs", True))
 
