@@ -138,10 +138,11 @@ def test_engine_outputs_match_eager(model, make_llm, tmp_path, tiny_llama):
 
 
 def test_runner_skips_graphs_for_large_steps(make_llm, tiny_llama):
-    """Steps above the largest bucket run eagerly (the graph body never sees them)."""
-    llm = make_llm(tiny_llama[1], max_num_batched_tokens=64, max_model_len=128)
+    """Steps above the largest bucket run eagerly (the graph body never sees them): the first
+    step (55 tokens) does, the last prompt's (3 tokens, once a sequence slot frees) does not."""
+    llm = make_llm(tiny_llama[1], max_num_batched_tokens=64, max_model_len=128, max_num_seqs=2)
     calls = _attach(llm, [16])
-    prompts = _prompts(4, (50, 5))
+    prompts = _prompts(4, (50, 5, 3))
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
                         use_tqdm=False)
