@@ -98,9 +98,11 @@ class ModelRunner:
         # whose token is still in flight (overlapped scheduling).
         self.last_sampled = torch.zeros(self.max_num_reqs, dtype=torch.int64, device=device)
         # Host staging alternates between two sets by step parity: with overlapped scheduling
-        # the device may still be reading step N's inputs while step N+1's are written, but
-        # step N-1 (same parity as N+1) has completed before N+1 is launched.
+        # the device may still be reading step N's inputs while step N+1's are written; step
+        # N-1 (same parity as N+1) must have read its inputs before N+1 is staged, which
+        # launch() makes sure of with an event per parity (after that step's device work).
         self._parity = 0
+        self._staging_done: list[Optional[torch.cuda.Event]] = [None, None]
         self._tokens_host = [torch.zeros(self.max_num_reqs, dtype=torch.int64,
                                          pin_memory=device.type == "cuda") for _ in range(2)]
 
@@ -217,6 +219,22 @@ class ModelRunner:
             return StepHandle(RunnerOutput(sampled_token_ids={},
                                            kv_transfers=self.kv_connector.get_finished(wait=True)))
         self._parity ^= 1
+        # This parity's pinned staging was last read by the HtoD copies of the step launched
+        # two steps ago. A step that samples nothing (a prompt chunk) is resolved without
+        # waiting for the device, so that copy may still be queued: wait for it before the
+        # buffers are overwritten. (Found on the H200: with graph replays the host ran two
+        # chunks ahead and a chunk computed with a later chunk's inputs.) Usually long done.
+        done = self._staging_done[self._parity]
+        if done is not None:
+            done.synchronize()
+        handle = self._launch_step(so)
+        if self.device.type == "cuda":
+            done = self._staging_done[self._parity] = torch.cuda.Event()
+            done.record()
+        return handle
+
+    def _launch_step(self, so: SchedulerOutput) -> StepHandle:
+        """launch()'s body, once this step's staging parity is free."""
         # Decodes first (stable): attention backends give them decode-shaped tiles.
         req_ids = sorted(so.num_scheduled_tokens, key=lambda r: so.num_scheduled_tokens[r] != 1)
         states = [self.requests[r] for r in req_ids]
