@@ -7,8 +7,8 @@
 set -uo pipefail
 source "$(dirname "$0")/device_env.sh"
 export KVFLOW_CACHE_DIR=${KVFLOW_CACHE_DIR:-/tmp/kvflow-cache}
-KVFLOW_TEST_DEVICE=cuda timeout 200 python3 -m pytest -q -x --timeout=180 -p no:cacheprovider \
-  tests/test_gpu.py tests/test_mixed_graphs.py tests/test_sleep_mode.py 2>&1 | tee "$OUT/tests.log" | tail -4
+KVFLOW_TEST_DEVICE=cuda timeout 260 python3 -m pytest -q -x --tb=short --timeout=200 -p no:cacheprovider \
+  tests/test_mixed_graphs.py tests/test_sleep_mode.py tests/test_gpu.py tests/test_engine.py 2>&1 | tee "$OUT/tests.log" | tail -4
 for m in qwen3-0.6b llama3.1-8b; do
   timeout 100 python3 benchmarks/profile_first_token.py "benchmarks/configs/$m" --out "$OUT" \
     > "$OUT/pft-$m.log" 2>&1
