@@ -1,3 +1,11 @@
+"""Greedy tokens of a tiny random Llama against Hugging Face on the GPU, for each cudagraph_mode
+(FULL: mixed steps in graphs; FULL_DECODE_ONLY: eager), token budget (7, 16, 32: chunked
+prefill mixed with decodes) and async scheduling on / off. Prints the mismatching prompts.
+Written to bisect an order-dependent failure of test_engine's async [chunked] case (session 8:
+the host-staging race fixed in ModelRunner.launch).
+
+    source benchmarks/device_env.sh && python3 benchmarks/diag_mixed_graphs.py
+"""
 import sys, numpy as np, torch
 sys.path.insert(0, ".")
 from tests.conftest import make_hf_model, save_hf_model, hf_greedy
