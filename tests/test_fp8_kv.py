@@ -151,7 +151,10 @@ def test_checkpoint_scales_are_loaded_and_used(tmp_path, make_llm):
     tensors["model.layers.0.self_attn.attn.v_scale"] = torch.tensor([0.25])
     tensors["model.layers.1.self_attn.k_scale"] = torch.tensor(2.0)
     save_file(tensors, str(st), metadata={"format": "pt"})
-    llm = make_llm(path, kv_cache_dtype="fp8", enable_prefix_caching=False)
+    # The prompt's step must run the Python forward for the spy below to see it (on a GPU
+    # small prefill steps replay a CUDA graph by default).
+    llm = make_llm(path, kv_cache_dtype="fp8", enable_prefix_caching=False,
+                   compilation_config={"cudagraph_mode": "FULL_DECODE_ONLY"})
     layers = [m for m in _runner(llm).model.modules() if isinstance(m, Attention)]
     assert [(float(l.k_scale), float(l.v_scale)) for l in layers] == [(0.5, 0.25), (2.0, 1.0)]
     assert layers[0].k_scale.dtype == torch.float32
