@@ -39,6 +39,13 @@ def skinny_silu_mul() -> bool:
     return os.environ.get("KVFLOW_SKINNY_SILU_MUL", "1") != "0"
 
 
+def skinny_glu() -> bool:
+    """KVFLOW_SKINNY_GLU (default 1): where a gated MLP's gate | up product runs as one skinny
+    GEMM at decode, its epilogue applies silu(gate) * up and the down projection reads the
+    result (instead of applying the activation as it loads gate | up). 0: the latter."""
+    return os.environ.get("KVFLOW_SKINNY_GLU", "1") != "0"
+
+
 def pdl() -> bool:
     """KVFLOW_PDL (default 1): programmatic dependent launch for kvflow's Triton kernels on sm90+
     (kvflow/kernels/pdl.py); 0 turns it off. Read at every launch."""

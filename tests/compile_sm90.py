@@ -70,6 +70,12 @@ def cases():
                  BLOCK_N=bn, BLOCK_K=bk, SILU_MUL=silu, USE_PDL=True,
                  ADD_NORM=mode == "add", ROW_SCALE=mode == "scale", SQ_PAD=512)
         out.append((sg._skinny_gemm_kernel, fa, c, dict(num_warps=4, num_stages=3)))
+    # gate | up with silu(gate) * up in the epilogue: Llama's dot form, Qwen3's folded GEMV
+    for dot, bm, bn, bk, mode in [(True, 16, 32, 128, None), (False, 1, 4, 512, "scale")]:
+        c = dict(HAS_BIAS=False, USE_DOT=dot, DEFER=False, EVEN_K=True, IEEE=False, BLOCK_M=bm,
+                 BLOCK_N=bn, BLOCK_K=bk, SILU_MUL=False, USE_PDL=True, GLU=True,
+                 ROW_SCALE=mode == "scale", SQ_PAD=512)
+        out.append((sg._skinny_gemm_kernel, fa, c, dict(num_warps=2, num_stages=3)))
     a = {n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr")}
     a.update({"pos_ptr": "*i64", "cs_ptr": "*fp32", "qw_ptr": "*bf16", "kw_ptr": "*bf16",
               "out_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16",

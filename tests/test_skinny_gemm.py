@@ -260,3 +260,86 @@ def test_folded_norm_needs_one_split():
     cfg = dict(sg.default_config(1, 32, 256), split_k=2, block_k=64)
     with pytest.raises(AssertionError, match="single K split"):
         sg.skinny_gemm(x, w, None, cfg, add_norm=(r, g, 1e-6))
+
+
+# ------------------------------------------------------------ gate | up with the activation
+@pytest.mark.parametrize("m, n, k, use_dot", [(1, 24, 256, False), (3, 37, 200, False),
+                                              (5, 48, 192, True), (16, 40, 256, True)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_glu_epilogue_equals_product_then_activation(m, n, k, use_dot, bias):
+    """glu=True: one launch gives exactly the gate | up product (same tiles, each half rounded
+    once) followed by the activation kernel; also with a folded norm's row scale."""
+    from kvflow.kernels.activation import silu_and_mul
+    g = torch.Generator().manual_seed(m * n + k)
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16).to(DEVICE)
+    w = (torch.randn(2 * n, k, generator=g) * k ** -0.5).to(torch.bfloat16).to(DEVICE)
+    b = torch.randn(2 * n, generator=g).to(torch.bfloat16).to(DEVICE) if bias else None
+    cfg = dict(block_n=16, block_k=64, split_k=1, num_warps=4, num_stages=2, use_dot=use_dot)
+    fused = sg.skinny_gemm(x, w, b, cfg, glu=True)
+    assert fused.shape == (m, n)
+    # The plain product with the same tiles: its gate and up columns are the GLU program's.
+    separate = silu_and_mul(sg.skinny_gemm(x, w, b, cfg))
+    assert torch.equal(fused, separate)
+    ref = F.silu(sg.skinny_gemm_ref(x, w, b)[:, :n].float()) * \
+        sg.skinny_gemm_ref(x, w, b)[:, n:].float()
+    _close(fused, ref.to(torch.bfloat16), torch.bfloat16)
+    # As the consumer half of a folded norm: rows scaled by rstd before the activation.
+    sq = (torch.rand(m, 3, generator=g) + 0.5).to(DEVICE)
+    fold = sg.FoldedNorm(sq, 1e-5)
+    fused = sg.skinny_gemm(x, w, b, cfg, row_scale=fold, glu=True)
+    assert torch.equal(fused, silu_and_mul(sg.skinny_gemm(x, w, b, cfg, row_scale=fold)))
+
+
+def test_glu_config_halves_the_tiles_and_needs_one_split(monkeypatch):
+    table = {(28672, 4096, 1): dict(block_n=64, block_k=128, num_warps=2, num_stages=3,
+                                    use_dot=True, split_k=1),
+             (6144, 1024, 1): dict(block_n=8, block_k=512, num_warps=2, num_stages=2,
+                                   use_dot=False, split_k=1),
+             (2048, 1024, 1): dict(block_n=8, block_k=256, num_warps=2, num_stages=2,
+                                   use_dot=False, split_k=2)}
+    monkeypatch.setattr(sg, "choose_config", lambda m, n, k, device=None: table.get((n, k, m)))
+    cuda = torch.device("cuda")
+    assert sg.glu_config(1, 28672, 4096, cuda)["block_n"] == 32
+    assert sg.glu_config(1, 6144, 1024, cuda)["block_n"] == 4
+    assert sg.glu_config(1, 2048, 1024, cuda) is None           # split K: no epilogue
+    assert sg.glu_config(1, 4096, 4096, cuda) is None           # cuBLAS wins there
+    assert sg.glu_config(17, 6144, 1024, cuda) is None          # not a skinny product
+
+
+@pytest.mark.parametrize("folded", [False, True])
+def test_mlp_glu_path_equals_the_down_prologue_path(monkeypatch, folded):
+    """LlamaMLP at decode: the GLU epilogue path and the SiLU-in-down path (KVFLOW_SKINNY_GLU=0)
+    give identical outputs, with and without the folded input norm; the GLU path is taken."""
+    from kvflow.layers import norm_fold
+    from kvflow.layers.norm import RMSNorm
+    from kvflow.models.llama import LlamaMLP
+    monkeypatch.setattr(linear_mod, "_glu_device_ok", lambda x: True)
+    monkeypatch.setattr(norm_fold, "_device_ok", lambda x: True)
+    cfg = dict(block_n=16, block_k=64, split_k=1, num_warps=4, num_stages=2, use_dot=False)
+    monkeypatch.setattr(sg, "choose_config", lambda m, n, k, device=None: dict(cfg))
+    torch.manual_seed(0)
+    outs = []
+    for glu in ("1", "0"):
+        monkeypatch.setenv("KVFLOW_SKINNY_GLU", glu)
+        torch.manual_seed(0)
+        mlp = LlamaMLP(64, 96).to(torch.bfloat16).to(DEVICE)
+        o_proj = linear_mod.RowParallelLinear(64, 64).to(torch.bfloat16).to(DEVICE)
+        norm = RMSNorm(64, 1e-5).to(torch.bfloat16).to(DEVICE)
+        for p in (*mlp.parameters(), *o_proj.parameters(), *norm.parameters()):
+            p.data.copy_(torch.randn_like(p, dtype=torch.float32).to(p.dtype) * 0.2)
+        assert mlp.gate_up_proj.skinny_glu == (glu == "1")
+        calls = []
+        real = sg.skinny_gemm
+        monkeypatch.setattr(sg, "skinny_gemm",
+                            lambda *a, **kw: calls.append(kw.get("glu", False)) or real(*a, **kw))
+        x = torch.randn(2, 64).to(torch.bfloat16).to(DEVICE)
+        res = torch.randn(2, 64).to(torch.bfloat16).to(DEVICE)
+        if folded:   # o_proj -> add + norm -> gate | up, as a decoder layer runs it
+            h, _ = o_proj(x, add_norm=(res, norm, mlp.gate_up_proj))
+            assert h.fold is not None
+        else:
+            h = x
+        outs.append(mlp(h))
+        monkeypatch.setattr(sg, "skinny_gemm", real)
+        assert any(calls) == (glu == "1")
+    assert torch.equal(outs[0], outs[1])

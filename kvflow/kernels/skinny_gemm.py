@@ -97,6 +97,17 @@ def _step(acc, w, x_ptr, offs_m, m_mask, stride_xm, k0, k_hi, K,
 
 
 @triton.jit
+def _finish(acc, USE_DOT: tl.constexpr, DEFER: tl.constexpr):
+    """The accumulator as the [BLOCK_M, BLOCK_N] fp32 product."""
+    if USE_DOT:
+        return tl.trans(acc)
+    elif DEFER:
+        return tl.sum(acc, axis=2)
+    else:
+        return acc
+
+
+@triton.jit
 def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
                         M, N, K, K_PER_SPLIT, stride_xm, stride_wn,
                         HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, DEFER: tl.constexpr,
@@ -105,7 +116,8 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
                         SILU_MUL: tl.constexpr, USE_PDL: tl.constexpr,
                         r_ptr=None, h_ptr=None, g_ptr=None, sq_ptr=None, n_sq=0, inv_k=1.0,
                         eps=0.0, ADD_NORM: tl.constexpr = False,
-                        ROW_SCALE: tl.constexpr = False, SQ_PAD: tl.constexpr = 1):
+                        ROW_SCALE: tl.constexpr = False, SQ_PAD: tl.constexpr = 1,
+                        GLU: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
@@ -121,6 +133,10 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
     # W is static: its first tile is requested before waiting for the previous kernel (PDL),
     # so the DRAM round trip overlaps that kernel's tail. x is read only after the wait.
     w = _load_w(w_rows, k_lo, k_hi, BLOCK_K, EVEN_K)                              # [BN, BK]
+    if GLU:
+        # W is gate | up ([2N, K]): this program also owns the up rows of its columns.
+        w_rows_u = w_rows + N.to(tl.int64) * stride_wn
+        w_u = _load_w(w_rows_u, k_lo, k_hi, BLOCK_K, EVEN_K)
     pdl_wait(USE_PDL)
     pdl_launch_dependents(USE_PDL)
     out_mask = m_mask[:, None] & n_mask[None, :]
@@ -144,23 +160,38 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
         acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = acc
     acc = _step(acc, w, x_ptr, offs_m, m_mask, stride_xm, k_lo, k_hi, K,
                 USE_DOT, DEFER, EVEN_K, IEEE, BLOCK_K, SILU_MUL)
+    if GLU:
+        acc_u = _step(acc_u, w_u, x_ptr, offs_m, m_mask, stride_xm, k_lo, k_hi, K,
+                      USE_DOT, DEFER, EVEN_K, IEEE, BLOCK_K, SILU_MUL)
     for k0 in range(k_lo + BLOCK_K, k_hi, BLOCK_K):
         w = _load_w(w_rows, k0, k_hi, BLOCK_K, EVEN_K)
+        if GLU:
+            w_u = _load_w(w_rows_u, k0, k_hi, BLOCK_K, EVEN_K)
         acc = _step(acc, w, x_ptr, offs_m, m_mask, stride_xm, k0, k_hi, K,
                     USE_DOT, DEFER, EVEN_K, IEEE, BLOCK_K, SILU_MUL)
-    if USE_DOT:
-        res = tl.trans(acc)                                                       # [BM, BN]
-    elif DEFER:
-        res = tl.sum(acc, axis=2)
-    else:
-        res = acc
+        if GLU:
+            acc_u = _step(acc_u, w_u, x_ptr, offs_m, m_mask, stride_xm, k0, k_hi, K,
+                          USE_DOT, DEFER, EVEN_K, IEEE, BLOCK_K, SILU_MUL)
+    res = _finish(acc, USE_DOT, DEFER)                                            # [BM, BN]
     if ROW_SCALE:
         res = res * rstd[:, None]
     if HAS_BIAS:        # only set when there is a single split: the reduce kernel adds it
         res += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     y = res.to(out_ptr.dtype.element_ty)
+    if GLU:
+        # silu(gate) * up from the two products, each rounded to the output dtype first:
+        # exactly the unfused gate/up product followed by kernels/activation.py's silu_and_mul.
+        res_u = _finish(acc_u, USE_DOT, DEFER)
+        if ROW_SCALE:
+            res_u = res_u * rstd[:, None]
+        if HAS_BIAS:
+            res_u += tl.load(b_ptr + N + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        gf = y.to(tl.float32)
+        uf = res_u.to(out_ptr.dtype.element_ty).to(tl.float32)
+        y = (gf * tl.sigmoid(gf) * uf).to(out_ptr.dtype.element_ty)
     if ADD_NORM:
         # The producer half of a folded residual add + RMSNorm (single split): h = y + r,
         # rounded as the norm kernel rounds it, is the new residual stream; the output is
@@ -276,9 +307,23 @@ def _k_splits(k: int, config: dict) -> tuple[int, int]:
     return k_per_split, triton.cdiv(k, k_per_split)
 
 
+def glu_config(m: int, n2: int, k: int, device: torch.device) -> Optional[dict]:
+    """The config of a gate | up product ([2N, K] weight, N = n2 / 2) that emits silu(gate) *
+    up from its epilogue (`skinny_gemm(glu=True)`), or None where it cannot run: the tuned
+    product must be a single K split (the activation needs final sums). Each program takes
+    half the columns it would for the plain product, and their up rows, so the grid and the
+    bytes a program streams stay the same."""
+    cfg = choose_config(m, n2, k, device) if 1 <= m <= MAX_M else None
+    if cfg is None or _k_splits(k, cfg)[1] != 1 or n2 % 2:
+        return None
+    half = max(16 if cfg.get("use_dot", False) else 1, cfg["block_n"] // 2)
+    return dict(cfg, block_n=half)
+
+
 def skinny_gemm(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None,
                 config: Optional[dict] = None, silu_mul_input: bool = False,
-                add_norm: Optional[tuple] = None, row_scale: Optional[FoldedNorm] = None):
+                add_norm: Optional[tuple] = None, row_scale: Optional[FoldedNorm] = None,
+                glu: bool = False):
     """x [M, K] @ w[N, K]^T (+ bias [N]) -> [M, N] in x.dtype, fp32 accumulation, M <= 16.
     config: dict(block_n, block_k, split_k, num_warps, num_stages[, use_dot]); default
     `choose_config` (the default heuristic where the table says cuBLAS wins: the caller decides
@@ -290,23 +335,29 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] =
     fused residual add + RMSNorm that follows this product: returns (h * g, h, FoldedNorm)
     where h = round(y + residual) is the new residual stream. row_scale: this product is the
     consumer half (x = h * g); each output row is scaled by its rstd before the bias. Both
-    need a single K split (`foldable`)."""
+    need a single K split (`foldable`).
+
+    glu: w is gate | up ([2N, K], bias [2N]) and the result is silu(gate) * up [M, N], each
+    product rounded to x.dtype before the activation (= the product, then silu_and_mul);
+    needs a single K split (`glu_config`)."""
     k = w.shape[1]
     assert x.dim() == 2 and w.dim() == 2 and x.shape[1] == (2 * k if silu_mul_input else k), \
         (x.shape, w.shape, silu_mul_input)
     m = x.shape[0]
-    n = w.shape[0]
+    n = w.shape[0] // 2 if glu else w.shape[0]
     assert 1 <= m <= MAX_M, f"skinny_gemm takes 1..{MAX_M} rows, got {m}"
+    assert not glu or (w.shape[0] % 2 == 0 and add_norm is None), "glu: [2N, K] weight, a consumer"
     x = x if x.stride(1) == 1 else x.contiguous()
     w = w if w.stride(1) == 1 else w.contiguous()
     if config is None:
-        config = choose_config(m, n, k, x.device) or default_config(m, n, k)
+        config = ((glu_config(m, 2 * n, k, x.device) if glu else choose_config(m, n, k, x.device))
+                  or default_config(m, n, k))
     use_dot = bool(config.get("use_dot", False))
     bn, bk = config["block_n"], config["block_k"]
     k_per_split, split = _k_splits(k, config)
     block_m = max(16, triton.next_power_of_2(m)) if use_dot else triton.next_power_of_2(m)
     warps = config.get("num_warps", 4)
-    defer = not use_dot and block_m * bn * bk <= _ACC_REGS * 32 * warps
+    defer = not use_dot and block_m * bn * bk * (2 if glu else 1) <= _ACC_REGS * 32 * warps
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     part = out if split == 1 else torch.empty((split, m, n), device=x.device,
                                               dtype=torch.float32)
@@ -316,6 +367,9 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] =
                   BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, SILU_MUL=silu_mul_input,
                   num_warps=warps)
     fold = {}
+    if glu:
+        assert split == 1, "glu needs a single K split (see glu_config)"
+        consts.update(GLU=True)
     if add_norm is not None or row_scale is not None:
         assert split == 1, "a folded RMSNorm needs a single K split (see foldable)"
         assert add_norm is None or row_scale is None, "one half of a FoldedNorm per product"

@@ -95,6 +95,11 @@ def _(x, weight, bias):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+def _glu_device_ok(x: torch.Tensor) -> bool:
+    """forward_glu's device: CUDA (tests put the interpreter's CPU tensors here)."""
+    return x.is_cuda
+
+
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
     if param.shape != loaded.shape:
         raise ValueError(f"shape mismatch: parameter {tuple(param.shape)} vs checkpoint {tuple(loaded.shape)}")
@@ -112,6 +117,7 @@ class LinearBase(nn.Module):
         self.quant_method = quant_config.get_linear_method() if quant_config is not None else None
         self.skinny_gemm = envs.skinny_gemm()
         self.skinny_silu_mul = envs.skinny_silu_mul()
+        self.skinny_glu = envs.skinny_glu()
         if self.quant_method is None:
             self.weight = _param((out_features, in_features))   # [out, in] as in HF checkpoints
             self.weight.weight_loader = self.weight_loader
@@ -182,6 +188,39 @@ class MergedColumnParallelLinear(LinearBase):
         assert shard_id is not None, "merged linear needs a shard id"
         size = self.output_sizes[shard_id]
         return sum(self.output_sizes[:shard_id]), size, get_tp_rank() * size
+
+    def forward_glu(self, x) -> Optional[torch.Tensor]:
+        """silu(gate) * up [..., out / 2] of a gate | up pair from one skinny GEMM whose
+        epilogue applies the activation (decode-sized CUDA products; the down projection then
+        reads it as is), or None where that launch does not apply: the caller runs the plain
+        product and fuses the activation into the down projection instead. x as forward's
+        (a NormedHidden whose consumer is this layer folds the norm in too)."""
+        if not self.skinny_glu or self.quant_method is not None or len(self.output_sizes) != 2 \
+                or self.output_sizes[0] != self.output_sizes[1]:
+            return None
+        normed = isinstance(x, NormedHidden)
+        t = x.hg if normed else x          # the input's shape, dtype and device either way
+        w, b = self.weight, self.bias
+        if not (_glu_device_ok(t) and t.dtype in _SKINNY_DTYPES and w.dtype == t.dtype
+                and (b is None or b.dtype == t.dtype) and w.stride(-1) == 1
+                and not torch.compiler.is_compiling()):
+            return None
+        from kvflow import kernels
+        if not kernels.HAS_TRITON:
+            return None
+        import kvflow.kernels.skinny_gemm as sg
+        k = t.shape[-1]
+        m = t.numel() // k
+        cfg = sg.glu_config(m, w.shape[0], k, t.device)
+        if cfg is None:
+            return None
+        fold = None
+        if normed and x.consumer is self:
+            fold = x.fold                  # the consumer half of a folded norm: t is h * g
+        elif normed:
+            t = x.materialize()
+        out = sg.skinny_gemm(t.reshape(m, k), w, b, cfg, row_scale=fold, glu=True)
+        return out.view(*t.shape[:-1], w.shape[0] // 2)
 
     def weight_loader(self, param, loaded, shard_id=None):
         assert shard_id is not None, "merged linear needs a shard id"

@@ -31,8 +31,12 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x, add_norm=None):
         """add_norm: see RowParallelLinear (the next layer's input norm; returns a pair)."""
-        # silu(gate) * up runs inside the down projection where it can (decode's skinny GEMM
-        # applies it as it loads x), else as its own kernel just before.
+        # silu(gate) * up runs in the gate | up product's epilogue where it can (decode-sized
+        # skinny GEMMs), else inside the down projection (applied as it loads x), else as its
+        # own kernel just before.
+        act = self.gate_up_proj.forward_glu(x)
+        if act is not None:
+            return self.down_proj(act, add_norm=add_norm)
         return self.down_proj(self.gate_up_proj(x), silu_mul_input=True, add_norm=add_norm)
 
 
