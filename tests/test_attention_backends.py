@@ -201,11 +201,12 @@ def test_no_backend_error_lists_every_backend(monkeypatch):
 def test_cuda_graphs_follow_the_backend_declaration():
     """supports_cuda_graphs is enforced by the worker: graphs only with a backend that
     declares them (the torch backend does not)."""
+    from kvflow.config import CompilationConfig
     from kvflow.worker.worker import Worker
 
     class _W:
         device = CUDA
-        config = type("C", (), {"compilation": type("X", (), {"enforce_eager": False})()})()
+        config = type("C", (), {"compilation": CompilationConfig()})()
         model = object()
 
         def __init__(self, backend):
@@ -214,3 +215,6 @@ def test_cuda_graphs_follow_the_backend_declaration():
     assert Worker.use_cuda_graphs.fget(_W(BACKENDS["torch"])) is False
     if "triton" in BACKENDS:
         assert Worker.use_cuda_graphs.fget(_W(BACKENDS["triton"])) is True
+        off = _W(BACKENDS["triton"])
+        off.config = type("C", (), {"compilation": CompilationConfig(cudagraph_mode="NONE")})()
+        assert Worker.use_cuda_graphs.fget(off) is False
