@@ -47,6 +47,31 @@ from kvflow.kernels.decode_inputs import unpack_decode_inputs
 logger = logging.getLogger("kvflow")
 
 
+def capture_buckets(device: torch.device, buckets: list[int], body, pool,
+                    before=None) -> tuple[dict, dict, float, int]:
+    """One CUDA graph per bucket, largest first (smaller graphs reuse the pool's blocks):
+    before(bucket) (optional) prepares its inputs, body(bucket) runs twice outside the graph
+    (kernel compilation, autotuning, lazy init), then is captured. Returns (graphs, what the
+    captured body returned per bucket, seconds, device bytes the captures took)."""
+    t0 = time.perf_counter()
+    torch.cuda.synchronize(device)
+    free_before = torch.cuda.mem_get_info(device)[0]
+    graphs, outputs = {}, {}
+    for b in sorted(buckets, reverse=True):
+        if before is not None:
+            before(b)
+        for _ in range(2):
+            body(b)
+        torch.cuda.synchronize(device)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=pool):
+            outputs[b] = body(b)
+        graphs[b] = g
+    torch.cuda.synchronize(device)
+    used = max(free_before - torch.cuda.mem_get_info(device)[0], 0)
+    return graphs, outputs, time.perf_counter() - t0, used
+
+
 def default_buckets(max_num_seqs: int, limit: int = 512) -> list[int]:
     top = min(max_num_seqs, limit)
     sizes = [1, 2, 4] + list(range(8, 32, 8)) + list(range(32, 256, 16)) + list(range(256, top + 1, 32))
@@ -151,7 +176,6 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def capture(self) -> None:
-        t0 = time.perf_counter()
         # The forward's inputs become inference tensors (clones made here, under inference
         # mode), like the eager runner's: a torch.compile'd forward was traced for those, and
         # dynamo guards on the inputs' dispatch keys (a normal tensor would trace and compile a
@@ -159,23 +183,13 @@ class DecodeGraphs:
         # runner's launch) is under inference mode too.
         self.input_ids = self.input_ids.clone()
         self.positions = self.positions.clone()
-        torch.cuda.synchronize(self.device)
-        free_before = torch.cuda.mem_get_info(self.device)[0]
         self.pool = torch.cuda.graph_pool_handle()
-        # Largest first: smaller graphs reuse the pool's blocks.
-        for bs in reversed(self.buckets):
-            for _ in range(2):  # warm up (autotuning, lazy init) outside the graph
-                self._unpack(bs)
-                self._forward(bs)
-            torch.cuda.synchronize(self.device)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.pool):
-                self._unpack(bs)
-                self._forward(bs)
-            self.graphs[bs] = g
-        torch.cuda.synchronize(self.device)
-        self.capture_s = time.perf_counter() - t0
-        self.capture_bytes = max(free_before - torch.cuda.mem_get_info(self.device)[0], 0)
+
+        def body(bs: int) -> None:
+            self._unpack(bs)
+            self._forward(bs)
+        self.graphs, _, self.capture_s, self.capture_bytes = capture_buckets(
+            self.device, self.buckets, body, self.pool)
         logger.info("captured %d CUDA graphs (decode batch sizes %d..%d) in %.2f s, %.2f GiB",
                     len(self.graphs), self.buckets[0], self.max_bs, self.capture_s,
                     self.capture_bytes / 2 ** 30)

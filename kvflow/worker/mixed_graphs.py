@@ -33,15 +33,14 @@ chunked local attention whose virtual batch differs from the step's (built on th
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
 
 from kvflow.attention.backend import AttentionMetadata
 from kvflow.forward_context import LOCAL, set_forward_context
+from kvflow.worker.cuda_graphs import capture_buckets
 
 logger = logging.getLogger("kvflow")
 
@@ -162,26 +161,17 @@ class MixedGraphs:
     def capture(self, pool=None) -> None:
         """Capture every bucket (largest first: smaller graphs reuse the pool's blocks). pool:
         share the decode graphs' memory pool (one step runs at a time)."""
-        t0 = time.perf_counter()
         self.input_ids = self.input_ids.clone()     # an inference tensor, as DecodeGraphs does
-        torch.cuda.synchronize(self.device)
-        free_before = torch.cuda.mem_get_info(self.device)[0]
         pool = pool if pool is not None else torch.cuda.graph_pool_handle()
-        for T in reversed(self.buckets):
-            self._stage_padding(T)
-            for _ in range(2):   # warm up (kernel compilation, lazy init) outside the graph
-                self._unpack(T)
-                self._forward(T)
-            torch.cuda.synchronize(self.device)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                self._unpack(T)
-                self.hidden[T] = self._forward(T)
-            self.graphs[T] = g
-        torch.cuda.synchronize(self.device)
+
+        def body(T: int) -> torch.Tensor:
+            self._unpack(T)
+            return self._forward(T)
+        # Buckets' staging views overlap: each is given an all-padding step right before its
+        # warm-up runs.
+        self.graphs, self.hidden, self.capture_s, self.capture_bytes = capture_buckets(
+            self.device, self.buckets, body, pool, before=self._stage_padding)
         self.ready = True
-        self.capture_s = time.perf_counter() - t0
-        self.capture_bytes = max(free_before - torch.cuda.mem_get_info(self.device)[0], 0)
         logger.info("captured %d CUDA graphs (mixed steps of %d..%d tokens) in %.2f s, %.2f GiB",
                     len(self.graphs), self.buckets[0], self.max_tokens, self.capture_s,
                     self.capture_bytes / 2 ** 30)
