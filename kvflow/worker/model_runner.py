@@ -229,8 +229,10 @@ class ModelRunner:
             done.synchronize()
         handle = self._launch_step(so)
         if self.device.type == "cuda":
-            done = self._staging_done[self._parity] = torch.cuda.Event()
-            done.record()
+            # The end of the step's device work: what resolve() waits for (sampled steps) and
+            # what the step after next waits for before reusing this parity's staging.
+            handle.event = self._staging_done[self._parity] = torch.cuda.Event()
+            handle.event.record()
         return handle
 
     def _launch_step(self, so: SchedulerOutput) -> StepHandle:
@@ -312,9 +314,6 @@ class ModelRunner:
         if result.logprobs is not None:
             lp = result.logprobs
             handle.logprobs = (lp.token_ids, lp.logprobs, lp.ranks)
-        if self.device.type == "cuda":
-            handle.event = torch.cuda.Event()
-            handle.event.record()
         for st in sample_states:  # the token exists from now on; its id arrives at resolve()
             st.num_tokens += 1
             st.pending += 1
