@@ -343,3 +343,17 @@ def test_mlp_glu_path_equals_the_down_prologue_path(monkeypatch, folded):
         monkeypatch.setattr(sg, "skinny_gemm", real)
         assert any(calls) == (glu == "1")
     assert torch.equal(outs[0], outs[1])
+
+
+def test_glu_follows_the_skinny_gemm_switch(monkeypatch):
+    """KVFLOW_SKINNY_GEMM=0 turns the skinny GEMM off everywhere, the GLU epilogue included."""
+    from kvflow.layers.linear import MergedColumnParallelLinear
+    monkeypatch.setattr(linear_mod, "_glu_device_ok", lambda x: True)
+    cfg = dict(block_n=16, block_k=64, split_k=1, num_warps=4, num_stages=2, use_dot=False)
+    monkeypatch.setattr(sg, "choose_config", lambda m, n, k, device=None: dict(cfg))
+    x = torch.randn(2, 64).to(torch.bfloat16).to(DEVICE)
+    for switch, used in (("1", True), ("0", False)):
+        monkeypatch.setenv("KVFLOW_SKINNY_GEMM", switch)
+        layer = MergedColumnParallelLinear(64, [32, 32]).to(torch.bfloat16).to(DEVICE)
+        layer.weight.data.normal_()
+        assert (layer.forward_glu(x) is not None) == used

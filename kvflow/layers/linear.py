@@ -43,8 +43,7 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     gated MLP's down projection). Where the skinny GEMM runs, it applies the activation as it
     loads x (one launch fewer per layer at decode, same rounding); elsewhere the activation
     kernel runs first."""
-    if (skinny and x.is_cuda and x.dtype in _SKINNY_DTYPES and weight.dtype == x.dtype
-            and (bias is None or bias.dtype == x.dtype)):
+    if skinny and x.is_cuda and _skinny_dtypes_ok(x, weight, bias):
         if torch.compiler.is_compiling():
             # Compiled graphs trace the activation (inductor fuses it) and keep the product.
             if silu_mul_input:
@@ -54,6 +53,13 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     if silu_mul_input:
         x = ops.silu_and_mul(x)
     return F.linear(x, weight, bias)
+
+
+def _skinny_dtypes_ok(x: torch.Tensor, weight: torch.Tensor,
+                      bias: Optional[torch.Tensor]) -> bool:
+    """The skinny GEMM's operands: fp16 / bf16, weight and bias of the input's dtype."""
+    return (x.dtype in _SKINNY_DTYPES and weight.dtype == x.dtype
+            and (bias is None or bias.dtype == x.dtype))
 
 
 def _skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -195,14 +201,13 @@ class MergedColumnParallelLinear(LinearBase):
         reads it as is), or None where that launch does not apply: the caller runs the plain
         product and fuses the activation into the down projection instead. x as forward's
         (a NormedHidden whose consumer is this layer folds the norm in too)."""
-        if not self.skinny_glu or self.quant_method is not None or len(self.output_sizes) != 2 \
-                or self.output_sizes[0] != self.output_sizes[1]:
+        if not (self.skinny_gemm and self.skinny_glu) or self.quant_method is not None \
+                or len(self.output_sizes) != 2 or self.output_sizes[0] != self.output_sizes[1]:
             return None
         normed = isinstance(x, NormedHidden)
         t = x.hg if normed else x          # the input's shape, dtype and device either way
         w, b = self.weight, self.bias
-        if not (_glu_device_ok(t) and t.dtype in _SKINNY_DTYPES and w.dtype == t.dtype
-                and (b is None or b.dtype == t.dtype) and w.stride(-1) == 1
+        if not (_glu_device_ok(t) and _skinny_dtypes_ok(t, w, b) and w.stride(-1) == 1
                 and not torch.compiler.is_compiling()):
             return None
         from kvflow import kernels
