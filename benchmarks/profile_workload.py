@@ -1,0 +1,232 @@
+"""Where a throughput workload's time goes on the device: per step kind and per kernel kind.
+
+    python3 benchmarks/profile_workload.py CONFIG_DIR [--workloads nanovllm,throughput8k]
+        [--max-num-seqs 512] [--max-num-batched-tokens 16384] [--no-kernels] [--out FILE]
+
+Builds the engine as `kvflow bench throughput` does (dummy weights, bf16, max_model_len 4096)
+and runs each workload (the bench's own functions) twice:
+
+1. timing pass: a CUDA event before and after every step's device work (ModelRunner.launch is
+   wrapped). Per step: requests, tokens, decode tokens, KV tokens attended (sum of seq_lens),
+   its device time (end - start: its queued work, run back to back when the host is ahead) and
+   the device idle gap before it (start - previous end > 0 when the host was late). Steps are
+   grouped by kind (decode-only by batch size, mixed by token count); each group gets its
+   bytes (weights once + KV read) and FLOPs (2 x layer params x tokens), so its time can be
+   compared with the HBM and tensor-core floors.
+2. kernel pass (unless --no-kernels): the same workload under torch.profiler (device activity
+   only); kernel time by kind (GEMM, attention, norm, rotary/KV write, activation, MoE,
+   sampling, copies, other) and the top kernels. Kernel durations overlap under PDL at small
+   batch, so kinds are shares of summed kernel time, not of the wall.
+
+Writes one JSON object (to --out, else stdout). Runs on CPU with a tiny model too (no device
+timings there: the events are skipped).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+
+from kvflow import LLM
+from kvflow.bench.offline import WORKLOADS
+from kvflow.worker.model_runner import ModelRunner
+
+HBM_TBS = 4.3      # device-to-device copy bandwidth of an H200 (../shared/anchors)
+
+KINDS = [  # first match wins; kernel names of Triton (ours), cuBLAS (nvjet/sm90) and torch
+    ("attention", r"_attention_kernel|_merge_splits"),
+    ("moe", r"moe|_align|expert"),
+    ("gemm", r"nvjet|gemm|cutlass|xmma|skinny|cublas|w4a16|splitk|_split_k"),
+    ("norm", r"norm"),
+    ("rotary_kv_write", r"rope|rotary|kv_cache|cache_write"),
+    ("activation", r"silu|gelu|act_and_mul"),
+    ("sampling", r"argmax|sample|softmax|topk|top_k|sort|gumbel|exponential|penalt"),
+    ("copy", r"[Mm]emcpy|[Mm]emset|copy|index|scatter|gather|fill"),
+]
+
+
+class StepRecorder:
+    """Wraps ModelRunner.launch: one (start, end) event pair and the step's shape per step."""
+
+    def __init__(self):
+        self.rows = []
+        self.enabled = False
+        self._orig = ModelRunner.launch
+
+    def install(self):
+        rec = self
+
+        def launch(runner, so):
+            if not rec.enabled or so.is_empty or runner.device.type != "cuda":
+                return rec._orig(runner, so)
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            handle = rec._orig(runner, so)
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            nsched = so.num_scheduled_tokens
+            kv = sum(runner.requests[r].num_computed_tokens + n for r, n in nsched.items())
+            rec.rows.append((len(nsched), so.total_num_scheduled_tokens,
+                             sum(1 for n in nsched.values() if n == 1), kv, start, end))
+            return handle
+
+        ModelRunner.launch = launch
+
+
+def _bucket(b: int, t: int) -> str:
+    if t == b:
+        for hi in (1, 16, 64, 128, 256, 512, 1024):
+            if b <= hi:
+                return f"decode B<={hi}"
+        return "decode B>1024"
+    for hi in (512, 2048, 8192, 16384):
+        if t <= hi:
+            return f"mixed T<={hi}"
+    return "mixed T>16384"
+
+
+def summarize_steps(rows, weight_bytes: int, layer_params: int, kv_bytes_per_token: int,
+                    wall_s: float) -> dict:
+    """Group the recorded steps; times in ms."""
+    torch.cuda.synchronize()
+    groups = collections.OrderedDict()
+    total_dev = total_gap = 0.0
+    prev_end = None
+    for b, t, nd, kv, start, end in rows:
+        dev = start.elapsed_time(end)
+        gap = max(0.0, prev_end.elapsed_time(start)) if prev_end is not None else 0.0
+        prev_end = end
+        total_dev += dev
+        total_gap += gap
+        g = groups.setdefault(_bucket(b, t), collections.Counter())
+        g["steps"] += 1
+        g["device_ms"] += dev
+        g["gap_ms"] += gap
+        g["reqs"] += b
+        g["tokens"] += t
+        g["decode_tokens"] += nd
+        g["kv_tokens"] += kv
+    out = {}
+    for name, g in sorted(groups.items(), key=lambda kv: kv[0]):
+        n = g["steps"]
+        kv_gb = g["kv_tokens"] * kv_bytes_per_token / 1e9
+        w_gb = n * weight_bytes / 1e9
+        pflop = 2 * layer_params * g["tokens"] / 1e15
+        out[name] = dict(
+            steps=n, device_s=round(g["device_ms"] / 1e3, 3), gap_s=round(g["gap_ms"] / 1e3, 3),
+            mean_step_ms=round(g["device_ms"] / n, 3), mean_reqs=round(g["reqs"] / n, 1),
+            mean_tokens=round(g["tokens"] / n, 1),
+            mean_kv_tokens=round(g["kv_tokens"] / n, 1),
+            kv_read_gb=round(kv_gb, 1), weight_read_gb=round(w_gb, 1),
+            # What the step kind would take at the HBM floor (weights once per step + KV).
+            hbm_floor_s=round((kv_gb + w_gb) / HBM_TBS / 1e3, 3),
+            linear_pflop=round(pflop, 3),
+            linear_tflops_if_all_time=round(pflop * 1e3 / max(g["device_ms"] / 1e3, 1e-9), 1))
+    return dict(wall_s=round(wall_s, 3), steps=len(rows), device_s=round(total_dev / 1e3, 3),
+                gap_s=round(total_gap / 1e3, 3), groups=out)
+
+
+def kernel_kinds(prof, top: int = 25) -> dict:
+    by_name = collections.Counter()
+    launches = collections.Counter()
+    for evt in prof.key_averages():
+        t = getattr(evt, "self_device_time_total", None)
+        if t is None:
+            t = getattr(evt, "self_cuda_time_total", 0)
+        if t <= 0:
+            continue
+        by_name[evt.key] += t
+        launches[evt.key] += evt.count
+    kinds = collections.Counter()
+    for name, t in by_name.items():
+        for kind, pat in KINDS:
+            if re.search(pat, name):
+                kinds[kind] += t
+                break
+        else:
+            kinds["other"] += t
+    total = sum(kinds.values())
+    return dict(
+        kernel_s=round(total / 1e6, 3),
+        kinds={k: dict(s=round(v / 1e6, 3), share=round(v / total, 3))
+               for k, v in kinds.most_common()},
+        top=[dict(name=n[:90], s=round(v / 1e6, 3), launches=launches[n])
+             for n, v in by_name.most_common(top)])
+
+
+def _model_sizes(llm) -> tuple[int, int, int]:
+    """(bytes of weights read per decode step, parameters of the layers (linear FLOPs / 2 per
+    token), KV bytes per token)."""
+    model = llm.llm_engine.executor.worker.runner.model
+    runner = llm.llm_engine.executor.worker.runner
+    total = layer = embed = 0
+    for name, p in model.named_parameters():
+        total += p.numel() * p.element_size()
+        if "embed_tokens" in name:
+            embed += p.numel() * p.element_size()
+        elif p.dim() >= 2 and "norm" not in name and "lm_head" not in name:
+            layer += p.numel()
+    tied = not any("lm_head" in n for n, _ in model.named_parameters())
+    weight_bytes = total - (0 if tied else embed)      # the embedding table is not streamed
+    return weight_bytes, layer, runner.bytes_per_block() // runner.block_size
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("model")
+    p.add_argument("--workloads", default="nanovllm,throughput8k")
+    p.add_argument("--max-num-seqs", type=int, default=512)
+    p.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    p.add_argument("--no-kernels", action="store_true")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    recorder = StepRecorder()
+    recorder.install()
+    kw = dict(load_format="dummy", skip_tokenizer_init=True, max_num_seqs=args.max_num_seqs,
+              max_num_batched_tokens=args.max_num_batched_tokens)
+    if torch.cuda.is_available():
+        kw.update(dtype="bfloat16", max_model_len=4096)
+    else:
+        kw.update(device="cpu", dtype="float32", kv_cache_memory=64 << 20)
+    llm = LLM(args.model, **kw)
+    weight_bytes, layer_params, kv_per_token = _model_sizes(llm)
+    result = dict(model=args.model, max_num_seqs=args.max_num_seqs,
+                  max_num_batched_tokens=args.max_num_batched_tokens,
+                  weight_read_gb_per_step=round(weight_bytes / 1e9, 3),
+                  layer_params=layer_params, kv_bytes_per_token=kv_per_token, workloads={})
+    base = dict(model=args.model)
+    for w in args.workloads.split(","):
+        recorder.rows.clear()
+        recorder.enabled = True
+        t0 = time.perf_counter()
+        rec = WORKLOADS[w](llm, base, 0.6)
+        wall = time.perf_counter() - t0
+        recorder.enabled = False
+        entry = dict(output_tok_s=rec.get("output_tok_s"), bench_wall_s=rec.get("wall_s"))
+        if torch.cuda.is_available():
+            entry["steps"] = summarize_steps(recorder.rows, weight_bytes, layer_params,
+                                             kv_per_token, wall)
+            if not args.no_kernels:
+                from torch.profiler import ProfilerActivity, profile
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    WORKLOADS[w](llm, base, 0.6)
+                entry["kernels"] = kernel_kinds(prof)
+        result["workloads"][w] = entry
+        print(json.dumps({w: entry}), flush=True)
+    text = json.dumps(result, indent=1)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
