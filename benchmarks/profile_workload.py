@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import json
+import os
 import re
 import sys
 import time
@@ -49,6 +51,29 @@ KINDS = [  # first match wins; kernel names of Triton (ours), cuBLAS (nvjet/sm90
     ("sampling", r"argmax|sample|softmax|topk|top_k|sort|gumbel|exponential|penalt"),
     ("copy", r"[Mm]emcpy|[Mm]emset|copy|index|scatter|gather|fill"),
 ]
+
+
+class GcTimer:
+    """Collections and pause seconds per generation (gc.callbacks), while enabled."""
+
+    def __init__(self):
+        self.stats = collections.defaultdict(lambda: [0, 0.0, 0.0])   # count, total, max
+        self._t = 0.0
+        gc.callbacks.append(self._cb)
+
+    def _cb(self, phase, info):
+        if phase == "start":
+            self._t = time.perf_counter()
+            return
+        d = time.perf_counter() - self._t
+        st = self.stats[info["generation"]]
+        st[0] += 1
+        st[1] += d
+        st[2] = max(st[2], d)
+
+    def report(self) -> dict:
+        return {f"gen{g}": dict(collections=c, s=round(t, 4), max_ms=round(m * 1e3, 2))
+                for g, (c, t, m) in sorted(self.stats.items())}
 
 
 class StepRecorder:
@@ -98,10 +123,13 @@ def summarize_steps(rows, weight_bytes: int, layer_params: int, kv_bytes_per_tok
     groups = collections.OrderedDict()
     total_dev = total_gap = 0.0
     prev_end = None
+    per_dev, per_gap = [], []
     for b, t, nd, kv, start, end in rows:
         dev = start.elapsed_time(end)
         gap = max(0.0, prev_end.elapsed_time(start)) if prev_end is not None else 0.0
         prev_end = end
+        per_dev.append(dev)
+        per_gap.append(gap)
         total_dev += dev
         total_gap += gap
         g = groups.setdefault(_bucket(b, t), collections.Counter())
@@ -129,7 +157,10 @@ def summarize_steps(rows, weight_bytes: int, layer_params: int, kv_bytes_per_tok
             linear_pflop=round(pflop, 3),
             linear_tflops_if_all_time=round(pflop * 1e3 / max(g["device_ms"] / 1e3, 1e-9), 1))
     return dict(wall_s=round(wall_s, 3), steps=len(rows), device_s=round(total_dev / 1e3, 3),
-                gap_s=round(total_gap / 1e3, 3), groups=out)
+                gap_s=round(total_gap / 1e3, 3), groups=out,
+                # Every step: [requests, tokens, device ms, idle ms before it].
+                per_step=[[b, t, round(d, 3), round(g, 3)] for (b, t, *_), d, g in
+                          zip(rows, per_dev, per_gap)])
 
 
 def kernel_kinds(prof, top: int = 25) -> dict:
@@ -186,6 +217,7 @@ def main() -> int:
     p.add_argument("--no-kernels", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    os.environ.setdefault("KVFLOW_STEP_TRACE", "1")
     recorder = StepRecorder()
     recorder.install()
     kw = dict(load_format="dummy", skip_tokenizer_init=True, max_num_seqs=args.max_num_seqs,
@@ -201,14 +233,27 @@ def main() -> int:
                   weight_read_gb_per_step=round(weight_bytes / 1e9, 3),
                   layer_params=layer_params, kv_bytes_per_token=kv_per_token, workloads={})
     base = dict(model=args.model)
+    eng = llm.llm_engine
     for w in args.workloads.split(","):
         recorder.rows.clear()
         recorder.enabled = True
+        gct = GcTimer()
+        if eng.step_trace is not None:
+            eng.step_trace.clear()
         t0 = time.perf_counter()
         rec = WORKLOADS[w](llm, base, 0.6)
         wall = time.perf_counter() - t0
         recorder.enabled = False
-        entry = dict(output_tok_s=rec.get("output_tok_s"), bench_wall_s=rec.get("wall_s"))
+        gc.callbacks.remove(gct._cb)
+        entry = dict(output_tok_s=rec.get("output_tok_s"), bench_wall_s=rec.get("wall_s"),
+                     gc=gct.report())
+        if eng.step_trace:
+            # Host seconds per engine step: schedule, then launch + completing the step before.
+            tr = eng.step_trace
+            entry["host"] = dict(schedule_s=round(sum(r[2] for r in tr), 3),
+                                 launch_complete_s=round(sum(r[3] for r in tr), 3),
+                                 per_step_ms=[[round(r[2] * 1e3, 2), round(r[3] * 1e3, 2)]
+                                              for r in tr])
         if torch.cuda.is_available():
             entry["steps"] = summarize_steps(recorder.rows, weight_bytes, layer_params,
                                              kv_per_token, wall)
@@ -218,7 +263,14 @@ def main() -> int:
                     WORKLOADS[w](llm, base, 0.6)
                 entry["kernels"] = kernel_kinds(prof)
         result["workloads"][w] = entry
-        print(json.dumps({w: entry}), flush=True)
+        brief = {k: v for k, v in entry.items() if k not in ("host", "steps", "kernels")}
+        if "steps" in entry:
+            brief["steps"] = {k: v for k, v in entry["steps"].items() if k != "per_step"}
+        if "host" in entry:
+            brief["host"] = {k: v for k, v in entry["host"].items() if k != "per_step_ms"}
+        if "kernels" in entry:
+            brief["kernels"] = entry["kernels"]["kinds"]
+        print(json.dumps({w: brief}), flush=True)
     text = json.dumps(result, indent=1)
     if args.out:
         with open(args.out, "w") as f:

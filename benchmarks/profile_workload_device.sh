@@ -13,3 +13,6 @@ for m in $models; do
     --out "$OUT/profile-$m-${KVFLOW_COMMIT:-unknown}.json" 2>&1 | tee -a "$OUT/profile.log" \
     | grep -vE "^\s*$" | cut -c1-3000 | grep -E "^\{|Error|error|Traceback" 
 done
+if [ -n "${GEMMS:-}" ]; then
+  for m in $models; do python3 benchmarks/gemm_shapes.py benchmarks/configs/$m | tee -a "$OUT/gemm.log"; done
+fi
