@@ -19,6 +19,13 @@ def step_trace() -> bool:
     return os.environ.get("KVFLOW_STEP_TRACE") == "1"
 
 
+def gc_freeze() -> bool:
+    """KVFLOW_GC_FREEZE (default 1): freeze the garbage collector's heap at the end of engine
+    startup, so full collections skip the long-lived objects (kvflow/gc_heap.py); 0 leaves the
+    collector as Python configures it."""
+    return os.environ.get("KVFLOW_GC_FREEZE", "1") != "0"
+
+
 def dummy_weights_mode() -> str:
     """KVFLOW_DUMMY_WEIGHTS: value distribution of load_format="dummy" weights — "uniform"
     (default, +-1e-3 like vLLM: speed runs) or "scaled" (fan-in scaled: a model whose greedy

@@ -18,6 +18,7 @@ from kvflow.core.scheduler import Scheduler
 from kvflow.engine.output_processor import OutputKind, OutputProcessor
 from kvflow.engine.tokenizer import load_tokenizer
 from kvflow.executor import ExecutorDeadError, make_executor
+from kvflow.gc_heap import freeze_startup_heap
 from kvflow.kv_transfer.base import make_scheduler_connector
 from kvflow.outputs import RequestOutput
 from kvflow.request import Request, RequestStatus
@@ -79,6 +80,8 @@ class LLMEngine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
+        # Long-lived from here on: out of the collector's full scans (gc_heap.py).
+        freeze_startup_heap()
         self.startup_s = time.perf_counter() - t0
         logger.info("engine ready in %.2f s", self.startup_s)
         self._next_id = 0

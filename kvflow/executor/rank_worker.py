@@ -73,6 +73,9 @@ class RankWorker:
             return worker.plan_memory()
         if method == "initialize_cache":
             worker.initialize_cache(payload)
+            # The rank's last startup step: its long-lived objects leave the GC's scans.
+            from kvflow.gc_heap import freeze_startup_heap
+            freeze_startup_heap()
             return self.timings
         if method == "memory_stats":
             return worker.memory_stats(payload)

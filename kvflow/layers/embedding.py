@@ -9,6 +9,7 @@ from torch import nn
 from kvflow import envs
 from kvflow.distributed import get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce
 from kvflow.layers.linear import dense_linear
+from kvflow.layers.loader_ref import weight_loader_of
 
 _PAD_TO = 64
 
@@ -27,7 +28,7 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_size = vocab_size
         self.start, self.end, per_rank = _shard_range(vocab_size)
         self.weight = nn.Parameter(torch.empty(per_rank, hidden_size), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
+        self.weight.weight_loader = weight_loader_of(self)
 
     def weight_loader(self, param, loaded, shard_id=None):
         # A rank whose slice lies entirely in the padding (tiny vocab, many ranks) holds no

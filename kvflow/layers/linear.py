@@ -23,6 +23,7 @@ from torch import nn
 from kvflow import envs
 from kvflow.distributed import get_tp_rank, get_tp_size, tp_all_reduce
 from kvflow.layers.norm_fold import NormedHidden, fold_ok
+from kvflow.layers.loader_ref import weight_loader_of
 from kvflow.layers import ops
 
 _SKINNY_DTYPES = (torch.float16, torch.bfloat16)
@@ -126,12 +127,12 @@ class LinearBase(nn.Module):
         self.skinny_glu = envs.skinny_glu()
         if self.quant_method is None:
             self.weight = _param((out_features, in_features))   # [out, in] as in HF checkpoints
-            self.weight.weight_loader = self.weight_loader
+            self.weight.weight_loader = weight_loader_of(self)
         else:
             self.quant_method.create_weights(self)
         if bias:
             self.bias = _param((out_features,))
-            self.bias.weight_loader = self.weight_loader
+            self.bias.weight_loader = weight_loader_of(self)
         else:
             self.register_parameter("bias", None)
 

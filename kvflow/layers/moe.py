@@ -49,6 +49,7 @@ from kvflow.distributed import (get_ep_rank, get_ep_size, get_moe_tp_rank, get_m
                                 tp_all_reduce)
 from kvflow.layers import ops
 from kvflow.layers.expert_placement import ExpertPlacement
+from kvflow.layers.loader_ref import weight_loader_of
 from kvflow.layers.linear import LinearBase, ReplicatedLinear, _checked, _param
 
 try:
@@ -227,8 +228,8 @@ class FusedMoE(nn.Module):
         self.intermediate = intermediate_size // self.shard_size      # per rank
         self.w13 = _param((local, 2 * self.intermediate, hidden_size))  # [E_local, 2I/tp, H]
         self.w2 = _param((local, hidden_size, self.intermediate))       # [E_local, H, I/tp]
-        self.w13.weight_loader = self.weight_loader
-        self.w2.weight_loader = self.weight_loader
+        self.w13.weight_loader = weight_loader_of(self)
+        self.w2.weight_loader = weight_loader_of(self)
         # Global router id -> local slot or the remote sentinel (identity without EP).
         self.register_buffer("expert_map", self.placement.global_to_local(), persistent=False)
 

@@ -25,11 +25,13 @@ Invariants:
 """
 from __future__ import annotations
 
-import gc
 import logging
+import weakref
 from typing import TYPE_CHECKING, Iterable, Optional
 
 import torch
+
+from kvflow.gc_heap import full_collect
 
 if TYPE_CHECKING:  # pragma: no cover
     from kvflow.worker.worker import Worker
@@ -43,7 +45,10 @@ _NOT_MODEL_STATE = ("kv_cache",)
 
 class SleepManager:
     def __init__(self, worker: "Worker"):
-        self.worker = worker
+        # Weakly: the worker owns this manager, and a cycle would leave a dropped worker (and
+        # its model) to the cyclic collector, which never sees the frozen startup heap
+        # (kvflow/gc_heap.py).
+        self._worker = weakref.ref(worker)
         self.level: Optional[int] = None
         self.weights_state = "device"
         self.kv_state = "device"
@@ -56,6 +61,10 @@ class SleepManager:
         self.last_freed_bytes = 0
 
     # ------------------------------------------------------------------ views
+    @property
+    def worker(self) -> "Worker":
+        return self._worker()
+
     @property
     def is_sleeping(self) -> bool:
         return self.weights_state != "device" or self.kv_state != "device"
@@ -145,7 +154,7 @@ class SleepManager:
         self.level, self.weights_state, self.kv_state = level, (
             "offloaded" if level == 1 else "discarded"), "freed"
         self.missing = set()
-        gc.collect()
+        full_collect()
         if cuda:
             torch.cuda.synchronize(dev)
             torch.cuda.empty_cache()

@@ -34,6 +34,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from kvflow.layers.loader_ref import ModuleLoader
+
 SUPPORTED_BITS = (4, 8)
 
 
@@ -185,9 +187,10 @@ class GPTQLinearMethod:
         return torch.arange(start, start + k, dtype=torch.int32) // gs   # all groups kept
 
     def _make_loader(self, layer):
-        def loader(param, loaded, shard_id=None):
-            self._load(layer, param, loaded, shard_id)
-        return loader
+        # The layer weakly (layers/loader_ref.py): no cycle through the parameter it loads.
+        def load(module, param, loaded, shard_id=None):
+            self._load(module, param, loaded, shard_id)
+        return ModuleLoader(layer, load)
 
     def _load(self, layer, param: nn.Parameter, loaded: torch.Tensor, shard_id) -> None:
         cfg, pack, kind = self.cfg, self.cfg.pack_factor, param.gptq_kind
