@@ -5,9 +5,10 @@ Triton and transformers internals, the model's modules, compiled-kernel caches) 
 long as the engine. A full (generation 2) collection walks all of them: 140-190 ms, during which
 the host launches nothing. On an H200, Qwen3-0.6B's throughput8k run triggered four such
 collections, 0.69 s of the device idling in an 8 s run
-(benchmarks/results/profiles/workload-*-da67ccc-t8k-nvidia-h200.json). After startup the engine therefore freezes the
-heap (gc.freeze: the objects move to a permanent generation that collections skip), as vLLM's
-engine core does; later collections walk only what was created since (requests, outputs).
+(benchmarks/results/profiles/workload-*-da67ccc-t8k-nvidia-h200.json). After startup the
+engine therefore freezes the heap (gc.freeze: the objects move to a permanent generation that
+collections skip), as vLLM's engine core does; later collections walk only what was created
+since (requests, outputs).
 
 Invariant that makes this safe: an engine (and its model's weights) is freed by reference
 counting alone once the user drops it -- no reference cycles run through the model, the worker
