@@ -79,10 +79,15 @@ class GcTimer:
 class StepRecorder:
     """Wraps ModelRunner.launch: one (start, end) event pair and the step's shape per step."""
 
-    def __init__(self):
+    def __init__(self, profile_steps: int = 0):
         self.rows = []
         self.enabled = False
         self._orig = ModelRunner.launch
+        # Kernel profiles of single steps (--profile-steps): per step kind, up to N steps, each
+        # run alone (synchronized before and after; its kernels' durations are what they are
+        # in the pipeline, its idle time is not).
+        self.profile_steps = profile_steps
+        self.step_kernels: dict[str, list] = collections.defaultdict(list)
 
     def install(self):
         rec = self
@@ -90,18 +95,38 @@ class StepRecorder:
         def launch(runner, so):
             if not rec.enabled or so.is_empty or runner.device.type != "cuda":
                 return rec._orig(runner, so)
+            nsched = so.num_scheduled_tokens
+            kind = _profile_kind(len(nsched), so.total_num_scheduled_tokens)
+            if kind and len(rec.step_kernels[kind]) < rec.profile_steps:
+                from torch.profiler import ProfilerActivity, profile
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    handle = rec._orig(runner, so)
+                    torch.cuda.synchronize()
+                rec.step_kernels[kind].append(
+                    dict(reqs=len(nsched), tokens=so.total_num_scheduled_tokens,
+                         **kernel_kinds(prof, top=12)))
+                return handle
             start = torch.cuda.Event(enable_timing=True)
             start.record()
             handle = rec._orig(runner, so)
             end = torch.cuda.Event(enable_timing=True)
             end.record()
-            nsched = so.num_scheduled_tokens
             kv = sum(runner.requests[r].num_computed_tokens + n for r, n in nsched.items())
             rec.rows.append((len(nsched), so.total_num_scheduled_tokens,
                              sum(1 for n in nsched.values() if n == 1), kv, start, end))
             return handle
 
         ModelRunner.launch = launch
+
+
+def _profile_kind(b: int, t: int):
+    """The step kinds --profile-steps profiles: large mixed (prefill-heavy) and large decode."""
+    if t > 8192:
+        return "mixed T>8192"
+    if t == b and b > 256:
+        return "decode B>256"
+    return None
 
 
 def _bucket(b: int, t: int) -> str:
@@ -215,10 +240,13 @@ def main() -> int:
     p.add_argument("--max-num-seqs", type=int, default=512)
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
     p.add_argument("--no-kernels", action="store_true")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="kernel profile of this many single steps per kind (large mixed, large "
+                        "decode), taken in the timing pass (those steps are not timed)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     os.environ.setdefault("KVFLOW_STEP_TRACE", "1")
-    recorder = StepRecorder()
+    recorder = StepRecorder(args.profile_steps)
     recorder.install()
     kw = dict(load_format="dummy", skip_tokenizer_init=True, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens)
@@ -245,8 +273,15 @@ def main() -> int:
         wall = time.perf_counter() - t0
         recorder.enabled = False
         gc.callbacks.remove(gct._cb)
+        if recorder.step_kernels:
+            entry_steps = {k: v for k, v in recorder.step_kernels.items()}
+            recorder.step_kernels.clear()
+        else:
+            entry_steps = None
         entry = dict(output_tok_s=rec.get("output_tok_s"), bench_wall_s=rec.get("wall_s"),
                      gc=gct.report())
+        if entry_steps:
+            entry["step_kernels"] = entry_steps
         if eng.step_trace:
             # Host seconds per engine step: schedule, then launch + completing the step before.
             tr = eng.step_trace
@@ -263,7 +298,8 @@ def main() -> int:
                     WORKLOADS[w](llm, base, 0.6)
                 entry["kernels"] = kernel_kinds(prof)
         result["workloads"][w] = entry
-        brief = {k: v for k, v in entry.items() if k not in ("host", "steps", "kernels")}
+        brief = {k: v for k, v in entry.items()
+                 if k not in ("host", "steps", "kernels", "step_kernels")}
         if "steps" in entry:
             brief["steps"] = {k: v for k, v in entry["steps"].items() if k != "per_step"}
         if "host" in entry:
