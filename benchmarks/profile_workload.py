@@ -88,6 +88,12 @@ class StepRecorder:
         # in the pipeline, its idle time is not).
         self.profile_steps = profile_steps
         self.step_kernels: dict[str, list] = collections.defaultdict(list)
+        # Chrome trace (host and device) of consecutive pipelined steps from the first large
+        # mixed step on (--trace-steps N --trace-out FILE): where the device waits.
+        self.trace_steps = 0
+        self.trace_out = None
+        self._trace = None
+        self._traced = 0
 
     def install(self):
         rec = self
@@ -97,6 +103,20 @@ class StepRecorder:
                 return rec._orig(runner, so)
             nsched = so.num_scheduled_tokens
             kind = _profile_kind(len(nsched), so.total_num_scheduled_tokens)
+            if rec.trace_steps and rec._traced < rec.trace_steps:
+                if rec._trace is None and kind == "mixed T>8192":
+                    from torch.profiler import ProfilerActivity, profile
+                    rec._trace = profile(activities=[ProfilerActivity.CPU,
+                                                     ProfilerActivity.CUDA])
+                    rec._trace.start()
+                if rec._trace is not None:
+                    rec._traced += 1
+                    if rec._traced == rec.trace_steps:
+                        handle = rec._orig(runner, so)
+                        torch.cuda.synchronize()
+                        rec._trace.stop()
+                        rec._trace.export_chrome_trace(rec.trace_out)
+                        return handle
             if kind and len(rec.step_kernels[kind]) < rec.profile_steps:
                 from torch.profiler import ProfilerActivity, profile
                 torch.cuda.synchronize()
@@ -240,6 +260,10 @@ def main() -> int:
     p.add_argument("--max-num-seqs", type=int, default=512)
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
     p.add_argument("--no-kernels", action="store_true")
+    p.add_argument("--trace-steps", type=int, default=0,
+                   help="chrome trace (host + device) of this many pipelined steps from the "
+                        "first large mixed step on, to --trace-out")
+    p.add_argument("--trace-out", default="trace.json")
     p.add_argument("--profile-steps", type=int, default=0,
                    help="kernel profile of this many single steps per kind (large mixed, large "
                         "decode), taken in the timing pass (those steps are not timed)")
@@ -247,6 +271,7 @@ def main() -> int:
     args = p.parse_args()
     os.environ.setdefault("KVFLOW_STEP_TRACE", "1")
     recorder = StepRecorder(args.profile_steps)
+    recorder.trace_steps, recorder.trace_out = args.trace_steps, args.trace_out
     recorder.install()
     kw = dict(load_format="dummy", skip_tokenizer_init=True, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens)
