@@ -15,6 +15,29 @@ import gzip
 import json
 
 
+def find_gaps(events: list[dict], min_us: float) -> list[dict]:
+    """Gaps longer than min_us between consecutive device events of a trace's "X" events:
+    [{"us", "before" (the next device event's name), "runtime" (host runtime calls covering
+    the gap's start), "ops" (innermost host ops covering it), "host" (the call to blame)}]."""
+    dev = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
+                 key=lambda e: e["ts"])
+    host = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver", "cpu_op",
+                                                    "python_function", "user_annotation")]
+    out, end = [], None
+    for e in dev:
+        if end is not None and e["ts"] - end > min_us:
+            cover = [h for h in host if h["ts"] <= end < h["ts"] + h["dur"]]
+            runtime = [h["name"] for h in sorted(cover, key=lambda h: h["ts"])
+                       if h.get("cat") in ("cuda_runtime", "cuda_driver")]
+            ops = [h["name"] for h in sorted(cover, key=lambda h: h["ts"])
+                   if h.get("cat") in ("cpu_op", "user_annotation")][-3:]
+            blame = runtime[-1] if runtime else (ops[-1] if ops else "(host between calls)")
+            out.append(dict(us=e["ts"] - end, before=e["name"], runtime=runtime, ops=ops,
+                            host=blame))
+        end = max(end or 0, e["ts"] + e["dur"])
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("trace")
@@ -23,27 +46,17 @@ def main() -> int:
     opener = gzip.open if args.trace.endswith(".gz") else open
     with opener(args.trace, "rt") as f:
         ev = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
-    dev = sorted((e for e in ev if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")),
-                 key=lambda e: e["ts"])
-    host = [e for e in ev if e.get("cat") in ("cuda_runtime", "cuda_driver", "cpu_op",
-                                                "python_function", "user_annotation")]
-    gaps, end = [], None
-    for e in dev:
-        if end is not None and e["ts"] - end > args.min_us:
-            gaps.append((end, e["ts"], e["name"]))
-        end = max(end or 0, e["ts"] + e["dur"])
+    gaps = find_gaps(ev, args.min_us)
     total = collections.Counter()
-    for g0, g1, nxt in gaps:
-        cover = [h for h in host if h["ts"] <= g0 < h["ts"] + h["dur"]]
-        runtime = [h["name"] for h in cover if h.get("cat") in ("cuda_runtime", "cuda_driver")]
-        ops = [h["name"] for h in sorted(cover, key=lambda h: h["ts"])
-               if h.get("cat") in ("cpu_op", "user_annotation")][-3:]
-        key = runtime[-1] if runtime else (ops[-1] if ops else "(host between calls)")
-        total[key] += g1 - g0
-        print(f"gap {g1 - g0:9.1f} us before {nxt[:40]!r}: runtime {runtime[-2:]} ops {ops}")
+    for g in gaps:
+        total[g["host"]] += g["us"]
+        print(f"gap {g['us']:9.1f} us before {g['before'][:40]!r}: runtime {g['runtime'][-2:]} "
+              f"ops {g['ops']}")
+    dev = [e for e in ev if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    span = max(e["ts"] + e["dur"] for e in dev) - min(e["ts"] for e in dev) if dev else 0
     print("gaps by host call at their start (us):", dict(total.most_common(12)))
     print(f"{len(gaps)} gaps, {sum(total.values()) / 1e3:.2f} ms in all, over "
-          f"{(dev[-1]['ts'] + dev[-1]['dur'] - dev[0]['ts']) / 1e3:.1f} ms of trace")
+          f"{span / 1e3:.1f} ms of trace")
     return 0
 
 
