@@ -26,6 +26,12 @@ def gc_freeze() -> bool:
     return os.environ.get("KVFLOW_GC_FREEZE", "1") != "0"
 
 
+def gc_gen2_threshold() -> int:
+    """KVFLOW_GC_GEN2_THRESHOLD (default 100): with the heap frozen, generation-1 collections
+    between two full ones (Python's default is 10; kvflow/gc_heap.py says why more)."""
+    return int(os.environ.get("KVFLOW_GC_GEN2_THRESHOLD", "100"))
+
+
 def dummy_weights_mode() -> str:
     """KVFLOW_DUMMY_WEIGHTS: value distribution of load_format="dummy" weights — "uniform"
     (default, +-1e-3 like vLLM: speed runs) or "scaled" (fan-in scaled: a model whose greedy
