@@ -52,16 +52,20 @@ def tiny_path(tmp_path_factory):
     return save_hf_model(make_hf_model("llama"), tmp_path_factory.mktemp("gc-llama"))
 
 
-def test_startup_freezes_the_heap(tiny_path, monkeypatch):
+def test_startup_freezes_the_heap(tiny_path, monkeypatch, request):
     # Other libraries may freeze the heap too (torch does on some paths), so count kvflow's
     # own calls rather than the frozen objects.
     calls = []
     real_freeze = gc.freeze
     monkeypatch.setattr(gc, "freeze", lambda: calls.append(1) or real_freeze())
+    thresholds = gc.get_threshold()
+    gc.set_threshold(700, 10, 10)                       # Python's defaults
+    request.addfinalizer(lambda: gc.set_threshold(*thresholds))
     monkeypatch.setenv("KVFLOW_GC_FREEZE", "0")
     held = [_llm(tiny_path)]
     llm = held[0]
     assert not calls, "KVFLOW_GC_FREEZE=0 still froze the heap"
+    assert gc.get_threshold() == (700, 10, 10), "KVFLOW_GC_FREEZE=0 changed the thresholds"
     del llm
     _drop_and_check(held)
     monkeypatch.setenv("KVFLOW_GC_FREEZE", "1")
@@ -70,6 +74,7 @@ def test_startup_freezes_the_heap(tiny_path, monkeypatch):
     llm = held[0]
     assert calls
     assert gc.get_freeze_count() > 1000, gc.get_freeze_count()
+    assert gc.get_threshold() == (700, 10, 100)         # KVFLOW_GC_GEN2_THRESHOLD's default
     assert llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
     del llm
     _drop_and_check(held)
