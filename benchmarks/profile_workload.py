@@ -71,6 +71,9 @@ class GcTimer:
         st[1] += d
         st[2] = max(st[2], d)
 
+    def stop(self) -> None:
+        gc.callbacks.remove(self._cb)
+
     def report(self) -> dict:
         return {f"gen{g}": dict(collections=c, s=round(t, 4), max_ms=round(m * 1e3, 2))
                 for g, (c, t, m) in sorted(self.stats.items())}
@@ -297,7 +300,7 @@ def main() -> int:
         rec = WORKLOADS[w](llm, base, 0.6)
         wall = time.perf_counter() - t0
         recorder.enabled = False
-        gc.callbacks.remove(gct._cb)
+        gct.stop()
         if recorder.step_kernels:
             entry_steps = {k: v for k, v in recorder.step_kernels.items()}
             recorder.step_kernels.clear()

@@ -17,6 +17,8 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
 
 
 def _llm(path, **kw):
+    # conftest's make_llm defaults, without its fixture: that keeps every engine it built
+    # until teardown, and these tests must hold the only reference.
     kw.setdefault("skip_tokenizer_init", True)
     kw.setdefault("kv_cache_memory", 8 << 20)
     kw.setdefault("device", DEVICE)
