@@ -212,3 +212,80 @@ def qk_norm_rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         HAS_PASS=rot < head, IS_NEOX=is_neox,
         HAS_NORM=has_norm, FP8=fp8, num_warps=4, **pdl_launch(q.device))
     return out
+
+
+# ------------------------------------------------------------ in a q|k|v product's epilogue
+# At decode the q|k|v projection is a skinny GEMM whose programs each own a few output
+# columns; the transform above then costs a launch of its own (~1.7 us a layer at batch 1 on
+# the H200, PDL on). Without per-head norm and with a full-width rotary, a program's columns
+# can carry the whole transform if each of them holds both halves of its rotary pairs: the
+# product's programs take their q and k columns pairwise, (j, j + D/2) (neox; GPT-J pairs are
+# adjacent already), and the epilogue rotates, writes q, and writes k/v into the cache. Used
+# by kernels/skinny_gemm.py (`rope_cache=`); same arithmetic and roundings as
+# `qk_norm_rope_cache` without norm: the product is rounded to the model dtype first, exactly
+# as the unfused path stores it.
+
+@triton.jit
+def rope_pair_columns(pid_n, k_end, BLOCK_N: tl.constexpr, HEAD: tl.constexpr,
+                      IS_NEOX: tl.constexpr):
+    """The output columns of program pid_n [BLOCK_N]. Below k_end (q and k) lane 2p + s holds
+    half s of the program's p-th rotary pair: with neox pairs, pair j of a head is the columns
+    (j, j + HEAD/2), and the program's pairs are the next BLOCK_N/2 of its head; GPT-J pairs
+    (2j, 2j + 1) are the plain layout. BLOCK_N divides HEAD, so no program straddles heads or
+    the q / k / v regions."""
+    col0 = pid_n * BLOCK_N
+    lane = tl.arange(0, BLOCK_N)
+    if IS_NEOX:
+        pair = (col0 % HEAD) // 2 + lane // 2
+        paired = (col0 // HEAD) * HEAD + pair + (lane % 2) * (HEAD // 2)
+        return tl.where(col0 < k_end, paired, col0 + lane)
+    return col0 + lane
+
+
+@triton.jit
+def rope_operands(pid_n, offs_m, m_mask, pos_ptr, cs_ptr, stride_cs, slot_ptr, n_slots, k_end,
+                  BLOCK_N: tl.constexpr, HEAD: tl.constexpr):
+    """cos, sin [BLOCK_M, BLOCK_N/2] of the program's pairs at each row's position, and the
+    rows' cache slots [BLOCK_M] (-1: do not write; rows past n_slots too). Loaded after the
+    PDL wait (positions and slots come from the step's input kernel)."""
+    col0 = pid_n * BLOCK_N
+    pair = (col0 % HEAD) // 2 + tl.arange(0, BLOCK_N // 2)
+    pos = tl.load(pos_ptr + offs_m, mask=m_mask, other=0).to(tl.int64)
+    cmask = m_mask[:, None] & (col0 < k_end)
+    cs_row = cs_ptr + pos[:, None] * stride_cs
+    cos = tl.load(cs_row + pair[None, :], mask=cmask, other=0.0).to(tl.float32)
+    sin = tl.load(cs_row + HEAD // 2 + pair[None, :], mask=cmask, other=0.0).to(tl.float32)
+    slot = tl.load(slot_ptr + offs_m, mask=m_mask & (offs_m < n_slots), other=-1).to(tl.int64)
+    return cos, sin, slot
+
+
+@triton.jit
+def rope_cache_store(y, pid_n, offs_m, offs_n, out_mask, cos, sin, slot, q_ptr, kc_ptr, vc_ptr,
+                     ks_ptr, vs_ptr, q_cols, k_end, stride_cb, stride_ct, stride_ch,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr,
+                     CACHE_BLOCK: tl.constexpr, FP8: tl.constexpr):
+    """y [BLOCK_M, BLOCK_N] (the product in the model dtype, columns `offs_n` as
+    rope_pair_columns lays them out) -> q rows [M, q_cols] rotated, or K / V written at the
+    rows' slots of the caches [num_blocks, CACHE_BLOCK, KV, HEAD]."""
+    col0 = pid_n * BLOCK_N
+    dtype = y.dtype
+    if col0 < k_end:
+        # Same expressions as _norm_rope_heads (one rounding each).
+        x1, x2 = tl.split(tl.reshape(y.to(tl.float32), (BLOCK_M, BLOCK_N // 2, 2)))
+        o1 = (x1 * cos - x2 * sin).to(dtype)
+        o2 = (x2 * cos + x1 * sin).to(dtype)
+        y = tl.reshape(tl.join(o1, o2), (BLOCK_M, BLOCK_N))
+    if col0 < q_cols:
+        tl.store(q_ptr + offs_m[:, None] * q_cols + offs_n[None, :], y, mask=out_mask)
+    else:
+        is_k = col0 < k_end
+        c = offs_n - tl.where(is_k, q_cols, k_end)          # column inside the K or V rows
+        dst = ((slot // CACHE_BLOCK) * stride_cb + (slot % CACHE_BLOCK) * stride_ct)[:, None] \
+            + ((c // HEAD) * stride_ch + c % HEAD)[None, :]
+        mask = out_mask & (slot >= 0)[:, None]
+        if is_k:
+            tl.store(kc_ptr + dst, _to_cache(y, ks_ptr, FP8, kc_ptr.dtype.element_ty),
+                     mask=mask)
+        else:
+            tl.store(vc_ptr + dst, _to_cache(y, vs_ptr, FP8, vc_ptr.dtype.element_ty),
+                     mask=mask)
