@@ -88,15 +88,6 @@ def norm_fold() -> bool:
     return os.environ.get("KVFLOW_NORM_FOLD", "1") != "0"
 
 
-def qkv_rope_epilogue() -> bool:
-    """KVFLOW_QKV_ROPE (default 1): at decode, where a layer's q | k | v product runs as one
-    single-split skinny GEMM and the attention backend fuses the pre-attention transform, the
-    rotary and the KV-cache write run in that product's epilogue (layers without per-head q/k
-    norm, full-width rotary; kvflow/attention/layer.py). 0: their own launch. Read at every
-    forward (CUDA graphs: at capture)."""
-    return os.environ.get("KVFLOW_QKV_ROPE", "1") != "0"
-
-
 def skinny_gemm() -> bool:
     """KVFLOW_SKINNY_GEMM (default 1): unquantized linear layers (incl. tensor-parallel shards, the LM head
     and MoE routers) on CUDA with fp16/bf16 inputs of at most 16 rows use the Triton skinny GEMM

@@ -76,18 +76,6 @@ def cases():
                  BLOCK_N=bn, BLOCK_K=bk, SILU_MUL=False, USE_PDL=True, GLU=True,
                  ROW_SCALE=mode == "scale", SQ_PAD=512)
         out.append((sg._skinny_gemm_kernel, fa, c, dict(num_warps=2, num_stages=3)))
-    # q|k|v with the rotary + KV-cache write in the epilogue: Llama-8B's folded GEMV (neox,
-    # bf16 cache), a dot-form tile (GPT-J pairs, bias, fp8 cache)
-    ra = dict(fa, pos_ptr="*i64", cs_ptr="*fp32", stride_cs="i32", slot_ptr="*i64", n_slots="i32",
-              kc_ptr="*bf16", vc_ptr="*bf16", q_cols="i32", k_end="i32", stride_cb="i32",
-              stride_ct="i32", stride_ch="i32")
-    for dot, bm, bn, bk, fp8 in [(False, 1, 8, 512, False), (True, 16, 64, 128, True)]:
-        rc = dict(HAS_BIAS=fp8, USE_DOT=dot, DEFER=not dot, EVEN_K=True, IEEE=False, BLOCK_M=bm,
-                  BLOCK_N=bn, BLOCK_K=bk, SILU_MUL=False, USE_PDL=True, ROW_SCALE=not dot,
-                  SQ_PAD=512, ROPE=True, IS_NEOX=not fp8, HEAD=128, CACHE_BLOCK=16, FP8=fp8)
-        args = dict(ra, kc_ptr="*fp8e4nv", vc_ptr="*fp8e4nv", ks_ptr="*fp32",
-                    vs_ptr="*fp32") if fp8 else ra
-        out.append((sg._skinny_gemm_kernel, args, rc, dict(num_warps=4, num_stages=2)))
     a = {n: "*bf16" for n in ("q_ptr", "k_ptr", "v_ptr")}
     a.update({"pos_ptr": "*i64", "cs_ptr": "*fp32", "qw_ptr": "*bf16", "kw_ptr": "*bf16",
               "out_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16",

@@ -313,7 +313,7 @@ def test_mlp_glu_path_equals_the_down_prologue_path(monkeypatch, folded):
     from kvflow.layers import norm_fold
     from kvflow.layers.norm import RMSNorm
     from kvflow.models.llama import LlamaMLP
-    monkeypatch.setattr(linear_mod, "_epilogue_device_ok", lambda x: True)
+    monkeypatch.setattr(linear_mod, "_glu_device_ok", lambda x: True)
     monkeypatch.setattr(norm_fold, "_device_ok", lambda x: True)
     cfg = dict(block_n=16, block_k=64, split_k=1, num_warps=4, num_stages=2, use_dot=False)
     monkeypatch.setattr(sg, "choose_config", lambda m, n, k, device=None: dict(cfg))
@@ -348,7 +348,7 @@ def test_mlp_glu_path_equals_the_down_prologue_path(monkeypatch, folded):
 def test_glu_follows_the_skinny_gemm_switch(monkeypatch):
     """KVFLOW_SKINNY_GEMM=0 turns the skinny GEMM off everywhere, the GLU epilogue included."""
     from kvflow.layers.linear import MergedColumnParallelLinear
-    monkeypatch.setattr(linear_mod, "_epilogue_device_ok", lambda x: True)
+    monkeypatch.setattr(linear_mod, "_glu_device_ok", lambda x: True)
     cfg = dict(block_n=16, block_k=64, split_k=1, num_warps=4, num_stages=2, use_dot=False)
     monkeypatch.setattr(sg, "choose_config", lambda m, n, k, device=None: dict(cfg))
     x = torch.randn(2, 64).to(torch.bfloat16).to(DEVICE)

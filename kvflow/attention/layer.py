@@ -19,12 +19,6 @@ declares fuses_qk_rope_cache the layer hands those parameters to the impl (forwa
 which fuses them with the KV-cache write; otherwise the layer applies norm + rotary itself with
 the existing ops (under torch.compile: in the traced graph, outside the op, as model code did)
 and calls forward. Only under the fused path does the custom op receive the positions.
-
-Models call `forward_projected(qkv_proj, hidden, positions)`: the q | k | v projection and
-attention together. At decode, where the projection runs as one single-split skinny GEMM, the
-transform (rotary + KV-cache write; no per-head norm, full-width rotary) moves into that
-product's epilogue (kernels/qk_rope_cache.py, skinny_gemm.RopeCache) and attention reads q
-from it: one launch less per layer. Everywhere else it is the projection, then forward.
 """
 from __future__ import annotations
 
@@ -34,10 +28,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from kvflow import envs
 from kvflow.attention.backend import AttentionImpl, BackendCapabilities, QKRope
 from kvflow.forward_context import GLOBAL, LOCAL, get_forward_context
-from kvflow.kv_transfer.base import NULL_WORKER_CONNECTOR
 
 # name -> layer, for the custom op. Weak: a dropped model frees its names.
 _LAYERS: "weakref.WeakValueDictionary[str, Attention]" = weakref.WeakValueDictionary()
@@ -129,36 +121,6 @@ class Attention(nn.Module):
             raise ValueError(f"{which} must be a finite positive number, got {scale}")
         getattr(self, which).fill_(scale)
 
-    def forward_projected(self, qkv_proj: nn.Module, hidden, positions: torch.Tensor) -> torch.Tensor:
-        """qkv_proj (a QKVParallelLinear with this layer's heads) applied to hidden (its input:
-        [T, hidden], or a NormedHidden), then forward: -> [T, H*D]. A layer that owns its
-        rotary may have the projection's epilogue apply it (see the module doc)."""
-        if self._rope_epilogue_ok():
-            config = qkv_proj.rope_epilogue_config(hidden)
-            if config is not None:
-                from kvflow.kernels.skinny_gemm import RopeCache
-                rotary = self._qk_rope[0]
-                md = get_forward_context().metadata(self.attn_kind)
-                rope = RopeCache(self.num_heads, self.num_kv_heads, self.head_dim, positions,
-                                 rotary.cos_sin_cache, rotary.is_neox, self.kv_cache[0],
-                                 self.kv_cache[1], md.slot_mapping, self.k_scale, self.v_scale)
-                q = qkv_proj.forward_rope_cache(hidden, config, rope)      # K/V are cached
-                return self.forward_eager(q, None, None)
-        q, k, v = qkv_proj.split(qkv_proj(hidden))
-        return self(q, k, v, positions)
-
-    def _rope_epilogue_ok(self) -> bool:
-        """The layer side of forward_projected's epilogue path: eager (never traced: the
-        compiled graph keeps the custom op), a fusing backend, a full-width rotary without
-        per-head norm, global attention, a bound cache and no KV connector (whose per-layer
-        load must come before this step's cache writes)."""
-        if torch.compiler.is_compiling() or not self.fuse_qk_rope or self.kv_cache is None:
-            return False
-        rotary, q_norm, _ = self._qk_rope
-        return (q_norm is None and rotary.rotary_dim == self.head_dim
-                and self.attn_kind == GLOBAL and envs.qkv_rope_epilogue()
-                and get_forward_context().kv_connector is NULL_WORKER_CONNECTOR)
-
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """q [T, H*D], k/v [T, KV*D] -> [T, H*D]. A layer that owns a rotary takes q/k before
@@ -181,11 +143,10 @@ class Attention(nn.Module):
             return self.forward_eager(q, k, v)
         return self.forward_eager(q, k, v, fused_positions)
 
-    def forward_eager(self, q: torch.Tensor, k: Optional[torch.Tensor], v: Optional[torch.Tensor],
+    def forward_eager(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """positions: given only on the fused path (q/k before norm and rotary, which the
-        impl applies); None: q/k are ready. k = v = None: this step's K/V are already in the
-        cache (forward_projected's epilogue wrote them)."""
+        impl applies); None: q/k are ready."""
         if positions is not None and not self.fuse_qk_rope:
             # A graph traced while a fusing backend was bound, run after rebinding one that
             # does not fuse: apply the transform here, on copies (the op mutates no argument).
@@ -198,8 +159,8 @@ class Attention(nn.Module):
         # connector is configured.
         ctx.kv_connector.wait_for_layer_load(self.layer_name)
         qkv = (q.view(t, self.num_heads, self.head_dim),
-               None if k is None else k.view(t, self.num_kv_heads, self.head_dim),
-               None if v is None else v.view(t, self.num_kv_heads, self.head_dim))
+               k.view(t, self.num_kv_heads, self.head_dim),
+               v.view(t, self.num_kv_heads, self.head_dim))
         if positions is not None:
             out = self.impl.forward_qk_rope(*qkv, self.kv_cache, md, self.qk_rope(positions),
                                             self.k_scale, self.v_scale)

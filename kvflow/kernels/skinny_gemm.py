@@ -40,7 +40,6 @@ import triton.language as tl
 
 from kvflow.kernels.device import device_properties
 from kvflow.kernels.pdl import pdl_launch, pdl_launch_dependents, pdl_wait
-from kvflow.kernels.qk_rope_cache import rope_cache_store, rope_operands, rope_pair_columns
 from kvflow.kernels.split_k import reduce_splits
 from kvflow.kernels.stage_fit import launch_fitting_stages
 
@@ -118,19 +117,11 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
                         r_ptr=None, h_ptr=None, g_ptr=None, sq_ptr=None, n_sq=0, inv_k=1.0,
                         eps=0.0, ADD_NORM: tl.constexpr = False,
                         ROW_SCALE: tl.constexpr = False, SQ_PAD: tl.constexpr = 1,
-                        GLU: tl.constexpr = False,
-                        pos_ptr=None, cs_ptr=None, stride_cs=0, slot_ptr=None, n_slots=0,
-                        kc_ptr=None, vc_ptr=None, ks_ptr=None, vs_ptr=None, q_cols=0, k_end=0,
-                        stride_cb=0, stride_ct=0, stride_ch=0, ROPE: tl.constexpr = False,
-                        IS_NEOX: tl.constexpr = True, HEAD: tl.constexpr = 1,
-                        CACHE_BLOCK: tl.constexpr = 1, FP8: tl.constexpr = False):
+                        GLU: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
-    if ROPE:        # q|k|v product with the pre-attention transform in the epilogue
-        offs_n = rope_pair_columns(pid_n, k_end, BLOCK_N, HEAD, IS_NEOX)
-    else:
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
     n_mask = offs_n < N
     # Rows past N read row N-1 instead of being masked: the loads stay unpredicated along the
@@ -163,9 +154,6 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
     if ADD_NORM:
         r = tl.load(r_ptr + out_offs, mask=out_mask, other=0.0)                   # [BM, BN]
         g = tl.load(g_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)       # [BN]
-    if ROPE:
-        cos, sin, slot = rope_operands(pid_n, offs_m, m_mask, pos_ptr, cs_ptr, stride_cs,
-                                       slot_ptr, n_slots, k_end, BLOCK_N, HEAD)
     if USE_DOT:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)                      # out^T
     elif DEFER:
@@ -213,12 +201,7 @@ def _skinny_gemm_kernel(x_ptr, w_ptr, b_ptr, out_ptr,
         hf = tl.where(out_mask, h.to(tl.float32), 0.0)
         tl.store(sq_ptr + offs_m * n_sq + pid_n, tl.sum(hf * hf, axis=1), mask=m_mask)
         y = (hf * g[None, :]).to(y.dtype)
-    if ROPE:        # (single split: y is final)
-        rope_cache_store(y, pid_n, offs_m, offs_n, out_mask, cos, sin, slot, out_ptr, kc_ptr,
-                         vc_ptr, ks_ptr, vs_ptr, q_cols, k_end, stride_cb, stride_ct, stride_ch,
-                         BLOCK_M, BLOCK_N, HEAD, CACHE_BLOCK, FP8)
-    else:
-        tl.store(out_ptr + pid_k.to(tl.int64) * M * N + out_offs, y, mask=out_mask)
+    tl.store(out_ptr + pid_k.to(tl.int64) * M * N + out_offs, y, mask=out_mask)
 
 
 def skinny_gemm_ref(x: torch.Tensor, w: torch.Tensor,
@@ -337,70 +320,10 @@ def glu_config(m: int, n2: int, k: int, device: torch.device) -> Optional[dict]:
     return dict(cfg, block_n=half)
 
 
-@dataclass(frozen=True)
-class RopeCache:
-    """The pre-attention transform carried by a q | k | v product's epilogue
-    (`skinny_gemm(rope_cache=)`, kernels/qk_rope_cache.py): W is q | k | v ([(H + 2 KV) * D,
-    K]); row t's q and k heads are rotated by cos_sin_cache[positions[t]] (every dim, neox or
-    GPT-J pairs; no per-head norm), q [M, H * D] is returned and K / V are written to the
-    caches [num_blocks, block_size, KV, D] at slot_mapping[t] (-1, or t past its length: not
-    written), quantized by k_scale / v_scale for an fp8 cache (default 1)."""
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    positions: torch.Tensor           # [>= M] int32 / int64
-    cos_sin_cache: torch.Tensor       # [max_position, head_dim] = cat(cos, sin), float32
-    is_neox: bool
-    key_cache: torch.Tensor
-    value_cache: torch.Tensor
-    slot_mapping: torch.Tensor        # [n] int64
-    k_scale: Optional[torch.Tensor] = None
-    v_scale: Optional[torch.Tensor] = None
-
-
-def rope_config(m: int, n: int, k: int, head_dim: int,
-                device: Optional[torch.device]) -> Optional[dict]:
-    """The config of an (M, N, K) q | k | v product that can carry a RopeCache, or None: its
-    tuned product (the config `skinny_gemm` would take) runs one K split (the epilogue needs
-    final sums) with tiles of an even number of columns that divides the head size (whole
-    rotary pairs of one head per program)."""
-    cfg = choose_config(m, n, k, device) if 1 <= m <= MAX_M else None
-    if cfg is None or _k_splits(k, cfg)[1] != 1:
-        return None
-    bn = cfg["block_n"]
-    return cfg if bn % 2 == 0 and head_dim % bn == 0 else None
-
-
-def _rope_launch_args(rc: RopeCache, m: int, n: int, x: torch.Tensor) -> tuple[dict, dict]:
-    """(constexprs, runtime arguments) of a RopeCache launch."""
-    d = rc.head_dim
-    q_cols, k_end = rc.num_heads * d, (rc.num_heads + rc.num_kv_heads) * d
-    assert n == k_end + rc.num_kv_heads * d, (n, rc)
-    assert rc.cos_sin_cache.shape[-1] == d and rc.cos_sin_cache.stride(-1) == 1, \
-        "rope_cache: the rotary covers the whole head"
-    kc, vc = rc.key_cache, rc.value_cache
-    assert kc.shape[2:] == (rc.num_kv_heads, d) and kc.stride() == vc.stride() \
-        and kc.stride(3) == 1, (kc.shape, kc.stride())
-    assert rc.positions.shape[0] >= m
-    fp8 = kc.dtype == torch.float8_e4m3fn
-    one = None
-    if fp8 and (rc.k_scale is None or rc.v_scale is None):
-        one = torch.ones((), dtype=torch.float32, device=x.device)
-    consts = dict(ROPE=True, IS_NEOX=rc.is_neox, HEAD=d, CACHE_BLOCK=kc.shape[1], FP8=fp8)
-    args = dict(pos_ptr=rc.positions, cs_ptr=rc.cos_sin_cache,
-                stride_cs=rc.cos_sin_cache.stride(0), slot_ptr=rc.slot_mapping,
-                n_slots=rc.slot_mapping.shape[0], kc_ptr=kc, vc_ptr=vc,
-                ks_ptr=(rc.k_scale if rc.k_scale is not None else one) if fp8 else None,
-                vs_ptr=(rc.v_scale if rc.v_scale is not None else one) if fp8 else None,
-                q_cols=q_cols, k_end=k_end, stride_cb=kc.stride(0), stride_ct=kc.stride(1),
-                stride_ch=kc.stride(2))
-    return consts, args
-
-
 def skinny_gemm(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None,
                 config: Optional[dict] = None, silu_mul_input: bool = False,
                 add_norm: Optional[tuple] = None, row_scale: Optional[FoldedNorm] = None,
-                glu: bool = False, rope_cache: Optional[RopeCache] = None):
+                glu: bool = False):
     """x [M, K] @ w[N, K]^T (+ bias [N]) -> [M, N] in x.dtype, fp32 accumulation, M <= 16.
     config: dict(block_n, block_k, split_k, num_warps, num_stages[, use_dot]); default
     `choose_config` (the default heuristic where the table says cuBLAS wins: the caller decides
@@ -416,11 +339,7 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] =
 
     glu: w is gate | up ([2N, K], bias [2N]) and the result is silu(gate) * up [M, N], each
     product rounded to x.dtype before the activation (= the product, then silu_and_mul);
-    needs a single K split (`glu_config`).
-
-    rope_cache: w is q | k | v and the epilogue applies the RopeCache: returns q [M, H * D],
-    rotated; K / V go to the cache only. Needs a single K split and tiles of whole rotary
-    pairs (`rope_config`); combines with row_scale and bias."""
+    needs a single K split (`glu_config`)."""
     k = w.shape[1]
     assert x.dim() == 2 and w.dim() == 2 and x.shape[1] == (2 * k if silu_mul_input else k), \
         (x.shape, w.shape, silu_mul_input)
@@ -439,23 +358,14 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] =
     block_m = max(16, triton.next_power_of_2(m)) if use_dot else triton.next_power_of_2(m)
     warps = config.get("num_warps", 4)
     defer = not use_dot and block_m * bn * bk * (2 if glu else 1) <= _ACC_REGS * 32 * warps
-    rope = {}
-    if rope_cache is not None:
-        assert split == 1 and not glu and add_norm is None, \
-            "rope_cache: a single-split plain product (see rope_config)"
-        assert bn % 2 == 0 and rope_cache.head_dim % bn == 0, (bn, rope_cache.head_dim)
-        rope_consts, rope = _rope_launch_args(rope_cache, m, n, x)
-        out = torch.empty((m, rope["q_cols"]), device=x.device, dtype=x.dtype)
-    else:
-        rope_consts = {}
-        out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     part = out if split == 1 else torch.empty((split, m, n), device=x.device,
                                               dtype=torch.float32)
     has_bias = bias is not None
     consts = dict(HAS_BIAS=has_bias and split == 1, USE_DOT=use_dot, DEFER=defer,
                   EVEN_K=k % bk == 0, IEEE=x.dtype == torch.float32,
                   BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, SILU_MUL=silu_mul_input,
-                  num_warps=warps, **rope_consts)
+                  num_warps=warps)
     fold = {}
     if glu:
         assert split == 1, "glu needs a single K split (see glu_config)"
@@ -482,7 +392,7 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] =
         _skinny_gemm_kernel, (triton.cdiv(n, bn), split),
         (x.device.index, x.dtype, tuple(consts.items())), config.get("num_stages", 2),
         x, w, bias if has_bias else w, part, m, n, k, k_per_split, x.stride(0), w.stride(0),
-        **fold, **rope, **consts, **pdl_launch(x.device))
+        **fold, **consts, **pdl_launch(x.device))
     if split > 1:
         reduce_splits(part, out, bias)
     if add_norm is not None:

@@ -102,9 +102,8 @@ def _(x, weight, bias):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-def _epilogue_device_ok(x: torch.Tensor) -> bool:
-    """The device of the skinny GEMM's fused epilogues (forward_glu, forward_rope_cache): CUDA
-    (tests put the interpreter's CPU tensors here)."""
+def _glu_device_ok(x: torch.Tensor) -> bool:
+    """forward_glu's device: CUDA (tests put the interpreter's CPU tensors here)."""
     return x.is_cuda
 
 
@@ -209,7 +208,7 @@ class MergedColumnParallelLinear(LinearBase):
         normed = isinstance(x, NormedHidden)
         t = x.hg if normed else x          # the input's shape, dtype and device either way
         w, b = self.weight, self.bias
-        if not (_epilogue_device_ok(t) and _skinny_dtypes_ok(t, w, b) and w.stride(-1) == 1
+        if not (_glu_device_ok(t) and _skinny_dtypes_ok(t, w, b) and w.stride(-1) == 1
                 and not torch.compiler.is_compiling()):
             return None
         from kvflow import kernels
@@ -281,36 +280,6 @@ class QKVParallelLinear(LinearBase):
 
     def split(self, qkv: torch.Tensor):
         return qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-
-    def rope_epilogue_config(self, x) -> Optional[dict]:
-        """The skinny GEMM config under which this product can carry the attention's rotary +
-        KV-cache write in its epilogue (`forward_rope_cache`) for input x (as forward's), or
-        None: unquantized, skinny GEMM on, a decode-sized CUDA fp16 / bf16 input and a tuned
-        single-split config of whole rotary pairs (skinny_gemm.rope_config)."""
-        if not self.skinny_gemm or self.quant_method is not None:
-            return None
-        t = x.hg if isinstance(x, NormedHidden) else x
-        w, b = self.weight, self.bias
-        if not (_epilogue_device_ok(t) and _skinny_dtypes_ok(t, w, b) and w.stride(-1) == 1):
-            return None
-        from kvflow import kernels
-        if not kernels.HAS_TRITON:
-            return None
-        import kvflow.kernels.skinny_gemm as sg
-        k = t.shape[-1]
-        return sg.rope_config(t.numel() // k, w.shape[0], k, self.head_dim, t.device)
-
-    def forward_rope_cache(self, x, config: dict, rope) -> torch.Tensor:
-        """q [..., q_size], rotated, from one skinny GEMM whose epilogue also rotates k and
-        writes K / V into the cache (rope: skinny_gemm.RopeCache; config from
-        rope_epilogue_config). A NormedHidden whose consumer is this layer folds the norm in."""
-        import kvflow.kernels.skinny_gemm as sg
-        t, fold = (x.hg, x.fold) if isinstance(x, NormedHidden) and x.consumer is self else \
-            (x.materialize() if isinstance(x, NormedHidden) else x, None)
-        k = t.shape[-1]
-        out = sg.skinny_gemm(t.reshape(-1, k), self.weight, self.bias, config, row_scale=fold,
-                             rope_cache=rope)
-        return out.view(*t.shape[:-1], self.q_size)
 
 
 class RowParallelLinear(LinearBase):

@@ -65,9 +65,8 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden, add_norm=None):
         """add_norm: see RowParallelLinear (the post-attention norm; returns a pair)."""
-        # q/k/v projection, rotary, KV-cache write and attention: [T, H*D]
-        attn = self.attn.forward_projected(self.qkv_proj, hidden, positions)
-        return self.o_proj(attn, add_norm=add_norm)
+        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))    # [T, H*D], [T, KV*D] x2
+        return self.o_proj(self.attn(q, k, v, positions), add_norm=add_norm)
 
 
 class LlamaDecoderLayer(nn.Module):
