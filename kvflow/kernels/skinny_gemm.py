@@ -247,8 +247,9 @@ def _device_file(device_name: str) -> str:
 def load_table(device_name: str) -> dict:
     """The tuned table for a GPU model, {(n, k, m_bucket): config or None}; None means torch
     (cuBLAS) was faster there. File format (written by benchmarks/skinny_gemm_tune.py):
-    {"device": name, "configs": {"N,K": {"M": config | null}}}. Missing file: empty table."""
-    path = _device_file(device_name)
+    {"device": name, "configs": {"N,K": {"M": config | null}}}. Missing file: empty table.
+    KVFLOW_SKINNY_TABLE=path reads that file instead (tuning A/Bs; read once a process)."""
+    path = os.environ.get("KVFLOW_SKINNY_TABLE") or _device_file(device_name)
     if not os.path.exists(path):
         return {}
     with open(path) as f:
