@@ -111,6 +111,14 @@ def test_tuned_table(tmp_path, monkeypatch):
         assert sg.choose_config(7, 1024, 2048, dev) is None           # bucket 8: cuBLAS
         assert sg.choose_config(2, 1024, 2048, dev) is None            # bucket not measured
         assert sg.choose_config(1, 4096, 1024, dev) is None            # shape not measured
+        # KVFLOW_SKINNY_TABLE: another file (a tuning run's table, for an A/B)
+        other = dict(cfg, block_n=4, split_k=1)
+        (tmp_path / "chain.json").write_text(json.dumps(
+            {"device": "Fake GPU X", "configs": {"4096,1024": {"1": other}}}))
+        monkeypatch.setenv("KVFLOW_SKINNY_TABLE", str(tmp_path / "chain.json"))
+        sg.load_table.cache_clear()
+        assert sg.choose_config(1, 4096, 1024, dev) == other
+        assert sg.choose_config(1, 1024, 2048, dev) is None
     finally:
         sg.load_table.cache_clear()
 
