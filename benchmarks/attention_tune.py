@@ -2,7 +2,8 @@
 throughput workloads' decode steps get?
 
     source benchmarks/device_env.sh && python3 benchmarks/attention_tune.py [--out DIR]
-        [--batch 512] [--context 512,768] [--models qwen3-0.6b,llama3.1-8b] [--smoke]
+        [--batch 512[,64,...]] [--context 512,768] [--models qwen3-0.6b,llama3.1-8b]
+        [--sweep full|warps] [--smoke]
 
 Why: Qwen3-0.6B's throughput8k run is 81% attention (decode steps of ~500 requests read
 ~37 GB of KV each at ~4.06 TB/s, against the ~4.3 TB/s a device copy reaches), and the decode
@@ -53,7 +54,10 @@ def case(batch, lo, hi, heads, kv, d, device, block_size=16, seed=0):
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
-    ap.add_argument("--batch", type=int, default=512)
+    ap.add_argument("--batch", default="512", help="one or more batch sizes, comma-separated")
+    ap.add_argument("--sweep", default="full", choices=("full", "warps", "splits"),
+                    help="full: KV tile x warps x stages; warps: 1, 2, 4 warps at the heuristic's "
+                         "tile; splits: 1-8 split-KV segments x 2, 4 warps")
     ap.add_argument("--context", default="512,768")
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--smoke", action="store_true", help="CPU check (TRITON_INTERPRET=1)")
@@ -61,18 +65,27 @@ def main() -> int:
     os.makedirs(args.out, exist_ok=True)
     lo, hi = (int(v) for v in args.context.split(","))
     device = "cpu" if args.smoke else "cuda"
+    batches = [int(b) for b in args.batch.split(",")]
     if args.smoke:
-        args.batch, lo, hi = 3, 20, 40
+        batches, lo, hi = [3], 20, 40
     records = []
-    for model in args.models.split(","):
+    for model, batch in itertools.product(args.models.split(","), batches):
         heads, kv, d = MODELS[model]
-        q, cache, qsl, lens, table, max_len, kv_bytes = case(args.batch, lo, hi, heads, kv, d,
+        q, cache, qsl, lens, table, max_len, kv_bytes = case(batch, lo, hi, heads, kv, d,
                                                              device)
         out = torch.empty_like(q)
-        base = choose_config(args.batch, args.batch, heads, kv, d, 1, 4096, torch.bfloat16)
+        base = choose_config(batch, batch, heads, kv, d, 1, 4096, torch.bfloat16)
         variants = [("heuristic", base)]
-        for bn, w, s in itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4)):
-            c = dataclasses.replace(base, block_n=bn, num_warps=w, num_stages=s)
+        if args.sweep == "splits":
+            grid = [dict(num_splits=sp, num_warps=w)
+                    for sp, w in itertools.product((1, 2, 4, 8), (2, 4))]
+        elif args.sweep == "full":
+            grid = [dict(block_n=bn, num_warps=w, num_stages=st) for bn, w, st in
+                    itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4))]
+        else:
+            grid = [dict(num_warps=w) for w in (1, 2, 4)]
+        for change in grid:
+            c = dataclasses.replace(base, **change)
             if c != base:
                 variants.append(("sweep", c))
         if args.smoke:
@@ -94,18 +107,18 @@ def main() -> int:
                     from graph_timing import graph_time_us
                     us = graph_time_us(fn, reps=5, iters=10)
             except Exception as e:   # a tile that does not fit: recorded, skipped
-                records.append(dict(model=model, kind=kind, config=dataclasses.asdict(cfg),
-                                    error=str(e)[:200]))
+                records.append(dict(model=model, batch=batch, kind=kind,
+                                    config=dataclasses.asdict(cfg), error=str(e)[:200]))
                 continue
             rec = dict(model=model, kind=kind, config=dataclasses.asdict(cfg), us=round(us, 1),
-                       tb_s=round(kv_bytes / us / 1e6, 3) if us else None, batch=args.batch,
+                       tb_s=round(kv_bytes / us / 1e6, 3) if us else None, batch=batch,
                        context=[lo, hi], kv_gb=round(kv_bytes / 1e9, 3))
             records.append(rec)
             print(json.dumps(rec), flush=True)
-        best = min((r for r in records if r["model"] == model and "us" in r and r["us"]),
-                   key=lambda r: r["us"], default=None)
+        best = min((r for r in records if r["model"] == model and r["batch"] == batch
+                    and r.get("us")), key=lambda r: r["us"], default=None)
         if best:
-            print(json.dumps(dict(model=model, best=best)), flush=True)
+            print(json.dumps(dict(model=model, batch=batch, best=best)), flush=True)
     with open(os.path.join(args.out, "attention_tune.json"), "w") as f:
         json.dump(records, f, indent=1)
     return 0

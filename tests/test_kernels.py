@@ -154,6 +154,15 @@ class TestAttention:
         assert short.num_splits == 1
         prefill = choose_config(8192, 2, 32, 8, 128, 4096, 4096, torch.bfloat16)
         assert not prefill.direct and prefill.block_m == 128 and prefill.block_q == 32
+        # decode grids of one to two programs per SM split in two; two or more do not
+        mid = choose_config(32, 32, 32, 8, 128, 1, 4096, torch.bfloat16, num_sms=132)
+        assert mid.num_splits == 2 and mid.num_warps == 2
+        assert choose_config(33, 33, 32, 8, 128, 1, 4096, torch.bfloat16,
+                             num_sms=132).num_splits == 1
+        # 2 warps for 16-bit decode tiles of D <= 128, 4 otherwise
+        assert choose_config(1, 1, 32, 8, 256, 1, 4096, torch.bfloat16).num_warps == 4
+        assert choose_config(1, 1, 32, 8, 128, 1, 4096, torch.float32).num_warps == 4
+        assert prefill.num_warps == 8
 
 
 class TestReshapeAndCache:
