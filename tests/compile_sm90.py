@@ -102,7 +102,8 @@ def cases():
                  BLOCK_N=64, DIRECT=True, SPLIT=split, PREC="tf32", HAS_STARTS=False,
                  KV_FP8=False, FUSED_MERGE=split, SPLITS_PAD=at.MAX_SPLITS,
                  MERGE_UNROLL_=at.MERGE_UNROLL, PREFETCH=prefetch, USE_PDL=True)
-        out.append((at._attention_kernel, a, c, dict(num_warps=2, num_stages=2)))   # decode default
+        # the decode defaults: 4 warps on small split grids, 2 on full ones
+        out.append((at._attention_kernel, a, c, dict(num_warps=4 if split else 2, num_stages=2)))
     return [(fn, _sig(args, c), c, dict(o, **pdl)) for fn, args, c, o in out]
 
 

@@ -159,10 +159,12 @@ class TestAttention:
         assert mid.num_splits == 2 and mid.num_warps == 2
         assert choose_config(33, 33, 32, 8, 128, 1, 4096, torch.bfloat16,
                              num_sms=132).num_splits == 1
-        # 2 warps for 16-bit decode tiles of D <= 128, 4 otherwise
-        assert choose_config(1, 1, 32, 8, 256, 1, 4096, torch.bfloat16).num_warps == 4
-        assert choose_config(1, 1, 32, 8, 128, 1, 4096, torch.float32).num_warps == 4
-        assert prefill.num_warps == 8
+        # 2 warps for 16-bit decode tiles of D <= 128 on grids of >= one program per SM;
+        # 4 for small split grids, fp32 and D > 128
+        assert small.num_warps == 4
+        assert choose_config(512, 512, 32, 8, 256, 1, 4096, torch.bfloat16).num_warps == 4
+        assert choose_config(512, 512, 32, 8, 128, 1, 4096, torch.float32).num_warps == 4
+        assert big.num_warps == 2 and prefill.num_warps == 8
 
 
 class TestReshapeAndCache:

@@ -6,11 +6,12 @@ measured on an H200, see choose_config):
   block_m/block_q: prefill 128 rows; decode-like max(16, next_pow2(max_q) * QPK_PAD) <= 64.
   block_n: prefill 128 for D = 128, else 64; decode 64 (32 for D > 128); halved for fp32.
   num_warps / num_stages: prefill 8 / 3 (2 for D > 128): wgmma with cp.async pipelining of
-  the gathered K/V tiles; decode 2 / 2 (4 warps for fp32 or D > 128).
+  the gathered K/V tiles; decode 4 / 2, one-token decode 2 warps when the grid has >= #SMs
+  programs (16-bit, D <= 128).
   fp32 uses 3xTF32 dots (tensor cores, about fp32 accuracy).
   Shared memory: stages, then block_n, then block_m shrink until Q + K/V buffers (_smem_bytes)
   fit the device's opt-in limit (227 KB on Hopper, less on Ampere/Ada).
-  num_splits: only when (q-blocks x KV heads) < #SMs (decode-like tiles: < 2 x #SMs); about
+  num_splits: only when (q-blocks x KV heads) < #SMs (one-token decode: < 2 x #SMs); about
   2 waves, >= MIN_SPLIT_TOKENS per segment, a power of two <= MAX_SPLITS. fused_merge:
   block_m <= 64.
 """
@@ -96,12 +97,7 @@ def choose_config(num_tokens: int, num_reqs: int, num_heads: int, num_kv_heads: 
         block_q = 1 if max_query_len == 1 else 64 // qpk_pad
         block_m = max(16, block_q * qpk_pad)
         block_n = 64 if head_pad <= 128 else 32
-        # 2 warps for 16-bit tiles of D <= 128: the sweep of benchmarks/attention_tune.py on an
-        # H200 (Qwen3-0.6B and Llama-8B head layouts, 8 to 512 requests) found them as fast as
-        # 4 or faster everywhere, 3-4% at 512 requests (4.11 -> 4.27 TB/s), up to 21% at 64.
-        # More programs stay resident per SM, so more KV tiles are in flight.
-        num_warps = 2 if elem == 2 and head_pad <= 128 else 4
-        num_stages, direct = 2, True
+        num_warps, num_stages, direct = 4, 2, True   # 2 warps on full grids: see below
     else:
         block_q = prefill_block_q(num_heads, num_kv_heads)
         block_m = block_q * qpk_pad
@@ -125,10 +121,19 @@ def choose_config(num_tokens: int, num_reqs: int, num_heads: int, num_kv_heads: 
 
     n_qblocks = num_reqs if direct else num_tokens // block_q + num_reqs
     programs = max(1, n_qblocks * num_kv_heads)
-    # Decode-like grids of one to two programs per SM also split (in two): with about one long
-    # program per SM, uneven context lengths leave most SMs idle at the end (32 requests x 8
-    # KV heads: -10 to -19% with 2 splits in the same sweep).
-    split_below = 2 * num_sms if block_m <= 64 and direct else num_sms
+    # Decode grids (one query token per request) of one to two programs per SM also split (in
+    # two): with about one long program per SM, uneven context lengths leave most SMs idle at
+    # the end (32 requests x 8 KV heads: -10 to -19% with 2 splits in the sweep below).
+    decode = direct and block_q == 1
+    split_below = 2 * num_sms if decode else num_sms
+    if decode and elem == 2 and head_pad <= 128 and programs >= num_sms:
+        # 2 warps once the grid has a program per SM (16-bit tiles, D <= 128): more programs
+        # stay resident per SM, so more KV tiles are in flight. benchmarks/attention_tune.py
+        # on an H200 (Qwen3-0.6B / Llama-8B head layouts): 4.11 -> 4.27 TB/s at 512 requests,
+        # up to -21% time at 64; in the engine (same call), Qwen3-0.6B throughput8k +2.4 to
+        # +5.3%, nanovllm +1.8%, Llama-3.1-8B throughput8k +1.1%. Small split-KV grids keep 4:
+        # at one request (decode1, after the q/k transform under PDL) 2 warps lost 2.5%.
+        num_warps = 2
     if num_splits is None:
         num_splits = 1
         if programs < split_below and max_seq_len >= 2 * MIN_SPLIT_TOKENS:
