@@ -33,9 +33,13 @@ from kvflow.kernels.attention_config import AttentionConfig, choose_config
 MODELS = {"qwen3-0.6b": (16, 8, 128), "llama3.1-8b": (32, 8, 128)}   # q heads, KV heads, D
 
 
-def case(batch, lo, hi, heads, kv, d, device, block_size=16, seed=0):
+def case(batch, lo, hi, heads, kv, d, device, block_size=16, seed=0, order="random"):
+    """order: the requests' order in the batch by context length (random as drawn, or sorted
+    longest / shortest first: the grid dispatches programs in request order)."""
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(lo, hi + 1, (batch,), generator=g)
+    if order != "random":
+        lens = lens.sort(descending=order == "desc").values
     blocks = (lens + block_size - 1) // block_size
     total = int(blocks.sum())
     perm = torch.randperm(total, generator=g).to(torch.int32)
@@ -55,11 +59,13 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     ap.add_argument("--batch", default="512", help="one or more batch sizes, comma-separated")
-    ap.add_argument("--sweep", default="full", choices=("full", "warps", "splits"),
+    ap.add_argument("--sweep", default="full", choices=("full", "warps", "splits", "none"),
                     help="full: KV tile x warps x stages; warps: 1, 2, 4 warps at the heuristic's "
-                         "tile; splits: 1-8 split-KV segments x 2, 4 warps")
+                         "tile; splits: 1-8 split-KV segments x 2, 4 warps; none: the heuristic")
     ap.add_argument("--context", default="512,768")
     ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--order", default="random", help="random, desc or asc (comma-separated: "
+                    "each), the requests' order by context length")
     ap.add_argument("--smoke", action="store_true", help="CPU check (TRITON_INTERPRET=1)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -69,10 +75,11 @@ def main() -> int:
     if args.smoke:
         batches, lo, hi = [3], 20, 40
     records = []
-    for model, batch in itertools.product(args.models.split(","), batches):
+    for model, batch, order in itertools.product(args.models.split(","), batches,
+                                                 args.order.split(",")):
         heads, kv, d = MODELS[model]
         q, cache, qsl, lens, table, max_len, kv_bytes = case(batch, lo, hi, heads, kv, d,
-                                                             device)
+                                                             device, order=order)
         out = torch.empty_like(q)
         base = choose_config(batch, batch, heads, kv, d, 1, 4096, torch.bfloat16)
         variants = [("heuristic", base)]
@@ -82,8 +89,10 @@ def main() -> int:
         elif args.sweep == "full":
             grid = [dict(block_n=bn, num_warps=w, num_stages=st) for bn, w, st in
                     itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4))]
-        else:
+        elif args.sweep == "warps":
             grid = [dict(num_warps=w) for w in (1, 2, 4)]
+        else:
+            grid = []
         for change in grid:
             c = dataclasses.replace(base, **change)
             if c != base:
@@ -110,15 +119,17 @@ def main() -> int:
                 records.append(dict(model=model, batch=batch, kind=kind,
                                     config=dataclasses.asdict(cfg), error=str(e)[:200]))
                 continue
-            rec = dict(model=model, kind=kind, config=dataclasses.asdict(cfg), us=round(us, 1),
+            rec = dict(model=model, kind=kind, order=order, config=dataclasses.asdict(cfg),
+                       us=round(us, 1),
                        tb_s=round(kv_bytes / us / 1e6, 3) if us else None, batch=batch,
                        context=[lo, hi], kv_gb=round(kv_bytes / 1e9, 3))
             records.append(rec)
             print(json.dumps(rec), flush=True)
         best = min((r for r in records if r["model"] == model and r["batch"] == batch
-                    and r.get("us")), key=lambda r: r["us"], default=None)
+                    and r.get("order") == order and r.get("us")), key=lambda r: r["us"],
+                   default=None)
         if best:
-            print(json.dumps(dict(model=model, batch=batch, best=best)), flush=True)
+            print(json.dumps(dict(model=model, batch=batch, order=order, best=best)), flush=True)
     with open(os.path.join(args.out, "attention_tune.json"), "w") as f:
         json.dump(records, f, indent=1)
     return 0
