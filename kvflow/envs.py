@@ -88,6 +88,14 @@ def norm_fold() -> bool:
     return os.environ.get("KVFLOW_NORM_FOLD", "1") != "0"
 
 
+def attn_longest_first() -> bool:
+    """KVFLOW_ATTN_LONGEST_FIRST (default 1): decode CUDA graphs of at least
+    worker/cuda_graphs.LONGEST_FIRST_MIN_REQS requests sort the requests by context length
+    (once a step, inside the graph) and attention dispatches the longest first; 0: in batch
+    order. Read at capture."""
+    return os.environ.get("KVFLOW_ATTN_LONGEST_FIRST", "1") != "0"
+
+
 def skinny_gemm() -> bool:
     """KVFLOW_SKINNY_GEMM (default 1): unquantized linear layers (incl. tensor-parallel shards, the LM head
     and MoE routers) on CUDA with fp16/bf16 inputs of at most 16 rows use the Triton skinny GEMM

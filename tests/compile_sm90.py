@@ -104,6 +104,9 @@ def cases():
                  MERGE_UNROLL_=at.MERGE_UNROLL, PREFETCH=prefetch, USE_PDL=True)
         # the decode defaults: 4 warps on small split grids, 2 on full ones
         out.append((at._attention_kernel, a, c, dict(num_warps=4 if split else 2, num_stages=2)))
+    # a large decode graph's launch: requests dispatched longest first
+    out.append((at._attention_kernel, dict(a, order_ptr="*i32"), dict(c, SPLIT=False,
+                FUSED_MERGE=False, HAS_ORDER=True), dict(num_warps=2, num_stages=2)))
     return [(fn, _sig(args, c), c, dict(o, **pdl)) for fn, args, c, o in out]
 
 

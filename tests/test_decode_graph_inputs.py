@@ -71,3 +71,22 @@ def test_stage_inputs_one_copy_round_trip():
     graphs._unpack(bs)
     assert bs == 1 and graphs.input_ids[0].item() == 11 and graphs.seq_lens[0].item() == 7
     assert graphs.block_table[0].tolist() == (bt[0] + 1).tolist()
+
+
+def test_metadata_orders_large_batches_longest_first(monkeypatch):
+    """Decode graphs of >= LONGEST_FIRST_MIN_REQS requests hand attention a longest-first
+    order of the requests (computed from the replay's own lengths); smaller ones, and
+    KVFLOW_ATTN_LONGEST_FIRST=0, none."""
+    from kvflow.worker import cuda_graphs
+    model = SimpleNamespace(config=SimpleNamespace(vocab_size=8))
+    n = cuda_graphs.LONGEST_FIRST_MIN_REQS
+    graphs = DecodeGraphs(model, torch.device(DEVICE), max_model_len=4096, block_size=16,
+                          max_blocks_per_req=2, buckets=[n - 1, n])
+    lens = torch.randperm(n, generator=torch.Generator().manual_seed(0)).to(torch.int32) + 1
+    graphs.seq_lens[:n] = lens.to(DEVICE)
+    order = graphs._metadata(n).decode_order
+    assert order.dtype == torch.int32 and sorted(order.tolist()) == list(range(n))
+    assert graphs.seq_lens[order.long()].tolist() == sorted(lens.tolist(), reverse=True)
+    assert graphs._metadata(n - 1).decode_order is None
+    monkeypatch.setenv("KVFLOW_ATTN_LONGEST_FIRST", "0")
+    assert graphs._metadata(n).decode_order is None

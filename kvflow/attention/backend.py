@@ -50,6 +50,11 @@ class AttentionMetadata:
     # may begin inside a KV block; always < block_size there, and <= every query position of
     # the request. Only backends that declare supports_local_attention receive it.
     seq_starts: Optional[torch.Tensor] = None
+    # [B] int32 on device, or None: a permutation of the requests, longest context first, in
+    # which a decode-only step may dispatch its per-request attention programs (the long
+    # ones start first and the short ones fill the tail). Order only: results do not depend
+    # on it, and a backend may ignore it.
+    decode_order: Optional[torch.Tensor] = None
 
     @property
     def num_reqs(self) -> int:

@@ -66,7 +66,8 @@ class TritonAttentionImpl:
                           max_seq_len=metadata.max_seq_len, scale=self.scale, out=out,
                           num_decode_reqs=metadata.num_decode_reqs,
                           seq_starts=metadata.seq_starts,
-                          k_scale=k_scale, v_scale=v_scale)
+                          k_scale=k_scale, v_scale=v_scale,
+                          request_order=metadata.decode_order)
         return out
 
     def forward_qk_rope(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

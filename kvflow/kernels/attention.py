@@ -284,10 +284,16 @@ def _attention_kernel(
     BLOCK_N: tl.constexpr, DIRECT: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
     HAS_STARTS: tl.constexpr, KV_FP8: tl.constexpr, FUSED_MERGE: tl.constexpr,
     SPLITS_PAD: tl.constexpr, MERGE_UNROLL_: tl.constexpr, PREFETCH: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    USE_PDL: tl.constexpr, order_ptr=None, HAS_ORDER: tl.constexpr = False,
 ):
     kv_head = tl.program_id(1)
     seg = tl.program_id(2)
+    if HAS_ORDER:
+        # DIRECT only: grid row i serves request order[i] (longest first, so the long programs
+        # are dispatched first; written by the step's input kernels, like the lengths).
+        row_req = tl.load(order_ptr + tl.program_id(0))
+    else:
+        row_req = tl.program_id(0)
     if PREFETCH:
         # Decode-like launches (DIRECT, no seq_starts): this program's first KV tile, when it
         # lies wholly before the step's new tokens, is loaded before the PDL wait, so its DRAM
@@ -296,7 +302,7 @@ def _attention_kernel(
         # block table were written by the step's input copy, and the cached K/V of earlier
         # positions by earlier steps -- kernels that completed before the previous kernel's
         # own wait returned, hence before this kernel could start (kernels/pdl.py).
-        p_req = tl.program_id(0)
+        p_req = row_req
         p_q0 = tl.load(qsl_ptr + p_req)
         p_qlen = tl.load(qsl_ptr + p_req + 1) - p_q0
         p_ctx = tl.load(seq_lens_ptr + p_req) - p_qlen
@@ -315,7 +321,7 @@ def _attention_kernel(
     pdl_wait(USE_PDL)
     pdl_launch_dependents(USE_PDL)
     if DIRECT:
-        req = tl.program_id(0)
+        req = row_req
         q_block = 0
     else:
         # Highest q-blocks first: under the causal mask they carry the most KV tiles, so the
@@ -513,7 +519,8 @@ def unified_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
                       seq_starts: Optional[torch.Tensor] = None,
                       k_scale: Optional[torch.Tensor] = None,
                       v_scale: Optional[torch.Tensor] = None,
-                      fused_merge: Optional[bool] = None) -> torch.Tensor:
+                      fused_merge: Optional[bool] = None,
+                      request_order: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Causal paged attention of a varlen batch; semantics of `ref_paged_attention`.
 
     query [T, H, D] (head dim contiguous; T may include padding rows past query_start_loc[-1],
@@ -530,6 +537,9 @@ def unified_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
     float32 scalar tensors (default 1.0).
     fused_merge overrides AttentionConfig.fused_merge (split-KV merge in the attention launch,
     or the separate merge kernel; for tests and benchmarks).
+    request_order [B] int32 (optional; a permutation of 0..B-1): the order in which a
+    one-program-per-request launch (a decode batch) dispatches the requests' programs, e.g.
+    longest context first. The result does not depend on it; other launches ignore it.
     Returns out [T, H, D].
     """
     T, H, D = query.shape
@@ -556,7 +566,8 @@ def unified_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
             cfg = dataclasses.replace(cfg, fused_merge=fused_merge)
         _launch(query, key_cache, value_cache, out, query_start_loc[r0:r1 + 1],
                 seq_lens[r0:r1], block_table[r0:r1], n_tok, max_q, scale, cfg,
-                None if seq_starts is None else seq_starts[r0:r1], k_scale, v_scale)
+                None if seq_starts is None else seq_starts[r0:r1], k_scale, v_scale,
+                request_order if len(parts) == 1 else None)
     return out
 
 
@@ -580,7 +591,8 @@ def _launch(query, key_cache, value_cache, out, query_start_loc, seq_lens, block
             num_tokens: int, max_query_len: int, scale: float, cfg: AttentionConfig,
             seq_starts: Optional[torch.Tensor] = None,
             k_scale: Optional[torch.Tensor] = None,
-            v_scale: Optional[torch.Tensor] = None) -> None:
+            v_scale: Optional[torch.Tensor] = None,
+            request_order: Optional[torch.Tensor] = None) -> None:
     """One attention launch (+ merge) over the requests of these (possibly sliced) tensors;
     num_tokens bounds their query token count (qsl[-1] - qsl[0]) and sizes the split-KV
     partials."""
@@ -616,13 +628,17 @@ def _launch(query, key_cache, value_cache, out, query_start_loc, seq_lens, block
     qk_scale = scale * LOG2E
     cache_strides = (key_cache.stride(0), key_cache.stride(1), key_cache.stride(2))
     pdl = pdl_launch(query.device)
+    order = {}
+    if request_order is not None and cfg.direct:
+        assert request_order.shape == (B,), (request_order.shape, B)
+        order = dict(order_ptr=request_order, HAS_ORDER=True)
     starts = seq_starts if seq_starts is not None else seq_lens
     if not split:
         _attention_kernel[(grid0, KV, 1)](
             query, key_cache, value_cache, out, out, out, out, seq_lens,
             query_start_loc, seq_lens, block_table, starts, *scales, qk_scale, B, 1,
             query.stride(0), query.stride(1), out.stride(0), out.stride(1), 0, 0, 0, 0,
-            *cache_strides, block_table.stride(0), FUSED_MERGE=False, **common, **pdl)
+            *cache_strides, block_table.stride(0), FUSED_MERGE=False, **common, **order, **pdl)
         return
 
     S = cfg.num_splits
@@ -638,7 +654,8 @@ def _launch(query, key_cache, value_cache, out, query_start_loc, seq_lens, block
         query_start_loc, seq_lens, block_table, starts, *scales, qk_scale, B, S,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         acc.stride(0), acc.stride(1), m.stride(0), m.stride(1),
-        *cache_strides, block_table.stride(0), FUSED_MERGE=cfg.fused_merge, **common, **pdl)
+        *cache_strides, block_table.stride(0), FUSED_MERGE=cfg.fused_merge, **common, **order,
+        **pdl)
     if cfg.fused_merge:
         return
     _merge_splits_kernel[(rows, KV)](

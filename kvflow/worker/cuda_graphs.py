@@ -39,12 +39,19 @@ import time
 import numpy as np
 import torch
 
+from kvflow import envs
 from kvflow.attention.backend import AttentionMetadata
 from kvflow.attention.local_attention import decode_local_into, local_is_global, local_table_width
 from kvflow.forward_context import LOCAL, set_forward_context
 from kvflow.kernels.decode_inputs import unpack_decode_inputs
 
 logger = logging.getLogger("kvflow")
+
+# Decode graphs of at least this many requests sort them by context length, once a step, and
+# attention dispatches the longest first (AttentionMetadata.decode_order): +2-4% attention
+# bandwidth from 96 requests up on the H200, nothing at 32-64 (benchmarks/attention_tune.py
+# --order), where the sort would only cost.
+LONGEST_FIRST_MIN_REQS = 96
 
 
 def capture_buckets(device: torch.device, buckets: list[int], body, pool,
@@ -132,11 +139,16 @@ class DecodeGraphs:
         self.capture_bytes = 0
 
     def _metadata(self, bs: int) -> AttentionMetadata:
+        seq_lens = self.seq_lens[:bs]
+        order = None
+        if bs >= LONGEST_FIRST_MIN_REQS and envs.attn_longest_first():
+            # Captured: sorted again at every replay, from that replay's lengths.
+            order = torch.argsort(seq_lens, descending=True).to(torch.int32)
         return AttentionMetadata(
             num_actual_tokens=bs, max_query_len=1, max_seq_len=self.max_model_len,
-            query_start_loc=self.query_start_loc[:bs + 1], seq_lens=self.seq_lens[:bs],
+            query_start_loc=self.query_start_loc[:bs + 1], seq_lens=seq_lens,
             block_table=self.block_table[:bs], slot_mapping=self.slot_mapping[:bs],
-            is_decode_only=True)
+            is_decode_only=True, decode_order=order)
 
     def _local_metadata(self, bs: int) -> AttentionMetadata:
         # Captured: recomputed from this replay's seq_lens / block_table.
