@@ -28,7 +28,7 @@ import os
 import torch
 
 from kvflow.kernels.attention import unified_attention
-from kvflow.kernels.attention_config import AttentionConfig, choose_config
+from kvflow.kernels.attention_config import choose_config
 
 MODELS = {"qwen3-0.6b": (16, 8, 128), "llama3.1-8b": (32, 8, 128)}   # q heads, KV heads, D
 
