@@ -88,6 +88,13 @@ def norm_fold() -> bool:
     return os.environ.get("KVFLOW_NORM_FOLD", "1") != "0"
 
 
+def skinny_table() -> str:
+    """KVFLOW_SKINNY_TABLE (default unset): a skinny-GEMM config table to read instead of the
+    device's committed one in kvflow/kernels/configs/ (tuning A/Bs, e.g. a table written by
+    benchmarks/skinny_chain_tune.py). Read once a process."""
+    return os.environ.get("KVFLOW_SKINNY_TABLE", "")
+
+
 def attn_longest_first() -> bool:
     """KVFLOW_ATTN_LONGEST_FIRST (default 1): decode CUDA graphs of at least
     worker/cuda_graphs.LONGEST_FIRST_MIN_REQS requests sort the requests by context length

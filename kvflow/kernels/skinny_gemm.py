@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvflow import envs
 from kvflow.kernels.device import device_properties
 from kvflow.kernels.pdl import pdl_launch, pdl_launch_dependents, pdl_wait
 from kvflow.kernels.split_k import reduce_splits
@@ -249,7 +250,7 @@ def load_table(device_name: str) -> dict:
     (cuBLAS) was faster there. File format (written by benchmarks/skinny_gemm_tune.py):
     {"device": name, "configs": {"N,K": {"M": config | null}}}. Missing file: empty table.
     KVFLOW_SKINNY_TABLE=path reads that file instead (tuning A/Bs; read once a process)."""
-    path = os.environ.get("KVFLOW_SKINNY_TABLE") or _device_file(device_name)
+    path = envs.skinny_table() or _device_file(device_name)
     if not os.path.exists(path):
         return {}
     with open(path) as f:
