@@ -119,7 +119,7 @@ class Chain:
         from kvflow.kernels.attention_config import AttentionConfig
         x, res, fold_in = self.x, self.res, None
         gu = cfg["gate_up"]
-        glu = dict(gu, block_n=max(16 if gu["use_dot"] else 1, gu["block_n"] // 2))
+        glu = sg.glu_tile(gu)
         gu_folds = not gu["use_dot"]              # a consumer folds only in the GEMV form
         attn_cfg = AttentionConfig(**cfg["attn"]) if "attn" in cfg else None
         for w, cache in zip(self.w, self.caches):

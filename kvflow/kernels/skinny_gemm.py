@@ -318,8 +318,13 @@ def glu_config(m: int, n2: int, k: int, device: torch.device) -> Optional[dict]:
     cfg = choose_config(m, n2, k, device) if 1 <= m <= MAX_M else None
     if cfg is None or _k_splits(k, cfg)[1] != 1 or n2 % 2:
         return None
-    half = max(16 if cfg.get("use_dot", False) else 1, cfg["block_n"] // 2)
-    return dict(cfg, block_n=half)
+    return glu_tile(cfg)
+
+
+def glu_tile(cfg: dict) -> dict:
+    """The glu launch's config for a plain gate | up product's `cfg`: half its columns per
+    program (at least the 16 rows of the tensor-core form's MMA)."""
+    return dict(cfg, block_n=max(16 if cfg.get("use_dot", False) else 1, cfg["block_n"] // 2))
 
 
 def skinny_gemm(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None,
