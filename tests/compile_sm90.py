@@ -55,7 +55,8 @@ def cases():
     a = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32",
          "N": "i32", "K": "i32", "K_PER_SPLIT": "i32", "stride_xm": "i32", "stride_wn": "i32"}
     for dot, bm, bn, bk, silu in [(False, 1, 8, 1024, False), (False, 1, 8, 1024, True),
-                                  (True, 16, 64, 128, True)]:
+                                  (True, 16, 64, 128, True), (True, 128, 64, 128, False),
+                                  (True, 256, 64, 64, True)]:
         c = dict(HAS_BIAS=False, USE_DOT=dot, DEFER=False, EVEN_K=True, IEEE=False, BLOCK_M=bm,
                  BLOCK_N=bn, BLOCK_K=bk, SILU_MUL=silu, USE_PDL=True)
         out.append((sg._skinny_gemm_kernel, a, c, dict(num_warps=4, num_stages=3)))

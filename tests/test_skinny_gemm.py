@@ -67,6 +67,49 @@ def test_fp32_and_large_split(m):
         _close(sg.skinny_gemm(x, w, b, cfg), sg.skinny_gemm_ref(x, w, b), torch.float32)
 
 
+# Decode batches of up to MAX_M rows: the tensor-core form with the rows padded to a power of
+# two (40 -> 64, 200 -> 256), masked rows never stored; a GEMV config is run in the dot form.
+@pytest.mark.parametrize("m", [17, 40, 200])
+@pytest.mark.parametrize("split_k, bias, use_dot", [(1, True, True), (3, False, True),
+                                                    (2, True, False)])
+def test_many_rows_match_reference(m, split_k, bias, use_dot):
+    x, w, b = _operands(m, 37, 200, torch.bfloat16, bias, seed=m)
+    cfg = dict(block_n=16, block_k=64, split_k=split_k, num_warps=4, num_stages=2,
+               use_dot=use_dot)
+    _close(sg.skinny_gemm(x, w, b, cfg), sg.skinny_gemm_ref(x, w, b), torch.bfloat16)
+
+
+def test_many_rows_fused_activations():
+    """glu epilogue and silu(gate) * up prologue at 40 rows: exactly the unfused chain."""
+    from kvflow.kernels.activation import silu_and_mul
+    g = torch.Generator().manual_seed(11)
+    m, n, k = 40, 24, 128
+    x = torch.randn(m, k, generator=g).to(torch.bfloat16).to(DEVICE)
+    w2 = (torch.randn(2 * n, k, generator=g) * k ** -0.5).to(torch.bfloat16).to(DEVICE)
+    cfg = dict(block_n=16, block_k=64, split_k=1, num_warps=4, num_stages=2, use_dot=True)
+    act = sg.skinny_gemm(x, w2, None, cfg, glu=True)
+    assert torch.equal(act, silu_and_mul(sg.skinny_gemm(x, w2, None, cfg)))
+    w = (torch.randn(n, k // 2, generator=g) * 0.05).to(torch.bfloat16).to(DEVICE)
+    assert torch.equal(sg.skinny_gemm(x, w, None, cfg, silu_mul_input=True),
+                       sg.skinny_gemm(silu_and_mul(x), w, None, cfg))
+
+
+def test_consumer_fold_needs_the_gemv_form():
+    """Above GEMV_MAX_M rows no product can be a folded norm's consumer (its tile of partial
+    sums is per row; the dot form would pad it), whatever its table entry says."""
+    sg.load_table.cache_clear()
+    gemv = dict(block_n=8, block_k=256, split_k=1, num_warps=4, num_stages=2, use_dot=False)
+    real = sg.choose_config
+    try:
+        sg.choose_config = lambda m, n, k, device=None: gemv
+        dev = torch.device("cpu")
+        assert sg.foldable(sg.GEMV_MAX_M, 64, 256, dev, consumer=True)
+        assert not sg.foldable(sg.GEMV_MAX_M + 1, 64, 256, dev, consumer=True)
+        assert sg.foldable(sg.GEMV_MAX_M + 1, 64, 256, dev, consumer=False)
+    finally:
+        sg.choose_config = real
+
+
 @pytest.mark.parametrize("m, n, k", [(1, 40, 1024), (3, 24, 512), (8, 80, 300)])
 def test_default_configs(m, n, k):
     """The heuristic's configs (GEMV / dot, split K, BLOCK_K=256 over a ragged K)."""
@@ -91,7 +134,7 @@ def test_default_config_heuristic():
     assert sg.default_config(8, 1024, 2048)["use_dot"] is True
     assert sg.default_config(1, 151936, 1024)["split_k"] == 1      # LM head: enough slabs
     assert sg.default_config(1, 64, 256)["split_k"] == 1           # K too short to split
-    assert sg.choose_config(17, 64, 64) is None                    # past MAX_M
+    assert sg.choose_config(sg.MAX_M + 1, 64, 64) is None          # past MAX_M
 
 
 def test_tuned_table(tmp_path, monkeypatch):
@@ -175,7 +218,7 @@ def test_skinny_linear_op_schema():
 # -------------------------------------------------------------------------- device shapes
 @pytest.mark.gpu
 @pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="needs CUDA, compiled")
-@pytest.mark.parametrize("m", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("m", [1, 2, 4, 8, 16, 48, 256])
 @pytest.mark.parametrize("n, k", [(4096, 1024), (1024, 3072), (151936, 1024), (6144, 4096)])
 def test_model_shapes_gpu(m, n, k):
     x, w, b = _operands(m, n, k, torch.bfloat16, False)

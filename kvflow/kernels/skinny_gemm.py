@@ -1,4 +1,4 @@
-"""Skinny GEMM for decode: y[M, N] = x[M, K] @ W[N, K]^T (+ bias), M <= 16, fp16/bf16.
+"""Skinny GEMM for decode: y[M, N] = x[M, K] @ W[N, K]^T (+ bias), M <= 256, fp16/bf16.
 
 At decode batch sizes a dense layer is a weight stream: every byte of W is read once and used for
 at most a handful of FMAs, so the kernel is judged by how close it gets to HBM bandwidth. cuBLAS's
@@ -15,10 +15,14 @@ of x (a few KB, served from L1/L2), accumulating in fp32:
     a small accumulator (<= 64 fp32 registers a thread) the products are summed elementwise into a
     [BLOCK_M, BLOCK_N, BLOCK_K] accumulator and reduced over K once after the loop (no shuffles in
     the loop); larger tiles reduce over K every step into [BLOCK_M, BLOCK_N].
-  * dot form (USE_DOT=True, default for M > 4): tensor cores with the operands swapped,
-    out^T[BLOCK_N, 16] = W[BLOCK_N, BLOCK_K] @ x^T[BLOCK_K, 16]: W is the MMA's M side (any
-    multiple of 16, K-major as stored) and the few rows of x, zero-padded to 16, the N side. At
-    M = 8 the CUDA-core form needs 8 FMAs per weight, close to the FP32 peak at HBM rate.
+  * dot form (USE_DOT=True, default for M > 4, the only form above GEMV_MAX_M rows): tensor
+    cores with the operands swapped, out^T[BLOCK_N, BLOCK_M] = W[BLOCK_N, BLOCK_K] @
+    x^T[BLOCK_K, BLOCK_M]: W is the MMA's M side (any multiple of 16, K-major as stored) and the
+    rows of x, zero-padded to a power of two >= 16, the N side. At M = 8 the CUDA-core form
+    needs 8 FMAs per weight, close to the FP32 peak at HBM rate. Up to a few hundred rows a
+    decode step's products are still mostly weight streams (Llama-3.1-8B's gate|up at M=128:
+    cuBLAS 65 us against a 55 us HBM floor; Qwen3-0.6B's at 6.5 us against 2.9, launch- and
+    tail-bound), which is what this kernel's PDL prefetch and split-K are for.
 Decode shapes have few N blocks, so K is split until the grid has a few programs per SM. Split
 partials go to an fp32 buffer [SPLIT_K, M, N] that a second small kernel (kernels/split_k.py)
 sums in split order, adds the bias and casts: deterministic (atomics would make the sum order, hence the rounding of
@@ -44,7 +48,8 @@ from kvflow.kernels.pdl import pdl_launch, pdl_launch_dependents, pdl_wait
 from kvflow.kernels.split_k import reduce_splits
 from kvflow.kernels.stage_fit import launch_fitting_stages
 
-MAX_M = 16                 # rows the kernel takes; more rows go to cuBLAS (compute-bound GEMM)
+MAX_M = 256                # rows the kernel takes; more rows go to cuBLAS (compute-bound GEMM)
+GEMV_MAX_M = 16            # rows the CUDA-core form takes (its accumulator grows with M)
 _ACC_REGS = 64             # deferred-reduction accumulator budget (fp32 registers per thread)
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
@@ -216,7 +221,7 @@ def skinny_gemm_ref(x: torch.Tensor, w: torch.Tensor,
 
 # ------------------------------------------------------------------------------- configs
 def m_bucket(m: int) -> int:
-    """Rows are tuned in power-of-two buckets: 1, 2, 4, 8, 16."""
+    """Rows are tuned in power-of-two buckets: 1, 2, 4, ..., 256."""
     return triton.next_power_of_2(m)
 
 
@@ -296,7 +301,7 @@ def foldable(m: int, n: int, k: int, device: torch.device, consumer: bool = Fals
     on the H200 (Llama-3.1-8B decode1, its gate/up product): +0.22 ms a step folded, where
     the GEMV consumers (q/k/v) gained 0.08 ms."""
     cfg = choose_config(m, n, k, device) if 1 <= m <= MAX_M else None
-    if cfg is None or (consumer and cfg.get("use_dot", False)):
+    if cfg is None or (consumer and (cfg.get("use_dot", False) or m > GEMV_MAX_M)):
         return False
     return _k_splits(k, cfg)[1] == 1
 
@@ -331,7 +336,7 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] =
                 config: Optional[dict] = None, silu_mul_input: bool = False,
                 add_norm: Optional[tuple] = None, row_scale: Optional[FoldedNorm] = None,
                 glu: bool = False):
-    """x [M, K] @ w[N, K]^T (+ bias [N]) -> [M, N] in x.dtype, fp32 accumulation, M <= 16.
+    """x [M, K] @ w[N, K]^T (+ bias [N]) -> [M, N] in x.dtype, fp32 accumulation, M <= MAX_M.
     config: dict(block_n, block_k, split_k, num_warps, num_stages[, use_dot]); default
     `choose_config` (the default heuristic where the table says cuBLAS wins: the caller decides
     whether to call this at all). silu_mul_input: x is [M, 2K] = gate | up and the product
@@ -359,7 +364,7 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] =
     if config is None:
         config = ((glu_config(m, 2 * n, k, x.device) if glu else choose_config(m, n, k, x.device))
                   or default_config(m, n, k))
-    use_dot = bool(config.get("use_dot", False))
+    use_dot = bool(config.get("use_dot", False)) or m > GEMV_MAX_M
     bn, bk = config["block_n"], config["block_k"]
     k_per_split, split = _k_splits(k, config)
     block_m = max(16, triton.next_power_of_2(m)) if use_dot else triton.next_power_of_2(m)

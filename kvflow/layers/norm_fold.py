@@ -85,14 +85,16 @@ def fold_ok(x: torch.Tensor, producer: "LinearBase", consumer: "LinearBase",
     from kvflow.distributed import get_tp_size
     if not kernels.HAS_TRITON:
         return False
-    from kvflow.kernels.skinny_gemm import MAX_M
+    # The consumer half must run the GEMV form (skinny_gemm.foldable), which takes at most
+    # GEMV_MAX_M rows.
+    from kvflow.kernels.skinny_gemm import GEMV_MAX_M
     # Never under torch.compile (checked before anything reads the token count, which is an
     # unbacked symbol there: comparing it would force the compile off its one-graph-for-every-T
     # trace). Then prefill-sized batches, the cheapest rejection.
     if torch.compiler.is_compiling():
         return False
     m = x.numel() // x.shape[-1]
-    if m > MAX_M:
+    if m > GEMV_MAX_M:
         return False
     if not (envs.norm_fold() and _device_ok(x) and x.dtype in _DTYPES and get_tp_size() == 1
             and producer.bias is None and (not silu_mul_input or producer.skinny_silu_mul)):
