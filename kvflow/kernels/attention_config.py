@@ -11,9 +11,8 @@ measured on an H200, see choose_config):
   fp32 uses 3xTF32 dots (tensor cores, about fp32 accuracy).
   Shared memory: stages, then block_n, then block_m shrink until Q + K/V buffers (_smem_bytes)
   fit the device's opt-in limit (227 KB on Hopper, less on Ampere/Ada).
-  num_splits: when (q-blocks x KV heads) < #SMs (one-token decode: < 2 x #SMs): about
-  2 waves; one-token decode grids of up to MID_SPLIT_PROGRAMS per SM: up to that many (4
-  warps); >= MIN_SPLIT_TOKENS per segment, a power of two <= MAX_SPLITS. fused_merge:
+  num_splits: only when (q-blocks x KV heads) < #SMs (one-token decode: < 2 x #SMs); about
+  2 waves, >= MIN_SPLIT_TOKENS per segment, a power of two <= MAX_SPLITS. fused_merge:
   block_m <= 64.
 """
 from __future__ import annotations
@@ -28,8 +27,6 @@ from kvflow.kernels.device import device_properties
 
 MIN_SPLIT_TOKENS = 256     # fewest context tokens per split-KV segment
 MAX_SPLITS = 32
-MID_SPLIT_PROGRAMS = 24    # per SM: the grid a split mid-size decode batch grows to (at most)
-MID_MAX_SPLITS = 4
 
 
 @dataclass(frozen=True)
@@ -76,10 +73,6 @@ def prefill_block_q(num_heads: int, num_kv_heads: int) -> int:
     this runs "direct", one q-block per request."""
     qpk_pad = triton.next_power_of_2(num_heads // num_kv_heads)
     return max(128, qpk_pad) // qpk_pad
-
-
-def _floor_pow2(n: int) -> int:
-    return 1 << (max(1, n).bit_length() - 1)
 
 
 def choose_config(num_tokens: int, num_reqs: int, num_heads: int, num_kv_heads: int,
@@ -143,26 +136,13 @@ def choose_config(num_tokens: int, num_reqs: int, num_heads: int, num_kv_heads: 
         num_warps = 2
     if num_splits is None:
         num_splits = 1
-        cap = max_seq_len // MIN_SPLIT_TOKENS
         if programs < split_below and max_seq_len >= 2 * MIN_SPLIT_TOKENS:
             want = triton.cdiv(2 * num_sms, programs)
+            cap = max_seq_len // MIN_SPLIT_TOKENS
             num_splits = min(triton.next_power_of_2(want), MAX_SPLITS)
-        elif decode and elem == 2 and head_pad <= 128:
-            # Mid-size decode grids (2 to ~24 programs per SM, e.g. 33-255 requests x 8 KV
-            # heads) split too, into the largest power of two (<= MID_MAX_SPLITS) that keeps
-            # the grid within MID_SPLIT_PROGRAMS per SM, with 4 warps: the contexts of a decode batch differ
-            # by 10x or more, so whole-request programs leave SMs idle behind the longest
-            # ones. benchmarks/attention_tune.py --sweep splits on an H200 (contexts uniform
-            # in 100-2048, Qwen3-0.6B / Llama-8B head layouts): 48 requests 3.06 -> 3.29-3.35
-            # TB/s (Llama 2.98 -> 3.09-3.24), 96: 3.24 -> 3.62 (3.23 -> 3.47), 128: 3.48 ->
-            # 3.69 (3.46 -> 3.61), 192: 3.73 -> 3.85 (3.69 -> 3.73); at 64 within +-2%; 8
-            # splits never beat 4.
-            num_splits = min(MID_MAX_SPLITS, _floor_pow2(MID_SPLIT_PROGRAMS * num_sms // programs))
-            if num_splits > 1:
-                num_warps = 4
-        while num_splits > max(1, cap):
-            num_splits //= 2
-        num_splits = max(1, min(num_splits, MAX_SPLITS))
+            while num_splits > cap:
+                num_splits //= 2
+            num_splits = max(1, num_splits)
     # Fused split-KV merge for decode-like tiles only: with 128-row tiles the merge's
     # [rows, HEAD_PAD] fp32 loads raise ptxas spills of the sm_90 kernel from ~0.8 KB to ~6 KB
     # (D=128, bf16), while the one long-prefix chunk that splits there is compute-heavy and a
