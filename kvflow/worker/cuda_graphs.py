@@ -79,7 +79,12 @@ def capture_buckets(device: torch.device, buckets: list[int], body, pool,
     return graphs, outputs, time.perf_counter() - t0, used
 
 
-def default_buckets(max_num_seqs: int, limit: int = 512) -> list[int]:
+# Largest decode batch captured: larger batches run eagerly. The graphs share one logits
+# buffer [limit, vocab] fp32 (622 MB at 1024 x 152K), so a higher limit costs that, not more.
+MAX_GRAPH_BATCH = 1024
+
+
+def default_buckets(max_num_seqs: int, limit: int = MAX_GRAPH_BATCH) -> list[int]:
     top = min(max_num_seqs, limit)
     sizes = [1, 2, 4] + list(range(8, 32, 8)) + list(range(32, 256, 16)) + list(range(256, top + 1, 32))
     out = sorted({s for s in sizes if s <= top} | {top})
