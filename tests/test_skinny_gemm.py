@@ -191,6 +191,23 @@ def test_dispatch_cpu_unchanged(monkeypatch):
         assert torch.equal(head.compute_logits(x), F.linear(x, head.weight))
 
 
+@pytest.mark.parametrize("rows", [3, 40])
+def test_lm_head_writes_into_the_graph_buffer(rows):
+    """compute_logits(out=): the decode graphs' buffer in the model's dtype holds exactly the
+    values the plain call returns (the product's own output where cuBLAS runs it; a copy of
+    the skinny GEMM's where that runs), and the model-level call upcasts only without out."""
+    from kvflow.layers.embedding import ParallelLMHead
+    g = torch.Generator().manual_seed(rows)
+    head = ParallelLMHead(40, 48).to(torch.bfloat16).to(DEVICE)
+    head.weight.data.copy_(torch.randn(head.weight.shape, generator=g).to(DEVICE))
+    x = torch.randn(rows, 48, generator=g).to(torch.bfloat16).to(DEVICE)
+    buf = torch.full((64, 40), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    got = head.compute_logits(x, out=buf[:rows])
+    assert got.data_ptr() == buf.data_ptr() and got.dtype == torch.bfloat16
+    assert torch.equal(buf[:rows], head.compute_logits(x))
+    assert torch.isnan(buf[rows:]).all()
+
+
 def test_skinny_linear_path():
     """What the dispatch runs on CUDA (run here on the interpreter's CPU tensors): leading dims
     flattened to rows, up to MAX_M rows through the kernel, more through F.linear."""

@@ -56,6 +56,21 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     return F.linear(x, weight, bias)
 
 
+def skinny_takes(x: torch.Tensor, weight: torch.Tensor, skinny: bool) -> bool:
+    """Whether an eager dense_linear(x, weight, None, skinny) runs the skinny GEMM (and so
+    allocates its own output) rather than cuBLAS."""
+    if not (skinny and x.is_cuda and _skinny_dtypes_ok(x, weight, None)
+            and weight.stride(-1) == 1):
+        return False
+    from kvflow import kernels
+    if not kernels.HAS_TRITON:
+        return False
+    import kvflow.kernels.skinny_gemm as sg
+    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return 1 <= m <= sg.MAX_M and sg.choose_config(m, weight.shape[0], weight.shape[1],
+                                                   x.device) is not None
+
+
 def _skinny_dtypes_ok(x: torch.Tensor, weight: torch.Tensor,
                       bias: Optional[torch.Tensor]) -> bool:
     """The skinny GEMM's operands: fp16 / bf16, weight and bias of the input's dtype."""

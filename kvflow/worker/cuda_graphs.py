@@ -19,8 +19,8 @@ input token of a request whose previous token is still in flight from the runner
 `last_sampled` (fill_rows[i] = its row, else -1). `rows` (the requests' rows, batch order) lets
 the runner record the sampled tokens without another copy (`staged_rows`).
 
-The graph covers the model forward and the LM head (logits [bucket, vocab] float32 is a static
-output); sampling runs outside, on logits[:B]. The attention backend must read every length from
+The graph covers the model forward and the LM head (logits [bucket, vocab] in the model's dtype
+is a static output, the product's own); sampling runs outside, on logits[:B]. The attention backend must read every length from
 these tensors (host-side max_seq_len is passed as the max_model_len upper bound), which the
 backend declares with `supports_cuda_graphs`.
 
@@ -137,7 +137,9 @@ class DecodeGraphs:
                        for _ in range(2)]
         # One logits buffer shared by all graphs (a per-graph output would cost
         # sum(buckets) x vocab x 4 bytes: gigabytes for a 150k vocabulary).
-        self.logits = torch.empty((n, model.config.vocab_size), dtype=torch.float32, device=device)
+        # In the model's dtype: the LM head writes it directly (see compute_logits).
+        self.logits = torch.empty((n, model.config.vocab_size), dtype=model.config.dtype,
+                                  device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None
         self.capture_s = 0.0

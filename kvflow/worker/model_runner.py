@@ -475,11 +475,13 @@ class ModelRunner:
         if not kernels.HAS_TRITON:
             return
         from kvflow.kernels.argmax import CHUNKS, argmax_rows, sample_rows
-        logits = torch.zeros((1, self.vocab_size), dtype=torch.float32, device=self.device)
         temperature = torch.ones((1,), dtype=torch.float32, device=self.device)
-        for chunk in CHUNKS:
-            argmax_rows(logits, chunk)
-            sample_rows(logits, temperature, 0, chunk)
+        # float32: eager steps' logits; the model's dtype: the decode graphs' (one variant each).
+        for dtype in dict.fromkeys((torch.float32, self.config.model.dtype)):
+            logits = torch.zeros((1, self.vocab_size), dtype=dtype, device=self.device)
+            for chunk in CHUNKS:
+                argmax_rows(logits, chunk)
+                sample_rows(logits, temperature, 0, chunk)
 
     def warm_up(self, max_num_tokens: int) -> None:
         """Run the batch shapes serving will hit (long prefill, many prefills, decodes mixed
