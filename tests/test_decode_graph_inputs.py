@@ -46,7 +46,7 @@ def test_stage_inputs_one_copy_round_trip():
     """stage_inputs packs B requests (padded to the bucket) into one staging buffer; the device
     copy holds the block table the graph reads, and _unpack fills the graph inputs, taking
     in-flight tokens from last_sampled."""
-    model = SimpleNamespace(config=SimpleNamespace(vocab_size=8))
+    model = SimpleNamespace(config=SimpleNamespace(vocab_size=8, dtype=torch.float32))
     last = torch.tensor([50, 51, 52, 53, 54], device=DEVICE)
     graphs = DecodeGraphs(model, torch.device(DEVICE), max_model_len=64, block_size=16,
                           max_blocks_per_req=3, buckets=[1, 4, 8], last_sampled=last)
@@ -78,7 +78,7 @@ def test_metadata_orders_large_batches_longest_first(monkeypatch):
     order of the requests (computed from the replay's own lengths); smaller ones, and
     KVFLOW_ATTN_LONGEST_FIRST=0, none."""
     from kvflow.worker import cuda_graphs
-    model = SimpleNamespace(config=SimpleNamespace(vocab_size=8))
+    model = SimpleNamespace(config=SimpleNamespace(vocab_size=8, dtype=torch.float32))
     n = cuda_graphs.LONGEST_FIRST_MIN_REQS
     graphs = DecodeGraphs(model, torch.device(DEVICE), max_model_len=4096, block_size=16,
                           max_blocks_per_req=2, buckets=[n - 1, n])
