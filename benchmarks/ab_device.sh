@@ -9,7 +9,7 @@ set -uo pipefail
 model=$1; workloads=$2; var=$3; values=$4; rounds=${5:-1}
 source "$(dirname "$0")/device_env.sh"
 export KVFLOW_CACHE_DIR=${KVFLOW_CACHE_DIR:-/tmp/kvflow-cache}
-extra=${BENCH_ARGS:---max-num-seqs 512 --max-num-batched-tokens 16384}
+extra=${BENCH_ARGS:---max-num-seqs 1024 --max-num-batched-tokens 16384}
 for r in $(seq "$rounds"); do
   for v in $values; do
     if [ "$v" = default ]; then unset "$var"; else export "$var=$v"; fi

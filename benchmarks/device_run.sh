@@ -16,8 +16,8 @@ case "$mode" in
       tests/test_gpu.py tests/test_models_hf.py tests/test_engine.py "$@" 2>&1 | tee "$OUT/tests.log" | tail -25
     ;;
   bench)
-    # Scheduler limits of the published runs (vLLM 0.26 on the H200 ran with its own defaults).
-    extra=${BENCH_ARGS:---max-num-seqs 512 --max-num-batched-tokens 16384}
+    # Scheduler limits: vLLM 0.26's own defaults on this GPU class (its published runs used them).
+    extra=${BENCH_ARGS:---max-num-seqs 1024 --max-num-batched-tokens 16384}
     for m in "$@"; do
       python3 -m kvflow.cli --log-level ${LOG_LEVEL:-INFO} bench throughput --model benchmarks/configs/$m \
         --workload ${WORKLOADS:-nanovllm,decode1,throughput8k} --max-model-len 4096 --dtype bfloat16 \

@@ -1,7 +1,7 @@
 """Where a throughput workload's time goes on the device: per step kind and per kernel kind.
 
     python3 benchmarks/profile_workload.py CONFIG_DIR [--workloads nanovllm,throughput8k]
-        [--max-num-seqs 512] [--max-num-batched-tokens 16384] [--no-kernels] [--out FILE]
+        [--max-num-seqs 1024] [--max-num-batched-tokens 16384] [--no-kernels] [--out FILE]
 
 Builds the engine as `kvflow bench throughput` does (dummy weights, bf16, max_model_len 4096)
 and runs each workload (the bench's own functions) twice:
@@ -260,7 +260,7 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("model")
     p.add_argument("--workloads", default="nanovllm,throughput8k")
-    p.add_argument("--max-num-seqs", type=int, default=512)
+    p.add_argument("--max-num-seqs", type=int, default=1024)
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
     p.add_argument("--no-kernels", action="store_true")
     p.add_argument("--trace-steps", type=int, default=0,

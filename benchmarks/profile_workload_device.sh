@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Where the throughput workloads' time goes (benchmarks/profile_workload.py), one call on
 # nvidia-h200 (~6 min): Qwen3-0.6B, then Llama-3.1-8B, nanovllm and throughput8k, with the
-# published scheduler limits (512 sequences, 16384 batched tokens).
+# scheduler limits of the published runs (1024 sequences, 16384 batched tokens: vLLM's defaults).
 #   run(command="KVFLOW_COMMIT=<sha> bash benchmarks/profile_workload_device.sh [MODEL...]",
 #       kind="nvidia-h200", carry=[".whl"])
 set -uo pipefail
