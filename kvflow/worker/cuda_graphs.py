@@ -19,10 +19,11 @@ input token of a request whose previous token is still in flight from the runner
 `last_sampled` (fill_rows[i] = its row, else -1). `rows` (the requests' rows, batch order) lets
 the runner record the sampled tokens without another copy (`staged_rows`).
 
-The graph covers the model forward and the LM head (logits [bucket, vocab] in the model's dtype
-is a static output, the product's own); sampling runs outside, on logits[:B]. The attention backend must read every length from
-these tensors (host-side max_seq_len is passed as the max_model_len upper bound), which the
-backend declares with `supports_cuda_graphs`.
+The graph covers the model forward and the LM head (logits [bucket, vocab] in the model's
+dtype, a static output written by the product itself); sampling runs outside, on logits[:B].
+The attention backend must read every length from these tensors (host-side max_seq_len is
+passed as the max_model_len upper bound), which the backend declares with
+`supports_cuda_graphs`.
 
 Chunked local attention (local_chunk set): a decode row is always exactly one virtual request,
 so the local metadata has the batch's shape. Its persistent buffers (local_seq_lens,
@@ -80,7 +81,8 @@ def capture_buckets(device: torch.device, buckets: list[int], body, pool,
 
 
 # Largest decode batch captured: larger batches run eagerly. The graphs share one logits
-# buffer [limit, vocab] fp32 (622 MB at 1024 x 152K), so a higher limit costs that, not more.
+# buffer [limit, vocab] in the model's dtype (311 MB at 1024 x 152K in bf16) and one memory
+# pool, so a higher limit costs that buffer and some capture time (~1.5 s warm for 512->1024).
 MAX_GRAPH_BATCH = 1024
 
 
@@ -136,8 +138,8 @@ class DecodeGraphs:
         self._stage = [torch.zeros(stage_len, dtype=torch.int64, pin_memory=pin)
                        for _ in range(2)]
         # One logits buffer shared by all graphs (a per-graph output would cost
-        # sum(buckets) x vocab x 4 bytes: gigabytes for a 150k vocabulary).
-        # In the model's dtype: the LM head writes it directly (see compute_logits).
+        # sum(buckets) x vocab elements: gigabytes for a 150k vocabulary), in the model's
+        # dtype: the LM head's GEMM writes it directly (see compute_logits).
         self.logits = torch.empty((n, model.config.vocab_size), dtype=model.config.dtype,
                                   device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
