@@ -164,9 +164,12 @@ def test_checkpoint_scales_are_loaded_and_used(tmp_path, make_llm):
     attn0 = layers[0]
     orig = attn0.forward_eager
 
-    def spy(q, k, v):
-        seen["k"] = k.detach().clone()
-        return orig(q, k, v)
+    def spy(q, k, v, positions=None):
+        # positions: the fused path (the Triton backend normalises and rotates q/k itself,
+        # so k arrives raw): the K the cache stores is the transformed one.
+        kk = k if positions is None else attn0.apply_qk_rope(positions, q.clone(), k.clone())[1]
+        seen["k"] = kk.detach().clone()
+        return orig(q, k, v) if positions is None else orig(q, k, v, positions)
 
     attn0.forward_eager = spy
     try:
