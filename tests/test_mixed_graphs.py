@@ -17,6 +17,18 @@ from kvflow.worker.mixed_graphs import MixedGraphs, default_token_buckets
 from tests.conftest import DEVICE, hf_greedy
 
 
+def test_default_decode_buckets():
+    """Decode graphs: fine buckets at small batch, steps of 32 from 256, up to max_num_seqs or
+    MAX_GRAPH_BATCH (vLLM's default max_num_seqs on large GPUs is 1024)."""
+    from kvflow.worker.cuda_graphs import MAX_GRAPH_BATCH, default_buckets
+    assert MAX_GRAPH_BATCH == 1024
+    b = default_buckets(1024)
+    assert b[:6] == [1, 2, 4, 8, 16, 24] and b[-3:] == [960, 992, 1024] and len(b) == 45
+    assert default_buckets(4096)[-1] == 1024
+    assert default_buckets(300)[-2:] == [288, 300]
+    assert default_buckets(1) == [1]
+
+
 def test_default_buckets():
     assert default_token_buckets(8192) == [16, 32, 64, 128, 256, 512]
     assert default_token_buckets(64) == [16, 32, 64]
