@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(__file__))
+from gemm_shapes import shapes  # noqa: E402
 from graph_timing import graph_time_us  # noqa: E402
 
 HBM_TBS, MMA_TFLOPS = 4.3, 700.0
@@ -61,16 +62,6 @@ def mid_gemm(x, w, out, bm, bn, bk, warps, stages):
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     _mid_gemm_kernel[grid](x, w, out, m, n, k, x.stride(0), w.stride(0),
                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
-
-
-def shapes(cfg: dict) -> dict[str, tuple[int, int]]:
-    h = cfg["hidden_size"]
-    heads = cfg["num_attention_heads"]
-    kv = cfg.get("num_key_value_heads", heads)
-    d = cfg.get("head_dim") or h // heads
-    inter = cfg["intermediate_size"]
-    return {"qkv": ((heads + 2 * kv) * d, h), "o": (h, heads * d), "gate_up": (2 * inter, h),
-            "down": (h, inter)}
 
 
 def variants(m: int, quick: bool):
