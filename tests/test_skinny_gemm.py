@@ -206,6 +206,12 @@ def test_lm_head_writes_into_the_graph_buffer(rows):
     assert got.data_ptr() == buf.data_ptr() and got.dtype == torch.bfloat16
     assert torch.equal(buf[:rows], head.compute_logits(x))
     assert torch.isnan(buf[rows:]).all()
+    # dense_linear(out=) with a bias and leading dims: the same values as without out.
+    b = torch.randn(40, generator=g).to(torch.bfloat16).to(DEVICE)
+    x3 = x.view(1, rows, 48)
+    o3 = torch.empty(1, rows, 40, dtype=torch.bfloat16, device=DEVICE)
+    assert linear_mod.dense_linear(x3, head.weight, b, head.skinny_gemm, out=o3) is o3
+    assert torch.equal(o3, linear_mod.dense_linear(x3, head.weight, b, head.skinny_gemm))
 
 
 def test_skinny_linear_path():

@@ -10,7 +10,7 @@ from torch import nn
 
 from kvflow import envs
 from kvflow.distributed import get_tp_rank, get_tp_size, tp_all_gather, tp_all_reduce
-from kvflow.layers.linear import dense_linear, skinny_takes
+from kvflow.layers.linear import dense_linear
 from kvflow.layers.loader_ref import weight_loader_of
 
 _PAD_TO = 64
@@ -61,13 +61,12 @@ class ParallelLMHead(VocabParallelEmbedding):
     def compute_logits(self, hidden: torch.Tensor,
                        out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] in hidden's dtype. out: a contiguous
-        [N, vocab] buffer of that dtype to write into (the decode graphs'). Where cuBLAS runs
-        the product on one rank over an unpadded vocabulary, it writes there directly: at
-        1024 rows x 152K that is 311 MB not written and read again by a copy, each decode step."""
-        if (out is not None and get_tp_size() == 1 and self.weight.shape[0] == self.vocab_size
-                and hidden.dim() == 2 and out.dtype == hidden.dtype == self.weight.dtype
-                and out.is_contiguous() and not skinny_takes(hidden, self.weight, self.skinny_gemm)):
-            return torch.mm(hidden, self.weight.t(), out=out)
+        [N, vocab] buffer of that dtype to write into (the decode graphs'). On one rank over
+        an unpadded vocabulary the product writes there itself (dense_linear's out: cuBLAS
+        writes it directly): at 1024 rows x 152K, 311 MB not written and read again by a copy,
+        each decode step."""
+        if out is not None and get_tp_size() == 1 and self.weight.shape[0] == self.vocab_size:
+            return dense_linear(hidden, self.weight, None, self.skinny_gemm, out=out)
         logits = dense_linear(hidden, self.weight, None, self.skinny_gemm)  # [N, vocab/tp]
         logits = tp_all_gather(logits, dim=-1)[..., :self.vocab_size]
         return logits if out is None else out.copy_(logits)

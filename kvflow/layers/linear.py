@@ -30,7 +30,8 @@ _SKINNY_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                 skinny: bool = False, silu_mul_input: bool = False) -> torch.Tensor:
+                 skinny: bool = False, silu_mul_input: bool = False,
+                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """x [..., K] @ weight[N, K]^T (+ bias): the one place unquantized layers multiply.
 
     skinny (the layer's KVFLOW_SKINNY_GEMM, read when it was built): CUDA fp16/bf16 inputs of at
@@ -43,32 +44,37 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     silu_mul_input: x is [..., 2K] = gate | up and the product is silu_and_mul(x) @ W^T (a
     gated MLP's down projection). Where the skinny GEMM runs, it applies the activation as it
     loads x (one launch fewer per layer at decode, same rounding); elsewhere the activation
-    kernel runs first."""
+    kernel runs first.
+
+    out: a contiguous [..., N] tensor of x's dtype to hold the result (returned). cuBLAS
+    writes it directly; the skinny GEMM's own output is copied into it."""
     if skinny and x.is_cuda and _skinny_dtypes_ok(x, weight, bias):
         if torch.compiler.is_compiling():
             # Compiled graphs trace the activation (inductor fuses it) and keep the product.
             if silu_mul_input:
                 x = ops.silu_and_mul(x)
-            return torch.ops.kvflow.skinny_linear(x, weight, bias)
-        return _skinny_linear(x, weight, bias, silu_mul_input)
+            return _into(torch.ops.kvflow.skinny_linear(x, weight, bias), out)
+        return _skinny_linear(x, weight, bias, silu_mul_input, out)
     if silu_mul_input:
         x = ops.silu_and_mul(x)
-    return F.linear(x, weight, bias)
+    return _linear(x, weight, bias, out)
 
 
-def skinny_takes(x: torch.Tensor, weight: torch.Tensor, skinny: bool) -> bool:
-    """Whether an eager dense_linear(x, weight, None, skinny) runs the skinny GEMM (and so
-    allocates its own output) rather than cuBLAS."""
-    if not (skinny and x.is_cuda and _skinny_dtypes_ok(x, weight, None)
-            and weight.stride(-1) == 1):
-        return False
-    from kvflow import kernels
-    if not kernels.HAS_TRITON:
-        return False
-    import kvflow.kernels.skinny_gemm as sg
-    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    return 1 <= m <= sg.MAX_M and sg.choose_config(m, weight.shape[0], weight.shape[1],
-                                                   x.device) is not None
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+            out: Optional[torch.Tensor]) -> torch.Tensor:
+    """F.linear, or the same product written by cuBLAS into `out`."""
+    if out is None:
+        return F.linear(x, weight, bias)
+    x2, o2 = x.reshape(-1, x.shape[-1]), out.view(-1, weight.shape[0])
+    if bias is None:
+        torch.mm(x2, weight.t(), out=o2)
+    else:
+        torch.addmm(bias, x2, weight.t(), out=o2)
+    return out
+
+
+def _into(result: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
+    return result if out is None else out.copy_(result)
 
 
 def _skinny_dtypes_ok(x: torch.Tensor, weight: torch.Tensor,
@@ -79,7 +85,8 @@ def _skinny_dtypes_ok(x: torch.Tensor, weight: torch.Tensor,
 
 
 def _skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                   silu_mul_input: bool = False) -> torch.Tensor:
+                   silu_mul_input: bool = False,
+                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
     from kvflow import kernels
     k, n = weight.shape[1], weight.shape[0]
     kx = x.shape[-1]                                       # k, or 2k with silu_mul_input
@@ -88,11 +95,12 @@ def _skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
         import kvflow.kernels.skinny_gemm as sg
         cfg = sg.choose_config(m, n, k, x.device) if 1 <= m <= sg.MAX_M else None
         if cfg is not None:
-            return sg.skinny_gemm(x.reshape(m, kx), weight, bias, cfg,
-                                  silu_mul_input=silu_mul_input).view(*x.shape[:-1], n)
+            return _into(sg.skinny_gemm(x.reshape(m, kx), weight, bias, cfg,
+                                        silu_mul_input=silu_mul_input).view(*x.shape[:-1], n),
+                         out)
     if silu_mul_input:
         x = ops.silu_and_mul(x)
-    return F.linear(x, weight, bias)
+    return _linear(x, weight, bias, out)
 
 
 def _skinny_row_scaled(x: NormedHidden, weight: torch.Tensor,
