@@ -184,6 +184,27 @@ def test_triton_fused_moe_matches_reference():
     assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4), (got - ref).abs().max()
 
 
+@pytest.mark.parametrize("group_m", [0, 1, 3, 64])
+def test_triton_fused_moe_grouped_program_order(group_m):
+    """The program -> (row block, column tile) map: row blocks fastest over the whole grid
+    (group_m 0), or within groups of group_m (3 does not divide the block count, 64 exceeds
+    it). Every tile is computed exactly once in each order, so outputs match the reference."""
+    pytest.importorskip("triton")
+    from kvflow.kernels.fused_moe import fused_moe
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(5)
+    t, h, inter, e, k = 37, 48, 40, 3, 2       # ~25 pairs per expert: 2 blocks of 16 each
+    x = torch.randn(t, h, generator=g).to(dev)
+    w13 = torch.randn(e, 2 * inter, h, generator=g).to(dev) * 0.2
+    w2 = torch.randn(e, h, inter, generator=g).to(dev) * 0.2
+    weights, ids = select_experts(torch.randn(t, e, generator=g).to(dev), k, True)
+    ref = fused_moe_torch(x, w13, w2, weights, ids)
+    tile = dict(block_n=16, block_k=16, group_m=group_m, num_warps=4, num_stages=1)
+    got = fused_moe(x, w13, w2, weights, ids,
+                    config=dict(block_m=16, gate_up=dict(tile), down=dict(tile)))
+    assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4), (got - ref).abs().max()
+
+
 @pytest.mark.parametrize("t", [1, 3, 40, 600])
 def test_triton_fused_moe_default_tiles_bf16(t):
     """The shape-chosen tiles (decode: 16-row blocks, long K steps; prefill: 32/64-row blocks)

@@ -29,15 +29,32 @@ from kvflow.kernels.moe_routing import align_by_expert_triton, moe_sum
 from kvflow.kernels.pdl import pdl_launch, pdl_launch_dependents, pdl_wait
 
 
-@triton.jit(do_not_specialize=["num_pairs"])
+@triton.jit
+def _tile_of_program(num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Program id -> (row block, column tile). GROUP_M = 0: row blocks fastest over the whole
+    grid, so the programs resident at once share a few weight tiles (decode: the weights are
+    the traffic). GROUP_M = g > 0: row blocks fastest within groups of g, column tiles next,
+    so a group's activation rows and the weight tiles it walks both stay in L2 (prefill, where
+    re-reading every row block's activations for each column tile would cost more than the
+    FLOPs)."""
+    pid = tl.program_id(0)
+    if GROUP_M == 0:
+        return pid % num_pid_m, pid // num_pid_m
+    width = GROUP_M * num_pid_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + (pid % width) % size_m, (pid % width) // size_m
+
+
+@triton.jit(do_not_specialize=["num_pairs", "num_pid_m"])
 def _gate_up_kernel(x_ptr, w13_ptr, h_ptr, pairs_ptr, block_expert_ptr,
-                    num_pairs, top_k, num_experts, H, I,
+                    num_pairs, top_k, num_experts, H, I, num_pid_m,
                     stride_xt, stride_we, stride_wn, stride_hp,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    IEEE: tl.constexpr, USE_PDL: tl.constexpr):
+                    GROUP_M: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_wait(USE_PDL)                  # the routing (pairs, block experts) comes from before
     pdl_launch_dependents(USE_PDL)
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    pid_m, pid_n = _tile_of_program(num_pid_m, tl.cdiv(I, BLOCK_N), GROUP_M)
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if e >= num_experts:
         return
@@ -73,15 +90,15 @@ def _gate_up_kernel(x_ptr, w13_ptr, h_ptr, pairs_ptr, block_expert_ptr,
              out.to(h_ptr.dtype.element_ty), mask=valid[:, None] & col_ok[None, :])
 
 
-@triton.jit(do_not_specialize=["num_pairs"])
+@triton.jit(do_not_specialize=["num_pairs", "num_pid_m"])
 def _down_kernel(h_ptr, w2_ptr, out_ptr, pairs_ptr, block_expert_ptr, weights_ptr,
-                 num_pairs, num_experts, H, I,
+                 num_pairs, num_experts, H, I, num_pid_m,
                  stride_hp, stride_we, stride_wn, stride_op,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 IEEE: tl.constexpr, USE_PDL: tl.constexpr):
+                 GROUP_M: tl.constexpr, IEEE: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_wait(USE_PDL)
     pdl_launch_dependents(USE_PDL)
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    pid_m, pid_n = _tile_of_program(num_pid_m, tl.cdiv(H, BLOCK_N), GROUP_M)
     e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
     if e >= num_experts:
         return
@@ -150,7 +167,7 @@ def align_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int):
 # intermediate) peak at different tiles, e.g. at decode the down GEMM has few output columns
 # per expert and needs narrow BLOCK_N to keep every SM streaming.
 _TRITON_ALIGN_MAX = 1 << 20     # pairs x experts above which align_by_expert (torch) is used
-_KERNEL_KEYS = ("block_n", "block_k", "num_warps", "num_stages")
+_KERNEL_KEYS = ("block_n", "block_k", "group_m", "num_warps", "num_stages")
 _TUNED_PATH = os.path.join(os.path.dirname(__file__), "configs", "fused_moe.json")
 
 
@@ -215,12 +232,13 @@ def launch_gate_up(x, w13, hbuf, pairs, block_expert, top_k: int, block_m: int, 
     inter = two_i // 2
     tile = dict(tile)
     block_n, block_k = tile.pop("block_n"), tile.pop("block_k")
+    group_m = tile.pop("group_m", 0)
     nblocks = pairs.numel() // block_m
-    _gate_up_kernel[(nblocks, triton.cdiv(inter, block_n))](
-        x, w13, hbuf, pairs, block_expert, x.shape[0] * top_k, top_k, e, h, inter,
+    _gate_up_kernel[(nblocks * triton.cdiv(inter, block_n),)](
+        x, w13, hbuf, pairs, block_expert, x.shape[0] * top_k, top_k, e, h, inter, nblocks,
         x.stride(0), w13.stride(0), w13.stride(1), hbuf.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=x.dtype == torch.float32,
-        **pdl_launch(x.device), **tile)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
+        IEEE=x.dtype == torch.float32, **pdl_launch(x.device), **tile)
 
 
 def launch_down(hbuf, w2, out, pairs, block_expert, weights, block_m: int, tile: dict):
@@ -228,12 +246,13 @@ def launch_down(hbuf, w2, out, pairs, block_expert, weights, block_m: int, tile:
     e, h, inter = w2.shape
     tile = dict(tile)
     block_n, block_k = tile.pop("block_n"), tile.pop("block_k")
+    group_m = tile.pop("group_m", 0)
     nblocks = pairs.numel() // block_m
-    _down_kernel[(nblocks, triton.cdiv(h, block_n))](
-        hbuf, w2, out, pairs, block_expert, weights, out.shape[0], e, h, inter,
+    _down_kernel[(nblocks * triton.cdiv(h, block_n),)](
+        hbuf, w2, out, pairs, block_expert, weights, out.shape[0], e, h, inter, nblocks,
         hbuf.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=hbuf.dtype == torch.float32,
-        **pdl_launch(hbuf.device), **tile)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
+        IEEE=hbuf.dtype == torch.float32, **pdl_launch(hbuf.device), **tile)
 
 
 @torch.compiler.disable  # launched eagerly from compiled graphs (a graph break), not traced
