@@ -103,6 +103,14 @@ def attn_longest_first() -> bool:
     return os.environ.get("KVFLOW_ATTN_LONGEST_FIRST", "1") != "0"
 
 
+def attn_heads_first() -> bool:
+    """KVFLOW_ATTN_HEADS_FIRST (default 0): one-program-per-request attention launches (decode
+    batches) order their grid KV heads fastest, so the programs running together read all
+    heads of the same KV-cache slots; 0: requests fastest. Read at each launch (fixed in a
+    captured graph)."""
+    return os.environ.get("KVFLOW_ATTN_HEADS_FIRST", "0") != "0"
+
+
 def skinny_gemm() -> bool:
     """KVFLOW_SKINNY_GEMM (default 1): unquantized linear layers (incl. tensor-parallel shards, the LM head
     and MoE routers) on CUDA with fp16/bf16 inputs of at most 16 rows use the Triton skinny GEMM

@@ -156,3 +156,25 @@ class TestFusedMerge:
         assert decode.num_splits > 1 and decode.fused_merge
         prefill = choose_config(256, 1, 32, 8, 128, 256, 32768, torch.bfloat16, num_sms=132)
         assert prefill.num_splits > 1 and prefill.block_m == 128 and not prefill.fused_merge
+
+
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
+def test_heads_first_grid_is_bit_identical(monkeypatch, num_splits):
+    """KVFLOW_ATTN_HEADS_FIRST only reorders a decode launch's grid (KV heads fastest): every
+    program computes what it did, so outputs are equal bit for bit, with and without split-KV
+    (fused merge: the ticket counter index is per (row, head) in both orders) and with a
+    request order."""
+    q_lens, seq_lens = [1] * 5, [37, 3, 70, 16, 129]
+    query, kv, qsl, sl, bt = make_paged_batch(q_lens, seq_lens, 8, 2, 32, 16, torch.float32)
+    order = torch.argsort(sl, descending=True).to(torch.int32)
+    outs = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("KVFLOW_ATTN_HEADS_FIRST", flag)
+        out = torch.full_like(query, float("nan"))
+        unified_attention(query, kv[0], kv[1], qsl, sl, bt, 1, max(seq_lens), 32 ** -0.5,
+                          out=out, num_splits=num_splits, request_order=order)
+        _counters_zero()
+        outs.append(out)
+    assert torch.equal(outs[0].view(torch.uint8), outs[1].view(torch.uint8))
+    ref = ref_paged_attention(query, kv[0], kv[1], qsl, sl, bt, 32 ** -0.5)
+    _close(outs[1], ref, torch.float32)

@@ -285,15 +285,26 @@ def _attention_kernel(
     HAS_STARTS: tl.constexpr, KV_FP8: tl.constexpr, FUSED_MERGE: tl.constexpr,
     SPLITS_PAD: tl.constexpr, MERGE_UNROLL_: tl.constexpr, PREFETCH: tl.constexpr,
     USE_PDL: tl.constexpr, order_ptr=None, HAS_ORDER: tl.constexpr = False,
+    HEADS_FIRST: tl.constexpr = False,
 ):
-    kv_head = tl.program_id(1)
+    if HEADS_FIRST:
+        # DIRECT only: grid [KV, rows, splits], KV heads fastest, so the programs dispatched
+        # together read all heads of the same cache rows ([block, slot, KV, D]: one slot's
+        # heads are adjacent) instead of one head's 1/KV of many rows.
+        kv_head = tl.program_id(0)
+        row = tl.program_id(1)
+        num_kv = tl.num_programs(0)
+    else:
+        kv_head = tl.program_id(1)
+        row = tl.program_id(0)
+        num_kv = tl.num_programs(1)
     seg = tl.program_id(2)
     if HAS_ORDER:
         # DIRECT only: grid row i serves request order[i] (longest first, so the long programs
         # are dispatched first; written by the step's input kernels, like the lengths).
-        row_req = tl.load(order_ptr + tl.program_id(0))
+        row_req = tl.load(order_ptr + row)
     else:
-        row_req = tl.program_id(0)
+        row_req = row
     if PREFETCH:
         # Decode-like launches (DIRECT, no seq_starts): this program's first KV tile, when it
         # lies wholly before the step's new tokens, is loaded before the PDL wait, so its DRAM
@@ -456,7 +467,7 @@ def _attention_kernel(
                 # the other segments' releases (CUTLASS's semaphore pattern). Nobody waits for
                 # anybody, so it cannot deadlock whatever the residency or launch order.
                 tl.debug_barrier()
-                cnt = cnt_ptr + tl.program_id(0) * tl.num_programs(1) + kv_head
+                cnt = cnt_ptr + row * num_kv + kv_head
                 ticket = tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu")
                 if ticket == n_live - 1:
                     tl.debug_barrier()    # the acquire (one thread) before every thread's loads
@@ -633,12 +644,18 @@ def _launch(query, key_cache, value_cache, out, query_start_loc, seq_lens, block
         assert request_order.shape == (B,), (request_order.shape, B)
         order = dict(order_ptr=request_order, HAS_ORDER=True)
     starts = seq_starts if seq_starts is not None else seq_lens
+    heads_first = cfg.direct and envs.attn_heads_first()
+
+    def grid(splits: int) -> tuple[int, int, int]:
+        return (KV, grid0, splits) if heads_first else (grid0, KV, splits)
+
     if not split:
-        _attention_kernel[(grid0, KV, 1)](
+        _attention_kernel[grid(1)](
             query, key_cache, value_cache, out, out, out, out, seq_lens,
             query_start_loc, seq_lens, block_table, starts, *scales, qk_scale, B, 1,
             query.stride(0), query.stride(1), out.stride(0), out.stride(1), 0, 0, 0, 0,
-            *cache_strides, block_table.stride(0), FUSED_MERGE=False, **common, **order, **pdl)
+            *cache_strides, block_table.stride(0), FUSED_MERGE=False, HEADS_FIRST=heads_first,
+            **common, **order, **pdl)
         return
 
     S = cfg.num_splits
@@ -649,13 +666,13 @@ def _launch(query, key_cache, value_cache, out, query_start_loc, seq_lens, block
     l = torch.empty_like(m)
     # Counter (grid row i, KV head h) is i * KV + h.
     counters = _split_counters(query.device, grid0 * KV) if cfg.fused_merge else seq_lens
-    _attention_kernel[(grid0, KV, S)](
+    _attention_kernel[grid(S)](
         query, key_cache, value_cache, out, acc, m, l, counters,
         query_start_loc, seq_lens, block_table, starts, *scales, qk_scale, B, S,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         acc.stride(0), acc.stride(1), m.stride(0), m.stride(1),
-        *cache_strides, block_table.stride(0), FUSED_MERGE=cfg.fused_merge, **common, **order,
-        **pdl)
+        *cache_strides, block_table.stride(0), FUSED_MERGE=cfg.fused_merge,
+        HEADS_FIRST=heads_first, **common, **order, **pdl)
     if cfg.fused_merge:
         return
     _merge_splits_kernel[(rows, KV)](
