@@ -104,11 +104,11 @@ def attn_longest_first() -> bool:
 
 
 def attn_heads_first() -> bool:
-    """KVFLOW_ATTN_HEADS_FIRST (default 0): one-program-per-request attention launches (decode
+    """KVFLOW_ATTN_HEADS_FIRST (default 1): one-program-per-request attention launches (decode
     batches) order their grid KV heads fastest, so the programs running together read all
-    heads of the same KV-cache slots; 0: requests fastest. Read at each launch (fixed in a
-    captured graph)."""
-    return os.environ.get("KVFLOW_ATTN_HEADS_FIRST", "0") != "0"
+    heads of the same KV-cache slots (H200, same call: Qwen3-0.6B nanovllm +2.4%); 0:
+    requests fastest. Read at each launch (fixed in a captured graph)."""
+    return os.environ.get("KVFLOW_ATTN_HEADS_FIRST", "1") != "0"
 
 
 def skinny_gemm() -> bool:
