@@ -223,3 +223,40 @@ def test_triton_fused_moe_default_tiles_bf16(t):
     got = fused_moe(x, w13, w2, weights, ids).float()
     assert choose_config(t * k, torch.bfloat16)["block_m"] == (16 if t * k <= 64 else 32 if t * k <= 1024 else 64)
     assert (got - ref).abs().max() <= 0.03 * ref.abs().max() + 0.02, (got - ref).abs().max()
+
+
+def test_tuned_moe_table_is_well_formed_and_bucketed(monkeypatch):
+    """configs/fused_moe.json (written by benchmarks/moe_tune.py, merged by hand): every entry a
+    launchable tile (only known keys, powers of two, a program order >= 0), buckets ascending;
+    choose_config takes the smallest bucket >= the pair count, the largest past the end."""
+    import json
+    import types
+
+    from kvflow.kernels import fused_moe as fm
+    table = json.load(open(fm._TUNED_PATH))
+    pow2 = {16, 32, 64, 128, 256, 512}
+    for gpu, shapes in table.items():
+        for key, rows in shapes.items():
+            buckets = [int(n) for n, _ in rows]
+            assert buckets == sorted(set(buckets)), (gpu, key)
+            for n, cfg in rows:
+                assert set(cfg) == {"block_m", "gate_up", "down"}, (key, n)
+                assert cfg["block_m"] in pow2
+                for kernel in ("gate_up", "down"):
+                    tile = cfg[kernel]
+                    assert set(tile) - {"group_m"} == {"block_n", "block_k", "num_warps",
+                                                       "num_stages"}, (key, n, kernel)
+                    assert tile["block_n"] in pow2 and tile["block_k"] in pow2
+                    assert tile["num_warps"] in (4, 8) and 1 <= tile["num_stages"] <= 6
+                    assert isinstance(tile.get("group_m", 0), int) and tile.get("group_m", 0) >= 0
+    # Bucket lookup, with the device name of the table's GPU.
+    gpu, shapes = next(iter(table.items()))
+    key, rows = next(iter(shapes.items()))
+    e, h, i = (int(part[1:]) for part in key.split("_")[:3])
+    monkeypatch.setattr(fm, "device_properties", lambda dev: types.SimpleNamespace(name=gpu))
+    cuda = torch.device("cuda", 0)
+    for (lo, _), (hi, cfg) in zip(rows, rows[1:]):
+        assert fm.choose_config(lo + 1, torch.bfloat16, e, h, i, cuda) == fm._split(cfg)
+        assert fm.choose_config(hi, torch.bfloat16, e, h, i, cuda) == fm._split(cfg)
+    assert fm.choose_config(10 ** 7, torch.bfloat16, e, h, i, cuda) == fm._split(rows[-1][1])
+    assert fm.choose_config(1, torch.bfloat16, e, h, i, cuda) == fm._split(rows[0][1])
