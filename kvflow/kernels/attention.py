@@ -644,7 +644,8 @@ def _launch(query, key_cache, value_cache, out, query_start_loc, seq_lens, block
         assert request_order.shape == (B,), (request_order.shape, B)
         order = dict(order_ptr=request_order, HAS_ORDER=True)
     starts = seq_starts if seq_starts is not None else seq_lens
-    heads_first = cfg.direct and envs.attn_heads_first()
+    # Grid dims y and z are limited to 65535 on CUDA; x is not (rows move there past it).
+    heads_first = cfg.direct and grid0 <= 65535 and envs.attn_heads_first()
 
     def grid(splits: int) -> tuple[int, int, int]:
         return (KV, grid0, splits) if heads_first else (grid0, KV, splits)

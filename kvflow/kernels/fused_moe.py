@@ -34,9 +34,8 @@ def _tile_of_program(num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     """Program id -> (row block, column tile). GROUP_M = 0: row blocks fastest over the whole
     grid, so the programs resident at once share a few weight tiles (decode: the weights are
     the traffic). GROUP_M = g > 0: row blocks fastest within groups of g, column tiles next,
-    so a group's activation rows and the weight tiles it walks both stay in L2 (prefill, where
-    re-reading every row block's activations for each column tile would cost more than the
-    FLOPs)."""
+    so a group's activation rows and the weight tiles it walks both stay in L2 (prefill: in
+    the other order every row block's activations are read again for each column tile)."""
     pid = tl.program_id(0)
     if GROUP_M == 0:
         return pid % num_pid_m, pid // num_pid_m
