@@ -34,9 +34,10 @@ heads) and contexts are long, grid dim 2 = num_splits segments partition each pr
 range into n_live = cdiv(num_tiles, per_seg) non-empty segments of per_seg = cdiv(num_tiles,
 num_splits) tiles; each writes an unnormalised fp32 partial (acc, running max m, sum l) and the
 partials are merged, out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s (M = max_s m_s), by
-`_merge_partials`: exact max, then fmas strictly in split order (deterministic and independent
-of tile layout / num_warps). This works for any q_len, so chunked prefill of one request over a
-long prefix is split as well. Two ways to merge (AttentionConfig.fused_merge):
+`_merge_partials` (kvflow/kernels/attention_merge.py): exact max, then fmas strictly in split
+order (deterministic and independent of tile layout / num_warps). This works for any q_len,
+so chunked prefill of one request over a long prefix is split as well. Two ways to merge
+(AttentionConfig.fused_merge):
   * fused (default): no second launch (at decode batch 1 that launch is ~1.8 us of a ~6 us
     layer). After storing its partial, a segment program takes a ticket: CTA barrier, then one
     atomic add (acq_rel, gpu scope) on counter [grid row, KV head] of a persistent zeroed int32
@@ -91,20 +92,19 @@ from kvflow.kernels.attention_config import (
     choose_config,
     device_limits,
 )
+from kvflow.kernels.attention_merge import (
+    _EMPTY_MAX,
+    MERGE_UNROLL,
+    _merge_partials,
+    _merge_splits_kernel,
+)
 from kvflow.kernels.pdl import pdl_launch, pdl_launch_dependents, pdl_wait
 from kvflow.kernels.tickets import TicketCounters
 
 LOG2E = 1.4426950408889634
-# Splits whose partials a merge loads per unrolled group: their loads are independent, so they
-# are in flight together (one L2 round trip per group, not per split), while the arithmetic
-# stays strictly sequential in split order. 8 x [rows, HEAD_PAD] fp32 fits the registers of
-# the decode tiles.
-MERGE_UNROLL = 8
 # Decode-like launches load their first KV tile before the PDL wait (see _attention_kernel).
 # KVFLOW_ATTN_PREFETCH=0 turns it off (read once, at import).
 _PREFETCH = envs.attn_prefetch()
-# Start of the running max: finite, so rows that see only masked scores stay NaN-free.
-_EMPTY_MAX = tl.constexpr(-1.0e30)
 
 
 @triton.jit
@@ -216,43 +216,6 @@ def _attend_loaded(acc, m_i, l_i, q, k, v, qk_scale, PREC: tl.constexpr):
     p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, 0, 0, 0, 0, qk_scale, False)
     acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc * alpha[:, None], input_precision=PREC)
     return acc, m_i, l_i
-
-
-@triton.jit
-def _merge_partials(part_ptr, m_ptr, l_ptr, prow, head, row_ok, n,
-                    stride_pt, stride_ph, stride_mt, stride_mh,
-                    HEAD_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr, UNROLL: tl.constexpr):
-    """out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over splits s < n (M = max_s m_s)
-    for rows (partial row prow [R] int64, query head head [R]); returns [R, HEAD_PAD] fp32.
-
-    The one merge of both split-KV paths (the fused last-arriving split and
-    `_merge_splits_kernel`), so they agree bit for bit: the max is exact in any order, and the
-    sums are explicit fmas in split order, independent of the tile layout and num_warps (a
-    tl.sum over splits would reduce in a layout-dependent tree). Splits that contribute nothing
-    (empty segments' (0, _EMPTY_MAX, 0), or s >= n) add fma(0, 0, x) = x. Loads are ".cg"
-    (L2, not L1): in the fused path they read other CTAs' partials of this very launch."""
-    offs_s = tl.arange(0, SPLITS_PAD)
-    offs_d = tl.arange(0, HEAD_PAD)
-    ml_row = prow * stride_mt + head * stride_mh                               # [R]
-    acc_row = prow * stride_pt + head * stride_ph                              # [R]
-    m_all = tl.load(m_ptr + ml_row[:, None] + offs_s[None, :],
-                    mask=row_ok[:, None] & (offs_s < n)[None, :], other=float("-inf"),
-                    cache_modifier=".cg")                                      # [R, SPLITS_PAD]
-    m_max = tl.where(row_ok, tl.max(m_all, 1), 0.0)     # rows not merged: keep them NaN-free
-    o = tl.zeros([prow.shape[0], HEAD_PAD], tl.float32)
-    den = tl.zeros([prow.shape[0]], tl.float32)
-    for s0 in range(0, n, UNROLL):
-        for j in tl.static_range(UNROLL):
-            s = s0 + j
-            ok = row_ok & (s < n)
-            m_s = tl.load(m_ptr + ml_row + s, mask=ok, other=float("-inf"), cache_modifier=".cg")
-            l_s = tl.load(l_ptr + ml_row + s, mask=ok, other=0.0, cache_modifier=".cg")
-            acc_s = tl.load(part_ptr + (acc_row + s * HEAD_PAD)[:, None] + offs_d[None, :],
-                            mask=ok[:, None], other=0.0, cache_modifier=".cg")  # [R, HEAD_PAD]
-            w = tl.math.exp2(m_s - m_max)
-            o = tl.fma(acc_s, w[:, None], o)
-            den = tl.fma(l_s, w, den)
-    return o / tl.where(row_ok, den, 1.0)[:, None]
 
 
 # Batch-dependent arguments are not specialized: a mixed batch's prefill launch receives slices
@@ -487,34 +450,6 @@ def _attention_kernel(
         o = acc * (1.0 / tl.where(l_i > 0.0, l_i, 1.0))[:, None]
         o_ptrs = out_ptr + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-
-
-@triton.jit(do_not_specialize=["num_reqs", "num_splits"],
-            do_not_specialize_on_alignment=["out_ptr", "part_ptr", "m_ptr", "l_ptr", "qsl_ptr"])
-def _merge_splits_kernel(out_ptr, part_ptr, m_ptr, l_ptr, qsl_ptr, num_reqs, num_splits,
-                         stride_ot, stride_oh, stride_pt, stride_ph, stride_mt, stride_mh,
-                         QPK: tl.constexpr, QPK_PAD: tl.constexpr, HEAD: tl.constexpr,
-                         HEAD_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
-                         MERGE_UNROLL_: tl.constexpr, USE_PDL: tl.constexpr):
-    """Two-kernel split-KV path: program (r, kv head) merges partial row r (token
-    t = qsl[0] + r) for the query heads of that KV head, over all num_splits segments."""
-    pdl_wait(USE_PDL)
-    pdl_launch_dependents(USE_PDL)
-    r = tl.program_id(0).to(tl.int64)
-    kv_head = tl.program_id(1)
-    t = r + tl.load(qsl_ptr)
-    if t >= tl.load(qsl_ptr + num_reqs):     # padding row: no partials were written
-        return
-    offs_h = tl.arange(0, QPK_PAD)
-    offs_d = tl.arange(0, HEAD_PAD)
-    head = kv_head * QPK + offs_h                                         # [QPK_PAD]
-    row_ok = offs_h < QPK
-    prow = tl.zeros([QPK_PAD], tl.int64) + r
-    o = _merge_partials(part_ptr, m_ptr, l_ptr, prow, head, row_ok, num_splits,
-                        stride_pt, stride_ph, stride_mt, stride_mh,
-                        HEAD_PAD, SPLITS_PAD, MERGE_UNROLL_)              # [QPK_PAD, HEAD_PAD]
-    tl.store(out_ptr + t * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
-             o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD)[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
