@@ -19,7 +19,9 @@ work), the remaining (diagonal / tail) tiles apply the causal and length masks.
 
 Mapping programs to requests without host data (CUDA-graph safe):
   * DIRECT: when BLOCK_Q >= max_query_len (decode, spec-decode, short chunks) every request is
-    one q-block and program i serves request i; grid dim 0 = num_reqs.
+    one q-block and grid row i serves request i (or request_order[i]); the grid is [KV heads,
+    rows, splits], heads fastest, so the programs dispatched together read all heads of the
+    same cache slots (KVFLOW_ATTN_HEADS_FIRST=0: [rows, KV heads, splits]).
   * SEARCH: otherwise request i owns q-blocks starting at
     start(i) = qsl[i] // BLOCK_Q + i - qsl[0] // BLOCK_Q (strictly increasing in i, leaving room
     for ceil(q_len_i / BLOCK_Q) blocks), so grid dim 0 = T // BLOCK_Q + num_reqs + 1 is an
