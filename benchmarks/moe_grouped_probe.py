@@ -18,6 +18,7 @@ from graph_timing import graph_time_us
 from kvflow.kernels import fused_moe as fm
 from kvflow.kernels.activation import silu_and_mul
 from kvflow.kernels.moe_routing import moe_sum
+from moe_tune import add_shape_args, expert_weights, uniform_routing
 
 
 def grouped_mm_moe(x, w13, w2, topk_weights, topk_ids):
@@ -40,24 +41,18 @@ def grouped_mm_moe(x, w13, w2, topk_weights, topk_ids):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--hidden", type=int, default=4096)
-    ap.add_argument("--inter", type=int, default=14336)
-    ap.add_argument("--topk", type=int, default=2)
+    add_shape_args(ap)
     ap.add_argument("--tokens", default="64,128,192,256,384,512,768,1024,2048,4096,8192")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     e, h, inter, k = args.experts, args.hidden, args.inter, args.topk
     dtype, dev = torch.bfloat16, torch.device("cuda", 0)
-    torch.manual_seed(0)
-    w13 = torch.randn(e, 2 * inter, h, device=dev, dtype=dtype) * 0.02
-    w2 = torch.randn(e, h, inter, device=dev, dtype=dtype) * 0.02
+    w13, w2 = expert_weights(e, h, inter, dev, dtype)
     rows = []
     for t in [int(v) for v in args.tokens.split(",")]:
         x = torch.randn(t, h, device=dev, dtype=dtype)
-        weights, ids = torch.rand(t, e, device=dev).topk(k, dim=-1)
-        weights = weights / weights.sum(-1, keepdim=True)
+        weights, ids = uniform_routing(t, e, k, dev)
         timing = dict(reps=3, iters=None, target_ms=30.0) if t * k > 1024 else {}
         ref = fm.fused_moe(x, w13, w2, weights, ids)
         got = grouped_mm_moe(x, w13, w2, weights, ids)

@@ -1,17 +1,19 @@
 """Search the fused-MoE tiles for one expert shape on this GPU and write the tuned table.
 
     python3 benchmarks/moe_tune.py [--experts 8 --hidden 4096 --inter 14336 --topk 2]
-                                   [--tokens 1,2,4,...] [--budget-s 300] [--out DIR]
+                                   [--tokens 1,2,4,...] [--samples 3] [--budget-s 300]
+                                   [--out DIR]
 
 For each token count T (uniformly random routing, as dummy weights give), every BLOCK_M that
 makes sense for T*K pairs is tried; for each, the gate/up and the down kernel are searched
 separately (they share only BLOCK_M): first BLOCK_N x BLOCK_K at fixed warps/stages, then
 warps x stages around the best, then (past decode sizes) the program order GROUP_M. Each T
 also times cuBLAS on the same products with the pairs spread evenly over the experts (one
-batched GEMM, no gather, no padding): the bar a grouped GEMM is measured against. Times are CUDA-graph replays (launch overhead excluded, as in
-the decode graphs). Writes $OUT/moe-tune.json (every measurement) and $OUT/fused_moe.json in the
-format of kvflow/kernels/configs/fused_moe.json ({gpu: {shape: [[max_pairs, config], ...]}}),
-to be merged into that file.
+batched GEMM, no gather, no padding): the bar a grouped GEMM is measured against. Times are
+CUDA-graph replays (launch overhead excluded, as in the decode graphs). Writes
+$OUT/moe-tune.json (every measurement) and $OUT/fused_moe.json in the format of
+kvflow/kernels/configs/fused_moe.json ({gpu: {shape: [[max_pairs, config], ...]}}), to be
+merged into that file.
 """
 from __future__ import annotations
 
@@ -25,6 +27,28 @@ import torch
 
 from graph_timing import graph_time_us
 from kvflow.kernels import fused_moe as fm
+
+
+def add_shape_args(ap: argparse.ArgumentParser) -> None:
+    """The expert shape (defaults: Mixtral-8x7B's)."""
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--inter", type=int, default=14336)
+    ap.add_argument("--topk", type=int, default=2)
+
+
+def expert_weights(e: int, h: int, inter: int, dev, dtype) -> tuple:
+    """Random w13 [E, 2I, H] and w2 [E, H, I] (seeded)."""
+    torch.manual_seed(0)
+    return (torch.randn(e, 2 * inter, h, device=dev, dtype=dtype) * 0.02,
+            torch.randn(e, h, inter, device=dev, dtype=dtype) * 0.02)
+
+
+def uniform_routing(t: int, e: int, k: int, dev) -> tuple:
+    """Each token's top-k of uniform random scores, as dummy weights route: (weights [T, K]
+    summing to 1, ids [T, K])."""
+    w, ids = torch.rand(t, e, device=dev).topk(k, dim=-1)
+    return w / w.sum(-1, keepdim=True), ids
 
 
 def block_ms(pairs: int) -> list[int]:
@@ -76,10 +100,7 @@ def search(time_fn, candidates: list[dict]) -> tuple[dict | None, float, list]:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--hidden", type=int, default=4096)
-    ap.add_argument("--inter", type=int, default=14336)
-    ap.add_argument("--topk", type=int, default=2)
+    add_shape_args(ap)
     ap.add_argument("--tokens", default="1,4,16,32,64,128,256,512,1024,2048,4096,8192")
     ap.add_argument("--budget-s", type=float, default=300.0)
     ap.add_argument("--samples", type=int, default=1,
@@ -90,9 +111,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     e, h, inter, k = args.experts, args.hidden, args.inter, args.topk
     dtype, dev = torch.bfloat16, torch.device("cuda", 0)
-    torch.manual_seed(0)
-    w13 = torch.randn(e, 2 * inter, h, device=dev, dtype=dtype) * 0.02
-    w2 = torch.randn(e, h, inter, device=dev, dtype=dtype) * 0.02
+    w13, w2 = expert_weights(e, h, inter, dev, dtype)
     name = torch.cuda.get_device_name(0)
     key = fm.shape_key(e, h, inter, dtype)
     tokens = [int(t) for t in args.tokens.split(",")]
@@ -103,8 +122,8 @@ def main():
         x = torch.randn(t, h, device=dev, dtype=dtype)
         routings = []
         for _ in range(args.samples):
-            w_s, ids_s = torch.rand(t, e, device=dev).topk(k, dim=-1)
-            routings.append(((w_s / w_s.sum(-1, keepdim=True)).reshape(-1).float(), ids_s))
+            w_s, ids_s = uniform_routing(t, e, k, dev)
+            routings.append((w_s.reshape(-1).float(), ids_s))
         weights, ids = routings[0]
         out = torch.empty(pairs_n, h, device=dev, dtype=dtype)
         # Prefill-sized calls take milliseconds: replay for ~30 ms instead of 200 calls.
