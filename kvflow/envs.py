@@ -111,13 +111,6 @@ def attn_heads_first() -> bool:
     return os.environ.get("KVFLOW_ATTN_HEADS_FIRST", "1") != "0"
 
 
-def attn_mid_splits() -> bool:
-    """KVFLOW_ATTN_MID_SPLITS (default 0): mid-size one-token decode grids (2 to ~24 programs
-    per SM) split each request's KV into up to 4 segments (kernels/attention_config.py). Read
-    when a launch picks its tile (fixed in a captured graph)."""
-    return os.environ.get("KVFLOW_ATTN_MID_SPLITS", "0") != "0"
-
-
 def skinny_gemm() -> bool:
     """KVFLOW_SKINNY_GEMM (default 1): unquantized linear layers (incl. tensor-parallel shards, the LM head
     and MoE routers) on CUDA with fp16/bf16 inputs of at most 16 rows use the Triton skinny GEMM

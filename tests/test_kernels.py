@@ -166,26 +166,6 @@ class TestAttention:
         assert choose_config(512, 512, 32, 8, 128, 1, 4096, torch.float32).num_warps == 4
         assert big.num_warps == 2 and prefill.num_warps == 8
 
-    def test_choose_config_mid_splits(self, monkeypatch):
-        # KVFLOW_ATTN_MID_SPLITS=1: 2 to 24 programs per SM split into the largest power of two
-        # <= 4 keeping the grid within 24 per SM (4 warps); none from 24 per SM up (256
-        # requests x 8 KV heads = 15.5 per SM, x 2 > 24). Off (the default): no split there.
-        def cfg(reqs, max_seq=4096, dtype=torch.bfloat16, d=128):
-            return choose_config(reqs, reqs, 32, 8, d, 1, max_seq, dtype, num_sms=132)
-
-        assert cfg(96).num_splits == 1
-        monkeypatch.setenv("KVFLOW_ATTN_MID_SPLITS", "1")
-        for reqs, splits in ((33, 4), (64, 4), (96, 4), (128, 2), (192, 2), (255, 1), (256, 1)):
-            c = cfg(reqs)
-            assert (c.num_splits, c.num_warps) == (splits, 4 if splits > 1 else 2), reqs
-        assert cfg(32).num_splits == 2                 # the small-grid rule still applies
-        # a short batch (eager, real max_seq_len) keeps >= MIN_SPLIT_TOKENS per segment
-        assert cfg(96, max_seq=600).num_splits == 2
-        assert cfg(96, max_seq=300).num_splits == 1
-        # not for fp32 or D > 128
-        assert cfg(96, dtype=torch.float32).num_splits == 1
-        assert cfg(96, d=256).num_splits == 1
-
 
 class TestRequestOrder:
     """unified_attention(request_order=): a decode launch dispatches its per-request programs in

@@ -23,13 +23,10 @@ from typing import Optional
 import torch
 import triton
 
-from kvflow import envs
 from kvflow.kernels.device import device_properties
 
 MIN_SPLIT_TOKENS = 256     # fewest context tokens per split-KV segment
 MAX_SPLITS = 32
-MID_SPLIT_PROGRAMS = 24    # per SM: the grid a split mid-size decode batch grows to (at most)
-MID_MAX_SPLITS = 4
 
 
 @dataclass(frozen=True)
@@ -76,10 +73,6 @@ def prefill_block_q(num_heads: int, num_kv_heads: int) -> int:
     this runs "direct", one q-block per request."""
     qpk_pad = triton.next_power_of_2(num_heads // num_kv_heads)
     return max(128, qpk_pad) // qpk_pad
-
-
-def _floor_pow2(n: int) -> int:
-    return 1 << (max(1, n).bit_length() - 1)
 
 
 def choose_config(num_tokens: int, num_reqs: int, num_heads: int, num_kv_heads: int,
@@ -145,22 +138,11 @@ def choose_config(num_tokens: int, num_reqs: int, num_heads: int, num_kv_heads: 
         num_splits = 1
         if programs < split_below and max_seq_len >= 2 * MIN_SPLIT_TOKENS:
             want = triton.cdiv(2 * num_sms, programs)
+            cap = max_seq_len // MIN_SPLIT_TOKENS
             num_splits = min(triton.next_power_of_2(want), MAX_SPLITS)
-        elif decode and elem == 2 and head_pad <= 128 and envs.attn_mid_splits():
-            # Mid-size decode grids (2 to ~24 programs per SM, e.g. 33-255 requests x 8 KV
-            # heads) split too, into the largest power of two (<= MID_MAX_SPLITS) that keeps
-            # the grid within MID_SPLIT_PROGRAMS per SM, with 4 warps: a decode batch's
-            # contexts differ by 10x or more, so whole-request programs leave SMs idle behind
-            # the longest ones. benchmarks/attention_tune.py --sweep splits on an H200
-            # (contexts uniform in 100-2048, Qwen3-0.6B / Llama-8B head layouts): 48 requests
-            # 3.06 -> 3.29-3.35 TB/s, 96: 3.24 -> 3.62, 128: 3.48 -> 3.69, 192: 3.73 -> 3.85;
-            # 64 within +-2%; 8 splits never beat 4.
-            num_splits = min(MID_MAX_SPLITS, _floor_pow2(MID_SPLIT_PROGRAMS * num_sms // programs))
-            if num_splits > 1:
-                num_warps = 4
-        while num_splits > max(1, max_seq_len // MIN_SPLIT_TOKENS):
-            num_splits //= 2
-        num_splits = max(1, num_splits)
+            while num_splits > cap:
+                num_splits //= 2
+            num_splits = max(1, num_splits)
     # Fused split-KV merge for decode-like tiles only: with 128-row tiles the merge's
     # [rows, HEAD_PAD] fp32 loads raise ptxas spills of the sm_90 kernel from ~0.8 KB to ~6 KB
     # (D=128, bf16), while the one long-prefix chunk that splits there is compute-heavy and a
