@@ -3,7 +3,7 @@ throughput workloads' decode steps get?
 
     source benchmarks/device_env.sh && python3 benchmarks/attention_tune.py [--out DIR]
         [--batch 512[,64,...]] [--context 512,768] [--models qwen3-0.6b,llama3.1-8b]
-        [--sweep full|warps] [--smoke]
+        [--sweep full|warps] [--layout nhd,hnd] [--smoke]
 
 Why: Qwen3-0.6B's throughput8k run is 81% attention (decode steps of ~500 requests read
 ~37 GB of KV each at ~4.06 TB/s, against the ~4.3 TB/s a device copy reaches), and the decode
@@ -15,6 +15,8 @@ What: one decode step's attention for --batch requests with context lengths unif
 leaves them), per model's head layout, timed as CUDA-graph replays (graph_timing); every
 KV tile x warps x stages variant (one launch, no split: the grid has batch x KV-head programs,
 far more than SMs), and the heuristic's own choice. TB/s counts the K and V bytes read.
+--layout hnd stores each block head-major ([KV, block_size, D] in memory, so one head's page is
+contiguous) behind the same logical [blocks, block_size, KV, D] view the kernels take.
 Writes DIR/attention_tune.json.
 """
 from __future__ import annotations
@@ -33,7 +35,8 @@ from kvflow.kernels.attention_config import choose_config
 MODELS = {"qwen3-0.6b": (16, 8, 128), "llama3.1-8b": (32, 8, 128)}   # q heads, KV heads, D
 
 
-def case(batch, lo, hi, heads, kv, d, device, block_size=16, seed=0, order="random"):
+def case(batch, lo, hi, heads, kv, d, device, block_size=16, seed=0, order="random",
+         layout="nhd"):
     """order: the requests' order in the batch by context length (random as drawn, or sorted
     longest / shortest first: the grid dispatches programs in request order)."""
     g = torch.Generator().manual_seed(seed)
@@ -49,6 +52,8 @@ def case(batch, lo, hi, heads, kv, d, device, block_size=16, seed=0, order="rand
         table[i, :b] = perm[o:o + b]
         o += b
     cache = torch.randn(2, total, block_size, kv, d, generator=g).to(torch.bfloat16).to(device)
+    if layout == "hnd":   # same values, one head's page contiguous
+        cache = cache.permute(0, 1, 3, 2, 4).contiguous().permute(0, 1, 3, 2, 4)
     q = torch.randn(batch, heads, d, generator=g).to(torch.bfloat16).to(device)
     qsl = torch.arange(batch + 1, dtype=torch.int32).to(device)
     kv_bytes = int(lens.sum()) * kv * d * 2 * 2
@@ -66,6 +71,8 @@ def main() -> int:
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--order", default="random", help="random, desc or asc (comma-separated: "
                     "each), the requests' order by context length")
+    ap.add_argument("--layout", default="nhd", help="nhd and/or hnd (comma-separated): the "
+                    "KV cache's memory order within a block (token-major or head-major)")
     ap.add_argument("--smoke", action="store_true", help="CPU check (TRITON_INTERPRET=1)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -75,11 +82,13 @@ def main() -> int:
     if args.smoke:
         batches, lo, hi = [3], 20, 40
     records = []
-    for model, batch, order in itertools.product(args.models.split(","), batches,
-                                                 args.order.split(",")):
+    refs = {}
+    for model, batch, order, layout in itertools.product(args.models.split(","), batches,
+                                                         args.order.split(","),
+                                                         args.layout.split(",")):
         heads, kv, d = MODELS[model]
         q, cache, qsl, lens, table, max_len, kv_bytes = case(batch, lo, hi, heads, kv, d,
-                                                             device, order=order)
+                                                             device, order=order, layout=layout)
         out = torch.empty_like(q)
         base = choose_config(batch, batch, heads, kv, d, 1, 4096, torch.bfloat16)
         variants = [("heuristic", base)]
@@ -99,7 +108,7 @@ def main() -> int:
                 variants.append(("sweep", c))
         if args.smoke:
             variants = variants[:3]
-        ref = None
+        ref = refs.get((model, batch, order))   # every layout computes the same attention
         for kind, cfg in variants:
             def fn(cfg=cfg):
                 unified_attention(q, cache[0], cache[1], qsl, lens, table, max_query_len=1,
@@ -107,7 +116,7 @@ def main() -> int:
             try:
                 fn()
                 if ref is None:
-                    ref = out.clone()
+                    ref = refs[(model, batch, order)] = out.clone()
                 else:       # every variant computes the same attention
                     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
                 if args.smoke:
@@ -117,19 +126,21 @@ def main() -> int:
                     us = graph_time_us(fn, reps=5, iters=10)
             except Exception as e:   # a tile that does not fit: recorded, skipped
                 records.append(dict(model=model, batch=batch, kind=kind,
-                                    config=dataclasses.asdict(cfg), error=str(e)[:200]))
+                                    layout=layout, config=dataclasses.asdict(cfg),
+                                    error=str(e)[:200]))
                 continue
-            rec = dict(model=model, kind=kind, order=order, config=dataclasses.asdict(cfg),
+            rec = dict(model=model, kind=kind, order=order, layout=layout, config=dataclasses.asdict(cfg),
                        us=round(us, 1),
                        tb_s=round(kv_bytes / us / 1e6, 3) if us else None, batch=batch,
                        context=[lo, hi], kv_gb=round(kv_bytes / 1e9, 3))
             records.append(rec)
             print(json.dumps(rec), flush=True)
         best = min((r for r in records if r["model"] == model and r["batch"] == batch
-                    and r.get("order") == order and r.get("us")), key=lambda r: r["us"],
-                   default=None)
+                    and r.get("order") == order and r.get("layout") == layout and r.get("us")),
+                   key=lambda r: r["us"], default=None)
         if best:
-            print(json.dumps(dict(model=model, batch=batch, order=order, best=best)), flush=True)
+            print(json.dumps(dict(model=model, batch=batch, order=order, layout=layout,
+                                  best=best)), flush=True)
     with open(os.path.join(args.out, "attention_tune.json"), "w") as f:
         json.dump(records, f, indent=1)
     return 0
