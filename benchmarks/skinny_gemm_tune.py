@@ -60,7 +60,8 @@ def stage0(m, n, k, sms):
     # small matrices are latency-bound, not bandwidth-bound.
     tiles = [dict(block_n=bn, block_k=bk, num_warps=4, num_stages=2, use_dot=False)
              for bn, bk in itertools.product((4, 8, 16, 32), (256, 512, 1024, 2048))
-             if bm * bn * bk <= GEMV_TILE_ELEMS and not (bn == 4 and m < 8)]
+             if bm * bn * bk <= GEMV_TILE_ELEMS and not (bn == 4 and m < 8)
+             and m <= sg.GEMV_MAX_M]       # above it the kernel runs the dot form only
     tiles += [dict(block_n=bn, block_k=bk, num_warps=4, num_stages=3, use_dot=True)
               for bn, bk in ((16, 256), (32, 128), (32, 256), (64, 64), (64, 128), (64, 256),
                              (128, 64), (128, 128))]
