@@ -306,3 +306,37 @@ def test_async_scheduling_with_penalties_and_aborts(tiny_llama, make_llm):
     eng.abort_request([f"a{i}" for i in range(3)])
     while eng.has_unfinished_requests():
         eng.step()
+
+
+def test_lm_head_rows_padded_to_graph_sizes(tiny_llama, reference, make_llm):
+    """Outside the decode graphs the LM head runs on its rows padded to the graphs' batch sizes
+    (so cuBLAS meets only shapes whose kernels the captures loaded); the padding rows never
+    reach the sampler: HF's greedy tokens and the same logprobs as unpadded."""
+    llm = make_llm(tiny_llama[1], max_num_batched_tokens=64)
+    runner = llm.llm_engine.executor.worker.runner
+    model = runner.model
+    real = model.compute_logits
+    rows = []
+
+    def spy(hidden, out=None):
+        rows.append(hidden.shape[0])
+        return real(hidden, out=out)
+
+    prompts = _prompts()
+    lp = SamplingParams(temperature=0, max_tokens=4, logprobs=3, ignore_eos=True)
+    plain = _gen(llm, prompts, lp)
+    model.compute_logits = spy
+    runner.logits_row_buckets = [4, 8]
+    try:
+        _check(_gen(llm, prompts), prompts, reference)
+        padded = _gen(llm, prompts, lp)
+    finally:
+        model.compute_logits = real
+        runner.logits_row_buckets = []
+    assert set(rows) <= {4, 8} and rows          # 1-6 sampled rows run as 4 or 8
+    for a, b in zip(plain, padded):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert x.keys() == y.keys()
+            for t in x:
+                assert abs(x[t].logprob - y[t].logprob) < 1e-5

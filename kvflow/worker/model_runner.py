@@ -91,6 +91,9 @@ class ModelRunner:
         # Persistent pinned host buffers for H2D copies (allocating pinned memory per step is slow).
         self._pinned: dict[str, torch.Tensor] = {}
         self.graphs = None  # DecodeGraphs once captured
+        # Row counts the LM head runs at outside the graphs (_sampled_logits): the decode
+        # graphs' batch sizes once captured, else none (no padding).
+        self.logits_row_buckets: list[int] = []
         self.mixed_graphs = None  # MixedGraphs once captured (small steps that are not decodes)
         # Moves KV blocks to / from other instances (disaggregated prefill); null by default.
         self.kv_connector = NULL_WORKER_CONNECTOR
@@ -300,7 +303,7 @@ class ModelRunner:
                 return handle
             if logits_idx_t is None:
                 logits_idx_t = self._to_device(logits_indices, torch.int64, "logits_idx")
-            logits = self.model.compute_logits(hidden[logits_idx_t])
+            logits = self._sampled_logits(hidden, logits_idx_t)
         result = self.sampler(logits, self._sampling_metadata(sample_states))
         tokens = result.sampled_token_ids                                  # [S] on device
         if sample_rows is None:
@@ -319,6 +322,20 @@ class ModelRunner:
             st.pending += 1
         handle.sample_states = sample_states
         return handle
+
+    def _sampled_logits(self, hidden: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Logits [S, vocab] of hidden's rows idx [S], outside the decode graphs (steps with
+        prompt tokens, or too large for a graph). The LM head runs on the rows padded to the
+        smallest decode-graph batch size >= S (extra rows repeat row 0; their logits are
+        dropped): cuBLAS picks its kernel by shape, and the first call of a kernel variant
+        loads it, 12-25 ms of host time on the H200 (torch 2.11, nvjet kernels; a Qwen3-0.6B
+        nanovllm trace had three such stalls in six prefill steps, each idling the device as
+        long). The graph sizes' variants were loaded when the graphs were captured."""
+        n = idx.shape[0]
+        rows = next((b for b in self.logits_row_buckets if b >= n), n)
+        if rows > n:
+            idx = torch.nn.functional.pad(idx, (0, rows - n))
+        return self.model.compute_logits(hidden[idx])[:n]
 
     def _eager_forward(self, nsched, cu, seq_lens, block_table, slot_mapping, input_ids,
                        positions, from_device, fill_rows, decode_only: bool) -> torch.Tensor:
@@ -407,6 +424,7 @@ class ModelRunner:
                                    local_chunk=self.local_chunk,
                                    last_sampled=self.last_sampled)
         self.graphs.capture()
+        self.logits_row_buckets = list(self.graphs.buckets)
         if self._mixed_graphs_ok():
             from kvflow.worker.mixed_graphs import MixedGraphs, default_token_buckets
             self.mixed_graphs = MixedGraphs(
@@ -429,6 +447,7 @@ class ModelRunner:
         """Release every captured graph (and with them their memory pool)."""
         self.graphs = None
         self.mixed_graphs = None
+        self.logits_row_buckets = []
 
     # ------------------------------------------------------------------ profiling
     @torch.inference_mode()
