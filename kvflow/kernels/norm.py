@@ -3,14 +3,9 @@
     rms_norm(x, w)                 = (x * rsqrt(mean(x^2) + eps)).to(dtype) * w
     fused_add_rms_norm(x, r, w)    -> (rms_norm(x + r, w), x + r)   (x + r rounded to dtype)
 
-Rows up to _MAX_SINGLE elements stay in registers (one read, one write per tensor: the
-memory-bound optimum); longer rows take two passes over column chunks. The reduction is in fp32,
-per row. Inputs may have any leading shape [..., N] with a contiguous last dim.
-
-One program per row, except for narrow rows in large batches (prefill chunks): there a program
-normalises ROWS rows (`_rows_per_program`), so it moves ~8 KB of each tensor instead of 2 KB. At
-16384 x 1024 (Qwen3-0.6B's prefill step) one row per program ran the fused add + norm at ~1.5
-TB/s: 88 us a launch against a ~30 us floor, 57 launches a step.
+One program per row. Rows up to _MAX_SINGLE elements stay in registers (one read, one write
+per tensor: the memory-bound optimum); longer rows take two passes over column chunks. The
+reduction is in fp32. Inputs may have any leading shape [..., N] with a contiguous last dim.
 """
 from __future__ import annotations
 
@@ -22,31 +17,6 @@ from kvflow.kernels.pdl import pdl_launch, pdl_launch_dependents, pdl_wait
 
 _MAX_SINGLE = 32768       # widest row kept in registers
 _CHUNK = 8192             # column chunk of the two-pass path
-MULTI_ROW_MIN_M = 2048    # batches of more rows may take several rows a program
-MULTI_ROW_ELEMS = 4096    # elements a multi-row program normalises (ROWS x BLOCK)
-
-
-@triton.jit
-def _rms_norm_rows(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r, stride_o,
-                   stride_ro, N, M, eps, BLOCK: tl.constexpr, HAS_RES: tl.constexpr,
-                   ROWS: tl.constexpr):
-    """The single-pass norm of rows [pid * ROWS, pid * ROWS + ROWS) (those < M)."""
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK)
-    mask = (rows[:, None] < M) & (cols[None, :] < N)
-    dtype = out_ptr.dtype.element_ty
-    x = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask,
-                other=0.0).to(tl.float32)
-    if HAS_RES:
-        x += tl.load(res_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask,
-                     other=0.0).to(tl.float32)
-        x = x.to(dtype)                                       # HF rounds the sum
-        tl.store(res_out_ptr + rows[:, None] * stride_ro + cols[None, :], x, mask=mask)
-        x = x.to(tl.float32)
-    rstd = tl.math.rsqrt(tl.sum(x * x, 1) / N + eps)          # [ROWS]
-    w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
-    y = (x * rstd[:, None]).to(dtype).to(tl.float32) * w[None, :]
-    tl.store(out_ptr + rows[:, None] * stride_o + cols[None, :], y.to(dtype), mask=mask)
 
 
 @triton.jit
@@ -54,14 +24,10 @@ def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr,
     stride_x, stride_r, stride_o, stride_ro, N, eps,
     BLOCK: tl.constexpr, SINGLE: tl.constexpr, HAS_RES: tl.constexpr, EVEN: tl.constexpr,
-    USE_PDL: tl.constexpr, ROWS: tl.constexpr = 1, M=1,
+    USE_PDL: tl.constexpr,
 ):
     pdl_wait(USE_PDL)
     pdl_launch_dependents(USE_PDL)
-    if ROWS > 1:    # [ROWS, BLOCK] tile of whole rows (SINGLE only)
-        _rms_norm_rows(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, stride_x, stride_r,
-                       stride_o, stride_ro, N, M, eps, BLOCK, HAS_RES, ROWS)
-        return
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     r_row = res_ptr + row * stride_r
@@ -120,29 +86,17 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x2 if x2.stride(1) == 1 else x2.contiguous()
 
 
-def _rows_per_program(m: int, block: int) -> int:
-    """Rows a program normalises: several only for narrow rows (<= MULTI_ROW_ELEMS / 2) in
-    batches above MULTI_ROW_MIN_M rows (prefill chunks: decode batches keep a program a row,
-    the most programs for the fewest rows), up to ~MULTI_ROW_ELEMS elements a program."""
-    if m < MULTI_ROW_MIN_M or block > MULTI_ROW_ELEMS // 2:
-        return 1
-    return MULTI_ROW_ELEMS // block
-
-
-def _launch(x2, r2, weight, out, res_out, eps, has_res, rows=None, num_warps=None):
-    """rows / num_warps: overrides of the heuristics (benchmarks)."""
+def _launch(x2, r2, weight, out, res_out, eps, has_res):
     M, N = x2.shape
     if M == 0:
         return
     single = N <= _MAX_SINGLE
     block = triton.next_power_of_2(N) if single else _CHUNK
-    rows = (rows or _rows_per_program(M, block)) if single else 1
-    if num_warps is None:
-        num_warps = min(16, max(1, rows * block // 512)) if single else 8
-    _rms_norm_kernel[(triton.cdiv(M, rows),)](
+    num_warps = min(16, max(1, block // 512)) if single else 8
+    _rms_norm_kernel[(M,)](
         x2, r2, weight, out, res_out, x2.stride(0), r2.stride(0), out.stride(0),
         res_out.stride(0), N, eps, BLOCK=block, SINGLE=single, HAS_RES=has_res,
-        EVEN=(block == N), ROWS=rows, M=M, num_warps=num_warps, **pdl_launch(x2.device))
+        EVEN=(block == N), num_warps=num_warps, **pdl_launch(x2.device))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
