@@ -167,4 +167,11 @@ class SamplingParams:
         return frozenset(ids)
 
     def clone(self) -> "SamplingParams":
-        return copy.deepcopy(self)
+        """A copy the engine may change (n, seed, EOS ids) without touching the caller's. Every
+        field holds an immutable value except the containers stop, stop_token_ids and
+        logit_bias, whose elements are immutable: one level of copying is a deep copy.
+        (copy.deepcopy took ~150 us a request, most of add_request's host time.)"""
+        c = copy.copy(self)
+        c.stop, c.stop_token_ids = copy.copy(self.stop), copy.copy(self.stop_token_ids)
+        c.logit_bias = copy.copy(self.logit_bias)
+        return c

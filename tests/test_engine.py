@@ -191,6 +191,28 @@ def test_out_of_vocab_ids_rejected(tiny_llama, make_llm):
     assert outs[0].outputs[0].finish_reason == "error"
 
 
+@pytest.mark.parametrize("ids", [[1, -1], [1, True], [1, 2.0], [1, "2"], [1, np.int64(2)],
+                                 [1, 383, 384]])
+def test_bad_token_ids_rejected_by_field(tiny_llama, make_llm, ids):
+    # Only Python ints in [0, vocab) (vocab 384 here); bools and numpy ints are not token ids.
+    eng = make_llm(tiny_llama[1]).llm_engine
+    with pytest.raises(ValueError, match="prompt"):
+        eng.add_request(None, {"prompt_token_ids": ids}, SamplingParams(max_tokens=2))
+    assert not eng.has_unfinished_requests()
+
+
+def test_sampling_params_clone_is_independent():
+    sp = SamplingParams(stop=["a"], stop_token_ids=[3], logit_bias={1: 2.0}, seed=5)
+    c = sp.clone()
+    assert c == sp and c is not sp
+    c.stop.append("b")
+    c.stop_token_ids.append(4)
+    c.logit_bias[2] = 1.0
+    c.seed = 6
+    assert sp.stop == ["a"] and sp.stop_token_ids == [3] and sp.logit_bias == {1: 2.0}
+    assert sp.seed == 5
+
+
 @pytest.mark.parametrize("kwargs,field", [
     (dict(block_size=12), "block_size"), (dict(gpu_memory_utilization=1.5), "gpu_memory_utilization"),
     (dict(max_num_seqs=0), "max_num_seqs"), (dict(max_model_len=100_000), "max_model_len"),
