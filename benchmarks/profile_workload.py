@@ -95,6 +95,7 @@ class StepRecorder:
         # mixed step on (--trace-steps N --trace-out FILE): where the device waits.
         self.trace_steps = 0
         self.trace_out = None
+        self.trace_decode_b = 0      # > 0: trace from the first decode step of <= this batch
         self._trace = None
         self._traced = 0
 
@@ -107,13 +108,20 @@ class StepRecorder:
             nsched = so.num_scheduled_tokens
             kind = _profile_kind(len(nsched), so.total_num_scheduled_tokens)
             if rec.trace_steps and rec._traced < rec.trace_steps:
-                if rec._trace is None and kind == "mixed T>8192":
+                start = (0 < len(nsched) <= rec.trace_decode_b
+                         and so.total_num_scheduled_tokens == len(nsched)
+                         if rec.trace_decode_b else kind == "mixed T>8192")
+                if rec._trace is None and start:
                     from torch.profiler import ProfilerActivity, profile
                     rec._trace = profile(activities=[ProfilerActivity.CPU,
                                                      ProfilerActivity.CUDA])
                     rec._trace.start()
                 if rec._trace is not None:
                     rec._traced += 1
+                    kv = sum(runner.requests[r].num_computed_tokens + n for r, n in nsched.items())
+                    print(json.dumps(dict(traced_step=rec._traced, reqs=len(nsched),
+                                          tokens=so.total_num_scheduled_tokens, kv_tokens=kv)),
+                          flush=True)
                     if rec._traced == rec.trace_steps:
                         handle = rec._orig(runner, so)
                         torch.cuda.synchronize()
@@ -267,6 +275,9 @@ def main() -> int:
                    help="chrome trace (host + device) of this many pipelined steps from the "
                         "first large mixed step on, to --trace-out")
     p.add_argument("--trace-out", default="trace.json")
+    p.add_argument("--trace-decode-b", type=int, default=0,
+                   help="trace from the first decode-only step of at most this many requests "
+                        "instead (a mid-size decode step's kernel timeline)")
     p.add_argument("--profile-steps", type=int, default=0,
                    help="kernel profile of this many single steps per kind (large mixed, large "
                         "decode), taken in the timing pass (those steps are not timed)")
@@ -275,6 +286,7 @@ def main() -> int:
     os.environ.setdefault("KVFLOW_STEP_TRACE", "1")
     recorder = StepRecorder(args.profile_steps)
     recorder.trace_steps, recorder.trace_out = args.trace_steps, args.trace_out
+    recorder.trace_decode_b = args.trace_decode_b
     recorder.install()
     kw = dict(load_format="dummy", skip_tokenizer_init=True, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens)
