@@ -96,6 +96,7 @@ class StepRecorder:
         self.trace_steps = 0
         self.trace_out = None
         self.trace_decode_b = 0      # > 0: trace from the first decode step of <= this batch
+        self._max_b = 0
         self._trace = None
         self._traced = 0
 
@@ -108,7 +109,9 @@ class StepRecorder:
             nsched = so.num_scheduled_tokens
             kind = _profile_kind(len(nsched), so.total_num_scheduled_tokens)
             if rec.trace_steps and rec._traced < rec.trace_steps:
-                start = (0 < len(nsched) <= rec.trace_decode_b
+                # Decode: once the batch has shrunk to B from above (not the warm-up's one).
+                rec._max_b = max(rec._max_b, len(nsched))
+                start = (rec._max_b > rec.trace_decode_b >= len(nsched)
                          and so.total_num_scheduled_tokens == len(nsched)
                          if rec.trace_decode_b else kind == "mixed T>8192")
                 if rec._trace is None and start:
@@ -276,8 +279,8 @@ def main() -> int:
                         "first large mixed step on, to --trace-out")
     p.add_argument("--trace-out", default="trace.json")
     p.add_argument("--trace-decode-b", type=int, default=0,
-                   help="trace from the first decode-only step of at most this many requests "
-                        "instead (a mid-size decode step's kernel timeline)")
+                   help="trace from the first decode-only step of at most this many requests, "
+                        "once a step had more, instead (a mid-size decode step's timeline)")
     p.add_argument("--profile-steps", type=int, default=0,
                    help="kernel profile of this many single steps per kind (large mixed, large "
                         "decode), taken in the timing pass (those steps are not timed)")
