@@ -83,6 +83,8 @@ def main() -> int:
                     "KV cache's memory order within a block (token-major or head-major)")
     ap.add_argument("--cache-blocks", default="0", help="comma-separated: blocks in the cache "
                     "the batch's blocks are drawn from (0: just the batch's, shuffled)")
+    ap.add_argument("--layers", type=int, default=1, help="caches (one per layer, the same "
+                    "batch) timed in turn, as a decode step reads one layer's after another")
     ap.add_argument("--smoke", action="store_true", help="CPU check (TRITON_INTERPRET=1)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -101,6 +103,7 @@ def main() -> int:
             batch, lo, hi, heads, kv, d, device, order=order, layout=layout,
             cache_blocks=0 if args.smoke else nblocks)
         out = torch.empty_like(q)
+        caches = [cache] + [torch.empty_like(cache).normal_() for _ in range(args.layers - 1)]
         base = choose_config(batch, batch, heads, kv, d, 1, 4096, torch.bfloat16)
         variants = [("heuristic", base)]
         if args.sweep == "splits":
@@ -121,9 +124,11 @@ def main() -> int:
             variants = variants[:3]
         ref = refs.get((model, batch, order, nblocks))   # every layout: the same attention
         for kind, cfg in variants:
-            def fn(cfg=cfg):
+            def fn(cfg=cfg, cache=cache):
                 unified_attention(q, cache[0], cache[1], qsl, lens, table, max_query_len=1,
                                   max_seq_len=4096, scale=d ** -0.5, out=out, config=cfg)
+            # --layers: one cache per layer, run in turn as a step runs its layers
+            fns = [lambda cfg=cfg, c=c: fn(cfg, c) for c in caches]
             try:
                 fn()
                 if ref is None:
@@ -134,14 +139,14 @@ def main() -> int:
                     us = 0.0
                 else:
                     from graph_timing import graph_time_us
-                    us = graph_time_us(fn, reps=5, iters=10)
+                    us = graph_time_us(fns, reps=5, iters=10)
             except Exception as e:   # a tile that does not fit: recorded, skipped
                 records.append(dict(model=model, batch=batch, kind=kind,
                                     layout=layout, config=dataclasses.asdict(cfg),
                                     error=str(e)[:200]))
                 continue
             rec = dict(model=model, kind=kind, order=order, layout=layout,
-                       cache_blocks=int(cache.shape[1]), config=dataclasses.asdict(cfg),
+                       cache_blocks=int(cache.shape[1]), layers=len(caches), config=dataclasses.asdict(cfg),
                        us=round(us, 1),
                        tb_s=round(kv_bytes / us / 1e6, 3) if us else None, batch=batch,
                        context=[lo, hi], kv_gb=round(kv_bytes / 1e9, 3))
