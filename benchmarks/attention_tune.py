@@ -85,6 +85,9 @@ def main() -> int:
                     "the batch's blocks are drawn from (0: just the batch's, shuffled)")
     ap.add_argument("--layers", type=int, default=1, help="caches (one per layer, the same "
                     "batch) timed in turn, as a decode step reads one layer's after another")
+    ap.add_argument("--chain-o", type=int, default=0, help="hidden size N: follow each launch "
+                    "by an [batch, heads x D] x [heads x D, N] cuBLAS product (a step's o "
+                    "projection) and report the attention's share (pair minus product alone)")
     ap.add_argument("--smoke", action="store_true", help="CPU check (TRITON_INTERPRET=1)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -104,6 +107,14 @@ def main() -> int:
             cache_blocks=0 if args.smoke else nblocks)
         out = torch.empty_like(q)
         caches = [cache] + [torch.empty_like(cache).normal_() for _ in range(args.layers - 1)]
+        o_us = 0.0
+        if args.chain_o:    # the o projection's weights per layer, and its time alone
+            o_ws = [torch.randn(args.chain_o, heads * d, device=device, dtype=torch.bfloat16)
+                    for _ in caches]
+            if not args.smoke:
+                from graph_timing import graph_time_us
+                o_us = graph_time_us([lambda w=w: torch.mm(out.view(batch, -1), w.t())
+                                      for w in o_ws], reps=5, iters=10)
         base = choose_config(batch, batch, heads, kv, d, 1, 4096, torch.bfloat16)
         variants = [("heuristic", base)]
         if args.sweep == "splits":
@@ -127,8 +138,13 @@ def main() -> int:
             def fn(cfg=cfg, cache=cache):
                 unified_attention(q, cache[0], cache[1], qsl, lens, table, max_query_len=1,
                                   max_seq_len=4096, scale=d ** -0.5, out=out, config=cfg)
-            # --layers: one cache per layer, run in turn as a step runs its layers
-            fns = [lambda cfg=cfg, c=c: fn(cfg, c) for c in caches]
+            # --layers: one cache per layer, run in turn as a step runs its layers; --chain-o:
+            # each followed by the o projection (cuBLAS, launched without PDL), as in a step
+            if args.chain_o:
+                fns = [lambda cfg=cfg, c=c, w=w: (fn(cfg, c), torch.mm(out.view(batch, -1), w.t()))
+                       for c, w in zip(caches, o_ws)]
+            else:
+                fns = [lambda cfg=cfg, c=c: fn(cfg, c) for c in caches]
             try:
                 fn()
                 if ref is None:
@@ -139,14 +155,15 @@ def main() -> int:
                     us = 0.0
                 else:
                     from graph_timing import graph_time_us
-                    us = graph_time_us(fns, reps=5, iters=10)
+                    us = graph_time_us(fns, reps=5, iters=10) - o_us
             except Exception as e:   # a tile that does not fit: recorded, skipped
                 records.append(dict(model=model, batch=batch, kind=kind,
                                     layout=layout, config=dataclasses.asdict(cfg),
                                     error=str(e)[:200]))
                 continue
             rec = dict(model=model, kind=kind, order=order, layout=layout,
-                       cache_blocks=int(cache.shape[1]), layers=len(caches), config=dataclasses.asdict(cfg),
+                       cache_blocks=int(cache.shape[1]), layers=len(caches),
+                       chain_o=args.chain_o, o_us=round(o_us, 1), config=dataclasses.asdict(cfg),
                        us=round(us, 1),
                        tb_s=round(kv_bytes / us / 1e6, 3) if us else None, batch=batch,
                        context=[lo, hi], kv_gb=round(kv_bytes / 1e9, 3))
