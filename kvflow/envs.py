@@ -111,13 +111,6 @@ def attn_heads_first() -> bool:
     return os.environ.get("KVFLOW_ATTN_HEADS_FIRST", "1") != "0"
 
 
-def attn_two_warps_per_sm() -> int:
-    """KVFLOW_ATTN_TWO_WARPS_PER_SM (default 1): one-token decode attention grids of at least
-    this many programs per SM run 2 warps a program, smaller ones 4. Read when a launch picks
-    its tile (fixed in a captured graph)."""
-    return int(os.environ.get("KVFLOW_ATTN_TWO_WARPS_PER_SM", "1"))
-
-
 def skinny_gemm() -> bool:
     """KVFLOW_SKINNY_GEMM (default 1): unquantized linear layers (incl. tensor-parallel shards, the LM head
     and MoE routers) on CUDA with fp16/bf16 inputs of at most 16 rows use the Triton skinny GEMM

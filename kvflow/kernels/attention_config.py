@@ -23,7 +23,6 @@ from typing import Optional
 import torch
 import triton
 
-from kvflow import envs
 from kvflow.kernels.device import device_properties
 
 MIN_SPLIT_TOKENS = 256     # fewest context tokens per split-KV segment
@@ -127,7 +126,7 @@ def choose_config(num_tokens: int, num_reqs: int, num_heads: int, num_kv_heads: 
     # the end (32 requests x 8 KV heads: -10 to -19% with 2 splits in the sweep below).
     decode = direct and block_q == 1
     split_below = 2 * num_sms if decode else num_sms
-    if decode and elem == 2 and head_pad <= 128 and programs >= envs.attn_two_warps_per_sm() * num_sms:
+    if decode and elem == 2 and head_pad <= 128 and programs >= num_sms:
         # 2 warps once the grid has a program per SM (16-bit tiles, D <= 128): more programs
         # stay resident per SM, so more KV tiles are in flight. benchmarks/attention_tune.py
         # on an H200 (Qwen3-0.6B / Llama-8B head layouts): 4.11 -> 4.27 TB/s at 512 requests,
