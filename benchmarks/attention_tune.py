@@ -36,19 +36,31 @@ MODELS = {"qwen3-0.6b": (16, 8, 128), "llama3.1-8b": (32, 8, 128)}   # q heads, 
 
 
 def case(batch, lo, hi, heads, kv, d, device, block_size=16, seed=0, order="random",
-         layout="nhd", cache_blocks=0):
+         layout="nhd", cache_blocks=0, blocks_kind="random"):
     """order: the requests' order in the batch by context length (random as drawn, or sorted
-    longest / shortest first: the grid dispatches programs in request order)."""
+    longest / shortest first: the grid dispatches programs in request order; "perm": random
+    batch order dispatched longest first through request_order, as the decode graphs do).
+    blocks "runs": each request's blocks consecutive (a prompt's, allocated together), the
+    requests' runs in random places; else every block random. Returns request_order too."""
     g = torch.Generator().manual_seed(seed)
     lens = torch.randint(lo, hi + 1, (batch,), generator=g)
-    if order != "random":
+    request_order = None
+    if order == "perm":
+        request_order = torch.argsort(lens, descending=True).to(torch.int32).to(device)
+    elif order != "random":
         lens = lens.sort(descending=order == "desc").values
     blocks = (lens + block_size - 1) // block_size
     total = int(blocks.sum())
     # The batch's blocks: a shuffle of the blocks it needs, or (cache_blocks) drawn at random
     # from a cache of that many, as an engine's allocator spreads a long run's working set.
     pool = max(total, cache_blocks)
-    perm = torch.randperm(pool, generator=g)[:total].to(torch.int32)
+    if blocks_kind == "runs":   # room for every request's run at a slot of the longest's size
+        pool = max(pool, batch * int(blocks.max()))
+        starts = torch.randperm(pool // int(blocks.max()), generator=g)[:batch] * int(blocks.max())
+        perm = torch.cat([torch.arange(int(st), int(st) + int(b)) for st, b in
+                          zip(starts, blocks)]).to(torch.int32)
+    else:
+        perm = torch.randperm(pool, generator=g)[:total].to(torch.int32)
     total = pool
     table = torch.zeros(batch, int(blocks.max()), dtype=torch.int32)
     o = 0
@@ -65,7 +77,8 @@ def case(batch, lo, hi, heads, kv, d, device, block_size=16, seed=0, order="rand
     q = torch.randn(batch, heads, d, generator=g).to(torch.bfloat16).to(device)
     qsl = torch.arange(batch + 1, dtype=torch.int32).to(device)
     kv_bytes = int(lens.sum()) * kv * d * 2 * 2
-    return q, cache, qsl, lens.to(torch.int32).to(device), table.to(device), int(hi), kv_bytes
+    return (q, cache, qsl, lens.to(torch.int32).to(device), table.to(device), int(hi), kv_bytes,
+            request_order)
 
 
 def main() -> int:
@@ -88,6 +101,8 @@ def main() -> int:
     ap.add_argument("--chain-o", type=int, default=0, help="hidden size N: follow each launch "
                     "by an [batch, heads x D] x [heads x D, N] cuBLAS product (a step's o "
                     "projection) and report the attention's share (pair minus product alone)")
+    ap.add_argument("--blocks", default="random", choices=("random", "runs"),
+                    help="the batch's blocks: each random, or each request's consecutive")
     ap.add_argument("--smoke", action="store_true", help="CPU check (TRITON_INTERPRET=1)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -102,9 +117,9 @@ def main() -> int:
             args.models.split(","), batches, args.order.split(","), args.layout.split(","),
             [int(v) for v in args.cache_blocks.split(",")]):
         heads, kv, d = MODELS[model]
-        q, cache, qsl, lens, table, max_len, kv_bytes = case(
+        q, cache, qsl, lens, table, max_len, kv_bytes, request_order = case(
             batch, lo, hi, heads, kv, d, device, order=order, layout=layout,
-            cache_blocks=0 if args.smoke else nblocks)
+            cache_blocks=0 if args.smoke else nblocks, blocks_kind=args.blocks)
         out = torch.empty_like(q)
         caches = [cache] + [torch.empty_like(cache).normal_() for _ in range(args.layers - 1)]
         o_us = 0.0
@@ -137,7 +152,8 @@ def main() -> int:
         for kind, cfg in variants:
             def fn(cfg=cfg, cache=cache):
                 unified_attention(q, cache[0], cache[1], qsl, lens, table, max_query_len=1,
-                                  max_seq_len=4096, scale=d ** -0.5, out=out, config=cfg)
+                                  max_seq_len=4096, scale=d ** -0.5, out=out, config=cfg,
+                                  request_order=request_order)
             # --layers: one cache per layer, run in turn as a step runs its layers; --chain-o:
             # each followed by the o projection (cuBLAS, launched without PDL), as in a step
             if args.chain_o:
@@ -161,7 +177,7 @@ def main() -> int:
                                     layout=layout, config=dataclasses.asdict(cfg),
                                     error=str(e)[:200]))
                 continue
-            rec = dict(model=model, kind=kind, order=order, layout=layout,
+            rec = dict(model=model, kind=kind, order=order, layout=layout, blocks=args.blocks,
                        cache_blocks=int(cache.shape[1]), layers=len(caches),
                        chain_o=args.chain_o, o_us=round(o_us, 1), config=dataclasses.asdict(cfg),
                        us=round(us, 1),
