@@ -95,15 +95,12 @@ def skinny_table() -> str:
     return os.environ.get("KVFLOW_SKINNY_TABLE", "")
 
 
-def attn_longest_first() -> str:
-    """KVFLOW_ATTN_LONGEST_FIRST: how decode attention dispatches the longest requests first.
-    "1" / "graph" (default): decode CUDA graphs of at least
+def attn_longest_first() -> bool:
+    """KVFLOW_ATTN_LONGEST_FIRST (default 1): decode CUDA graphs of at least
     worker/cuda_graphs.LONGEST_FIRST_MIN_REQS requests sort the requests by context length
-    (once a step, inside the graph) and attention reads them through that order. "host": the
-    runner puts a step's decodes in that order itself (rows sorted on the host), so attention
-    dispatches in batch order. "0": batch order, unsorted. Read at startup."""
-    v = os.environ.get("KVFLOW_ATTN_LONGEST_FIRST", "1")
-    return {"1": "graph", "0": "off"}.get(v, v)
+    (once a step, inside the graph) and attention dispatches the longest first; 0: in batch
+    order. Read at capture."""
+    return os.environ.get("KVFLOW_ATTN_LONGEST_FIRST", "1") != "0"
 
 
 def attn_heads_first() -> bool:

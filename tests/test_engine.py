@@ -362,32 +362,3 @@ def test_lm_head_rows_padded_to_graph_sizes(tiny_llama, reference, make_llm):
             assert x.keys() == y.keys()
             for t in x:
                 assert abs(x[t].logprob - y[t].logprob) < 1e-5
-
-
-def test_decodes_sorted_on_the_host_change_nothing(tiny_llama, reference, make_llm, monkeypatch):
-    """KVFLOW_ATTN_LONGEST_FIRST=host: the runner orders a step's decodes longest context
-    first (prompt chunks after them); tokens are still HF's, chunked and overlapped too."""
-    monkeypatch.setenv("KVFLOW_ATTN_LONGEST_FIRST", "host")
-    llm = make_llm(tiny_llama[1], max_num_batched_tokens=32, async_scheduling=True)
-    assert llm.llm_engine.executor.worker.runner.sort_decodes
-    prompts = _prompts()
-    _check(_gen(llm, prompts), prompts, reference)
-
-
-def test_host_decode_order_is_longest_first(tiny_llama, make_llm, monkeypatch):
-    monkeypatch.setenv("KVFLOW_ATTN_LONGEST_FIRST", "host")
-    llm = make_llm(tiny_llama[1])
-    runner = llm.llm_engine.executor.worker.runner
-    orders = []
-    real_eager = runner._eager_forward
-
-    def spy(nsched, cu, seq_lens, *a, **kw):
-        orders.append((nsched.copy(), seq_lens.copy()))
-        return real_eager(nsched, cu, seq_lens, *a, **kw)
-
-    runner._eager_forward = spy
-    _gen(llm, _prompts(), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-    decode_steps = [(n, s) for n, s in orders if (n == 1).all() and len(n) > 1]
-    assert decode_steps
-    for n, s in decode_steps:
-        assert list(s) == sorted(s, reverse=True)

@@ -150,7 +150,7 @@ class DecodeGraphs:
     def _metadata(self, bs: int) -> AttentionMetadata:
         seq_lens = self.seq_lens[:bs]
         order = None
-        if bs >= LONGEST_FIRST_MIN_REQS and envs.attn_longest_first() == "graph":
+        if bs >= LONGEST_FIRST_MIN_REQS and envs.attn_longest_first():
             # Captured: sorted again at every replay, from that replay's lengths.
             order = torch.argsort(seq_lens, descending=True).to(torch.int32)
         return AttentionMetadata(

@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from kvflow import envs
 from kvflow.attention.backend import AttentionMetadata, AttentionSpec
 from kvflow.attention.layer import Attention
 from kvflow.attention.local_attention import build_local_metadata, local_is_global
@@ -95,7 +94,6 @@ class ModelRunner:
         # Row counts the LM head runs at outside the graphs (_sampled_logits): the decode
         # graphs' batch sizes once captured, else none (no padding).
         self.logits_row_buckets: list[int] = []
-        self.sort_decodes = envs.attn_longest_first() == "host"
         self.mixed_graphs = None  # MixedGraphs once captured (small steps that are not decodes)
         # Moves KV blocks to / from other instances (disaggregated prefill); null by default.
         self.kv_connector = NULL_WORKER_CONNECTOR
@@ -243,14 +241,7 @@ class ModelRunner:
     def _launch_step(self, so: SchedulerOutput) -> StepHandle:
         """launch()'s body, once this step's staging parity is free."""
         # Decodes first (stable): attention backends give them decode-shaped tiles.
-        nst = so.num_scheduled_tokens
-        if self.sort_decodes:
-            # ... longest context first, so attention dispatches the longest programs first
-            # in batch order (KVFLOW_ATTN_LONGEST_FIRST=host).
-            req_ids = sorted(nst, key=lambda r: (nst[r] != 1, -self.requests[r].num_computed_tokens
-                                                 if nst[r] == 1 else 0))
-        else:
-            req_ids = sorted(nst, key=lambda r: nst[r] != 1)
+        req_ids = sorted(so.num_scheduled_tokens, key=lambda r: so.num_scheduled_tokens[r] != 1)
         states = [self.requests[r] for r in req_ids]
         b = len(states)
         rows = np.fromiter((s.row for s in states), dtype=np.int64, count=b)
