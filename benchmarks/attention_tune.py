@@ -123,13 +123,16 @@ def main() -> int:
         out = torch.empty_like(q)
         caches = [cache] + [torch.empty_like(cache).normal_() for _ in range(args.layers - 1)]
         o_us = 0.0
-        if args.chain_o:    # the o projection's weights per layer, and its time alone
+
+        def o_proj(w):      # --chain-o: a step's o projection of the attention output
+            return torch.mm(out.view(batch, -1), w.t())
+
+        if args.chain_o:    # its weights per layer, and its time alone
             o_ws = [torch.randn(args.chain_o, heads * d, device=device, dtype=torch.bfloat16)
                     for _ in caches]
             if not args.smoke:
                 from graph_timing import graph_time_us
-                o_us = graph_time_us([lambda w=w: torch.mm(out.view(batch, -1), w.t())
-                                      for w in o_ws], reps=5, iters=10)
+                o_us = graph_time_us([lambda w=w: o_proj(w) for w in o_ws], reps=5, iters=10)
         base = choose_config(batch, batch, heads, kv, d, 1, 4096, torch.bfloat16)
         variants = [("heuristic", base)]
         if args.sweep == "splits":
@@ -157,7 +160,7 @@ def main() -> int:
             # --layers: one cache per layer, run in turn as a step runs its layers; --chain-o:
             # each followed by the o projection (cuBLAS, launched without PDL), as in a step
             if args.chain_o:
-                fns = [lambda cfg=cfg, c=c, w=w: (fn(cfg, c), torch.mm(out.view(batch, -1), w.t()))
+                fns = [lambda cfg=cfg, c=c, w=w: (fn(cfg, c), o_proj(w))
                        for c, w in zip(caches, o_ws)]
             else:
                 fns = [lambda cfg=cfg, c=c: fn(cfg, c) for c in caches]

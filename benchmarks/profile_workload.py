@@ -100,6 +100,11 @@ class StepRecorder:
         self._trace = None
         self._traced = 0
 
+    def print_traced(self, so, kv_tokens: int) -> None:
+        print(json.dumps(dict(traced_step=self._traced, reqs=len(so.num_scheduled_tokens),
+                              tokens=so.total_num_scheduled_tokens, kv_tokens=kv_tokens)),
+              flush=True)
+
     def install(self):
         rec = self
 
@@ -108,6 +113,7 @@ class StepRecorder:
                 return rec._orig(runner, so)
             nsched = so.num_scheduled_tokens
             kind = _profile_kind(len(nsched), so.total_num_scheduled_tokens)
+            traced = False
             if rec.trace_steps and rec._traced < rec.trace_steps:
                 # Decode: once the batch has shrunk to B from above (not the warm-up's one).
                 rec._max_b = max(rec._max_b, len(nsched))
@@ -119,14 +125,12 @@ class StepRecorder:
                     rec._trace = profile(activities=[ProfilerActivity.CPU,
                                                      ProfilerActivity.CUDA])
                     rec._trace.start()
-                if rec._trace is not None:
+                traced = rec._trace is not None
+                if traced:
                     rec._traced += 1
-                    kv = sum(runner.requests[r].num_computed_tokens + n for r, n in nsched.items())
-                    print(json.dumps(dict(traced_step=rec._traced, reqs=len(nsched),
-                                          tokens=so.total_num_scheduled_tokens, kv_tokens=kv)),
-                          flush=True)
                     if rec._traced == rec.trace_steps:
                         handle = rec._orig(runner, so)
+                        rec.print_traced(so, _kv_tokens(runner, nsched))
                         torch.cuda.synchronize()
                         rec._trace.stop()
                         rec._trace.export_chrome_trace(rec.trace_out)
@@ -146,12 +150,20 @@ class StepRecorder:
             handle = rec._orig(runner, so)
             end = torch.cuda.Event(enable_timing=True)
             end.record()
-            kv = sum(runner.requests[r].num_computed_tokens + n for r, n in nsched.items())
+            kv = _kv_tokens(runner, nsched)
+            if traced:
+                rec.print_traced(so, kv)
             rec.rows.append((len(nsched), so.total_num_scheduled_tokens,
                              sum(1 for n in nsched.values() if n == 1), kv, start, end))
             return handle
 
         ModelRunner.launch = launch
+
+
+def _kv_tokens(runner, nsched: dict) -> int:
+    """KV tokens a launched step attends (its requests' cached + scheduled tokens). After the
+    launch: the runner learns a step's new requests and their computed tokens in launch()."""
+    return sum(runner.requests[r].num_computed_tokens + n for r, n in nsched.items())
 
 
 def _profile_kind(b: int, t: int):
