@@ -96,10 +96,10 @@ def skinny_table() -> str:
 
 
 def attn_longest_first() -> bool:
-    """KVFLOW_ATTN_LONGEST_FIRST (default 1): decode CUDA graphs of at least
-    worker/cuda_graphs.LONGEST_FIRST_MIN_REQS requests sort the requests by context length
-    (once a step, inside the graph) and attention dispatches the longest first; 0: in batch
-    order. Read at capture."""
+    """KVFLOW_ATTN_LONGEST_FIRST (default 1): decode CUDA graphs whose attention programs
+    outnumber what the GPU holds at once (kernels/attention_config.dispatch_longest_first) sort
+    the requests by context length (once a step, inside the graph) and attention dispatches the
+    longest first; 0: in batch order. Read at capture."""
     return os.environ.get("KVFLOW_ATTN_LONGEST_FIRST", "1") != "0"
 
 

@@ -74,19 +74,36 @@ def test_stage_inputs_one_copy_round_trip():
 
 
 def test_metadata_orders_large_batches_longest_first(monkeypatch):
-    """Decode graphs of >= LONGEST_FIRST_MIN_REQS requests hand attention a longest-first
-    order of the requests (computed from the replay's own lengths); smaller ones, and
-    KVFLOW_ATTN_LONGEST_FIRST=0, none."""
-    from kvflow.worker import cuda_graphs
+    """Decode graphs whose attention programs (requests x KV heads) outnumber what the GPU holds
+    at once hand attention a longest-first order of the requests (computed from the replay's
+    own lengths); smaller ones, graphs without KV heads and KVFLOW_ATTN_LONGEST_FIRST=0, none."""
+    from kvflow.kernels.attention_config import DECODE_PROGRAMS_PER_SM, device_limits
     model = SimpleNamespace(config=SimpleNamespace(vocab_size=8, dtype=torch.float32))
-    n = cuda_graphs.LONGEST_FIRST_MIN_REQS
+    kv = 8
+    resident = DECODE_PROGRAMS_PER_SM * device_limits(torch.device(DEVICE))[0]
+    n = resident // kv + 1                       # the smallest batch past one wave
     graphs = DecodeGraphs(model, torch.device(DEVICE), max_model_len=4096, block_size=16,
-                          max_blocks_per_req=2, buckets=[n - 1, n])
+                          max_blocks_per_req=2, buckets=[n - 1, n], num_kv_heads=kv)
     lens = torch.randperm(n, generator=torch.Generator().manual_seed(0)).to(torch.int32) + 1
     graphs.seq_lens[:n] = lens.to(DEVICE)
     order = graphs._metadata(n).decode_order
     assert order.dtype == torch.int32 and sorted(order.tolist()) == list(range(n))
     assert graphs.seq_lens[order.long()].tolist() == sorted(lens.tolist(), reverse=True)
     assert graphs._metadata(n - 1).decode_order is None
+    graphs.num_kv_heads = 0
+    assert graphs._metadata(n).decode_order is None
+    graphs.num_kv_heads = kv
     monkeypatch.setenv("KVFLOW_ATTN_LONGEST_FIRST", "0")
     assert graphs._metadata(n).decode_order is None
+
+
+def test_dispatch_longest_first_counts_programs_not_requests():
+    """The rule is about programs (requests x KV heads) against the GPU's resident slots: fewer
+    KV heads (e.g. under tensor parallelism) need more requests, more SMs need more programs."""
+    from kvflow.kernels.attention_config import DECODE_PROGRAMS_PER_SM, dispatch_longest_first
+    slots = DECODE_PROGRAMS_PER_SM * 132
+    assert not dispatch_longest_first(slots // 8, 8, 132)
+    assert dispatch_longest_first(slots // 8 + 1, 8, 132)
+    assert not dispatch_longest_first(slots // 8 + 1, 4, 132)
+    assert dispatch_longest_first(slots // 4 + 1, 4, 132)
+    assert not dispatch_longest_first(slots // 8 + 1, 8, 2 * 132)

@@ -44,15 +44,11 @@ from kvflow import envs
 from kvflow.attention.backend import AttentionMetadata
 from kvflow.attention.local_attention import decode_local_into, local_is_global, local_table_width
 from kvflow.forward_context import LOCAL, set_forward_context
+from kvflow.kernels.attention_config import device_limits, dispatch_longest_first
 from kvflow.kernels.decode_inputs import unpack_decode_inputs
 
 logger = logging.getLogger("kvflow")
 
-# Decode graphs of at least this many requests sort them by context length, once a step, and
-# attention dispatches the longest first (AttentionMetadata.decode_order): +2-4% attention
-# bandwidth from 96 requests up on the H200, nothing at 32-64 (benchmarks/attention_tune.py
-# --order), where the sort would only cost.
-LONGEST_FIRST_MIN_REQS = 96
 
 
 def capture_buckets(device: torch.device, buckets: list[int], body, pool,
@@ -96,10 +92,14 @@ def default_buckets(max_num_seqs: int, limit: int = MAX_GRAPH_BATCH) -> list[int
 class DecodeGraphs:
     def __init__(self, model, device: torch.device, max_model_len: int, block_size: int,
                  max_blocks_per_req: int, buckets: list[int], local_chunk: int | None = None,
-                 last_sampled: torch.Tensor | None = None):
+                 last_sampled: torch.Tensor | None = None, num_kv_heads: int = 0):
         """last_sampled: the runner's [max_num_reqs] int64 device tensor of each row's last
-        sampled token (the source of fill_rows); None: inputs always come from the host."""
+        sampled token (the source of fill_rows); None: inputs always come from the host.
+        num_kv_heads: the attention layers' KV heads on this rank, which with the batch size
+        decides whether a graph's attention dispatches the longest contexts first
+        (kernels/attention_config.dispatch_longest_first); 0: never."""
         self.model = model
+        self.num_kv_heads = num_kv_heads
         # As in ModelRunner.extra_metadata: local layers read the global metadata when it is
         # the same thing; otherwise the local virtual batch is rebuilt inside the graph.
         self.local_is_global = (local_chunk is not None
@@ -150,7 +150,8 @@ class DecodeGraphs:
     def _metadata(self, bs: int) -> AttentionMetadata:
         seq_lens = self.seq_lens[:bs]
         order = None
-        if bs >= LONGEST_FIRST_MIN_REQS and envs.attn_longest_first():
+        if (self.num_kv_heads and envs.attn_longest_first()
+                and dispatch_longest_first(bs, self.num_kv_heads, device_limits(self.device)[0])):
             # Captured: sorted again at every replay, from that replay's lengths.
             order = torch.argsort(seq_lens, descending=True).to(torch.int32)
         return AttentionMetadata(

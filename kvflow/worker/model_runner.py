@@ -422,7 +422,9 @@ class ModelRunner:
                                    self.max_blocks_per_req,
                                    buckets or default_buckets(self.max_num_reqs),
                                    local_chunk=self.local_chunk,
-                                   last_sampled=self.last_sampled)
+                                   last_sampled=self.last_sampled,
+                                   num_kv_heads=max((l.num_kv_heads for l in self.attn_layers),
+                                                    default=0))
         self.graphs.capture()
         self.logits_row_buckets = list(self.graphs.buckets)
         if self._mixed_graphs_ok():

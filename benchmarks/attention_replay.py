@@ -1,0 +1,256 @@
+"""Decode attention in the engine against the same launches alone, on the engine's own inputs.
+
+    python3 benchmarks/attention_replay.py CONFIG_DIR [--batch 140] [--workload nanovllm]
+
+Builds the engine as `kvflow bench throughput` does (dummy weights, bf16, max_model_len 4096)
+and runs the workload until its first decode-only step of at most --batch requests (after a
+larger one). Right after that step, with the decode graph's staged inputs still in place:
+
+1. graph: the step's CUDA graph replayed under torch.profiler; the attention kernel's mean
+   duration per launch (one per layer);
+2. alone: the same attention launches (each layer's real KV cache, the graph's seq_lens, block
+   table and request order; a random query) back to back, eager and captured in one graph;
+3. alone_per_layer: each layer's launch timed on its own (events around 20 repeats).
+
+The same kernel, tiles and data in both; what differs is only what runs beside it. KV bytes
+are the step's sum of seq_lens x KV heads x head size x 2 (K and V) x dtype size per layer.
+Prints one JSON object (and writes it to --out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from kvflow import LLM
+from kvflow.attention.layer import Attention
+from kvflow.bench.offline import WORKLOADS
+from kvflow.kernels.attention import unified_attention
+from kvflow.worker.model_runner import ModelRunner
+
+
+def _attn_us(prof) -> tuple[float, int]:
+    """Mean duration (us) and count of the attention kernel launches in a profile."""
+    durs = [e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+            for e in prof.events() if e.name.startswith("_attention_kernel")
+            and e.device_type == torch.autograd.DeviceType.CUDA]
+    return (sum(durs) / len(durs) if durs else 0.0), len(durs)
+
+
+def probe(runner, b: int, iters: int = 10) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+    graphs = runner.graphs
+    bs = next(s for s in graphs.buckets if s >= b)
+    layers = [m for m in runner.model.modules() if isinstance(m, Attention)]
+    a0 = layers[0]
+    seq_lens = graphs.seq_lens[:bs]
+    kv_tokens = int(seq_lens[:b].sum())
+    kv_bytes = kv_tokens * a0.num_kv_heads * a0.head_dim * 2 * a0.kv_cache.element_size()
+    md = graphs._metadata(bs)
+
+    graph = graphs.graphs[bs]
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            graph.replay()
+        torch.cuda.synchronize()
+    g_us, g_n = _attn_us(prof)
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    ev[0].record()
+    for _ in range(iters):
+        graph.replay()
+    ev[1].record()
+    torch.cuda.synchronize()
+    step_ms = ev[0].elapsed_time(ev[1]) / iters
+
+    q = torch.randn(bs, a0.num_heads, a0.head_dim, dtype=a0.kv_cache.dtype, device=runner.device)
+    out = torch.empty_like(q)
+
+    def all_layers():
+        for layer in layers:
+            unified_attention(q, layer.kv_cache[0], layer.kv_cache[1], md.query_start_loc,
+                              md.seq_lens, md.block_table, 1, md.max_seq_len, a0.scale,
+                              out=out, request_order=md.decode_order)
+
+    all_layers()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            all_layers()
+        torch.cuda.synchronize()
+    e_us, e_n = _attn_us(prof)
+    cg = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        all_layers()
+        torch.cuda.synchronize()
+        with torch.cuda.graph(cg):
+            all_layers()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    ev[0].record()
+    for _ in range(iters):
+        cg.replay()
+    ev[1].record()
+    torch.cuda.synchronize()
+    cg_us = ev[0].elapsed_time(ev[1]) * 1e3 / iters / len(layers)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            cg.replay()
+        torch.cuda.synchronize()
+    cgk_us, _ = _attn_us(prof)
+
+    per_layer = []
+    for layer in layers[:4]:
+        ev[0].record()
+        for _ in range(20):
+            unified_attention(q, layer.kv_cache[0], layer.kv_cache[1], md.query_start_loc,
+                              md.seq_lens, md.block_table, 1, md.max_seq_len, a0.scale,
+                              out=out, request_order=md.decode_order)
+        ev[1].record()
+        torch.cuda.synchronize()
+        per_layer.append(round(ev[0].elapsed_time(ev[1]) * 1e3 / 20, 1))
+
+    def tbs(us: float) -> float:
+        return round(kv_bytes / (us * 1e-6) / 1e12, 3) if us else 0.0
+
+    variants = {name: round(us, 1) for name, us in _variants(runner, layers, md, q, out, b, bs,
+                                                              iters).items()}
+    variants_tbs = {name: tbs(us) for name, us in variants.items()}
+
+    return dict(batch=b, bucket=bs, kv_tokens=kv_tokens, kv_mb_per_layer=round(kv_bytes / 1e6, 1),
+                layers=len(layers), step_ms=round(step_ms, 3),
+                graph=dict(attn_us=round(g_us, 1), launches=g_n, tbs=tbs(g_us)),
+                alone_eager=dict(attn_us=round(e_us, 1), launches=e_n, tbs=tbs(e_us)),
+                alone_graph=dict(wall_us_per_layer=round(cg_us, 1), tbs_wall=tbs(cg_us),
+                                 attn_us=round(cgk_us, 1), tbs=tbs(cgk_us)),
+                alone_per_layer_us=per_layer, variants_us=variants,
+                variants_tbs=variants_tbs)
+
+
+def _graph_wall_us(fn, iters: int) -> float:
+    """Wall time (us) of one fn() captured in a CUDA graph, mean of `iters` replays."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    cg = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(s):
+        fn()
+        torch.cuda.synchronize()
+        with torch.cuda.graph(cg):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    cg.replay()
+    torch.cuda.synchronize()
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    ev[0].record()
+    for _ in range(iters):
+        cg.replay()
+    ev[1].record()
+    torch.cuda.synchronize()
+    return ev[0].elapsed_time(ev[1]) * 1e3 / iters
+
+
+def _variants(runner, layers, md, q, out, b: int, bs: int, iters: int) -> dict:
+    """Per-layer wall (us) of the step's attention launches (all layers, one graph) under
+    tile variants and input variants: which property of the real inputs costs bandwidth."""
+    import dataclasses
+    from kvflow.kernels.attention_config import choose_config, device_limits
+    a0 = layers[0]
+    num_sms, smem = device_limits(q.device)
+    base = choose_config(bs, bs, a0.num_heads, a0.num_kv_heads, a0.head_dim, 1, md.max_seq_len,
+                         q.dtype, num_sms, None, smem)
+    nb = a0.kv_cache.shape[1]
+    mb = md.block_table.shape[1]
+    # Synthetic tables: request i's blocks contiguous (i * mb + j), same lengths.
+    contig = (torch.arange(bs * mb, device=q.device, dtype=torch.int32) % nb).view(bs, mb)
+    mean = int(md.seq_lens[:b].float().mean())
+    equal = md.seq_lens.clone()
+    equal[:b] = mean
+    # Sorted by length, not interleaved: rows already in longest-first order.
+    sorted_lens, perm = torch.sort(md.seq_lens[:b], descending=True)
+    srt = md.seq_lens.clone()
+    srt[:b] = sorted_lens
+    srt_bt = md.block_table.clone()
+    srt_bt[:b] = md.block_table[perm]
+    ident = torch.arange(bs, device=q.device, dtype=torch.int32)
+    cases = {
+        "base": (base, md.seq_lens, md.block_table, md.decode_order),
+        "no_order": (base, md.seq_lens, md.block_table, None),
+        "presorted_rows": (base, srt, srt_bt, ident),
+        "contig_blocks": (base, md.seq_lens, contig, md.decode_order),
+        "equal_lens_contig": (base, equal, contig, None),
+        "equal_lens_real_blocks": (base, equal, md.block_table, None),
+        "bn32": (dataclasses.replace(base, block_n=32), md.seq_lens, md.block_table,
+                 md.decode_order),
+        "bn32_stages3": (dataclasses.replace(base, block_n=32, num_stages=3), md.seq_lens,
+                         md.block_table, md.decode_order),
+        "stages3": (dataclasses.replace(base, num_stages=3), md.seq_lens, md.block_table,
+                    md.decode_order),
+        "warps4": (dataclasses.replace(base, num_warps=4), md.seq_lens, md.block_table,
+                   md.decode_order),
+        "warps4_bn32": (dataclasses.replace(base, num_warps=4, block_n=32), md.seq_lens,
+                        md.block_table, md.decode_order),
+        "warps1": (dataclasses.replace(base, num_warps=1), md.seq_lens, md.block_table,
+                   md.decode_order),
+        "split2": (dataclasses.replace(base, num_splits=2), md.seq_lens, md.block_table,
+                   md.decode_order),
+        "base_again": (base, md.seq_lens, md.block_table, md.decode_order),   # drift check
+    }
+    res = {}
+    for name, (cfg, lens, bt, order) in cases.items():
+        def fn(cfg=cfg, lens=lens, bt=bt, order=order):
+            for layer in layers:
+                unified_attention(q, layer.kv_cache[0], layer.kv_cache[1], md.query_start_loc,
+                                  lens, bt, 1, md.max_seq_len, a0.scale, out=out, config=cfg,
+                                  request_order=order)
+        try:
+            res[name] = _graph_wall_us(fn, iters) / len(layers)
+        except Exception as e:  # a variant that does not compile or fit: report, go on
+            print(f"variant {name}: {type(e).__name__}: {e}", file=sys.stderr)
+    return res
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("model")
+    p.add_argument("--workload", default="nanovllm")
+    p.add_argument("--batch", default="140", help="comma list: probe at each of these batches")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    targets = sorted((int(x) for x in args.batch.split(",")), reverse=True)
+    results = []
+    orig = ModelRunner.launch
+    state = dict(max_b=0)
+
+    def launch(runner, so):
+        handle = orig(runner, so)
+        b = len(so.num_scheduled_tokens)
+        decode = so.total_num_scheduled_tokens == b and not so.is_empty
+        state["max_b"] = max(state["max_b"], b)
+        if (decode and targets and state["max_b"] > targets[0] >= b
+                and runner.graphs is not None and runner.graphs.can_run(b)):
+            while targets and targets[0] >= b:
+                targets.pop(0)
+            torch.cuda.synchronize()
+            r = probe(runner, b)
+            print(json.dumps(r), flush=True)
+            results.append(r)
+        return handle
+
+    ModelRunner.launch = launch
+    llm = LLM(args.model, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
+              max_model_len=4096, max_num_seqs=1024, max_num_batched_tokens=16384)
+    WORKLOADS[args.workload](llm, dict(model=args.model), 0.6)
+    text = json.dumps(dict(model=args.model, workload=args.workload, probes=results), indent=1)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
