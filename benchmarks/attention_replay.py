@@ -39,7 +39,21 @@ def _attn_us(prof) -> tuple[float, int]:
     return (sum(durs) / len(durs) if durs else 0.0), len(durs)
 
 
-def probe(runner, b: int, iters: int = 10) -> dict:
+def _kernel_table(prof, iters: int) -> list:
+    """The graph's kernels by total time per replay: [name, launches per replay, us per launch,
+    us per replay]. Durations of PDL launches include their wait for the previous kernel."""
+    import collections
+    tot, cnt = collections.Counter(), collections.Counter()
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            t = e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+            tot[e.name[:60]] += t
+            cnt[e.name[:60]] += 1
+    return [[n, cnt[n] // iters, round(t / cnt[n], 2), round(t / iters, 1)]
+            for n, t in tot.most_common(16)]
+
+
+def probe(runner, b: int, iters: int = 10, variants: bool = True) -> dict:
     from torch.profiler import ProfilerActivity, profile
     graphs = runner.graphs
     bs = next(s for s in graphs.buckets if s >= b)
@@ -57,6 +71,7 @@ def probe(runner, b: int, iters: int = 10) -> dict:
             graph.replay()
         torch.cuda.synchronize()
     g_us, g_n = _attn_us(prof)
+    kernels = _kernel_table(prof, iters)
     ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
     ev[0].record()
     for _ in range(iters):
@@ -118,7 +133,7 @@ def probe(runner, b: int, iters: int = 10) -> dict:
         return round(kv_bytes / (us * 1e-6) / 1e12, 3) if us else 0.0
 
     variants = {name: round(us, 1) for name, us in _variants(runner, layers, md, q, out, b, bs,
-                                                              iters).items()}
+                                                              iters).items()} if variants else {}
     variants_tbs = {name: tbs(us) for name, us in variants.items()}
 
     return dict(batch=b, bucket=bs, kv_tokens=kv_tokens, kv_mb_per_layer=round(kv_bytes / 1e6, 1),
@@ -127,6 +142,7 @@ def probe(runner, b: int, iters: int = 10) -> dict:
                 alone_eager=dict(attn_us=round(e_us, 1), launches=e_n, tbs=tbs(e_us)),
                 alone_graph=dict(wall_us_per_layer=round(cg_us, 1), tbs_wall=tbs(cg_us),
                                  attn_us=round(cgk_us, 1), tbs=tbs(cgk_us)),
+                graph_kernels=kernels,
                 alone_per_layer_us=per_layer, variants_us=variants,
                 variants_tbs=variants_tbs)
 
@@ -218,6 +234,7 @@ def main() -> int:
     p.add_argument("model")
     p.add_argument("--workload", default="nanovllm")
     p.add_argument("--batch", default="140", help="comma list: probe at each of these batches")
+    p.add_argument("--no-variants", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     targets = sorted((int(x) for x in args.batch.split(",")), reverse=True)
@@ -235,7 +252,7 @@ def main() -> int:
             while targets and targets[0] >= b:
                 targets.pop(0)
             torch.cuda.synchronize()
-            r = probe(runner, b)
+            r = probe(runner, b, variants=not args.no_variants)
             print(json.dumps(r), flush=True)
             results.append(r)
         return handle

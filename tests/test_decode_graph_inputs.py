@@ -13,10 +13,28 @@ pytest.importorskip("triton")
 
 import kvflow.kernels  # noqa: E402,F401  (applies the interpreter fixes)
 from kvflow.kernels import decode_inputs as di  # noqa: E402
+from kvflow.kernels import decode_order as do  # noqa: E402
 from kvflow.worker.cuda_graphs import DecodeGraphs  # noqa: E402
 from tests.conftest import kernel_device  # noqa: E402
 
 DEVICE = kernel_device(di._decode_inputs_kernel)
+
+
+@pytest.mark.parametrize("n, hi", [(1, 5), (7, 3), (144, 4096), (1024, 50), (1000, 2 ** 31 - 1)])
+def test_longest_first_order_matches_stable_reference(n, hi):
+    """One-program sort of packed (length, index) keys: the stable descending argsort, ties
+    (many when hi is small) by ascending index, at the largest lengths int32 holds."""
+    g = torch.Generator().manual_seed(n)
+    lens = torch.randint(0, hi, (n,), generator=g, dtype=torch.int64)
+    lens[0] = hi - 1
+    lens = lens.to(torch.int32).to(DEVICE)
+    got = do.longest_first_order(lens)
+    assert got.dtype == torch.int32
+    assert torch.equal(got, do.longest_first_order_ref(lens))
+    assert lens[got.long()].tolist() == sorted(lens.tolist(), reverse=True)
+    if hi < n:   # ties present: stability is what the check above cannot see
+        same = lens[got.long()][1:] == lens[got.long()][:-1]
+        assert bool(same.any()) and bool((got[1:][same] > got[:-1][same]).all())
 
 
 @pytest.mark.parametrize("n, bs", [(8, 8), (16, 5), (700, 600)])

@@ -46,6 +46,7 @@ from kvflow.attention.local_attention import decode_local_into, local_is_global,
 from kvflow.forward_context import LOCAL, set_forward_context
 from kvflow.kernels.attention_config import device_limits, dispatch_longest_first
 from kvflow.kernels.decode_inputs import unpack_decode_inputs
+from kvflow.kernels.decode_order import longest_first_order
 
 logger = logging.getLogger("kvflow")
 
@@ -153,7 +154,7 @@ class DecodeGraphs:
         if (self.num_kv_heads and envs.attn_longest_first()
                 and dispatch_longest_first(bs, self.num_kv_heads, device_limits(self.device)[0])):
             # Captured: sorted again at every replay, from that replay's lengths.
-            order = torch.argsort(seq_lens, descending=True).to(torch.int32)
+            order = longest_first_order(seq_lens)
         return AttentionMetadata(
             num_actual_tokens=bs, max_query_len=1, max_seq_len=self.max_model_len,
             query_start_loc=self.query_start_loc[:bs + 1], seq_lens=seq_lens,
