@@ -27,6 +27,7 @@ def cases():
     """(kernel, runtime-arg types, constexprs, options) for the configurations serving uses."""
     from kvflow.kernels import argmax as am
     from kvflow.kernels import decode_inputs as di
+    from kvflow.kernels import decode_order as do
     from kvflow.kernels import moe_routing as mr
     from kvflow.kernels import qk_rope_cache as qr
     from kvflow.kernels import skinny_gemm as sg
@@ -43,6 +44,10 @@ def cases():
     a = {"stage_ptr": "*i64", "last_ptr": "*i64", "ids_ptr": "*i64", "pos_ptr": "*i64",
          "slot_ptr": "*i64", "lens_ptr": "*i32", "bs": "i32", "n": "i32"}
     out.append((di._decode_inputs_kernel, a, dict(BLOCK=512, USE_PDL=True), dict(num_warps=4)))
+    a = {"lens_ptr": "*i32", "order_ptr": "*i32", "n": "i32"}
+    for block, warps in ((256, 4), (4096, 8)):
+        out.append((do._longest_first_kernel, a, dict(BLOCK=block, USE_PDL=True),
+                    dict(num_warps=warps)))
     a = {"x_ptr": "*bf16", "w_ptr": "*bf16", "logits_ptr": "*fp32", "ticket_ptr": "*i32",
          "weights_ptr": "*fp32", "ids_ptr": "*i64", "num_tokens": "i32", "num_experts": "i32",
          "H": "i32", "stride_xt": "i32", "stride_we": "i32"}

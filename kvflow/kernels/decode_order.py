@@ -19,7 +19,8 @@ import triton.language as tl
 
 from kvflow.kernels.pdl import pdl_launch, pdl_launch_dependents, pdl_wait
 
-MAX_REQS = 1 << 20           # index bits of the packed key
+MAX_REQS = 1 << 20           # index range of the packed key's low bits
+_IDX = tl.constexpr(MAX_REQS)
 _MAX_BLOCK = 4096            # one program holds the batch in registers
 
 
@@ -31,9 +32,10 @@ def _longest_first_kernel(lens_ptr, order_ptr, n, BLOCK: tl.constexpr, USE_PDL: 
     ok = i < n
     # Padding sorts last: length -1 is below every real length (>= 0).
     lens = tl.load(lens_ptr + i, mask=ok, other=-1).to(tl.int64)
-    key = lens * MAX_REQS + (MAX_REQS - 1 - i)
-    key = tl.sort(key, descending=True)
-    tl.store(order_ptr + i, (MAX_REQS - 1 - (key % MAX_REQS)).to(tl.int32), mask=ok)
+    key = lens * _IDX - i + (_IDX - 1)           # tensor first: constexpr - tensor stays a
+    key = tl.sort(key, descending=True)          # constexpr under the interpreter
+    idx = -(key % _IDX) + (_IDX - 1)
+    tl.store(order_ptr + i, idx.to(tl.int32), mask=ok)
 
 
 def longest_first_order_ref(seq_lens: torch.Tensor) -> torch.Tensor:
