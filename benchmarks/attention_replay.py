@@ -209,6 +209,8 @@ def _variants(runner, layers, md, q, out, b: int, bs: int, iters: int) -> dict:
                    md.decode_order),
         "warps4_bn32": (dataclasses.replace(base, num_warps=4, block_n=32), md.seq_lens,
                         md.block_table, md.decode_order),
+        "warps2": (dataclasses.replace(base, num_warps=2), md.seq_lens, md.block_table,
+                   md.decode_order),
         "warps1": (dataclasses.replace(base, num_warps=1), md.seq_lens, md.block_table,
                    md.decode_order),
         "split2": (dataclasses.replace(base, num_splits=2), md.seq_lens, md.block_table,

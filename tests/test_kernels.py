@@ -165,6 +165,11 @@ class TestAttention:
         assert choose_config(512, 512, 32, 8, 256, 1, 4096, torch.bfloat16).num_warps == 4
         assert choose_config(512, 512, 32, 8, 128, 1, 4096, torch.float32).num_warps == 4
         assert big.num_warps == 2 and prefill.num_warps == 8
+        # unsplit grids of 2-3 programs per SM keep 4 warps (all resident either way); past 3
+        # a SM, 2
+        for reqs, warps in ((33, 4), (49, 4), (50, 2), (64, 2)):
+            cfg = choose_config(reqs, reqs, 32, 8, 128, 1, 4096, torch.bfloat16, num_sms=132)
+            assert cfg.num_splits == 1 and cfg.num_warps == warps, (reqs, cfg)
 
 
 class TestRequestOrder:

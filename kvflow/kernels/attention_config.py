@@ -32,6 +32,9 @@ MAX_SPLITS = 32
 # (benchmarks/attention_replay.py, Qwen3-0.6B nanovllm, 8 KV heads: -7% at 512 programs, -13%
 # of attention time at 544 to 800).
 DECODE_PROGRAMS_PER_SM = 4
+# Unsplit one-token decode grids of at most this many programs per SM run 4 warps a program
+# (choose_config): all of them are resident at once with 4 warps too.
+DECODE_4WARP_MAX_PROGRAMS_PER_SM = 3
 
 
 @dataclass(frozen=True)
@@ -141,13 +144,18 @@ def choose_config(num_tokens: int, num_reqs: int, num_heads: int, num_kv_heads: 
     # the end (32 requests x 8 KV heads: -10 to -19% with 2 splits in the sweep below).
     decode = direct and block_q == 1
     split_below = 2 * num_sms if decode else num_sms
-    if decode and elem == 2 and head_pad <= 128 and programs >= num_sms:
+    if (decode and elem == 2 and head_pad <= 128 and programs >= num_sms
+            and not split_below <= programs <= DECODE_4WARP_MAX_PROGRAMS_PER_SM * num_sms):
         # 2 warps once the grid has a program per SM (16-bit tiles, D <= 128): more programs
         # stay resident per SM, so more KV tiles are in flight. benchmarks/attention_tune.py
         # on an H200 (Qwen3-0.6B / Llama-8B head layouts): 4.11 -> 4.27 TB/s at 512 requests,
         # up to -21% time at 64; in the engine (same call), Qwen3-0.6B throughput8k +2.4 to
         # +5.3%, nanovllm +1.8%, Llama-3.1-8B throughput8k +1.1%. Small split-KV grids keep 4:
         # at one request (decode1, after the q/k transform under PDL) 2 warps lost 2.5%.
+        # Unsplit grids of 2-3 programs per SM keep 4 too: the whole grid is resident at
+        # once either way, and 4 warps per program put twice the loads in flight (on the
+        # engine's own inputs, attention_replay.py: -12 to -14% at 40-48 requests x 8 KV
+        # heads; +15-20% past 3 a SM, where 4-warp programs no longer all fit).
         num_warps = 2
     if num_splits is None:
         num_splits = 1
