@@ -94,7 +94,8 @@ def test_stage_inputs_one_copy_round_trip():
 def test_metadata_orders_large_batches_longest_first(monkeypatch):
     """Decode graphs whose attention programs (requests x KV heads) outnumber what the GPU holds
     at once hand attention a longest-first order of the requests (computed from the replay's
-    own lengths); smaller ones, graphs without KV heads and KVFLOW_ATTN_LONGEST_FIRST=0, none."""
+    own lengths); the batch just below, one request, graphs without KV heads and
+    KVFLOW_ATTN_LONGEST_FIRST=0, none (small split grids: the rule's own test below)."""
     from kvflow.kernels.attention_config import DECODE_PROGRAMS_PER_SM, device_limits
     model = SimpleNamespace(config=SimpleNamespace(vocab_size=8, dtype=torch.float32))
     kv = 8
@@ -102,6 +103,7 @@ def test_metadata_orders_large_batches_longest_first(monkeypatch):
     n = resident // kv + 1                       # the smallest batch past one wave
     graphs = DecodeGraphs(model, torch.device(DEVICE), max_model_len=4096, block_size=16,
                           max_blocks_per_req=2, buckets=[n - 1, n], num_kv_heads=kv)
+    assert graphs._metadata(1).decode_order is None
     lens = torch.randperm(n, generator=torch.Generator().manual_seed(0)).to(torch.int32) + 1
     graphs.seq_lens[:n] = lens.to(DEVICE)
     order = graphs._metadata(n).decode_order
@@ -116,12 +118,20 @@ def test_metadata_orders_large_batches_longest_first(monkeypatch):
 
 
 def test_dispatch_longest_first_counts_programs_not_requests():
-    """The rule is about programs (requests x KV heads) against the GPU's resident slots: fewer
-    KV heads (e.g. under tensor parallelism) need more requests, more SMs need more programs."""
+    """The rule is about programs (requests x KV heads x split-KV segments) against the GPU's
+    resident slots: unsplit grids past one wave, and grids split >= 4 ways; fewer KV heads (e.g.
+    under tensor parallelism) need more requests, more SMs more programs."""
     from kvflow.kernels.attention_config import DECODE_PROGRAMS_PER_SM, dispatch_longest_first
     slots = DECODE_PROGRAMS_PER_SM * 132
-    assert not dispatch_longest_first(slots // 8, 8, 132)
-    assert dispatch_longest_first(slots // 8 + 1, 8, 132)
-    assert not dispatch_longest_first(slots // 8 + 1, 4, 132)
-    assert dispatch_longest_first(slots // 4 + 1, 4, 132)
-    assert not dispatch_longest_first(slots // 8 + 1, 8, 2 * 132)
+    L = 4096
+    assert not dispatch_longest_first(slots // 8, 8, 132, L)
+    assert dispatch_longest_first(slots // 8 + 1, 8, 132, L)
+    assert not dispatch_longest_first(slots // 8 + 1, 4, 132, L)
+    assert dispatch_longest_first(slots // 4 + 1, 4, 132, L)
+    assert not dispatch_longest_first(slots // 8 + 1, 8, 2 * 132, L)
+    # small batches: split 4+ ways (<= 16 requests x 8 heads) yes, 2 ways (17-32) no, and no
+    # split at all when the contexts are too short to split
+    assert dispatch_longest_first(2, 8, 132, L) and dispatch_longest_first(16, 8, 132, L)
+    assert not dispatch_longest_first(17, 8, 132, L) and not dispatch_longest_first(32, 8, 132, L)
+    assert not dispatch_longest_first(8, 8, 132, 512)
+    assert not dispatch_longest_first(1, 8, 132, L)

@@ -75,14 +75,39 @@ def _smem_bytes(block_m: int, block_n: int, head_pad: int, elem: int, stages: in
     return (tiles * 3 // 2 if elem == 4 else tiles) + 4096
 
 
-def dispatch_longest_first(num_reqs: int, num_kv_heads: int, num_sms: int) -> bool:
-    """Whether a one-token decode launch over num_reqs requests (one program per request and KV
-    head) should dispatch the longest contexts first. Only when its programs outnumber what the
-    GPU holds at once: they then start in waves as earlier ones finish, and ordering them
-    longest first keeps long programs out of the last wave, which sets the launch's tail. When
-    every program starts at once, the order only changes which SM each one lands on, and cost
-    2-7% in the measurements above."""
-    return num_reqs * num_kv_heads > DECODE_PROGRAMS_PER_SM * num_sms
+def _heuristic_splits(programs: int, split_below: int, max_seq_len: int, num_sms: int) -> int:
+    """Split-KV segments of a grid of `programs` (q-blocks x KV heads): about two waves of
+    >= MIN_SPLIT_TOKENS-token segments when the grid has fewer than split_below programs."""
+    if programs >= split_below or max_seq_len < 2 * MIN_SPLIT_TOKENS:
+        return 1
+    want = triton.cdiv(2 * num_sms, programs)
+    cap = max_seq_len // MIN_SPLIT_TOKENS
+    num_splits = min(triton.next_power_of_2(want), MAX_SPLITS)
+    while num_splits > cap:
+        num_splits //= 2
+    return max(1, num_splits)
+
+
+def dispatch_longest_first(num_reqs: int, num_kv_heads: int, num_sms: int,
+                           max_seq_len: int) -> bool:
+    """Whether a one-token decode launch over num_reqs requests (a program per request, KV head
+    and split-KV segment; max_seq_len as choose_config gets it) should dispatch the longest
+    contexts first. Measured on the engine's own inputs (benchmarks/attention_replay.py, H200,
+    8 KV heads), two cases gain:
+      * unsplit grids larger than the GPU holds at once (DECODE_PROGRAMS_PER_SM a SM): the
+        programs start in waves as earlier ones finish, and longest first keeps long programs
+        out of the last wave, which sets the launch's tail (-13% attention time at 544-800
+        programs; at <= 512, where every program starts at once, +7%);
+      * grids split into >= 4 segments (fewer programs than SMs before splitting: 1-16
+        requests): -6 to -11% at 4-16 requests. Two segments (17-32 requests) lost 2-4%.
+    One request has nothing to order (and decode at batch 1 is all latency)."""
+    if num_reqs < 2:
+        return False
+    programs = num_reqs * num_kv_heads
+    splits = _heuristic_splits(programs, 2 * num_sms, max_seq_len, num_sms)
+    if splits == 1:
+        return programs > DECODE_PROGRAMS_PER_SM * num_sms
+    return splits >= 4
 
 
 def prefill_block_q(num_heads: int, num_kv_heads: int) -> int:
@@ -158,14 +183,7 @@ def choose_config(num_tokens: int, num_reqs: int, num_heads: int, num_kv_heads: 
         # heads; +15-20% past 3 a SM, where 4-warp programs no longer all fit).
         num_warps = 2
     if num_splits is None:
-        num_splits = 1
-        if programs < split_below and max_seq_len >= 2 * MIN_SPLIT_TOKENS:
-            want = triton.cdiv(2 * num_sms, programs)
-            cap = max_seq_len // MIN_SPLIT_TOKENS
-            num_splits = min(triton.next_power_of_2(want), MAX_SPLITS)
-            while num_splits > cap:
-                num_splits //= 2
-            num_splits = max(1, num_splits)
+        num_splits = _heuristic_splits(programs, split_below, max_seq_len, num_sms)
     # Fused split-KV merge for decode-like tiles only: with 128-row tiles the merge's
     # [rows, HEAD_PAD] fp32 loads raise ptxas spills of the sm_90 kernel from ~0.8 KB to ~6 KB
     # (D=128, bf16), while the one long-prefix chunk that splits there is compute-heavy and a

@@ -152,7 +152,8 @@ class DecodeGraphs:
         seq_lens = self.seq_lens[:bs]
         order = None
         if (self.num_kv_heads and envs.attn_longest_first()
-                and dispatch_longest_first(bs, self.num_kv_heads, device_limits(self.device)[0])):
+                and dispatch_longest_first(bs, self.num_kv_heads, device_limits(self.device)[0],
+                                           self.max_model_len)):
             # Captured: sorted again at every replay, from that replay's lengths.
             order = longest_first_order(seq_lens)
         return AttentionMetadata(
