@@ -7,7 +7,7 @@ measured on an H200, see choose_config):
   block_n: prefill 128 for D = 128, else 64; decode 64 (32 for D > 128); halved for fp32.
   num_warps / num_stages: prefill 8 / 3 (2 for D > 128): wgmma with cp.async pipelining of
   the gathered K/V tiles; decode 4 / 2, one-token decode 2 warps when the grid has >= #SMs
-  programs (16-bit, D <= 128).
+  programs (16-bit, D <= 128), except unsplit grids of 2-3 programs per SM (4).
   fp32 uses 3xTF32 dots (tensor cores, about fp32 accuracy).
   Shared memory: stages, then block_n, then block_m shrink until Q + K/V buffers (_smem_bytes)
   fit the device's opt-in limit (227 KB on Hopper, less on Ampere/Ada).
@@ -98,7 +98,7 @@ def dispatch_longest_first(num_reqs: int, num_kv_heads: int, num_sms: int,
         programs start in waves as earlier ones finish, and longest first keeps long programs
         out of the last wave, which sets the launch's tail (-13% attention time at 544-800
         programs; at <= 512, where every program starts at once, +7%);
-      * grids split into >= 4 segments (fewer programs than SMs before splitting: 1-16
+      * grids split into >= 4 segments (fewer programs than SMs before splitting: 2-16
         requests): -6 to -11% at 4-16 requests. Two segments (17-32 requests) lost 2-4%.
     One request has nothing to order (and decode at batch 1 is all latency)."""
     if num_reqs < 2:
