@@ -6,15 +6,21 @@ Builds the engine as `kvflow bench throughput` does (dummy weights, bf16, max_mo
 and runs the workload until its first decode-only step of at most --batch requests (after a
 larger one). Right after that step, with the decode graph's staged inputs still in place:
 
-1. graph: the step's CUDA graph replayed under torch.profiler; the attention kernel's mean
-   duration per launch (one per layer);
+1. graph: the step's CUDA graph replayed (wall per step) and under torch.profiler: the
+   attention kernel's mean duration per launch (a PDL launch's duration includes its wait on
+   the kernel before it) and the graph's kernel table (graph_kernels);
 2. alone: the same attention launches (each layer's real KV cache, the graph's seq_lens, block
    table and request order; a random query) back to back, eager and captured in one graph;
-3. alone_per_layer: each layer's launch timed on its own (events around 20 repeats).
+3. alone_per_layer: the first layers' launches timed on their own (events around 20 repeats);
+4. variants (unless --no-variants): per-layer wall of the alone graph under other tiles
+   (warps, KV tile, stages, splits) and other inputs (no order, rows presorted, contiguous
+   blocks, equal lengths): which property of the real batch costs bandwidth.
 
 The same kernel, tiles and data in both; what differs is only what runs beside it. KV bytes
 are the step's sum of seq_lens x KV heads x head size x 2 (K and V) x dtype size per layer.
-Prints one JSON object (and writes it to --out).
+The graph replays rewrite the step's own KV slots (from the next input token, which the step
+has sampled): harmless for timing with dummy weights. Prints one JSON line per probe and the
+whole result (also written to --out). Measured with it: docs/performance.md, session 14.
 """
 from __future__ import annotations
 
@@ -182,6 +188,9 @@ def _variants(runner, layers, md, q, out, b: int, bs: int, iters: int) -> dict:
     mb = md.block_table.shape[1]
     # Synthetic tables: request i's blocks contiguous (i * mb + j), same lengths.
     contig = (torch.arange(bs * mb, device=q.device, dtype=torch.int32) % nb).view(bs, mb)
+    # Equal lengths (the mean). With the real table, rows shorter than the mean read blocks
+    # past their own (block 0 where never used: L2 hits), so that case reads fast for a reason
+    # of its own; the contiguous-table case has no such reads.
     mean = int(md.seq_lens[:b].float().mean())
     equal = md.seq_lens.clone()
     equal[:b] = mean
