@@ -201,6 +201,10 @@ def _variants(runner, layers, md, q, out, b: int, bs: int, iters: int) -> dict:
     srt_bt = md.block_table.clone()
     srt_bt[:b] = md.block_table[perm]
     ident = torch.arange(bs, device=q.device, dtype=torch.int32)
+    tiles = dict(bn32=dict(block_n=32), bn32_stages3=dict(block_n=32, num_stages=3),
+                 stages3=dict(num_stages=3), warps4=dict(num_warps=4),
+                 warps4_bn32=dict(num_warps=4, block_n=32), warps2=dict(num_warps=2),
+                 warps1=dict(num_warps=1), split2=dict(num_splits=2))
     cases = {
         "base": (base, md.seq_lens, md.block_table, md.decode_order),
         "no_order": (base, md.seq_lens, md.block_table, None),
@@ -208,22 +212,8 @@ def _variants(runner, layers, md, q, out, b: int, bs: int, iters: int) -> dict:
         "contig_blocks": (base, md.seq_lens, contig, md.decode_order),
         "equal_lens_contig": (base, equal, contig, None),
         "equal_lens_real_blocks": (base, equal, md.block_table, None),
-        "bn32": (dataclasses.replace(base, block_n=32), md.seq_lens, md.block_table,
-                 md.decode_order),
-        "bn32_stages3": (dataclasses.replace(base, block_n=32, num_stages=3), md.seq_lens,
-                         md.block_table, md.decode_order),
-        "stages3": (dataclasses.replace(base, num_stages=3), md.seq_lens, md.block_table,
-                    md.decode_order),
-        "warps4": (dataclasses.replace(base, num_warps=4), md.seq_lens, md.block_table,
-                   md.decode_order),
-        "warps4_bn32": (dataclasses.replace(base, num_warps=4, block_n=32), md.seq_lens,
-                        md.block_table, md.decode_order),
-        "warps2": (dataclasses.replace(base, num_warps=2), md.seq_lens, md.block_table,
-                   md.decode_order),
-        "warps1": (dataclasses.replace(base, num_warps=1), md.seq_lens, md.block_table,
-                   md.decode_order),
-        "split2": (dataclasses.replace(base, num_splits=2), md.seq_lens, md.block_table,
-                   md.decode_order),
+        **{name: (dataclasses.replace(base, **kw), md.seq_lens, md.block_table,
+                  md.decode_order) for name, kw in tiles.items()},
         "base_again": (base, md.seq_lens, md.block_table, md.decode_order),   # drift check
     }
     res = {}
