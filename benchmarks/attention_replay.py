@@ -78,13 +78,7 @@ def probe(runner, b: int, iters: int = 10, variants: bool = True) -> dict:
         torch.cuda.synchronize()
     g_us, g_n = _attn_us(prof)
     kernels = _kernel_table(prof, iters)
-    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
-    ev[0].record()
-    for _ in range(iters):
-        graph.replay()
-    ev[1].record()
-    torch.cuda.synchronize()
-    step_ms = ev[0].elapsed_time(ev[1]) / iters
+    step_ms = _replay_us(graph, iters) / 1e3
 
     q = torch.randn(bs, a0.num_heads, a0.head_dim, dtype=a0.kv_cache.dtype, device=runner.device)
     out = torch.empty_like(q)
@@ -102,22 +96,8 @@ def probe(runner, b: int, iters: int = 10, variants: bool = True) -> dict:
             all_layers()
         torch.cuda.synchronize()
     e_us, e_n = _attn_us(prof)
-    cg = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        all_layers()
-        torch.cuda.synchronize()
-        with torch.cuda.graph(cg):
-            all_layers()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    ev[0].record()
-    for _ in range(iters):
-        cg.replay()
-    ev[1].record()
-    torch.cuda.synchronize()
-    cg_us = ev[0].elapsed_time(ev[1]) * 1e3 / iters / len(layers)
+    cg = _capture(all_layers)
+    cg_us = _replay_us(cg, iters) / len(layers)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(iters):
             cg.replay()
@@ -125,6 +105,7 @@ def probe(runner, b: int, iters: int = 10, variants: bool = True) -> dict:
     cgk_us, _ = _attn_us(prof)
 
     per_layer = []
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
     for layer in layers[:4]:
         ev[0].record()
         for _ in range(20):
@@ -153,8 +134,8 @@ def probe(runner, b: int, iters: int = 10, variants: bool = True) -> dict:
                 variants_tbs=variants_tbs)
 
 
-def _graph_wall_us(fn, iters: int) -> float:
-    """Wall time (us) of one fn() captured in a CUDA graph, mean of `iters` replays."""
+def _capture(fn) -> torch.cuda.CUDAGraph:
+    """fn captured in a CUDA graph, after one eager call on the capture stream (warm-up)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     cg = torch.cuda.CUDAGraph()
@@ -164,12 +145,24 @@ def _graph_wall_us(fn, iters: int) -> float:
         with torch.cuda.graph(cg):
             fn()
     torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    return cg
+
+
+def _graph_wall_us(fn, iters: int) -> float:
+    """Wall time (us) of one fn() captured in a CUDA graph, mean of `iters` replays."""
+    cg = _capture(fn)
     cg.replay()
     torch.cuda.synchronize()
+    return _replay_us(cg, iters)
+
+
+def _replay_us(graph: torch.cuda.CUDAGraph, iters: int) -> float:
+    """Mean wall time (us) of `iters` back-to-back replays of a captured graph."""
     ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
     ev[0].record()
     for _ in range(iters):
-        cg.replay()
+        graph.replay()
     ev[1].record()
     torch.cuda.synchronize()
     return ev[0].elapsed_time(ev[1]) * 1e3 / iters
