@@ -75,6 +75,12 @@ def _smem_bytes(block_m: int, block_n: int, head_pad: int, elem: int, stages: in
     return (tiles * 3 // 2 if elem == 4 else tiles) + 4096
 
 
+def _split_below(decode: bool, num_sms: int) -> int:
+    """Grids of fewer programs than this split KV (choose_config's comment says why decode
+    grids split up to two programs per SM)."""
+    return 2 * num_sms if decode else num_sms
+
+
 def _heuristic_splits(programs: int, split_below: int, max_seq_len: int, num_sms: int) -> int:
     """Split-KV segments of a grid of `programs` (q-blocks x KV heads): about two waves of
     >= MIN_SPLIT_TOKENS-token segments when the grid has fewer than split_below programs."""
@@ -104,7 +110,7 @@ def dispatch_longest_first(num_reqs: int, num_kv_heads: int, num_sms: int,
     if num_reqs < 2:
         return False
     programs = num_reqs * num_kv_heads
-    splits = _heuristic_splits(programs, 2 * num_sms, max_seq_len, num_sms)
+    splits = _heuristic_splits(programs, _split_below(True, num_sms), max_seq_len, num_sms)
     if splits == 1:
         return programs > DECODE_PROGRAMS_PER_SM * num_sms
     return splits >= 4
@@ -168,7 +174,7 @@ def choose_config(num_tokens: int, num_reqs: int, num_heads: int, num_kv_heads: 
     # two): with about one long program per SM, uneven context lengths leave most SMs idle at
     # the end (32 requests x 8 KV heads: -10 to -19% with 2 splits in the sweep below).
     decode = direct and block_q == 1
-    split_below = 2 * num_sms if decode else num_sms
+    split_below = _split_below(decode, num_sms)
     if (decode and elem == 2 and head_pad <= 128 and programs >= num_sms
             and not split_below <= programs <= DECODE_4WARP_MAX_PROGRAMS_PER_SM * num_sms):
         # 2 warps once the grid has a program per SM (16-bit tiles, D <= 128): more programs

@@ -1,6 +1,6 @@
 """Longest-first order of a decode batch: order[i] = the request with the i-th longest context.
 
-Decode attention dispatches its programs in this order when the batch is large
+Decode attention dispatches its programs in this order where that pays
 (kernels/attention_config.dispatch_longest_first). The decode graphs compute it at every replay
 from that replay's lengths; `torch.argsort` did that in four kernels, a radix sort among them
 (~23 us of a 5.4 ms Qwen3-0.6B step at 144 requests, H200). Here it is one program: each length
@@ -18,10 +18,6 @@ import triton
 import triton.language as tl
 
 from kvflow.kernels.pdl import pdl_launch, pdl_launch_dependents, pdl_wait
-
-# In a CUDA graph on the H200 (benchmarks/results/decode-order-sort-nvidia-h200.txt): 1.3 / 1.7 /
-# 2.8 / 6.8 us at 80 / 144-256 / 512 / 1024 requests (4 warps, 8 from 1024), against 9-22 us for
-# torch.argsort + the int32 cast.
 
 MAX_REQS = 1 << 20           # index range of the packed key's low bits
 _IDX = tl.constexpr(MAX_REQS)
@@ -62,6 +58,9 @@ def longest_first_order(seq_lens: torch.Tensor, out: torch.Tensor | None = None)
         return out
     assert seq_lens.is_contiguous() and out.is_contiguous()
     block = max(16, triton.next_power_of_2(n))
+    # In a CUDA graph on the H200 (benchmarks/results/decode-order-sort-nvidia-h200.txt): 1.3 /
+    # 1.7 / 2.8 / 6.8 us at 80 / 144-256 / 512 / 1024 requests (4 warps, 8 from 1024), against
+    # 9-22 us for torch.argsort + the int32 cast.
     _longest_first_kernel[(1,)](seq_lens, out, n, BLOCK=block, num_warps=4 if block <= 512 else 8,
                                 **pdl_launch(seq_lens.device))
     return out

@@ -51,7 +51,6 @@ from kvflow.kernels.decode_order import longest_first_order
 logger = logging.getLogger("kvflow")
 
 
-
 def capture_buckets(device: torch.device, buckets: list[int], body, pool,
                     before=None) -> tuple[dict, dict, float, int]:
     """One CUDA graph per bucket, largest first (smaller graphs reuse the pool's blocks):
