@@ -30,6 +30,7 @@ import sys
 
 import torch
 
+from graph_timing import graph_time_us
 from kvflow import LLM
 from kvflow.attention.layer import Attention
 from kvflow.bench.offline import WORKLOADS
@@ -149,14 +150,6 @@ def _capture(fn) -> torch.cuda.CUDAGraph:
     return cg
 
 
-def _graph_wall_us(fn, iters: int) -> float:
-    """Wall time (us) of one fn() captured in a CUDA graph, mean of `iters` replays."""
-    cg = _capture(fn)
-    cg.replay()
-    torch.cuda.synchronize()
-    return _replay_us(cg, iters)
-
-
 def _replay_us(graph: torch.cuda.CUDAGraph, iters: int) -> float:
     """Mean wall time (us) of `iters` back-to-back replays of a captured graph."""
     ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
@@ -217,7 +210,7 @@ def _variants(runner, layers, md, q, out, b: int, bs: int, iters: int) -> dict:
                                   lens, bt, 1, md.max_seq_len, a0.scale, out=out, config=cfg,
                                   request_order=order)
         try:
-            res[name] = _graph_wall_us(fn, iters) / len(layers)
+            res[name] = graph_time_us(fn, reps=1, iters=iters) / len(layers)
         except Exception as e:  # a variant that does not compile or fit: report, go on
             print(f"variant {name}: {type(e).__name__}: {e}", file=sys.stderr)
     return res

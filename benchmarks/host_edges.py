@@ -22,7 +22,6 @@ import torch
 from kvflow import LLM
 from kvflow.bench.offline import WORKLOADS
 from kvflow.engine.llm_engine import LLMEngine
-from kvflow.llm import LLM as _LLM
 from kvflow.worker.model_runner import ModelRunner
 
 
@@ -35,7 +34,7 @@ def main() -> int:
                    help="rounds after the first would otherwise find their prompts cached")
     args = p.parse_args()
     marks: dict[str, float] = {}
-    orig_gen, orig_run, orig_launch, orig_step = (_LLM.generate, _LLM._run_engine,
+    orig_gen, orig_run, orig_launch, orig_step = (LLM.generate, LLM._run_engine,
                                                   ModelRunner.launch, LLMEngine.step)
 
     def generate(self, *a, **k):
@@ -58,7 +57,7 @@ def main() -> int:
         marks["last_step"] = time.perf_counter()
         return out
 
-    _LLM.generate, _LLM._run_engine, ModelRunner.launch, LLMEngine.step = (
+    LLM.generate, LLM._run_engine, ModelRunner.launch, LLMEngine.step = (
         generate, run_engine, launch, step)
     kw = dict(load_format="dummy", skip_tokenizer_init=True, max_num_seqs=1024,
               max_num_batched_tokens=16384,
