@@ -1,5 +1,4 @@
-"""Row argmax of [B, V] logits, plain (greedy sampling) or of logits / T + Gumbel noise (random
-sampling in one pass over the logits).
+"""Row argmax of [B, V] logits (greedy sampling; random sampling is kernels/sampling.py).
 
 torch.argmax on a [1, 128256] float32 row is one reduce_kernel with grid [1, 1, 1]: one block
 walks 500 KB (27.8 us on an H200, longer than a whole decode layer). Here two launches:
@@ -11,12 +10,6 @@ Semantics are torch.argmax's, exactly: ties -> the lowest index (each chunk keep
 maximum, stage 2 the lowest index among chunks holding the maximum); NaN counts as larger than
 everything, so a row with a NaN returns its first NaN (what torch returns on CPU and CUDA); a
 row of -inf returns 0. Sizes come from shapes (no host sync): CUDA-graph safe.
-
-Random sampling (`sample_rows`): argmax_j (x_j / T - log(-log U_j)), U_j ~ iid Uniform(0, 1)
-from Philox4x32 (keyed by seed + row; counter k gives the four positions 4k..4k+3), is a draw from
-softmax(x / T): -log U is Exponential(1), and argmax_j p_j / E_j picks j with probability
-p_j / sum(p) (the exponential race the torch sampler runs in five [B, V] passes; here logits
-are read once, the noise never stored). Masked tokens (-inf) are never drawn.
 """
 from __future__ import annotations
 
@@ -46,25 +39,15 @@ def _first_max(x, idx, valid):
     return tl.where(has_nan, float("nan"), m), tl.where(has_nan, first_nan, first)
 
 
-@triton.jit(do_not_specialize=["seed"])
-def _argmax_chunks_kernel(x_ptr, val_ptr, idx_ptr, temp_ptr, V, stride_xb, num_chunks, seed,
-                          CHUNK: tl.constexpr, GUMBEL: tl.constexpr, USE_PDL: tl.constexpr):
+@triton.jit
+def _argmax_chunks_kernel(x_ptr, val_ptr, idx_ptr, V, stride_xb, num_chunks,
+                          CHUNK: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_wait(USE_PDL)                  # the logits are the predecessor's output
     pdl_launch_dependents(USE_PDL)
     row, c = tl.program_id(0).to(tl.int64), tl.program_id(1)
     cols = c * CHUNK + tl.arange(0, CHUNK)
     ok = cols < V
     x = tl.load(x_ptr + row * stride_xb + cols, mask=ok, other=float("-inf")).to(tl.float32)
-    if GUMBEL:
-        # One Philox stream per row (key seed + row). Philox4x32 yields four words per
-        # counter and the noise is compute-bound (tl.rand computes all four and keeps one:
-        # 0.52 ms a step at 512 x 152K on an H200), so counter k serves vocabulary positions
-        # 4k..4k+3 (word j -> 4k + j). Counters are global vocabulary groups (CHUNK is a
-        # multiple of 4): a row's draw does not depend on the chunking.
-        ctr = c * (CHUNK // 4) + tl.arange(0, CHUNK // 4)
-        u0, u1, u2, u3 = tl.rand4x(seed + row, ctr)
-        u = tl.reshape(tl.join(tl.join(u0, u1), tl.join(u2, u3)), [CHUNK])     # [CHUNK]
-        x = x / tl.load(temp_ptr + row) - tl.log(-tl.log(u))
     value, index = _first_max(x, cols, ok)
     tl.store(val_ptr + row * num_chunks + c, value)
     tl.store(idx_ptr + row * num_chunks + c, index)
@@ -97,22 +80,6 @@ def argmax_chunk(rows: int, vocab: int) -> int:
 def argmax_rows(x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """x [B, V] floating -> [B] int64, exactly x.argmax(dim=-1) (see the module docstring).
     chunk: stage-1 chunk override (a power of two; tests)."""
-    return _launch(x, None, 0, chunk)
-
-
-@torch.compiler.disable
-def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, seed: int,
-                chunk: int | None = None) -> torch.Tensor:
-    """One token per row drawn from softmax(logits / temperature) (see the module docstring).
-    logits [B, V] floating; temperature [B] float32 > 0 on the logits' device; seed: the Philox
-    key of row 0 (row r uses seed + r), an int in [0, 2**31) (one argument type, so one
-    compiled variant). Returns [B] int64."""
-    assert temperature.shape == (logits.shape[0],) and temperature.dtype == torch.float32
-    assert 0 <= seed < 2 ** 31, seed
-    return _launch(logits, temperature, seed, chunk)
-
-
-def _launch(x, temperature, seed, chunk):
     b, v = x.shape
     out = torch.empty((b,), dtype=torch.int64, device=x.device)               # [B]
     if b == 0:
@@ -122,14 +89,12 @@ def _launch(x, temperature, seed, chunk):
     if x.stride(1) != 1:
         x = x.contiguous()
     chunk = chunk or argmax_chunk(b, v)
-    assert chunk >= 4 and chunk & (chunk - 1) == 0, chunk   # the noise's counters: 4 per word
+    assert chunk & (chunk - 1) == 0, chunk
     nc = triton.cdiv(v, chunk)
     vals = torch.empty((b, nc), dtype=torch.float32, device=x.device)         # [B, NC]
     idxs = torch.empty((b, nc), dtype=torch.int32, device=x.device)           # [B, NC]
     pdl = pdl_launch(x.device)
-    gumbel = temperature is not None
-    _argmax_chunks_kernel[(b, nc)](x, vals, idxs, temperature if gumbel else vals, v,
-                                   x.stride(0), nc, seed, CHUNK=chunk, GUMBEL=gumbel,
+    _argmax_chunks_kernel[(b, nc)](x, vals, idxs, v, x.stride(0), nc, CHUNK=chunk,
                                    num_warps=8 if chunk > 2048 else 4, **pdl)
     _argmax_final_kernel[(b,)](vals, idxs, out, nc, NC_PAD=max(16, triton.next_power_of_2(nc)),
                                num_warps=4, **pdl)

@@ -7,9 +7,9 @@ Order of processing (vLLM v1 semantics):
 Logprobs are of the raw float32 logits (see logprobs.py).
 
 On CUDA, when no row uses top-k, top-p, min-p or its own seeded generator (the common serving
-case), temperature + sampling are one Triton pass over the logits (kernels/argmax.py's
-sample_rows: the same exponential race in log space, Gumbel-max, with in-kernel Philox noise
-keyed from the default generator) instead of five [B, V] passes and a copy.
+case), temperature + sampling are one Triton pass over the logits (kernels/sampling.py's
+sample_rows: inverse-CDF sampling, one Philox uniform per row keyed from the default
+generator) instead of five [B, V] passes and a copy.
 
 Everything is batched over rows; the only per-row Python loop is the noise draw of rows that
 own a seeded generator (it touches one [V] row each). Stages no row needs are skipped, decided
@@ -207,7 +207,7 @@ class Sampler:
             return greedy_ids
 
         if fused:
-            from kvflow.kernels.argmax import sample_rows
+            from kvflow.kernels.sampling import sample_rows
             # The kernel's Philox key, from the default generator (seeded by the engine's
             # seed): a host draw, no device sync.
             seed = int(torch.randint(0, 2 ** 31 - 1, ()).item())

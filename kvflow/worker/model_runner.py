@@ -495,7 +495,8 @@ class ModelRunner:
         from kvflow import kernels
         if not kernels.HAS_TRITON:
             return
-        from kvflow.kernels.argmax import CHUNKS, argmax_rows, sample_rows
+        from kvflow.kernels.argmax import CHUNKS, argmax_rows
+        from kvflow.kernels.sampling import sample_rows
         temperature = torch.ones((1,), dtype=torch.float32, device=self.device)
         # float32: eager steps' logits; the model's dtype: the decode graphs' (one variant each).
         for dtype in dict.fromkeys((torch.float32, self.config.model.dtype)):
