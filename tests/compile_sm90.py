@@ -41,12 +41,14 @@ def cases():
     a = {"val_ptr": "*fp32", "idx_ptr": "*i32", "out_ptr": "*i64", "num_chunks": "i32"}
     out.append((am._argmax_final_kernel, a, dict(NC_PAD=128, USE_PDL=True), dict(num_warps=4)))
     a = {"x_ptr": "*bf16", "max_ptr": "*fp32", "sum_ptr": "*fp32", "nan_ptr": "*i32",
-         "temp_ptr": "*fp32", "V": "i32", "stride_xb": "i32", "num_subs": "i32"}
+         "temp_ptr": "*fp32", "V": "i32", "stride_xb": "i32", "num_chunks": "i32"}
     for chunk, warps in ((1024, 4), (8192, 8)):
-        out.append((sp._sample_chunks_kernel, a, dict(CHUNK=chunk, SUB=1024, USE_PDL=True),
+        out.append((sp._sample_chunks_kernel, a, dict(CHUNK=chunk, USE_PDL=True),
                     dict(num_warps=warps)))
-    out.append((sp._sample_pick_kernel, dict(a, out_ptr="*i64", seed="i32"),
-                dict(SUB=1024, NS_PAD=256, USE_PDL=True), dict(num_warps=4)))
+        pa = dict(a, out_ptr="*i64", seed="i32")
+        out.append((sp._sample_pick_kernel, pa,
+                    dict(CHUNK=chunk, NC_PAD=256 if chunk == 1024 else 32, USE_PDL=True),
+                    dict(num_warps=warps)))
     a = {"stage_ptr": "*i64", "last_ptr": "*i64", "ids_ptr": "*i64", "pos_ptr": "*i64",
          "slot_ptr": "*i64", "lens_ptr": "*i32", "bs": "i32", "n": "i32"}
     out.append((di._decode_inputs_kernel, a, dict(BLOCK=512, USE_PDL=True), dict(num_warps=4)))

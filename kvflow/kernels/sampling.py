@@ -9,16 +9,15 @@ log(-log U_j)) generated Philox noise and took two logarithms for every entry: o
 ~0.5 ms at 512 rows, where this kernel's work per entry is one exp (a few us, ~the read of the
 logits).
 
-  stage 1, grid (B, V / CHUNK) (the argmax's chunks): each program reduces every block of
-    SUB_BLOCK entries of its chunk to the block's maximum m_c of y = x / T, its weight
-    s_c = sum exp(y - m_c), and its first NaN (if any).
-  stage 2, grid (B,): the row's maximum M and block weights S_c = s_c * exp(m_c - M); u from
-    Philox (key seed + row, so a row's draw does not depend on the batch); the block c where
-    the running sum of S_c first exceeds u * S; then that block's entries again (2 KB of bf16
-    a row), cumulatively summed in the block's own scale, give the token.
+  stage 1, grid (B, V / CHUNK): each program reduces one chunk of a row to its maximum m_c of
+    y = x / T, its weight s_c = sum exp(y - m_c), and its first NaN (if any).
+  stage 2, grid (B,): the row's maximum M and chunk weights S_c = s_c * exp(m_c - M); u from
+    Philox (key seed + row, so a row's draw does not depend on the batch); the chunk c where
+    the running sum of S_c first exceeds u * S; then that chunk's entries again (one chunk per
+    row, a fraction of the logits), cumulatively summed in the chunk's own scale, give the token.
 
 Rules (also what the tests check): a -inf entry (masked) has weight 0 and is never drawn; if
-rounding leaves the target at or past the block's recomputed total, the block's last entry of
+rounding leaves the target at or past the chunk's recomputed total, the chunk's last entry of
 positive weight is drawn; a row holding NaN returns its first NaN (as the argmax did); a row
 whose entries are all -inf returns 0; +inf entries share the row's mass equally. Sizes come
 from shapes (no host sync): CUDA-graph safe.
@@ -33,71 +32,68 @@ from kvflow.kernels.argmax import argmax_chunk
 from kvflow.kernels.pdl import pdl_launch, pdl_launch_dependents, pdl_wait
 
 _BIG = tl.constexpr(2147483647)
-SUB_BLOCK = 1024    # entries per partial: stage 2 re-reads one such block per row
 
 
 @triton.jit
 def _weights(y, m):
-    """exp(y - m) for a block whose maximum is m; 0 for -inf and NaN entries. Entries equal to
+    """exp(y - m) for a chunk whose maximum is m; 0 for -inf and NaN entries. Entries equal to
     m weigh 1 (also when m is +inf, where y - m would be NaN)."""
     return tl.where(y > float("-inf"), tl.exp(tl.where(y == m, 0.0, y - m)), 0.0)
 
 
 @triton.jit
 def _sample_chunks_kernel(x_ptr, max_ptr, sum_ptr, nan_ptr, temp_ptr, V, stride_xb,
-                          num_subs, CHUNK: tl.constexpr, SUB: tl.constexpr,
-                          USE_PDL: tl.constexpr):
+                          num_chunks, CHUNK: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_wait(USE_PDL)                  # the logits are the predecessor's output
     pdl_launch_dependents(USE_PDL)
     row, c = tl.program_id(0).to(tl.int64), tl.program_id(1)
-    NS: tl.constexpr = CHUNK // SUB
     cols = c * CHUNK + tl.arange(0, CHUNK)
-    x = tl.load(x_ptr + row * stride_xb + cols, mask=cols < V, other=float("-inf"))
-    y = tl.reshape(x.to(tl.float32) * (1.0 / tl.load(temp_ptr + row)), [NS, SUB])
-    cols = tl.reshape(cols, [NS, SUB])
-    first_nan = tl.min(tl.where(y != y, cols, _BIG), axis=1)                     # [NS]
-    m = tl.max(tl.where(y == y, y, float("-inf")), axis=1)                       # [NS]
-    s = tl.sum(_weights(y, m[:, None]), axis=1)                                  # [NS]
-    subs = c * NS + tl.arange(0, NS)
-    ok = subs < num_subs
-    tl.store(max_ptr + row * num_subs + subs, m, mask=ok)
-    tl.store(sum_ptr + row * num_subs + subs, s, mask=ok)
-    tl.store(nan_ptr + row * num_subs + subs, first_nan, mask=ok)
+    ok = cols < V
+    x = tl.load(x_ptr + row * stride_xb + cols, mask=ok, other=float("-inf")).to(tl.float32)
+    y = x * (1.0 / tl.load(temp_ptr + row))                                      # [CHUNK]
+    first_nan = tl.min(tl.where(y != y, cols, _BIG), axis=0)
+    m = tl.max(tl.where(y == y, y, float("-inf")), axis=0)
+    s = tl.sum(_weights(y, m), axis=0)
+    tl.store(max_ptr + row * num_chunks + c, m)
+    tl.store(sum_ptr + row * num_chunks + c, s)
+    tl.store(nan_ptr + row * num_chunks + c, first_nan)
 
 
 @triton.jit(do_not_specialize=["seed"])
 def _sample_pick_kernel(x_ptr, max_ptr, sum_ptr, nan_ptr, temp_ptr, out_ptr, V, stride_xb,
-                        num_subs, seed, SUB: tl.constexpr, NS_PAD: tl.constexpr,
+                        num_chunks, seed, CHUNK: tl.constexpr, NC_PAD: tl.constexpr,
                         USE_PDL: tl.constexpr):
     pdl_wait(USE_PDL)                  # stage 1's partials
     pdl_launch_dependents(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
-    cs = tl.arange(0, NS_PAD)
-    ok = cs < num_subs
-    part = row * num_subs + cs
-    m_c = tl.load(max_ptr + part, mask=ok, other=float("-inf"))                  # [NS_PAD]
+    cs = tl.arange(0, NC_PAD)
+    ok = cs < num_chunks
+    part = row * num_chunks + cs
+    m_c = tl.load(max_ptr + part, mask=ok, other=float("-inf"))                  # [NC_PAD]
     s_c = tl.load(sum_ptr + part, mask=ok, other=0.0)
     first_nan = tl.min(tl.load(nan_ptr + part, mask=ok, other=_BIG), axis=0)
     m = tl.max(m_c, axis=0)
-    scale_c = tl.where(m_c == m, 1.0, tl.exp(m_c - m))      # exp(-inf) = 0 for empty blocks
-    w_c = s_c * scale_c                                                          # [NS_PAD]
+    scale_c = tl.where(m_c == m, 1.0, tl.exp(m_c - m))      # exp(-inf) = 0 for empty chunks
+    w_c = s_c * scale_c                                                          # [NC_PAD]
     cum = tl.cumsum(w_c, axis=0)
     total = tl.sum(w_c, axis=0)
     # u in [0, 1): counter 0 of the row's own Philox stream.
     u = tl.rand(seed + row, tl.zeros([1], dtype=tl.int32))                       # [1]
     target = tl.sum(u, axis=0) * total
     c = tl.min(tl.where(ok & (cum > target), cs, _BIG), axis=0)
-    # Rounding can put the target at the total: the last block with weight then.
+    # Rounding can put the target at the total: the last chunk with weight then.
     c = tl.where(c == _BIG, tl.max(tl.where(ok & (w_c > 0), cs, -1), axis=0), c)
     c_safe = tl.maximum(c, 0)
     sel = cs == c_safe
     before = tl.sum(tl.where(sel, cum - w_c, 0.0), axis=0)
     m_sel = tl.sum(tl.where(sel, m_c, 0.0), axis=0)
     scale_sel = tl.sum(tl.where(sel, scale_c, 0.0), axis=0)
-    # The block again, in its own scale (weights exp(y - m_sel), as stage 1 summed them).
-    cols = c_safe * SUB + tl.arange(0, SUB)
-    x = tl.load(x_ptr + row * stride_xb + cols, mask=cols < V, other=float("-inf"))
-    w = _weights(x.to(tl.float32) * (1.0 / tl.load(temp_ptr + row)), m_sel)      # [SUB]
+    # The chunk again, in its own scale (weights exp(y - m_sel), as stage 1 summed them).
+    cols = c_safe * CHUNK + tl.arange(0, CHUNK)
+    in_v = cols < V
+    x = tl.load(x_ptr + row * stride_xb + cols, mask=in_v, other=float("-inf")).to(tl.float32)
+    y = x * (1.0 / tl.load(temp_ptr + row))
+    w = _weights(y, m_sel)                                                       # [CHUNK]
     local = (target - before) / scale_sel
     j = tl.min(tl.where(tl.cumsum(w, axis=0) > local, cols, _BIG), axis=0)
     j = tl.where(j == _BIG, tl.max(tl.where(w > 0, cols, -1), axis=0), j)
@@ -125,16 +121,15 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, seed: int,
     x = logits if logits.stride(1) == 1 else logits.contiguous()
     chunk = chunk or argmax_chunk(b, v)
     assert chunk & (chunk - 1) == 0, chunk
-    sub = min(chunk, SUB_BLOCK)
-    ns = triton.cdiv(v, sub)
-    maxes = torch.empty((b, ns), dtype=torch.float32, device=x.device)          # [B, NS]
-    sums = torch.empty((b, ns), dtype=torch.float32, device=x.device)           # [B, NS]
-    nans = torch.empty((b, ns), dtype=torch.int32, device=x.device)             # [B, NS]
+    nc = triton.cdiv(v, chunk)
+    maxes = torch.empty((b, nc), dtype=torch.float32, device=x.device)          # [B, NC]
+    sums = torch.empty((b, nc), dtype=torch.float32, device=x.device)           # [B, NC]
+    nans = torch.empty((b, nc), dtype=torch.int32, device=x.device)             # [B, NC]
     pdl = pdl_launch(x.device)
-    _sample_chunks_kernel[(b, triton.cdiv(v, chunk))](
-        x, maxes, sums, nans, temperature, v, x.stride(0), ns, CHUNK=chunk, SUB=sub,
-        num_warps=8 if chunk > 2048 else 4, **pdl)
-    ns_pad = max(16, triton.next_power_of_2(ns))
-    _sample_pick_kernel[(b,)](x, maxes, sums, nans, temperature, out, v, x.stride(0), ns, seed,
-                              SUB=sub, NS_PAD=ns_pad, num_warps=8 if ns_pad > 512 else 4, **pdl)
+    warps = 8 if chunk > 2048 else 4
+    _sample_chunks_kernel[(b, nc)](x, maxes, sums, nans, temperature, v, x.stride(0), nc,
+                                   CHUNK=chunk, num_warps=warps, **pdl)
+    _sample_pick_kernel[(b,)](x, maxes, sums, nans, temperature, out, v, x.stride(0), nc, seed,
+                              CHUNK=chunk, NC_PAD=max(16, triton.next_power_of_2(nc)),
+                              num_warps=warps, **pdl)
     return out
