@@ -42,12 +42,12 @@ def cases():
     out.append((am._argmax_final_kernel, a, dict(NC_PAD=128, USE_PDL=True), dict(num_warps=4)))
     a = {"x_ptr": "*bf16", "max_ptr": "*fp32", "sum_ptr": "*fp32", "nan_ptr": "*i32",
          "temp_ptr": "*fp32", "V": "i32", "stride_xb": "i32", "num_chunks": "i32"}
-    for chunk, warps in ((1024, 4), (8192, 8)):
+    for chunk, warps in ((1024, 4), (4096, 4)):
         out.append((sp._sample_chunks_kernel, a, dict(CHUNK=chunk, USE_PDL=True),
                     dict(num_warps=warps)))
         pa = dict(a, out_ptr="*i64", seed="i32")
         out.append((sp._sample_pick_kernel, pa,
-                    dict(CHUNK=chunk, NC_PAD=256 if chunk == 1024 else 32, USE_PDL=True),
+                    dict(CHUNK=chunk, NC_PAD=256 if chunk == 1024 else 64, USE_PDL=True),
                     dict(num_warps=warps)))
     a = {"stage_ptr": "*i64", "last_ptr": "*i64", "ids_ptr": "*i64", "pos_ptr": "*i64",
          "slot_ptr": "*i64", "lens_ptr": "*i32", "bs": "i32", "n": "i32"}

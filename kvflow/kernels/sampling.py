@@ -10,7 +10,9 @@ log(-log U_j)) generated Philox noise and took two logarithms for every entry: o
 logits).
 
   stage 1, grid (B, V / CHUNK): each program reduces one chunk of a row to its maximum m_c of
-    y = x / T, its weight s_c = sum exp(y - m_c), and its first NaN (if any).
+    y = x / T and its weight s_c = sum exp(y - m_c) (in base 2: y is scaled by log2(e) / T
+    and the weights are exp2, one MUFU op an entry); a NaN makes s_c NaN, and only then is
+    the chunk searched for its first NaN.
   stage 2, grid (B,): the row's maximum M and chunk weights S_c = s_c * exp(m_c - M); u from
     Philox (key seed + row, so a row's draw does not depend on the batch); the chunk c where
     the running sum of S_c first exceeds u * S; then that chunk's entries again (one chunk per
@@ -32,13 +34,25 @@ from kvflow.kernels.argmax import argmax_chunk
 from kvflow.kernels.pdl import pdl_launch, pdl_launch_dependents, pdl_wait
 
 _BIG = tl.constexpr(2147483647)
+_LOG2E = tl.constexpr(1.4426950408889634)
+_FMAX = tl.constexpr(3.4028234663852886e38)
+MAX_CHUNK = 4096    # stage-1 chunk cap: 4096 x 4 warps measured best at 140-1000 rows (H200)
 
 
 @triton.jit
-def _weights(y, m):
-    """exp(y - m) for a chunk whose maximum is m; 0 for -inf and NaN entries. Entries equal to
-    m weigh 1 (also when m is +inf, where y - m would be NaN)."""
-    return tl.where(y > float("-inf"), tl.exp(tl.where(y == m, 0.0, y - m)), 0.0)
+def _scaled(ptrs, mask, inv_t):
+    """Logits / T in base 2 (x * log2(e) / T, so weights are exp2(y - m)), masked entries
+    -inf; +inf and overflow clamped to the float32 maximum (so +inf entries weigh 1 against
+    everything else's 0), NaN kept."""
+    x = tl.load(ptrs, mask=mask, other=float("-inf")).to(tl.float32)
+    return tl.minimum(x * inv_t, _FMAX, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _finite(m):
+    """The reference point of a block's weights: its maximum, or 0 when every entry is -inf
+    (exp2(-inf - 0) = 0 then, where exp2(-inf - -inf) would be NaN)."""
+    return tl.where(m == float("-inf"), 0.0, m)
 
 
 @triton.jit
@@ -48,12 +62,15 @@ def _sample_chunks_kernel(x_ptr, max_ptr, sum_ptr, nan_ptr, temp_ptr, V, stride_
     pdl_launch_dependents(USE_PDL)
     row, c = tl.program_id(0).to(tl.int64), tl.program_id(1)
     cols = c * CHUNK + tl.arange(0, CHUNK)
-    ok = cols < V
-    x = tl.load(x_ptr + row * stride_xb + cols, mask=ok, other=float("-inf")).to(tl.float32)
-    y = x * (1.0 / tl.load(temp_ptr + row))                                      # [CHUNK]
-    first_nan = tl.min(tl.where(y != y, cols, _BIG), axis=0)
-    m = tl.max(tl.where(y == y, y, float("-inf")), axis=0)
-    s = tl.sum(_weights(y, m), axis=0)
+    y = _scaled(x_ptr + row * stride_xb + cols, cols < V,
+                _LOG2E / tl.load(temp_ptr + row))                                # [CHUNK]
+    m = tl.max(tl.where(y == y, y, float("-inf")), axis=0)                       # NaN skipped
+    # A NaN entry makes the sum NaN: only then is the chunk searched for its first NaN, so
+    # the common case costs one exp2 and a few ALU ops an entry.
+    s = tl.sum(tl.exp2(y - _finite(m)), axis=0)
+    first_nan = tl.full([], _BIG, tl.int32)
+    if s != s:
+        first_nan = tl.min(tl.where(y != y, cols, _BIG), axis=0)
     tl.store(max_ptr + row * num_chunks + c, m)
     tl.store(sum_ptr + row * num_chunks + c, s)
     tl.store(nan_ptr + row * num_chunks + c, first_nan)
@@ -72,8 +89,7 @@ def _sample_pick_kernel(x_ptr, max_ptr, sum_ptr, nan_ptr, temp_ptr, out_ptr, V, 
     m_c = tl.load(max_ptr + part, mask=ok, other=float("-inf"))                  # [NC_PAD]
     s_c = tl.load(sum_ptr + part, mask=ok, other=0.0)
     first_nan = tl.min(tl.load(nan_ptr + part, mask=ok, other=_BIG), axis=0)
-    m = tl.max(m_c, axis=0)
-    scale_c = tl.where(m_c == m, 1.0, tl.exp(m_c - m))      # exp(-inf) = 0 for empty chunks
+    scale_c = tl.exp2(m_c - _finite(tl.max(m_c, axis=0)))   # 0 for empty chunks
     w_c = s_c * scale_c                                                          # [NC_PAD]
     cum = tl.cumsum(w_c, axis=0)
     total = tl.sum(w_c, axis=0)
@@ -88,17 +104,15 @@ def _sample_pick_kernel(x_ptr, max_ptr, sum_ptr, nan_ptr, temp_ptr, out_ptr, V, 
     before = tl.sum(tl.where(sel, cum - w_c, 0.0), axis=0)
     m_sel = tl.sum(tl.where(sel, m_c, 0.0), axis=0)
     scale_sel = tl.sum(tl.where(sel, scale_c, 0.0), axis=0)
-    # The chunk again, in its own scale (weights exp(y - m_sel), as stage 1 summed them).
+    # The chunk again, in its own scale (weights exp2(y - m_sel), as stage 1 summed them).
     cols = c_safe * CHUNK + tl.arange(0, CHUNK)
-    in_v = cols < V
-    x = tl.load(x_ptr + row * stride_xb + cols, mask=in_v, other=float("-inf")).to(tl.float32)
-    y = x * (1.0 / tl.load(temp_ptr + row))
-    w = _weights(y, m_sel)                                                       # [CHUNK]
+    y = _scaled(x_ptr + row * stride_xb + cols, cols < V, _LOG2E / tl.load(temp_ptr + row))
+    w = tl.exp2(y - _finite(m_sel))                                              # [CHUNK]
     local = (target - before) / scale_sel
     j = tl.min(tl.where(tl.cumsum(w, axis=0) > local, cols, _BIG), axis=0)
     j = tl.where(j == _BIG, tl.max(tl.where(w > 0, cols, -1), axis=0), j)
     j = tl.where(c < 0, 0, j)                                # every entry -inf: token 0
-    j = tl.where(first_nan < _BIG, first_nan, j)
+    j = tl.where(first_nan < _BIG, first_nan, j)             # (NaN rows: any j above)
     tl.store(out_ptr + row, j.to(tl.int64))
 
 
@@ -119,14 +133,14 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, seed: int,
     if v == 0:
         raise IndexError("sampling from an empty row")
     x = logits if logits.stride(1) == 1 else logits.contiguous()
-    chunk = chunk or argmax_chunk(b, v)
+    chunk = min(chunk or argmax_chunk(b, v), MAX_CHUNK)
     assert chunk & (chunk - 1) == 0, chunk
     nc = triton.cdiv(v, chunk)
     maxes = torch.empty((b, nc), dtype=torch.float32, device=x.device)          # [B, NC]
     sums = torch.empty((b, nc), dtype=torch.float32, device=x.device)           # [B, NC]
     nans = torch.empty((b, nc), dtype=torch.int32, device=x.device)             # [B, NC]
     pdl = pdl_launch(x.device)
-    warps = 8 if chunk > 2048 else 4
+    warps = 4
     _sample_chunks_kernel[(b, nc)](x, maxes, sums, nans, temperature, v, x.stride(0), nc,
                                    CHUNK=chunk, num_warps=warps, **pdl)
     _sample_pick_kernel[(b,)](x, maxes, sums, nans, temperature, out, v, x.stride(0), nc, seed,
