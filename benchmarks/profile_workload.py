@@ -285,6 +285,7 @@ def main() -> int:
     p.add_argument("--workloads", default="nanovllm,throughput8k")
     p.add_argument("--max-num-seqs", type=int, default=1024)
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--no-kernels", action="store_true")
     p.add_argument("--trace-steps", type=int, default=0,
                    help="chrome trace (host + device) of this many pipelined steps from the "
@@ -304,14 +305,14 @@ def main() -> int:
     recorder.trace_decode_b = args.trace_decode_b
     recorder.install()
     kw = dict(load_format="dummy", skip_tokenizer_init=True, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens)
+              max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size)
     if torch.cuda.is_available():
         kw.update(dtype="bfloat16", max_model_len=4096)
     else:
         kw.update(device="cpu", dtype="float32", kv_cache_memory=64 << 20)
     llm = LLM(args.model, **kw)
     weight_bytes, layer_params, kv_per_token = _model_sizes(llm)
-    result = dict(model=args.model, max_num_seqs=args.max_num_seqs,
+    result = dict(model=args.model, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
                   max_num_batched_tokens=args.max_num_batched_tokens,
                   weight_read_gb_per_step=round(weight_bytes / 1e9, 3),
                   layer_params=layer_params, kv_bytes_per_token=kv_per_token, workloads={})
