@@ -62,7 +62,7 @@ def test_forced_preemption(tiny_llama, reference, make_llm):
 
 
 def test_prefix_cache_hits(tiny_llama, reference, make_llm):
-    llm = make_llm(tiny_llama[1])
+    llm = make_llm(tiny_llama[1], block_size=16)    # the prompts' lengths are sized for 16
     prompts = _prompts()
     first = _gen(llm, prompts)
     second = _gen(llm, prompts)
