@@ -190,7 +190,8 @@ def _variants(runner, layers, md, q, out, b: int, bs: int, iters: int) -> dict:
     tiles = dict(bn32=dict(block_n=32), bn32_stages3=dict(block_n=32, num_stages=3),
                  stages3=dict(num_stages=3), warps4=dict(num_warps=4),
                  warps4_bn32=dict(num_warps=4, block_n=32), warps2=dict(num_warps=2),
-                 warps1=dict(num_warps=1), split2=dict(num_splits=2))
+                 warps1=dict(num_warps=1), split2=dict(num_splits=2),
+                 bn128=dict(block_n=128), bn128_warps4=dict(block_n=128, num_warps=4))
     cases = {
         "base": (base, md.seq_lens, md.block_table, md.decode_order),
         "no_order": (base, md.seq_lens, md.block_table, None),
