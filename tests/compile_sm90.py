@@ -49,6 +49,8 @@ def cases():
         out.append((sp._sample_pick_kernel, pa,
                     dict(CHUNK=chunk, NC_PAD=256 if chunk == 1024 else 64, USE_PDL=True),
                     dict(num_warps=warps)))
+    out.append((sp._sample_pick_kernel, dict(pa, u_ptr="*fp32"),      # given uniforms (tests)
+                dict(CHUNK=4096, NC_PAD=64, USE_PDL=True, HAS_U=True), dict(num_warps=4)))
     a = {"stage_ptr": "*i64", "last_ptr": "*i64", "ids_ptr": "*i64", "pos_ptr": "*i64",
          "slot_ptr": "*i64", "lens_ptr": "*i32", "bs": "i32", "n": "i32"}
     out.append((di._decode_inputs_kernel, a, dict(BLOCK=512, USE_PDL=True), dict(num_warps=4)))

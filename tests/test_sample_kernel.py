@@ -25,6 +25,37 @@ def _counts(ids, n, k, v):
     return [torch.bincount(ids[i * n:(i + 1) * n], minlength=v).tolist() for i in range(k)]
 
 
+@pytest.mark.parametrize("chunk", [None, 64])
+def test_matches_the_torch_reference_for_given_uniforms(chunk):
+    """With the uniforms given, each row's token is the reference's inverse-CDF pick
+    (kernels/reference.py, float64): the kernel's token j must bracket u (cdf[j-1] <= u * S <=
+    cdf[j], to float32 rounding of S), and rows of NaN, -inf and +inf follow the same rules."""
+    from kvflow.kernels.reference import ref_sample_rows
+    g = torch.Generator().manual_seed(11)
+    b, v = 24, 700
+    x = torch.randn(b, v, generator=g) * 3
+    x[:, ::7] = NEG                                # masked tokens
+    x[3, 650:] = 40.0                              # mass in the last (partial) chunk
+    x[4, 5] = float("nan")
+    x[5] = NEG
+    x[6, [9, 400]] = float("inf")
+    t = torch.rand(b, generator=g) + 0.3
+    u = torch.rand(b, generator=g)
+    u[0], u[1] = 0.0, 1.0 - 2 ** -24               # both ends of [0, 1)
+    got = sample_rows(x.to(DEVICE), t.to(DEVICE), 5, chunk=chunk, uniforms=u.to(DEVICE)).cpu()
+    ref = ref_sample_rows(x, t, u)
+    assert got[4] == ref[4] == 5 and got[5] == ref[5] == 0 and int(got[6]) in (9, 400)
+    assert int(got[6]) == int(ref[6])
+    y = x.double() / t.double()[:, None]
+    for r in [r for r in range(b) if r not in (4, 5, 6)]:
+        w = torch.exp(y[r] - y[r].max())
+        cdf = torch.cumsum(w, 0) / w.sum()
+        j = int(got[r])
+        lo = float(cdf[j - 1]) if j else 0.0
+        assert w[j] > 0 and lo - 1e-5 <= float(u[r]) <= float(cdf[j]) + 1e-5, (r, j, u[r])
+    assert (got == ref).float().mean() >= 0.9
+
+
 def test_draws_follow_softmax_of_tempered_logits():
     """One chunk: chi-square against softmax(x / T) per row temperature; the -inf entry is
     never drawn; the same counts reject the untempered distribution (the test can fail)."""

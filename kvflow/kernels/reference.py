@@ -179,3 +179,31 @@ def ref_qk_norm_rope_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def default_scale(head_size: int) -> float:
     return 1.0 / math.sqrt(head_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+# ---------------------------------------------------------------------------------------------
+def ref_sample_rows(logits: torch.Tensor, temperature: torch.Tensor,
+                    uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw per row: the first token j whose cumulative softmax(logits / T) mass
+    exceeds uniforms[row] * total (float64 here). logits [B, V], temperature [B] > 0,
+    uniforms [B] in [0, 1) -> [B] int64. Rows holding NaN give their first NaN; rows of -inf
+    give 0; +inf entries share the mass (the kernel's rules, kernels/sampling.py)."""
+    x = logits.double() / temperature.double()[:, None]                          # [B, V]
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    for r, row in enumerate(x):
+        nan = torch.isnan(row)
+        if nan.any():
+            out[r] = int(nan.nonzero()[0])
+            continue
+        inf = row == math.inf
+        w = inf.double() if inf.any() else torch.exp(row - row.max())
+        if not (w > 0).any():
+            out[r] = 0
+            continue
+        cdf = torch.cumsum(w, 0)
+        target = float(uniforms[r]) * float(cdf[-1])
+        hit = (cdf > target).nonzero()
+        out[r] = int(hit[0]) if len(hit) else int((w > 0).nonzero()[-1])
+    return out

@@ -78,7 +78,7 @@ def _sample_chunks_kernel(x_ptr, max_ptr, sum_ptr, nan_ptr, temp_ptr, V, stride_
 @triton.jit(do_not_specialize=["seed"])
 def _sample_pick_kernel(x_ptr, max_ptr, sum_ptr, nan_ptr, temp_ptr, out_ptr, V, stride_xb,
                         num_chunks, seed, CHUNK: tl.constexpr, NC_PAD: tl.constexpr,
-                        USE_PDL: tl.constexpr):
+                        USE_PDL: tl.constexpr, u_ptr=None, HAS_U: tl.constexpr = False):
     pdl_wait(USE_PDL)                  # stage 1's partials
     pdl_launch_dependents(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
@@ -92,9 +92,11 @@ def _sample_pick_kernel(x_ptr, max_ptr, sum_ptr, nan_ptr, temp_ptr, out_ptr, V, 
     w_c = s_c * scale_c                                                          # [NC_PAD]
     cum = tl.cumsum(w_c, axis=0)
     total = tl.sum(w_c, axis=0)
-    # u in [0, 1): counter 0 of the row's own Philox stream.
-    u = tl.rand(seed + row, tl.zeros([1], dtype=tl.int32))                       # [1]
-    target = tl.sum(u, axis=0) * total
+    if HAS_U:                        # given uniforms (tests against the torch reference)
+        u = tl.load(u_ptr + row)
+    else:                            # u in [0, 1): counter 0 of the row's own Philox stream
+        u = tl.sum(tl.rand(seed + row, tl.zeros([1], dtype=tl.int32)), axis=0)
+    target = u * total
     c = tl.min(tl.where(ok & (cum > target), cs, _BIG), axis=0)
     # Rounding can put the target at the total: the last chunk with weight then.
     c = tl.where(c == _BIG, tl.max(tl.where(ok & (w_c > 0), cs, -1), axis=0), c)
@@ -117,12 +119,14 @@ def _sample_pick_kernel(x_ptr, max_ptr, sum_ptr, nan_ptr, temp_ptr, out_ptr, V, 
 
 @torch.compiler.disable
 def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, seed: int,
-                chunk: int | None = None) -> torch.Tensor:
+                chunk: int | None = None,
+                uniforms: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row drawn from softmax(logits / temperature) (see the module docstring).
     logits [B, V] floating; temperature [B] float32 > 0 on the logits' device; seed: the Philox
     key of row 0 (row r uses seed + r), an int in [0, 2**31) (one argument type, so one
     compiled variant). chunk: stage-1 chunk override (a power of two; tests, warm-up).
-    Returns [B] int64."""
+    uniforms: [B] float32 in [0, 1) used instead of the Philox draws (tests against
+    kernels/reference.py's ref_sample_rows). Returns [B] int64."""
     assert temperature.shape == (logits.shape[0],) and temperature.dtype == torch.float32
     assert 0 <= seed < 2 ** 31, seed
     b, v = logits.shape
@@ -142,7 +146,8 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, seed: int,
     warps = 4
     _sample_chunks_kernel[(b, nc)](x, maxes, sums, nans, temperature, v, x.stride(0), nc,
                                    CHUNK=chunk, num_warps=warps, **pdl)
+    given = {} if uniforms is None else dict(u_ptr=uniforms, HAS_U=True)
     _sample_pick_kernel[(b,)](x, maxes, sums, nans, temperature, out, v, x.stride(0), nc, seed,
                               CHUNK=chunk, NC_PAD=max(16, triton.next_power_of_2(nc)),
-                              num_warps=warps, **pdl)
+                              num_warps=warps, **given, **pdl)
     return out
