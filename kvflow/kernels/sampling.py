@@ -49,7 +49,7 @@ def _scaled(ptrs, mask, inv_t):
 
 @triton.jit
 def _finite(m):
-    """The reference point of a block's weights: its maximum, or 0 when every entry is -inf
+    """The reference point of a chunk's weights: its maximum, or 0 when every entry is -inf
     (exp2(-inf - 0) = 0 then, where exp2(-inf - -inf) would be NaN)."""
     return tl.where(m == float("-inf"), 0.0, m)
 
@@ -129,6 +129,8 @@ def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, seed: int,
     kernels/reference.py's ref_sample_rows). Returns [B] int64."""
     assert temperature.shape == (logits.shape[0],) and temperature.dtype == torch.float32
     assert 0 <= seed < 2 ** 31, seed
+    assert uniforms is None or (uniforms.shape == temperature.shape
+                                and uniforms.dtype == torch.float32), uniforms
     b, v = logits.shape
     out = torch.empty((b,), dtype=torch.int64, device=logits.device)           # [B]
     if b == 0:
