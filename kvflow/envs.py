@@ -75,8 +75,8 @@ def attn_prefetch() -> bool:
 def fused_sampling() -> bool:
     """KVFLOW_FUSED_SAMPLING (default 1): on CUDA, random sampling without top-k / top-p / min-p
     or per-request seeds is one Triton pass over the logits (inverse-CDF sampling,
-    kernels/sampling.py's sample_rows) instead of temperature, softmax, noise and argmax passes in torch; 0 keeps
-    torch. Read when the sampler is built."""
+    kernels/sampling.py's sample_rows) instead of temperature, softmax, noise and argmax
+    passes in torch; 0 keeps torch. Read when the sampler is built."""
     return os.environ.get("KVFLOW_FUSED_SAMPLING", "1") != "0"
 
 
