@@ -13,12 +13,11 @@ small model on an H200). One program of BLOCK rows per BLOCK; PDL convention (ke
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from kvflow.kernels.device import triton_runs_on
 from kvflow.kernels.pdl import pdl_launch, pdl_launch_dependents, pdl_wait
 
 _BLOCK = 512
@@ -58,7 +57,7 @@ def unpack_decode_inputs(stage: torch.Tensor, n: int, bs: int, last_sampled: tor
     """stage: flat int64 on the device, rows of n: [ids | positions | slots | seq_lens |
     fill_rows (-1: use ids) | ...]; writes the first bs entries of the int64 input_ids /
     positions / slot_mapping and the int32 seq_lens. Torch ops where Triton cannot run."""
-    if stage.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if not triton_runs_on(stage.device):
         return decode_inputs_ref(stage, n, bs, last_sampled, input_ids, positions,
                                  slot_mapping, seq_lens)
     _decode_inputs_kernel[(triton.cdiv(bs, _BLOCK),)](

@@ -11,12 +11,11 @@ convention (kernels/pdl.py): the lengths are written by the step's input kernel 
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from kvflow.kernels.device import triton_runs_on
 from kvflow.kernels.pdl import pdl_launch, pdl_launch_dependents, pdl_wait
 
 MAX_REQS = 1 << 20           # index range of the packed key's low bits
@@ -50,10 +49,9 @@ def longest_first_order(seq_lens: torch.Tensor, out: torch.Tensor | None = None)
     n = seq_lens.shape[0]
     if out is None:
         out = torch.empty(n, dtype=torch.int32, device=seq_lens.device)
-    triton_ok = seq_lens.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
     if n == 0:
         return out
-    if not triton_ok or n > _MAX_BLOCK:
+    if not triton_runs_on(seq_lens.device) or n > _MAX_BLOCK:
         out.copy_(longest_first_order_ref(seq_lens))
         return out
     assert seq_lens.is_contiguous() and out.is_contiguous()

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -23,3 +24,10 @@ def device_properties(device: torch.device):
     """torch.cuda.get_device_properties of a CUDA device (name, multi_processor_count, major,
     minor, shared_memory_per_block_optin, ...), cached."""
     return _properties(cuda_index(device))
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether a Triton kernel can launch on tensors of `device`: CUDA, or any device under
+    the CPU interpreter (TRITON_INTERPRET=1, the kernel tests). Wrappers with a torch fallback
+    for other devices take it when this is False."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
