@@ -8,7 +8,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from kvflow.kernels.sampling import _sample_chunks_kernel, sample_rows  # noqa: E402
+from kvflow.kernels.sampling import (CHUNKS, _sample_chunks_kernel, sample_chunk,  # noqa: E402
+                                     sample_rows)
 from kvflow.sampling_params import SamplingParams as SP  # noqa: E402
 from tests.conftest import kernel_device  # noqa: E402
 from tests.test_sampler import CHI2_999, DIST_LOGITS, chi2, ref_probs  # noqa: E402
@@ -127,6 +128,13 @@ def test_row_draw_depends_on_seed_and_row_only():
     assert sample_rows(x[:0], t[:0], 1).shape == (0,)
     with pytest.raises(AssertionError):
         sample_rows(x, t, 2 ** 31)
+
+
+def test_warm_up_chunks_cover_every_pick():
+    """The engine's warm-up compiles sampling.CHUNKS: every chunk sample_rows picks is one."""
+    for v in (384, 32000, 128256, 151936, 262144):
+        for b in (1, 2, 7, 32, 140, 256, 1000, 4096):
+            assert sample_chunk(b, v) in CHUNKS, (b, v)
 
 
 def test_sampler_fused_path(monkeypatch):
