@@ -62,7 +62,23 @@ logger = logging.getLogger("kvflow")
 # Bump when the way we compile or lay out entries changes: it is a key factor.
 COMPILE_FORMAT = 2  # 2: the warm-up's inputs are inference tensors (the runner's kind)
 _WARMUP_TOKENS = 8
-_INDUCTOR_OPTIONS: dict[str, Any] = {}  # inductor config patches (none: defaults)
+
+
+def _deterministic_options() -> dict[str, Any]:
+    """Inductor config patches: its deterministic mode, where this torch has it.
+
+    Without it inductor benchmarks several block sizes of a generated reduction at the first
+    launch and keeps the fastest. Sizes sum in different orders, so a fresh compile and a
+    restarted process that loads the same entry could keep different ones and round
+    differently: on an H200 a restarted engine's logprob differed from the first engine's in
+    the last bit (docs/performance.md, session 16). Deterministic mode keeps only configs of
+    one reduction order and skips numerics-changing benchmarks; pointwise kernels, which
+    round alike under any tile, still autotune."""
+    import torch._inductor.config as inductor_cfg
+    return {"deterministic": True} if hasattr(inductor_cfg, "deterministic") else {}
+
+
+_INDUCTOR_OPTIONS: dict[str, Any] = _deterministic_options()  # inductor config patches
 
 # The token dimension T of input_ids / positions is symbolic in one of two ways:
 #  "unbacked": one graph for every T >= 1, T=1 included. Needs mark_unbacked to tie both inputs
