@@ -285,7 +285,8 @@ def main() -> int:
     p.add_argument("--workloads", default="nanovllm,throughput8k")
     p.add_argument("--max-num-seqs", type=int, default=1024)
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
-    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--block-size", type=int, default=None,
+                   help="KV block size (default: the engine's, 64 tokens on CUDA)")
     p.add_argument("--no-kernels", action="store_true")
     p.add_argument("--trace-steps", type=int, default=0,
                    help="chrome trace (host + device) of this many pipelined steps from the "
@@ -312,8 +313,8 @@ def main() -> int:
         kw.update(device="cpu", dtype="float32", kv_cache_memory=64 << 20)
     llm = LLM(args.model, **kw)
     weight_bytes, layer_params, kv_per_token = _model_sizes(llm)
-    result = dict(model=args.model, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-                  max_num_batched_tokens=args.max_num_batched_tokens,
+    result = dict(model=args.model, block_size=llm.llm_engine.config.cache.block_size,
+                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                   weight_read_gb_per_step=round(weight_bytes / 1e9, 3),
                   layer_params=layer_params, kv_bytes_per_token=kv_per_token, workloads={})
     base = dict(model=args.model)

@@ -228,6 +228,17 @@ def test_invalid_engine_args(tiny_llama, kwargs, field):
         LLM(tiny_llama[1], **kw)
 
 
+def test_default_block_size_by_device(tiny_llama):
+    """block_size=None: 64 tokens on CUDA, 16 (vLLM's default) elsewhere; an explicit value
+    wins and enters the config as given."""
+    from kvflow.config import create_engine_config, default_block_size
+    assert default_block_size(torch.device("cuda")) == 64
+    assert default_block_size(torch.device("cpu")) == 16
+    kw = dict(device="cpu", skip_tokenizer_init=True, kv_cache_memory=1 << 20)
+    assert create_engine_config(tiny_llama[1], **kw).cache.block_size == 16
+    assert create_engine_config(tiny_llama[1], block_size=32, **kw).cache.block_size == 32
+
+
 def test_max_model_len_that_cannot_fit_says_how_much(tiny_llama):
     from kvflow import LLM
     with pytest.raises(ValueError, match=r"max_model_len: 1024 tokens need .* GiB"):
