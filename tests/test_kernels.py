@@ -154,6 +154,13 @@ class TestAttention:
         assert short.num_splits == 1
         prefill = choose_config(8192, 2, 32, 8, 128, 4096, 4096, torch.bfloat16)
         assert not prefill.direct and prefill.block_m == 128 and prefill.block_q == 32
+        # Prompts of <= 1024 tokens (D = 128, 16-bit): 64 x 64 tiles, 4 warps, 2 stages.
+        step = choose_config(16384, 29, 16, 8, 128, 1024, 1024, torch.bfloat16)
+        assert (step.block_m, step.block_q, step.block_n, step.num_warps, step.num_stages) == \
+            (64, 32, 64, 4, 2) and not step.direct
+        assert choose_config(16384, 29, 16, 8, 128, 1025, 1025, torch.bfloat16).block_m == 128
+        assert choose_config(16384, 29, 16, 8, 128, 1024, 1024, torch.float32).block_m == 128
+        assert choose_config(16384, 29, 16, 8, 64, 1024, 1024, torch.bfloat16).block_m == 128
         # decode grids of one to two programs per SM split in two; two or more do not
         mid = choose_config(32, 32, 32, 8, 128, 1, 4096, torch.bfloat16, num_sms=132)
         assert mid.num_splits == 2 and mid.num_warps == 2

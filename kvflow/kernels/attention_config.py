@@ -3,11 +3,13 @@ from shapes and device limits; upper bounds for the lengths are fine (CUDA graph
 
 Tuning knobs (all in `choose_config`; `config=` overrides, e.g. for benchmarking; defaults
 measured on an H200, see choose_config):
-  block_m/block_q: prefill 128 rows; decode-like max(16, next_pow2(max_q) * QPK_PAD) <= 64.
-  block_n: prefill 128 for D = 128, else 64; decode 64 (32 for D > 128); halved for fp32.
-  num_warps / num_stages: prefill 8 / 3 (2 for D > 128): wgmma with cp.async pipelining of
-  the gathered K/V tiles; decode 4 / 2, one-token decode 2 warps when the grid has >= #SMs
-  programs (16-bit, D <= 128), except unsplit grids of 2-3 programs per SM (4).
+  prefill tiles: 64 x 64 / 4 warps / 2 stages for D = 128, 16-bit, queries <= 1024 tokens
+  (SMALL_PREFILL_TILE); otherwise 128 rows, block_n 128 for D = 128 (else 64), 8 warps, 3
+  stages (2 for D > 128): wgmma with cp.async pipelining of the gathered K/V tiles.
+  decode-like: block_m max(16, next_pow2(max_q) * QPK_PAD) <= 64, block_n 64 (32 for
+  D > 128); 4 warps / 2 stages, one-token decode 2 warps when the grid has >= #SMs programs
+  (16-bit, D <= 128), except unsplit grids of 2-3 programs per SM (4).
+  block_n is halved for fp32.
   fp32 uses 3xTF32 dots (tensor cores, about fp32 accuracy).
   Shared memory: stages, then block_n, then block_m shrink until Q + K/V buffers (_smem_bytes)
   fit the device's opt-in limit (227 KB on Hopper, less on Ampere/Ada).
@@ -116,12 +118,34 @@ def dispatch_longest_first(num_reqs: int, num_kv_heads: int, num_sms: int,
     return splits >= 4
 
 
-def prefill_block_q(num_heads: int, num_kv_heads: int) -> int:
-    """Query positions per q-block of the prefill tiles (128 rows over the padded query heads of
-    a KV head; fewer only if shared memory forces it): a batch whose longest query is at most
-    this runs "direct", one q-block per request."""
+# Prefill tiles (block_m, block_n, num_warps, num_stages) for D = 128 with 16-bit K/V, for
+# queries of at most SMALL_PREFILL_MAX_Q tokens. benchmarks/prefill_attention_bench.py on an
+# H200 (one 16K-token step: prompts of 100-1024 tokens as nanovllm draws them, or of 512 as
+# throughput8k's; Qwen3-0.6B and Llama-3.1-8B head layouts; 16- and 64-token blocks): 64 x 64 /
+# 4 warps / 2 stages took 8-17% less time than 128 x 128 / 8 / 3 in every case, and was the
+# fastest of 24 tiles for Qwen3-0.6B (results/prefill-attention-*-nvidia-h200.jsonl). Two
+# 4-warp programs fit an SM where one 8-warp 128 x 128 program did, and short causal
+# sequences waste less of a 64-row tile on the diagonal.
+SMALL_PREFILL_TILE = (64, 64, 4, 2)
+SMALL_PREFILL_MAX_Q = 1024
+
+
+def _prefill_tile(head_pad: int, elem: int, max_query_len: int) -> tuple[int, int, int, int]:
+    """(block_m, block_n, num_warps, num_stages) of the prefill tiles, before the shared-memory
+    fit."""
+    if head_pad == 128 and elem == 2 and max_query_len <= SMALL_PREFILL_MAX_Q:
+        return SMALL_PREFILL_TILE
+    return (128, 128 if head_pad == 128 else 64, 8, 3 if head_pad <= 128 else 2)
+
+
+def prefill_block_q(num_heads: int, num_kv_heads: int, head_size: int = 128,
+                    dtype: torch.dtype = torch.bfloat16, max_query_len: int = 1) -> int:
+    """Query positions per q-block of the prefill tiles (block_m rows over the padded query
+    heads of a KV head; fewer only if shared memory forces it): a batch whose longest query is
+    at most this runs "direct", one q-block per request."""
     qpk_pad = triton.next_power_of_2(num_heads // num_kv_heads)
-    return max(128, qpk_pad) // qpk_pad
+    block_m = _prefill_tile(triton.next_power_of_2(head_size), dtype.itemsize, max_query_len)[0]
+    return max(block_m, qpk_pad) // qpk_pad
 
 
 def choose_config(num_tokens: int, num_reqs: int, num_heads: int, num_kv_heads: int,
@@ -148,10 +172,9 @@ def choose_config(num_tokens: int, num_reqs: int, num_heads: int, num_kv_heads: 
         block_n = 64 if head_pad <= 128 else 32
         num_warps, num_stages, direct = 4, 2, True   # 2 warps on full grids: see below
     else:
-        block_q = prefill_block_q(num_heads, num_kv_heads)
-        block_m = block_q * qpk_pad
-        block_n = 128 if head_pad == 128 else 64
-        num_warps, num_stages = 8, (3 if head_pad <= 128 else 2)
+        block_m, block_n, num_warps, num_stages = _prefill_tile(head_pad, elem, max_query_len)
+        block_m = max(block_m, qpk_pad)
+        block_q = block_m // qpk_pad
         direct = block_q >= max_query_len
     if elem == 4:
         block_n = max(16, block_n // 2)                 # 4-byte tiles: halve the KV tile

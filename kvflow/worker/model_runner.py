@@ -515,7 +515,8 @@ class ModelRunner:
         # the "direct" attention variant.
         from kvflow.kernels.attention_config import prefill_block_q
         layer = self.attn_layers[0] if self.attn_layers else None
-        block_q = prefill_block_q(layer.num_heads, layer.num_kv_heads) if layer else 128
+        block_q = (prefill_block_q(layer.num_heads, layer.num_kv_heads, layer.head_dim,
+                                   self.config.model.dtype) if layer else 128)
         direct_q = min(max(2, block_q), L - 1)
         shapes = [
             ([chunk], [chunk]),                                       # one long prefill
