@@ -139,6 +139,46 @@ def test_too_long_prompt_fails_alone(tiny_llama, reference, make_llm):
         assert o.outputs[0].token_ids == reference[tuple(p)][:50 - len(p)]
 
 
+def test_generate_feeds_a_large_batch_between_steps(tiny_llama, make_llm, monkeypatch):
+    """LLM.generate queues about two steps' worth of prompt tokens and adds the rest while
+    steps run (so the device does not idle while a large batch is queued): the outputs equal
+    the same batch queued all at once, and a bad prompt queued late still fails alone."""
+    from kvflow.engine.output_processor import OutputKind
+    llm = make_llm(tiny_llama[1], max_num_batched_tokens=64, enable_prefix_caching=False)
+    eng = llm.llm_engine
+    prompts = _prompts(seed=3, lengths=(20,) * 12)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2)
+    for i, p in enumerate(prompts):                       # all at once, straight to the engine
+        eng.add_request(f"all-{i}", {"prompt_token_ids": p}, params,
+                        output_kind=OutputKind.FINAL_ONLY)
+    ref = {}
+    while eng.has_unfinished_requests():
+        ref.update((o.request_id, o) for o in eng.step() if o.finished)
+    ref = [ref[f"all-{i}"] for i in range(len(prompts))]
+
+    steps, added_at = [0], []
+    step, add = eng.step, eng.add_request
+
+    def counting_step():
+        steps[0] += 1
+        return step()
+
+    def recording_add(*args, **kwargs):
+        added_at.append(steps[0])
+        return add(*args, **kwargs)
+    monkeypatch.setattr(eng, "step", counting_step)
+    monkeypatch.setattr(eng, "add_request", recording_add)
+    outs = _gen(llm, prompts[:9] + [[10 ** 9]] + prompts[9:], params)
+    # 2 x 64 tokens queued first (7 prompts of 20), the rest after steps had run.
+    assert added_at[:7] == [0] * 7 and added_at[7] > 0 and len(added_at) == 13, added_at
+    assert outs[9].outputs[0].finish_reason == "error" and "prompt" in outs[9].error
+    for o, r in zip(outs[:9] + outs[10:], ref):
+        assert o.outputs[0].token_ids == r.outputs[0].token_ids
+        assert [sorted((t, v.logprob) for t, v in d.items()) for d in o.outputs[0].logprobs] == \
+            [sorted((t, v.logprob) for t, v in d.items()) for d in r.outputs[0].logprobs]
+    assert eng.num_waiting_tokens() == 0
+
+
 def test_logprobs_match_hf(tiny_llama, make_llm):
     hf, path = tiny_llama
     llm = make_llm(path)

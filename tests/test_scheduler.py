@@ -44,6 +44,12 @@ def _check_invariants(s: Scheduler):
         if b.block_hash is not None:
             assert kv.pool.cached[b.block_hash] is b
     assert len(s.running) <= s.max_num_seqs
+    # The waiting queue's token count (tokens left when each request was queued): zero exactly
+    # when the queue is empty, and within one token a request of the exact count (a preempted
+    # request's in-flight token may land while it waits).
+    exact = sum(r.num_tokens - r.num_computed_tokens for r in s.waiting)
+    assert (s.num_waiting_tokens() == 0) == (not s.waiting)
+    assert abs(s.num_waiting_tokens() - exact) <= len(s.waiting)
 
 
 def test_block_hash_chain():
@@ -163,6 +169,21 @@ def test_priority_policy_orders_admission_and_preemption():
         so, _ = _fake_step(s, rng)
         order.extend(nr.req_id for nr in so.new_reqs)
     assert order == ["high", "mid", "low"]
+    assert s.num_waiting_tokens() == 0 and not list(s.waiting)
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+def test_waiting_token_count_follows_the_queue(policy):
+    s = Scheduler(max_num_seqs=2, max_num_batched_tokens=16, max_model_len=4096, num_blocks=64,
+                  block_size=4, enable_prefix_caching=False, policy=policy)
+    for i, n in enumerate((10, 7, 5, 9)):
+        s.add_request(_req(f"r{i}", n))
+    assert s.num_waiting_tokens() == 31
+    s.finish_requests(["r2"], RequestStatus.FINISHED_ABORTED)   # removed while waiting
+    assert s.num_waiting_tokens() == 26
+    so, _ = _fake_step(s, random.Random(0))   # admits r0 (10) and r1 (6 of 7): max_num_seqs 2
+    assert set(so.num_scheduled_tokens) == {"r0", "r1"}
+    assert s.num_waiting_tokens() == 9 and [r.request_id for r in s.waiting] == ["r3"]
 
 
 def test_priority_needs_priority_policy():

@@ -50,25 +50,47 @@ class SchedulerStats:
 
 
 class FCFSQueue:
-    """Waiting requests in arrival order; preempted ones go back to the front."""
+    """Waiting requests in arrival order; preempted ones go back to the front.
+
+    num_tokens: the tokens left to compute of the queued requests, as of when each was queued
+    (O(1) to read; LLM.generate uses it to keep the queue a few steps deep)."""
 
     def __init__(self):
         self._q: deque[Request] = deque()
+        self._init_tokens()
+
+    def _init_tokens(self) -> None:
+        self._queued: dict[str, int] = {}   # request id -> its tokens left when queued
+        self.num_tokens = 0
+
+    def _enter(self, req: Request) -> Request:
+        n = req.num_tokens - req.num_computed_tokens
+        self._queued[req.request_id] = n
+        self.num_tokens += n
+        return req
+
+    def _leave(self, req: Request) -> Request:
+        self.num_tokens -= self._queued.pop(req.request_id)
+        return req
 
     def add(self, req: Request) -> None:
-        self._q.append(req)
+        self._q.append(self._enter(req))
 
     def add_preempted(self, req: Request) -> None:
-        self._q.appendleft(req)
+        self._q.appendleft(self._enter(req))
 
     def peek(self) -> Request:
         return self._q[0]
 
     def pop(self) -> Request:
-        return self._q.popleft()
+        return self._leave(self._q.popleft())
 
     def remove(self, req: Request) -> None:
         self._q.remove(req)
+        self._leave(req)
+
+    def __iter__(self):
+        return iter(self._q)
 
     def __len__(self) -> int:
         return len(self._q)
@@ -84,9 +106,10 @@ class PriorityQueue(FCFSQueue):
     def __init__(self):
         self._q: list = []  # sorted (priority, arrival, seq, request)
         self._seq = itertools.count()
+        self._init_tokens()
 
     def add(self, req: Request) -> None:
-        bisect.insort(self._q, (req.priority, req.arrival_time, next(self._seq), req),
+        bisect.insort(self._q, (req.priority, req.arrival_time, next(self._seq), self._enter(req)),
                       key=lambda e: e[:3])
 
     add_preempted = add
@@ -95,10 +118,16 @@ class PriorityQueue(FCFSQueue):
         return self._q[0][3]
 
     def pop(self) -> Request:
-        return self._q.pop(0)[3]
+        return self._leave(self._q.pop(0)[3])
+
+    def __iter__(self):
+        return (e[3] for e in self._q)
 
     def remove(self, req: Request) -> None:
-        self._q = [e for e in self._q if e[3] is not req]
+        kept = [e for e in self._q if e[3] is not req]
+        if len(kept) != len(self._q):
+            self._q = kept
+            self._leave(req)
 
 
 class Scheduler:
@@ -147,6 +176,10 @@ class Scheduler:
         self.check_request(request)
         self.requests[request.request_id] = request
         self.waiting.add(request)
+
+    def num_waiting_tokens(self) -> int:
+        """Tokens left to compute of the waiting requests (as of when each was queued)."""
+        return self.waiting.num_tokens
 
     def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
         """Finish requests from outside the step loop (abort, stop string, error)."""

@@ -310,6 +310,10 @@ class LLMEngine:
         alive = getattr(self.executor, "workers_alive", None)
         return True if alive is None else alive()
 
+    def num_waiting_tokens(self) -> int:
+        """Tokens the scheduler has queued but not admitted (waiting requests' prompts)."""
+        return self.scheduler.num_waiting_tokens()
+
     def num_free_blocks(self) -> int:
         return self.scheduler.kv.num_free_blocks
 
