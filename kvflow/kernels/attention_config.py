@@ -123,9 +123,10 @@ def dispatch_longest_first(num_reqs: int, num_kv_heads: int, num_sms: int,
 # H200 (one 16K-token step: prompts of 100-1024 tokens as nanovllm draws them, or of 512 as
 # throughput8k's; Qwen3-0.6B and Llama-3.1-8B head layouts; 16- and 64-token blocks): 64 x 64 /
 # 4 warps / 2 stages took 8-17% less time than 128 x 128 / 8 / 3 in every case, and was the
-# fastest of 24 tiles for Qwen3-0.6B (results/prefill-attention-*-nvidia-h200.jsonl). Two
-# 4-warp programs fit an SM where one 8-warp 128 x 128 program did, and short causal
-# sequences waste less of a 64-row tile on the diagonal.
+# fastest of 24 tiles for Qwen3-0.6B (results/prefill-attention-*-nvidia-h200.jsonl). Probable
+# reasons, not measured: short causal sequences waste less of a 64-row tile on the diagonal,
+# and more, smaller programs even out their unequal lengths. On prompts of 2048-4096 tokens the
+# 128-row tiles were 9-10% faster, hence the limit (1025-2047 was not measured).
 SMALL_PREFILL_TILE = (64, 64, 4, 2)
 SMALL_PREFILL_MAX_Q = 1024
 
