@@ -30,7 +30,10 @@ from kvflow.kernels.attention import unified_attention
 from kvflow.kernels.attention_config import AttentionConfig, choose_config, device_limits
 from graph_timing import graph_time_us
 
-MODELS = {"qwen3-0.6b": (16, 8, 128), "llama3.1-8b": (32, 8, 128)}   # q heads, KV heads, D
+# q heads, KV heads, D: the two bench configs' layouts, and one MHA and one 8-query-per-KV layout
+# (Llama-2-7B, Llama-3.1-70B) to check the tile rule beyond them.
+MODELS = {"qwen3-0.6b": (16, 8, 128), "llama3.1-8b": (32, 8, 128), "llama2-7b": (32, 32, 128),
+          "llama3.1-70b": (64, 8, 128)}
 
 
 def draw_lengths(tokens: int, lo: int, hi: int, seed: int) -> list[int]:
@@ -100,7 +103,7 @@ def main() -> None:
     for model in args.models.split(","):
         heads, kv, d = MODELS[model]
         flops = causal_flops(lens, heads, d)
-        base = dict(model=model, prompts=len(lens), tokens=sum(lens), mean_len=sum(lens) / len(lens))
+        base = dict(model=model, lengths=[lo, hi], prompts=len(lens), tokens=sum(lens), mean_len=sum(lens) / len(lens))
         sizes = [int(x) for x in args.block_sizes.split(",")]
         for bs in sizes + ([] if args.configs else [-128]):
             contiguous = bs < 0

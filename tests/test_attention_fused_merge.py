@@ -154,11 +154,11 @@ class TestFusedMerge:
     def test_choose_config_fuses_decode_tiles_only(self):
         decode = choose_config(1, 1, 32, 8, 128, 1, 32768, torch.bfloat16, num_sms=132)
         assert decode.num_splits > 1 and decode.fused_merge
-        # (256 tokens under a max_query_len bound of 2048: 128-row tiles)
+        # 128-row prefill tiles (Llama-3.1-8B's QPK 4) merge in a second kernel.
         prefill = choose_config(256, 1, 32, 8, 128, 2048, 32768, torch.bfloat16, num_sms=132)
         assert prefill.num_splits > 1 and prefill.block_m == 128 and not prefill.fused_merge
-        # Queries of <= 1024 tokens take 64-row prefill tiles, which fuse like decode tiles.
-        chunk = choose_config(128, 1, 32, 8, 128, 128, 32768, torch.bfloat16, num_sms=132)
+        # 64-row prefill tiles (QPK 2, queries of <= 1536 tokens) fuse like decode tiles.
+        chunk = choose_config(128, 1, 16, 8, 128, 128, 32768, torch.bfloat16, num_sms=132)
         assert chunk.num_splits > 1 and chunk.block_m == 64 and chunk.fused_merge
 
 

@@ -152,15 +152,27 @@ class TestAttention:
         assert big.num_splits == 1
         short = choose_config(2, 2, 32, 8, 128, 1, 300, torch.bfloat16, num_sms=132)
         assert short.num_splits == 1
-        prefill = choose_config(8192, 2, 32, 8, 128, 4096, 4096, torch.bfloat16)
-        assert not prefill.direct and prefill.block_m == 128 and prefill.block_q == 32
-        # Prompts of <= 1024 tokens (D = 128, 16-bit): 64 x 64 tiles, 4 warps, 2 stages.
-        step = choose_config(16384, 29, 16, 8, 128, 1024, 1024, torch.bfloat16)
+        # QPK 2 (Qwen3-0.6B's 16 / 8 heads): 128 x 128 / 8 warps / 3 stages for long prompts
+        prefill = choose_config(8192, 2, 16, 8, 128, 4096, 4096, torch.bfloat16)
+        assert not prefill.direct and (prefill.block_m, prefill.block_q, prefill.block_n) == \
+            (128, 64, 128) and prefill.num_warps == 8
+        # ... and 64 x 64 tiles, 4 warps, 2 stages up to 1536 tokens (1024 for MHA)
+        step = choose_config(16384, 29, 16, 8, 128, 1536, 1536, torch.bfloat16)
         assert (step.block_m, step.block_q, step.block_n, step.num_warps, step.num_stages) == \
             (64, 32, 64, 4, 2) and not step.direct
-        assert choose_config(16384, 29, 16, 8, 128, 1025, 1025, torch.bfloat16).block_m == 128
+        assert choose_config(16384, 29, 16, 8, 128, 1537, 1537, torch.bfloat16).block_m == 128
+        assert choose_config(16384, 29, 32, 32, 128, 1024, 1024, torch.bfloat16).block_q == 64
+        assert choose_config(16384, 29, 32, 32, 128, 1025, 1025, torch.bfloat16).block_m == 128
+        # QPK >= 4 (Llama-3.1-8B, -70B): 128 x 64 / 4 warps at any length, 3 stages past 2048
+        for heads, block_q in ((32, 32), (64, 16)):
+            for max_q, stages in ((512, 2), (2048, 2), (2049, 3), (8192, 3)):
+                c = choose_config(16384, 8, heads, 8, 128, max_q, max_q, torch.bfloat16)
+                assert (c.block_m, c.block_q, c.block_n, c.num_warps, c.num_stages) == \
+                    (128, block_q, 64, 4, stages)
+        # Other head sizes and fp32 keep the 128-row, 8-warp tiles
         assert choose_config(16384, 29, 16, 8, 128, 1024, 1024, torch.float32).block_m == 128
         assert choose_config(16384, 29, 16, 8, 64, 1024, 1024, torch.bfloat16).block_m == 128
+        assert choose_config(16384, 29, 32, 8, 64, 1024, 1024, torch.bfloat16).num_warps == 8
         # decode grids of one to two programs per SM split in two; two or more do not
         mid = choose_config(32, 32, 32, 8, 128, 1, 4096, torch.bfloat16, num_sms=132)
         assert mid.num_splits == 2 and mid.num_warps == 2
@@ -171,7 +183,7 @@ class TestAttention:
         assert small.num_warps == 4
         assert choose_config(512, 512, 32, 8, 256, 1, 4096, torch.bfloat16).num_warps == 4
         assert choose_config(512, 512, 32, 8, 128, 1, 4096, torch.float32).num_warps == 4
-        assert big.num_warps == 2 and prefill.num_warps == 8
+        assert big.num_warps == 2
         # unsplit grids of 2-3 programs per SM keep 4 warps (all resident either way); past 3
         # a SM, 2
         for reqs, warps in ((33, 4), (49, 4), (50, 2), (64, 2)):
@@ -384,6 +396,15 @@ class TestGPU:
         s = [512, 3000, 2048, 17, 4000, 1, 300]
         _check_attention(q, s, 32, 8, 128, 16, torch.bfloat16)
         _check_attention(q, s, 28, 4, 128, 32, torch.float16)
+
+    @pytest.mark.parametrize("heads", [16, 32, 64])
+    def test_prefill_tiles_by_head_group_and_length(self, heads):
+        # Each prefill tile rule (QPK 2: 64 rows up to 1536 tokens, then 128 x 128; QPK 4 and 8:
+        # 128 x 64 with 2 stages up to 2048 tokens, then 3) on both sides of its limit, with a
+        # prefix for one request.
+        for q in ([1536, 700, 100], [1537, 300], [2048, 1000], [2049, 1300]):
+            s = [q[0]] + [n + 500 for n in q[1:]]
+            _check_attention(q, s, heads, 8, 128, 64, torch.bfloat16)
         # decodes first, two launches
         _check_attention([1, 1, 1, 1, 512, 256, 300], [2048, 17, 4000, 1, 512, 3000, 300],
                          32, 8, 128, 16, torch.bfloat16, num_decode_reqs=4)

@@ -3,9 +3,10 @@ from shapes and device limits; upper bounds for the lengths are fine (CUDA graph
 
 Tuning knobs (all in `choose_config`; `config=` overrides, e.g. for benchmarking; defaults
 measured on an H200, see choose_config):
-  prefill tiles: 64 x 64 / 4 warps / 2 stages for D = 128, 16-bit, queries <= 1024 tokens
-  (SMALL_PREFILL_TILE); otherwise 128 rows, block_n 128 for D = 128 (else 64), 8 warps, 3
-  stages (2 for D > 128): wgmma with cp.async pipelining of the gathered K/V tiles.
+  prefill tiles, D = 128 and 16-bit: 128 x 64 / 4 warps when a KV head serves >= 4 query
+  heads (GQA_PREFILL_TILE), else 64 x 64 / 4 warps / 2 stages for queries of <= 1024-1536
+  tokens (SMALL_PREFILL_TILE); otherwise 128 rows, block_n 128 for D = 128 (else 64), 8 warps,
+  3 stages (2 for D > 128): wgmma with cp.async pipelining of the gathered K/V tiles.
   decode-like: block_m max(16, next_pow2(max_q) * QPK_PAD) <= 64, block_n 64 (32 for
   D > 128); 4 warps / 2 stages, one-token decode 2 warps when the grid has >= #SMs programs
   (16-bit, D <= 128), except unsplit grids of 2-3 programs per SM (4).
@@ -118,24 +119,37 @@ def dispatch_longest_first(num_reqs: int, num_kv_heads: int, num_sms: int,
     return splits >= 4
 
 
-# Prefill tiles (block_m, block_n, num_warps, num_stages) for D = 128 with 16-bit K/V, for
-# queries of at most SMALL_PREFILL_MAX_Q tokens. benchmarks/prefill_attention_bench.py on an
-# H200 (one 16K-token step: prompts of 100-1024 tokens as nanovllm draws them, or of 512 as
-# throughput8k's; Qwen3-0.6B and Llama-3.1-8B head layouts; 16- and 64-token blocks): 64 x 64 /
-# 4 warps / 2 stages took 8-17% less time than 128 x 128 / 8 / 3 in every case, and was the
-# fastest of 24 tiles for Qwen3-0.6B (results/prefill-attention-*-nvidia-h200.jsonl). Probable
-# reasons, not measured: short causal sequences waste less of a 64-row tile on the diagonal,
-# and more, smaller programs even out their unequal lengths. On prompts of 2048-4096 tokens the
-# 128-row tiles were 9-10% faster, hence the limit (1025-2047 was not measured).
+# Prefill tiles (block_m, block_n, num_warps, num_stages) for D = 128 with 16-bit K/V, by the
+# query heads a KV head serves (padded to a power of two, QPK) and the longest query.
+# benchmarks/prefill_attention_bench.py on an H200, one 16K-token step of prompts drawn from a
+# length range over 64-token blocks, 100-1024 (nanovllm) to 4096-8192 tokens, for Qwen3-0.6B
+# (QPK 2), Llama-3.1-8B (4), Llama-2-7B (1) and Llama-3.1-70B (8) head layouts
+# (results/prefill-attention-220c3c9-{limit,tiles}-nvidia-h200.jsonl):
+# - QPK >= 4: 128 x 64 / 4 warps: 1-9% less time than 64 x 64 / 4 / 2 up to 1024 tokens
+#   (Llama-3.1-70B: 828 against 903 us), 2-10% less than 128 x 128 / 8 / 3 at 1-2K, 1-3% less
+#   at 2-4K and within 0.3% at 4-8K; 3 stages take 0.4-1.5% off from 2K tokens on.
+# - QPK <= 2: 64 x 64 / 4 / 2 is fastest for short queries, 128 x 128 / 8 / 3 beyond
+#   SMALL_PREFILL_MAX_Q (the small tile against it: Qwen3-0.6B equal at 1280-1536 tokens and
+#   2.5% slower at 1536-1792; Llama-2-7B 4% slower at 1024-1536).
+# Probable reasons, not measured: about 32 query tokens a program (16 at QPK 8) waste little of
+# the tile on the causal diagonal while reusing each K/V tile over enough rows, and many
+# smaller programs even out prompts of unequal lengths.
 SMALL_PREFILL_TILE = (64, 64, 4, 2)
-SMALL_PREFILL_MAX_Q = 1024
+SMALL_PREFILL_MAX_Q = {1: 1024, 2: 1536}     # by QPK
+GQA_PREFILL_TILE = (128, 64, 4, 2)           # QPK >= 4; 3 stages above GQA_PREFILL_STAGES_Q
+GQA_PREFILL_STAGES_Q = 2048
 
 
-def _prefill_tile(head_pad: int, elem: int, max_query_len: int) -> tuple[int, int, int, int]:
+def _prefill_tile(head_pad: int, elem: int, max_query_len: int,
+                  qpk_pad: int) -> tuple[int, int, int, int]:
     """(block_m, block_n, num_warps, num_stages) of the prefill tiles, before the shared-memory
     fit."""
-    if head_pad == 128 and elem == 2 and max_query_len <= SMALL_PREFILL_MAX_Q:
-        return SMALL_PREFILL_TILE
+    if head_pad == 128 and elem == 2:
+        if qpk_pad >= 4:
+            block_m, block_n, warps, stages = GQA_PREFILL_TILE
+            return block_m, block_n, warps, 3 if max_query_len > GQA_PREFILL_STAGES_Q else stages
+        if max_query_len <= SMALL_PREFILL_MAX_Q[qpk_pad]:
+            return SMALL_PREFILL_TILE
     return (128, 128 if head_pad == 128 else 64, 8, 3 if head_pad <= 128 else 2)
 
 
@@ -145,7 +159,8 @@ def prefill_block_q(num_heads: int, num_kv_heads: int, head_size: int = 128,
     heads of a KV head; fewer only if shared memory forces it): a batch whose longest query is
     at most this runs "direct", one q-block per request."""
     qpk_pad = triton.next_power_of_2(num_heads // num_kv_heads)
-    block_m = _prefill_tile(triton.next_power_of_2(head_size), dtype.itemsize, max_query_len)[0]
+    block_m = _prefill_tile(triton.next_power_of_2(head_size), dtype.itemsize, max_query_len,
+                            qpk_pad)[0]
     return max(block_m, qpk_pad) // qpk_pad
 
 
@@ -173,7 +188,8 @@ def choose_config(num_tokens: int, num_reqs: int, num_heads: int, num_kv_heads: 
         block_n = 64 if head_pad <= 128 else 32
         num_warps, num_stages, direct = 4, 2, True   # 2 warps on full grids: see below
     else:
-        block_m, block_n, num_warps, num_stages = _prefill_tile(head_pad, elem, max_query_len)
+        block_m, block_n, num_warps, num_stages = _prefill_tile(head_pad, elem, max_query_len,
+                                                                qpk_pad)
         block_m = max(block_m, qpk_pad)
         block_q = block_m // qpk_pad
         direct = block_q >= max_query_len
