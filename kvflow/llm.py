@@ -22,12 +22,15 @@ class LLM:
     """An engine for offline batched generation.
 
     LLM(model=None, *, dtype="auto", device="auto", max_model_len=None, block_size=None,
-        max_num_seqs=256, max_num_batched_tokens=None, enable_prefix_caching=True,
+        max_num_seqs=None, max_num_batched_tokens=None, enable_prefix_caching=True,
         gpu_memory_utilization=0.9, kv_cache_memory=None, seed=0, load_format="auto",
         enforce_eager=False, tensor_parallel_size=1, tokenizer=None, skip_tokenizer_init=False,
         enable_chunked_prefill=True, attention_backend=None, enable_sleep_mode=False,
         enable_expert_parallel=False, distributed_executor_backend=None,
         compilation_config=None)
+
+    max_num_seqs / max_num_batched_tokens: None picks them as vLLM does: 1024 / 16384 on GPUs
+    with >= 70 GiB other than the A100, else 256 / 8192 (kvflow.config.default_scheduler_limits).
 
     block_size: KV block size in tokens; None: 64 on CUDA (faster decode attention), 16
     elsewhere (kvflow.config.default_block_size).

@@ -279,6 +279,55 @@ def test_default_block_size_by_device(tiny_llama):
     assert create_engine_config(tiny_llama[1], block_size=32, **kw).cache.block_size == 32
 
 
+def test_default_scheduler_limits_follow_vllm(tiny_llama, monkeypatch):
+    """max_num_seqs / max_num_batched_tokens=None: vLLM's rule (1024 sequences on GPUs of >= 70
+    GiB but the A100, 16384 tokens a step offline and 8192 in the server; else 256 / 8192);
+    explicit values win; without chunked prefill a step holds at least max_model_len."""
+    from types import SimpleNamespace
+
+    from kvflow.config import create_engine_config, default_scheduler_limits
+    from kvflow.server.cli_args import engine_kwargs, parse_serve_args
+    gib = 2**30
+
+    def gpu(name, total):
+        monkeypatch.setattr(torch.cuda, "get_device_properties",
+                            lambda dev: SimpleNamespace(name=name, total_memory=total))
+    cuda = torch.device("cuda", 0)
+    gpu("NVIDIA H200", 140 * gib)
+    assert default_scheduler_limits(cuda) == (1024, 16384)
+    assert default_scheduler_limits(cuda, "server") == (1024, 8192)
+    gpu("NVIDIA H100 80GB HBM3", 79 * gib)
+    assert default_scheduler_limits(cuda) == (1024, 16384)
+    gpu("NVIDIA A100-SXM4-80GB", 79 * gib)
+    assert default_scheduler_limits(cuda) == (256, 8192)
+    gpu("NVIDIA L40S", 44 * gib)
+    assert default_scheduler_limits(cuda, "server") == (256, 8192)
+    assert default_scheduler_limits(torch.device("cpu")) == (256, 8192)
+    with pytest.raises(ValueError, match="usage_context"):
+        default_scheduler_limits(cuda, "offline")
+
+    kw = dict(device="cpu", skip_tokenizer_init=True, kv_cache_memory=1 << 20)
+    sc = create_engine_config(tiny_llama[1], **kw).scheduler
+    assert (sc.max_num_seqs, sc.max_num_batched_tokens) == (256, 8192)
+    sc = create_engine_config(tiny_llama[1], max_num_seqs=7, max_num_batched_tokens=100,
+                              max_model_len=64, **kw).scheduler
+    assert (sc.max_num_seqs, sc.max_num_batched_tokens) == (7, 100)
+    sc = create_engine_config(tiny_llama[1], enable_chunked_prefill=False, max_model_len=100,
+                              **kw).scheduler
+    assert sc.max_num_batched_tokens == 8192
+    import kvflow.config as config_mod
+    monkeypatch.setattr(config_mod, "default_scheduler_limits",
+                        lambda dev, usage: (3, 500) if usage == "server" else (5, 900))
+    sc = create_engine_config(tiny_llama[1], max_model_len=64, usage_context="server", **kw)
+    assert (sc.scheduler.max_num_seqs, sc.scheduler.max_num_batched_tokens) == (3, 500)
+    sc = create_engine_config(tiny_llama[1], max_model_len=64, **kw).scheduler
+    assert (sc.max_num_seqs, sc.max_num_batched_tokens) == (5, 900)
+    # The server asks for its own defaults; the CLI's engine options leave both unset.
+    served = engine_kwargs(parse_serve_args(["m"]))
+    assert served["usage_context"] == "server"
+    assert served["max_num_seqs"] is None and served["max_num_batched_tokens"] is None
+
+
 def test_max_model_len_that_cannot_fit_says_how_much(tiny_llama):
     from kvflow import LLM
     with pytest.raises(ValueError, match=r"max_model_len: 1024 tokens need .* GiB"):

@@ -12,8 +12,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument("--block-size", type=int, default=None,
                    help="KV block size in tokens (default: 64 on CUDA, 16 elsewhere)")
-    g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--max-num-batched-tokens", type=int, default=None)
+    g.add_argument("--max-num-seqs", type=int, default=None,
+                   help="most requests in a step (default, as vLLM: 1024 on GPUs with >= 70 GiB "
+                        "other than the A100, else 256)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="token budget of a step (default, as vLLM: on GPUs with >= 70 GiB other "
+                        "than the A100 16384 offline and 8192 in the server, else 8192)")
     g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9)

@@ -116,8 +116,8 @@ def parse_serve_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """LLMEngine.from_engine_args keywords from the parsed engine options."""
-    return _engine_kwargs(args)
+    """LLMEngine.from_engine_args keywords from the parsed engine options (server defaults)."""
+    return dict(_engine_kwargs(args), usage_context="server")
 
 
 def api_key(args: argparse.Namespace) -> Optional[str]:
