@@ -396,6 +396,9 @@ class TestGPU:
         s = [512, 3000, 2048, 17, 4000, 1, 300]
         _check_attention(q, s, 32, 8, 128, 16, torch.bfloat16)
         _check_attention(q, s, 28, 4, 128, 32, torch.float16)
+        # decodes first, two launches
+        _check_attention([1, 1, 1, 1, 512, 256, 300], [2048, 17, 4000, 1, 512, 3000, 300],
+                         32, 8, 128, 16, torch.bfloat16, num_decode_reqs=4)
 
     @pytest.mark.parametrize("heads", [16, 32, 64])
     def test_prefill_tiles_by_head_group_and_length(self, heads):
@@ -405,9 +408,6 @@ class TestGPU:
         for q in ([1536, 700, 100], [1537, 300], [2048, 1000], [2049, 1300]):
             s = [q[0]] + [n + 500 for n in q[1:]]
             _check_attention(q, s, heads, 8, 128, 64, torch.bfloat16)
-        # decodes first, two launches
-        _check_attention([1, 1, 1, 1, 512, 256, 300], [2048, 17, 4000, 1, 512, 3000, 300],
-                         32, 8, 128, 16, torch.bfloat16, num_decode_reqs=4)
 
     @pytest.mark.parametrize("D,dtype", [(64, torch.bfloat16), (256, torch.bfloat16),
                                          (128, torch.float32), (96, torch.float16)])
