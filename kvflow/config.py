@@ -266,6 +266,10 @@ class SchedulerConfig:
     policy: str = "fcfs"   # or "priority" (lower SamplingParams priority value runs first)
     # Overlap scheduling of step N+1 with the device running step N (default: on for CUDA).
     async_scheduling: bool = False
+    # Admit a request only when the KV cache can hold it and the running requests until they
+    # finish (estimated; kvflow/core/admission.py). False: admit whatever fits now and preempt
+    # when the cache runs dry, as vLLM.
+    admission_control: bool = True
 
     def __post_init__(self):
         if self.policy not in ("fcfs", "priority"):
@@ -647,7 +651,8 @@ def create_engine_config(model: Optional[str] = None, *, tokenizer: Optional[str
                          enable_sleep_mode: bool = False, enable_expert_parallel: bool = False,
                          distributed_executor_backend: Optional[str] = None,
                          kv_transfer_config: Any = None, compilation_config: Any = None,
-                         usage_context: str = "llm", **unknown) -> EngineConfig:
+                         admission_control: bool = True, usage_context: str = "llm",
+                         **unknown) -> EngineConfig:
     if unknown:
         raise TypeError(f"unexpected engine arguments: {sorted(unknown)}")
     if load_format not in ("auto", "safetensors", "dummy", "gguf"):
@@ -678,6 +683,7 @@ def create_engine_config(model: Optional[str] = None, *, tokenizer: Optional[str
                             max_model_len=mcfg.max_model_len,
                             enable_chunked_prefill=bool(enable_chunked_prefill),
                             policy=scheduling_policy,
+                            admission_control=bool(admission_control),
                             async_scheduling=(dev.type == "cuda") if async_scheduling is None
                             else bool(async_scheduling))
     par = ParallelConfig(tensor_parallel_size=tensor_parallel_size,

@@ -25,6 +25,9 @@ def test_decode1_records(tmp_path, monkeypatch):
     assert init["env"]["KVFLOW_ATTN_PREFETCH"] == "1" and "KVFLOW_COMMIT" not in init["env"]
     assert rec["workload"] == "decode1" and rec["output_tokens"] == 512
     assert rec["ms_per_output_token"] > 0 and rec["env"] == init["env"]
+    # The scheduler limits in force (defaults here) and the run's preemptions are recorded.
+    assert init["max_num_seqs"] == 256 and init["admission_control"] is True
+    assert rec["num_preemptions"] == 0
 
 
 def test_small_vocabulary_is_a_clear_error(tmp_path, capsys):

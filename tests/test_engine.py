@@ -51,14 +51,17 @@ def test_chunked_prefill_tiny_budget(tiny_llama, reference, make_llm):
     _check(_gen(llm, prompts), prompts, reference)
 
 
-def test_forced_preemption(tiny_llama, reference, make_llm):
-    # 24 blocks of 4 tokens: the six requests need far more together, so some are preempted
-    # and recomputed.
+@pytest.mark.parametrize("admission", [False, True], ids=["no-admission", "admission"])
+def test_forced_preemption(tiny_llama, reference, make_llm, admission):
+    # 24 blocks of 4 tokens: the six requests need far more together. Admitted as vLLM does
+    # (whatever fits now), some are preempted and recomputed; with admission control they
+    # wait instead, and nothing is preempted. Same tokens either way.
     llm2 = make_llm(tiny_llama[1], block_size=4, kv_cache_memory=24 * _block_bytes(4),
-                    enable_prefix_caching=False)
+                    enable_prefix_caching=False, admission_control=admission)
     prompts = _prompts()
     _check(_gen(llm2, prompts), prompts, reference)
-    assert llm2.llm_engine.scheduler.num_preemptions > 0
+    assert (llm2.llm_engine.scheduler.num_preemptions > 0) != admission
+    assert llm2.llm_engine.scheduler.kv.num_free_blocks == 24
 
 
 def test_prefix_cache_hits(tiny_llama, reference, make_llm):
@@ -87,7 +90,7 @@ def test_shared_prefix_in_one_batch(tiny_llama, make_llm):
 
 def test_preemption_with_prefix_cache_and_chunking(tiny_llama, reference, make_llm):
     llm2 = make_llm(tiny_llama[1], block_size=4, max_num_batched_tokens=10,
-                    kv_cache_memory=30 * _block_bytes(4))
+                    kv_cache_memory=30 * _block_bytes(4), admission_control=False)
     prompts = _prompts()
     _check(_gen(llm2, prompts), prompts, reference)
     _check(_gen(llm2, prompts), prompts, reference)
@@ -391,9 +394,12 @@ def test_failed_step_fails_its_requests_and_engine_keeps_serving(tiny_llama, ref
 
 @pytest.mark.parametrize("kw", [
     dict(), dict(max_num_batched_tokens=7, enable_prefix_caching=False),
+    dict(block_size=4, kv_cache_memory=24 * _block_bytes(4), enable_prefix_caching=False,
+         admission_control=False),
+    dict(block_size=4, max_num_batched_tokens=10, kv_cache_memory=30 * _block_bytes(4),
+         admission_control=False),
     dict(block_size=4, kv_cache_memory=24 * _block_bytes(4), enable_prefix_caching=False),
-    dict(block_size=4, max_num_batched_tokens=10, kv_cache_memory=30 * _block_bytes(4)),
-], ids=["batched", "chunked", "preempted", "preempted-chunked-prefix"])
+], ids=["batched", "chunked", "preempted", "preempted-chunked-prefix", "admission-tight"])
 def test_async_scheduling_gives_identical_outputs(tiny_llama, reference, make_llm, kw):
     """Overlapped scheduling (step N+1 launched before step N's tokens are applied) changes
     nothing observable: same tokens, same finish reasons, no leaks, also with preemption."""

@@ -98,13 +98,15 @@ def test_prefix_hit_leaves_one_token_to_compute():
     assert s.kv.num_free_blocks == 32
 
 
+@pytest.mark.parametrize("admission", [True, False], ids=["admission", "no-admission"])
 @pytest.mark.parametrize("seed", range(6))
-def test_random_load_no_leaks_no_starvation(seed):
+def test_random_load_no_leaks_no_starvation(seed, admission):
     rng = random.Random(seed)
     block_size = rng.choice([2, 4, 16])
     s = Scheduler(max_num_seqs=rng.choice([2, 5, 64]), max_num_batched_tokens=rng.choice([7, 32, 512]),
                   max_model_len=4096, num_blocks=rng.choice([40, 80, 400]), block_size=block_size,
-                  enable_prefix_caching=rng.random() < 0.7, enable_chunked_prefill=True)
+                  enable_prefix_caching=rng.random() < 0.7, enable_chunked_prefill=True,
+                  admission_control=admission)
     shared = [rng.randrange(1000) for _ in range(24)]
     added, finished, aborted = 0, set(), set()
     for step in range(3000):
@@ -130,8 +132,9 @@ def test_random_load_no_leaks_no_starvation(seed):
 
 
 def test_preemption_recomputes_from_scratch():
+    # Without admission control (vLLM's way) all three are admitted and outgrow the pool.
     s = Scheduler(max_num_seqs=8, max_num_batched_tokens=64, max_model_len=4096, num_blocks=6,
-                  block_size=4, enable_prefix_caching=False)
+                  block_size=4, enable_prefix_caching=False, admission_control=False)
     rng = random.Random(1)
     for i in range(3):
         s.add_request(_req(f"p{i}", 6, max_tokens=12, seed=i))

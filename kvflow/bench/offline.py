@@ -154,12 +154,17 @@ def run(args) -> list[dict]:
                 gpu_memory_utilization=kw.get("gpu_memory_utilization"),
                 kv_cache_tokens=eng.num_total_blocks() * eng.config.cache.block_size,
                 **eng.startup_timings(), **info)
+    sc = eng.config.scheduler
+    init.update(max_num_seqs=sc.max_num_seqs, max_num_batched_tokens=sc.max_num_batched_tokens,
+                admission_control=sc.admission_control)
     records = [init]
     _emit(init, args.out)
     for w in names:
         if eng.step_trace is not None:
             eng.step_trace.clear()
+        preempted = eng.scheduler.num_preemptions
         rec = WORKLOADS[w](llm, base, args.temperature)
+        rec["num_preemptions"] = eng.scheduler.num_preemptions - preempted
         if eng.step_trace:
             rec["step_trace"] = summarize_trace(eng.step_trace)
         # This workload's own peaks: the window was reset after startup / the last workload.

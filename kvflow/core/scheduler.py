@@ -31,6 +31,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
+from kvflow.core.admission import KVAdmission
 from kvflow.core.kv_cache_manager import KVCacheManager
 from kvflow.kv_transfer.base import KVTransferResult, NullSchedulerConnector
 from kvflow.core.sched_output import (CachedRequestData, EngineCoreOutput, NewRequestData,
@@ -134,7 +135,7 @@ class Scheduler:
     def __init__(self, *, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
                  num_blocks: int, block_size: int, enable_prefix_caching: bool,
                  enable_chunked_prefill: bool = True, long_prefill_token_threshold: int = 0,
-                 policy: str = "fcfs", connector=None):
+                 policy: str = "fcfs", connector=None, admission_control: bool = True):
         if policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling_policy: must be 'fcfs' or 'priority', got {policy!r}")
         self.policy = policy
@@ -145,6 +146,8 @@ class Scheduler:
         self.enable_chunked_prefill = enable_chunked_prefill
         self.long_prefill_token_threshold = long_prefill_token_threshold
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
+        # Off: admit whatever fits the pool now and preempt when it runs dry (vLLM's way).
+        self.admission = KVAdmission(block_size, max_model_len, enabled=admission_control)
         self.requests: dict[str, Request] = {}
         self.waiting = PriorityQueue() if policy == "priority" else FCFSQueue()
         self.running: list[Request] = []
@@ -201,6 +204,7 @@ class Scheduler:
             else:
                 self.waiting.remove(req)
             req.status = status
+            self.admission.on_finished(req)   # a stop string; aborts teach nothing
             # Finished from outside the step: its last output is already out, so nobody would
             # receive kv_transfer_params. Never hold its blocks for a transfer.
             self._free(req, may_hold=False)
@@ -212,6 +216,7 @@ class Scheduler:
         if may_hold:
             hold, req.kv_transfer_params_out = self.connector.request_finished(
                 req, self.kv.get_block_ids(req.request_id))
+        self.admission.on_release(req)
         if hold:
             self.sending[req.request_id] = req  # freed when the worker reports it sent
         else:
@@ -235,6 +240,8 @@ class Scheduler:
 
     def _preempt(self, victim: Request) -> None:
         self.kv.free(victim)
+        self.admission.on_release(victim)
+        self.admission.on_preempt()
         victim.status = RequestStatus.PREEMPTED
         victim.num_computed_tokens = 0
         victim.num_preemptions += 1
@@ -283,7 +290,10 @@ class Scheduler:
             i += 1
 
         # 2) Waiting requests, while there is room. After a preemption nothing new is admitted
-        #    this step: the pool is known to be short.
+        #    this step: the pool is known to be short. With admission control (core/admission.py)
+        #    a request also waits while the pool could not hold it and the running requests
+        #    until they finish.
+        plan = None
         while (not preempted_any and self.waiting and budget > 0
                and len(self.running) < self.max_num_seqs):
             req = self.waiting.peek()
@@ -303,10 +313,18 @@ class Scheduler:
             if not self.enable_chunked_prefill and num_new > budget:
                 break
             num_new = self._cap(req, num_new, budget)
+            # Hit blocks another running request holds too (counted as that one's).
+            shared = sum(1 for b in hits if b.ref_cnt > 0)
+            if self.admission.enabled and self.running:
+                if plan is None:
+                    plan = self.admission.plan(self.running, num_scheduled, self.kv)
+                if not plan.fits(req, shared):
+                    break  # it would crowd out the running requests' growth: wait
             new_blocks = self.kv.allocate_slots(req, num_new, hits)
             if new_blocks is None:
                 break
             self._admit(req, RequestStatus.RUNNING, num_hit)
+            self.admission.on_admit(req, shared)
             self.running.append(req)
             num_scheduled[req.request_id] = num_new
             budget -= num_new
@@ -421,6 +439,7 @@ class Scheduler:
                 logprobs=out.logprobs.get(rid), prompt_logprobs=prompt_lp,
                 num_cached_tokens=max(req.num_cached_tokens, 0)))
             if req.is_finished:
+                self.admission.on_finished(req)
                 if req in self.running:
                     self.running.remove(req)
                 else:  # preempted while its last token was in flight

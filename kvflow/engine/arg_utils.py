@@ -45,6 +45,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--scheduling-policy", default="fcfs", choices=["fcfs", "priority"])
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="overlap host scheduling with device execution (default: on for CUDA)")
+    g.add_argument("--admission-control", action=argparse.BooleanOptionalAction, default=True,
+                   help="admit a request only when the KV cache can hold it and the running ones "
+                        "until they finish (estimated from max_tokens, learned from finished "
+                        "requests); --no-admission-control admits whatever fits now and preempts "
+                        "when the cache runs dry, as vLLM")
     g.add_argument("--enable-sleep-mode", action="store_true",
                    help="allow sleep/wake_up (server: POST /sleep, POST /wake_up, GET /is_sleeping)")
     g.add_argument("--kv-transfer-config", default=None,
@@ -59,7 +64,7 @@ ENGINE_ARG_NAMES = ("tokenizer", "dtype", "device", "max_model_len", "block_size
                     "load_format", "enforce_eager", "tensor_parallel_size", "attention_backend",
                     "skip_tokenizer_init", "scheduling_policy", "async_scheduling",
                     "enable_sleep_mode", "enable_expert_parallel", "distributed_executor_backend",
-                    "kv_transfer_config", "compilation_config")
+                    "kv_transfer_config", "compilation_config", "admission_control")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
