@@ -313,8 +313,10 @@ class Scheduler:
             if not self.enable_chunked_prefill and num_new > budget:
                 break
             num_new = self._cap(req, num_new, budget)
-            # Hit blocks another running request holds too (counted as that one's).
-            shared = sum(1 for b in hits if b.ref_cnt > 0)
+            # Blocks it will not take from the free pool: hits another running request holds
+            # too (counted as that one's), or the blocks a remote load already gave it.
+            shared = (sum(1 for b in hits if b.ref_cnt > 0) if hits or not req.num_computed_tokens
+                      else len(self.kv.req_to_blocks.get(req.request_id, ())))
             if self.admission.enabled and self.running:
                 if plan is None:
                     plan = self.admission.plan(self.running, num_scheduled, self.kv)
