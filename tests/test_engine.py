@@ -51,13 +51,16 @@ def test_chunked_prefill_tiny_budget(tiny_llama, reference, make_llm):
     _check(_gen(llm, prompts), prompts, reference)
 
 
-@pytest.mark.parametrize("admission", [False, True], ids=["no-admission", "admission"])
-def test_forced_preemption(tiny_llama, reference, make_llm, admission):
+@pytest.mark.parametrize("admission,async_", [(False, False), (True, False), (True, True)],
+                         ids=["no-admission", "admission", "admission-async"])
+def test_forced_preemption(tiny_llama, reference, make_llm, admission, async_):
     # 24 blocks of 4 tokens: the six requests need far more together. Admitted as vLLM does
     # (whatever fits now), some are preempted and recomputed; with admission control they
-    # wait instead, and nothing is preempted. Same tokens either way.
+    # wait instead, and nothing is preempted -- also with async scheduling, where a finished
+    # request's blocks return one step later. Same tokens either way.
     llm2 = make_llm(tiny_llama[1], block_size=4, kv_cache_memory=24 * _block_bytes(4),
-                    enable_prefix_caching=False, admission_control=admission)
+                    enable_prefix_caching=False, admission_control=admission,
+                    async_scheduling=async_)
     prompts = _prompts()
     _check(_gen(llm2, prompts), prompts, reference)
     assert (llm2.llm_engine.scheduler.num_preemptions > 0) != admission

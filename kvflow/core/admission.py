@@ -131,13 +131,15 @@ class AdmissionPlan:
 
     def _use(self, cur, extra, hit):
         """Blocks held per segment by requests (cur, extra, hit) [N] -> [N, G] summed to [G],
-        G covering the longest one's life: on segment g a request is alive if it still adds
-        tokens at the segment's first step, and holds at most what it holds at its last."""
+        G covering the longest one's life: on segment g a request is alive if it still holds
+        blocks at the segment's first step, and holds at most what it holds at its last. A
+        request adding `extra` tokens holds its blocks through step extra + 1: with async
+        scheduling the step that ends it is applied (and its blocks freed) one step later."""
         seg = self.adm.seg
-        first = np.arange(int(extra.max()) // seg + 1, dtype=np.int64)[None, :] * seg  # [1, G]
+        first = np.arange((int(extra.max()) + 1) // seg + 1, dtype=np.int64)[None, :] * seg
         held = _cdiv(cur[:, None] + np.minimum(extra[:, None], first + (seg - 1)),
-                     self.adm.block_size) - hit[:, None]
-        alive = (extra[:, None] >= first) | (first == 0)
+                     self.adm.block_size) - hit[:, None]                               # [N, G]
+        alive = extra[:, None] + 1 >= first
         return np.where(alive, held, 0).sum(axis=0)
 
     @staticmethod
