@@ -4,9 +4,9 @@ running request until each one finishes.
 Why. vLLM admits any request whose prompt fits the free blocks now; when the running requests'
 growth then runs the pool dry, it preempts one (by recompute), and its computed tokens are
 thrown away. Where the pool holds fewer requests than max_num_seqs this repeats every few steps:
-Mixtral-8x7B on one H200 holds ~290K tokens, ~380 throughput8k requests, and at the default
-1024 sequences it ran at 4075 tok/s against 4911 with the sequence count set by hand
-(docs/performance.md, session 12).
+Mixtral-8x7B on one H200 holds ~282K tokens, ~370 throughput8k requests, and at the default
+1024 sequences it ran at 4673 tok/s against 5196 with admission control (docs/performance.md,
+session 18).
 
 The estimate. A running request's KV grows by one token a step until it finishes, when all its
 blocks return to the pool. The pool's future use is therefore a sum of sawtooth curves, whose
