@@ -39,6 +39,18 @@ def dense8b_ms(tokens: int, reqs: int, kv_tokens: int) -> float:
     return max(4.0 + 0.04 * reqs, tokens * 0.025) + kv_tokens * KV_BYTES / HBM
 
 
+def fake_output(s: Scheduler, so, stop_at: dict | None = None) -> RunnerOutput:
+    """A model's output for the scheduled step `so`: every request that caught up samples
+    token 1, or EOS once its output reaches stop_at[rid] tokens."""
+    sampled = {}
+    for rid in so.num_scheduled_tokens:
+        r = s.requests[rid]
+        if r.num_computed_tokens == r.num_tokens:
+            end = (stop_at or {}).get(rid)
+            sampled[rid] = [EOS if end is not None and r.num_output_tokens + 1 >= end else 1]
+    return RunnerOutput(sampled_token_ids=sampled)
+
+
 def simulate(requests, cost, *, cap_tokens, block_size, max_num_seqs, budget, admission,
              stop_at=None):
     s = Scheduler(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, max_model_len=4096,
@@ -55,13 +67,7 @@ def simulate(requests, cost, *, cap_tokens, block_size, max_num_seqs, budget, ad
         steps += 1
         computed += so.total_num_scheduled_tokens
         running += len(s.running)
-        sampled = {}
-        for rid in so.num_scheduled_tokens:
-            r = s.requests[rid]
-            if r.num_computed_tokens == r.num_tokens:
-                end = (stop_at or {}).get(rid)
-                sampled[rid] = [EOS if end is not None and r.num_output_tokens + 1 >= end else 1]
-        s.update_from_output(so, RunnerOutput(sampled_token_ids=sampled))
+        s.update_from_output(so, fake_output(s, so, stop_at))
     return dict(steps=steps, preemptions=s.num_preemptions, tokens_computed=computed,
                 mean_running=round(running / steps), model_s=round(ms / 1e3, 2))
 

@@ -5,13 +5,20 @@ import random
 
 import pytest
 
+import importlib.util
+import os
+
 from kvflow.core.admission import KVAdmission
-from kvflow.core.sched_output import RunnerOutput
 from kvflow.core.scheduler import Scheduler
 from kvflow.request import Request, RequestStatus
 from kvflow.sampling_params import SamplingParams
 
-EOS = 99_999
+# The fake model step of benchmarks/admission_sim.py (the simulator these tests share).
+_spec = importlib.util.spec_from_file_location(
+    "admission_sim", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "admission_sim.py"))
+sim = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(sim)
+EOS = sim.EOS
 
 
 def _sched(num_blocks, block_size=4, admission=True, **kw):
@@ -40,13 +47,7 @@ def _run(s, stop_at=None):
         computed += so.total_num_scheduled_tokens
         most_running = max(most_running, len(s.running))
         most_blocks = max(most_blocks, s.kv.pool.num_blocks - s.kv.num_free_blocks)
-        sampled = {}
-        for rid in so.num_scheduled_tokens:
-            r = s.requests[rid]
-            if r.num_computed_tokens == r.num_tokens:
-                end = (stop_at or {}).get(rid)
-                sampled[rid] = [EOS if end is not None and r.num_output_tokens + 1 >= end else 1]
-        s.update_from_output(so, RunnerOutput(sampled_token_ids=sampled))
+        s.update_from_output(so, sim.fake_output(s, so, stop_at))
         assert steps < 100_000
     assert s.kv.num_free_blocks == s.kv.pool.num_blocks
     return steps, computed, most_running, most_blocks

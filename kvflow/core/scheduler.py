@@ -300,10 +300,14 @@ class Scheduler:
             if req.num_output_placeholders:
                 break  # preempted with a token still in flight: resume once it has arrived
             if req.num_computed_tokens:
-                # Its KV was loaded from a producer: the blocks are already its own.
+                # Its KV was loaded from a producer: the blocks are already its own (and not
+                # taken from the free pool again).
                 hits, num_hit = [], req.num_computed_tokens
+                shared = len(self.kv.req_to_blocks.get(req.request_id, ()))
             else:
                 hits, num_hit = self.kv.get_computed_blocks(req)
+                # Hits another running request holds too count as that one's.
+                shared = sum(1 for b in hits if b.ref_cnt > 0)
                 num_remote = self.connector.get_num_new_matched_tokens(req, num_hit)
                 if num_remote:
                     if not self._start_load(req, hits, num_hit, num_remote):
@@ -313,10 +317,6 @@ class Scheduler:
             if not self.enable_chunked_prefill and num_new > budget:
                 break
             num_new = self._cap(req, num_new, budget)
-            # Blocks it will not take from the free pool: hits another running request holds
-            # too (counted as that one's), or the blocks a remote load already gave it.
-            shared = (sum(1 for b in hits if b.ref_cnt > 0) if hits or not req.num_computed_tokens
-                      else len(self.kv.req_to_blocks.get(req.request_id, ())))
             if self.admission.enabled and self.running:
                 if plan is None:
                     plan = self.admission.plan(self.running, num_scheduled, self.kv)
