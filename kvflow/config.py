@@ -561,8 +561,9 @@ def default_block_size(device: torch.device) -> int:
 # expect: GPUs with >= 70 GiB other than the A100 (H100, H200, ...) run 1024 sequences, and
 # 16384 tokens a step offline (LLM, `kvflow generate|bench`) or 8192 in the server (shorter
 # mixed steps keep inter-token latency down while prompts arrive); other devices 256 and 8192.
-# A model whose KV cache holds few sequences (Mixtral-8x7B on one H200 holds ~380 of
-# throughput8k's) preempts at 1024 as it does under vLLM; give max_num_seqs then.
+# A model whose KV cache holds fewer sequences (Mixtral-8x7B on one H200: ~370 of
+# throughput8k's) does not preempt at 1024: admission control (core/admission.py) keeps the
+# rest waiting.
 LARGE_GPU_BYTES = 70 * 2**30
 USAGE_CONTEXTS = ("llm", "server")
 

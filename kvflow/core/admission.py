@@ -38,6 +38,7 @@ import math
 
 import numpy as np
 
+from kvflow.core.kv_cache_manager import cdiv
 from kvflow.request import Request, RequestStatus
 
 # A request's remaining growth is estimated over at most this many tokens (a request without
@@ -48,10 +49,6 @@ EMA_WEIGHT = 0.1
 # The future is cut into at most this many segments of equal length; on each, a request's use
 # is bounded by its use at the segment's last step (over-counting by < one segment of tokens).
 MAX_SEGMENTS = 512
-
-
-def _cdiv(a, b):
-    return -(-a // b)
 
 
 class KVAdmission:
@@ -65,7 +62,7 @@ class KVAdmission:
         # Segment g covers future steps [g * seg, (g + 1) * seg - 1]. No request adds more than
         # max_model_len tokens, so MAX_SEGMENTS segments cover every request's remaining life; a
         # curve uses only those up to its longest request's end.
-        self.seg = max(1, _cdiv(max_model_len + 1, MAX_SEGMENTS))
+        self.seg = max(1, cdiv(max_model_len + 1, MAX_SEGMENTS))
 
     # ------------------------------------------------------------------ bookkeeping
     def on_admit(self, req: Request, hit_blocks: int) -> None:
@@ -126,7 +123,7 @@ class AdmissionPlan:
         bs = adm.block_size
         # Upper bound of the peak: every request at its final size at once. When that fits,
         # the per-segment curve is not needed (most steps of a pool with room to spare).
-        self._final = int((_cdiv(cur + extra, bs) - hit).sum())
+        self._final = int((cdiv(cur + extra, bs) - hit).sum())
         self._curve = None                                                   # [G] blocks
 
     def _use(self, cur, extra, hit):
@@ -137,7 +134,7 @@ class AdmissionPlan:
         scheduling the step that ends it is applied (and its blocks freed) one step later."""
         seg = self.adm.seg
         first = np.arange((int(extra.max()) + 1) // seg + 1, dtype=np.int64)[None, :] * seg
-        held = _cdiv(cur[:, None] + np.minimum(extra[:, None], first + (seg - 1)),
+        held = cdiv(cur[:, None] + np.minimum(extra[:, None], first + (seg - 1)),
                      self.adm.block_size) - hit[:, None]                               # [N, G]
         alive = extra[:, None] + 1 >= first
         return np.where(alive, held, 0).sum(axis=0)
@@ -156,7 +153,7 @@ class AdmissionPlan:
         in the plan when yes."""
         cur = req.num_tokens
         extra = self.adm.remaining(req, cur)
-        final = _cdiv(cur + extra, self.adm.block_size) - hit_blocks
+        final = cdiv(cur + extra, self.adm.block_size) - hit_blocks
         one = (np.array([cur], dtype=np.int64), np.array([extra], dtype=np.int64),
                np.array([hit_blocks], dtype=np.int64))
         if self._final + final > self.capacity:
