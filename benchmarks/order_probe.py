@@ -1,0 +1,44 @@
+"""Probe: does feeding nanovllm's requests longest max_tokens first, with a smaller step
+budget, let prompts ride in memory-bound decode steps? Same draws as wl_nanovllm.
+
+    python3 benchmarks/order_probe.py bench throughput --model M --workload nanovllm_longest ...
+    M=mixtral-8x7b VARIANTS="nanovllm:16384 nanovllm_longest:1024" bash benchmarks/order_probe_device.sh
+
+Run one workload per process: a second run of the same prompts hits the prefix cache.
+Answer on the H200 (session 19, results/order-probe-f2800d7-nvidia-h200.jsonl): no. Llama-3.1-8B
+10151 tok/s in order at 16384 tokens a step, 10173 / 10205 / 10217 / 9463 longest first at
+16384 / 2048 / 1024 / 512; Mixtral-8x7B 3748 in order, 3762 / 3767 / 3758 longest first at
+16384 / 2048 / 1024. Decode steps at ~200 requests are already near compute-bound for the
+dense model, and the MoE's grouped GEMM grows with every token added.
+"""
+import random
+import sys
+import time
+
+import kvflow.bench.offline as off
+from kvflow.sampling_params import SamplingParams
+
+
+def wl_nanovllm_longest(llm, base, temperature):
+    random.seed(0)
+    prompt_ids = [[random.randint(0, 10000) for _ in range(random.randint(100, 1024))]
+                  for _ in range(256)]
+    sps = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=random.randint(100, 1024),
+                          detokenize=False) for _ in range(256)]
+    order = sorted(range(256), key=lambda i: -sps[i].max_tokens)
+    llm.generate(off._prompts([[1, 2, 3, 4, 5, 6, 7, 8]]), SamplingParams(max_tokens=16, detokenize=False),
+                 use_tqdm=False)
+    t = time.perf_counter()
+    outs = llm.generate(off._prompts([prompt_ids[i] for i in order]), [sps[i] for i in order],
+                        use_tqdm=False)
+    dt = time.perf_counter() - t
+    total = sum(sp.max_tokens for sp in sps)
+    return dict(base, record="workload", workload="nanovllm_longest", wall_s=round(dt, 4),
+                actual_output_tokens=off._n_out(outs), output_tok_s=round(total / dt, 2))
+
+
+off.WORKLOADS["nanovllm_longest"] = wl_nanovllm_longest
+
+if __name__ == "__main__":
+    from kvflow.cli import main
+    sys.exit(main(sys.argv[1:]))
