@@ -12,7 +12,10 @@ Drives kvflow's Scheduler with fake model steps and prices each step with a coar
   max_tokens unset or 1024, on caches of 60K and 200K tokens (an 8B model's step costs).
 
 Per step it counts the tokens computed (recomputed prompts included) and the requests running;
-the model-seconds are only as good as the cost model: they rank schedules, they are not times.
+the model-seconds are only as good as the cost model: they rank admission policies, they are not
+times. They do not rank step budgets or request orders: their flat per-request decode cost makes
+prompt tokens that ride in decode steps look free, and the H200 disagreed (session 19,
+benchmarks/order_probe.py).
 """
 from __future__ import annotations
 

@@ -9,60 +9,110 @@ Mixtral-8x7B on one H200 holds ~282K tokens, ~370 throughput8k requests, and at 
 session 18).
 
 The estimate. A running request's KV grows by one token a step until it finishes, when all its
-blocks return to the pool. The pool's future use is therefore a sum of sawtooth curves, whose
-peak comes just before some request finishes; it is not the sum of final sizes (requests of
-different lengths, as nanovllm's, never all peak at once). For each running request r:
+blocks return to the pool. Its output length is unknown, so each request r is alive at future
+step t with a probability S_r(t), and then holds held_r(t) blocks (its tokens now plus t). The
+pool's use at step t is a sum of independent terms with mean E(t) = sum S_r held_r and variance
+V(t) = sum S_r (1 - S_r) held_r^2; a candidate is admitted when E + Z sqrt(V) stays within the
+capacity at every future step. The check is on the whole curve, not on the sum of final sizes:
+requests of different lengths (nanovllm's) never all peak at once.
 
-    cur_r  tokens it holds, its whole prompt counted at once (chunked prefill brings the rest
-           in within a few steps);
-    e_r    tokens it will still add: ceil(ratio * min(max_tokens left, CLIP_TOKENS)).
-
-`ratio` is the expected fraction of its max_tokens a request uses. It starts at 1.0 (requests
-that run to max_tokens - ignore_eos, benchmarks, short max_tokens - are then never preempted),
-follows an EMA of the fraction that finished requests actually used (chat requests stop at EOS
-long before), and doubles after a preemption (the estimate was short). CLIP_TOKENS bounds the
-estimate of requests without max_tokens, which may otherwise run to the context window.
+S_r comes from the lengths of requests that finished (`LengthModel`): the empirical distribution
+of the fraction f of its allowed output (min(max_tokens, CLIP_TOKENS)) a request used, over the
+last WINDOW that ended on their own, conditioned on r having already produced what it has.
+  * Requests that run to max_tokens (ignore_eos, benchmarks, short max_tokens) all have f = 1:
+    S is 0 or 1, V = 0, and the check is the exact peak of the running requests' sawtooth.
+  * Chat requests stop at EOS long before max_tokens (or the context window when it is unset):
+    f spreads out, most requests are expected to end soon, and the variance term keeps a margin
+    for the ones that do not. (A single mean fraction for everyone, session 18's estimate,
+    reserved each request's mean length at once and admitted ~10% fewer chat requests than
+    vLLM: -3% in benchmarks/admission_sim.py.)
+  * Until PRIOR requests have finished, the missing samples count as f = 1 (no preemption on a
+    cold start); a preemption means the estimate was short and stretches every fraction x2
+    (decaying back as requests finish). CLIP_TOKENS bounds the horizon of requests without
+    max_tokens, which may otherwise run to the context window.
 
 Prefix-cache sharing. A request's hit blocks are held by another request too: each request
 counts only its own blocks (its blocks minus the hit ones), and the capacity is the free blocks
 plus the running requests' own ones, so a shared prefix is counted once.
 
 Invariant kept: with at least one running request, a waiting one is admitted only when the
-estimated peak of (running + admitted this step + it) fits the capacity; with none running the
-head of the queue is always admitted (progress; check_request guarantees its prompt fits).
-Estimates can be wrong in either direction: preemption stays the safety net.
+bound for (running + admitted this step + it) fits the capacity, or when even every request at
+its largest possible size fits; with none running the head of the queue is always admitted
+(progress; check_request guarantees its prompt fits). Estimates can be wrong in either
+direction: preemption stays the safety net.
 """
 from __future__ import annotations
 
-import math
+import collections
 
 import numpy as np
 
 from kvflow.core.kv_cache_manager import cdiv
 from kvflow.request import Request, RequestStatus
 
-# A request's remaining growth is estimated over at most this many tokens (a request without
+# A request's remaining growth is followed over at most this many tokens (a request without
 # max_tokens may run to the context window, but rarely does).
 CLIP_TOKENS = 4096
-MIN_RATIO = 0.02
-EMA_WEIGHT = 0.1
+# Finished requests whose used fractions make the length distribution, and how many there
+# must be before it replaces the cold-start assumption (every request runs to its limit).
+WINDOW = 512
+PRIOR = 4
+# Margin in standard deviations of the pool's use at each future step.
+Z = 2.0
+# After a preemption fractions are stretched by this factor; each finished request takes
+# STRETCH_DECAY of the excess over 1 away again.
+STRETCH_ON_PREEMPT = 2.0
+STRETCH_DECAY = 0.05
+MAX_STRETCH = 64.0
 # The future is cut into at most this many segments of equal length; on each, a request's use
-# is bounded by its use at the segment's last step (over-counting by < one segment of tokens).
-MAX_SEGMENTS = 512
+# is bounded by its use at the segment's last step (over-counting by < one segment of tokens)
+# and its chance of being alive by that at the segment's first step.
+MAX_SEGMENTS = 256
+
+
+class LengthModel:
+    """The distribution of the fraction of its allowed output tokens a request uses."""
+
+    def __init__(self):
+        self._recent: collections.deque = collections.deque(maxlen=WINDOW)
+        self._sorted = np.ones(PRIOR)                 # ascending; PRIOR x 1.0 until learned
+        self.stretch = 1.0
+
+    @property
+    def deterministic(self) -> bool:
+        """Every request is expected to run to its limit (S is 0 or 1)."""
+        return float(self._sorted[0]) * self.stretch >= 1.0
+
+    def observe(self, fraction: float) -> None:
+        self._recent.append(min(1.0, max(0.0, fraction)))
+        pad = max(0, PRIOR - len(self._recent))
+        self._sorted = np.sort(np.concatenate((np.fromiter(self._recent, float), np.ones(pad))))
+        self.stretch = 1.0 + (1.0 - STRETCH_DECAY) * (self.stretch - 1.0)
+
+    def on_preempt(self) -> None:
+        self.stretch = min(MAX_STRETCH, self.stretch * STRETCH_ON_PREEMPT)
+
+    def count_at_least(self, x: np.ndarray) -> np.ndarray:
+        """Samples with stretched fraction min(1, f * stretch) >= x, for x in (0, inf)."""
+        n = len(self._sorted)
+        c = n - np.searchsorted(self._sorted, x / self.stretch, side="left")
+        return np.where(x <= 1.0, c, 0)
+
+    def max_fraction(self) -> float:
+        return min(1.0, float(self._sorted[-1]) * self.stretch)
+
+    def mean(self) -> float:
+        return float(np.minimum(1.0, self._sorted * self.stretch).mean())
 
 
 class KVAdmission:
-    """Per-scheduler state: the learned ratio and each running request's hit blocks."""
+    """Per-scheduler state: the length model and each running request's hit blocks."""
 
-    def __init__(self, block_size: int, max_model_len: int, enabled: bool = True):
+    def __init__(self, block_size: int, enabled: bool = True):
         self.block_size = block_size
         self.enabled = enabled
-        self.ratio = 1.0
+        self.lengths = LengthModel()
         self._hit_blocks: dict[str, int] = {}
-        # Segment g covers future steps [g * seg, (g + 1) * seg - 1]. No request adds more than
-        # max_model_len tokens, so MAX_SEGMENTS segments cover every request's remaining life; a
-        # curve uses only those up to its longest request's end.
-        self.seg = max(1, cdiv(max_model_len + 1, MAX_SEGMENTS))
 
     # ------------------------------------------------------------------ bookkeeping
     def on_admit(self, req: Request, hit_blocks: int) -> None:
@@ -78,95 +128,126 @@ class KVAdmission:
         if req.status not in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH):
             return
         allowed = min(req.max_tokens, CLIP_TOKENS)
-        if allowed <= 0:
-            return
-        used = min(req.num_output_tokens, CLIP_TOKENS) / allowed
-        self.ratio = max(MIN_RATIO, min(1.0, (1 - EMA_WEIGHT) * self.ratio + EMA_WEIGHT * used))
+        if allowed > 0:
+            self.lengths.observe(min(req.num_output_tokens, CLIP_TOKENS) / allowed)
 
     def on_preempt(self) -> None:
-        self.ratio = min(1.0, 2 * self.ratio)
+        self.lengths.on_preempt()
 
     # ------------------------------------------------------------------ estimate
-    def remaining(self, req: Request, cur: int) -> int:
-        """Tokens `req`, holding `cur`, is expected to add. The last sampled token is never
-        written to the cache, so a request ends holding prompt + max_tokens - 1 at most."""
-        left = min(req.num_prompt_tokens + req.max_tokens - 1 - cur, CLIP_TOKENS)
-        if left <= 0:
-            return 0
-        return left if self.ratio >= 1.0 else math.ceil(self.ratio * left)
+    @staticmethod
+    def left(req: Request, cur: int) -> int:
+        """Tokens `req`, holding `cur`, may still add (clipped). The last sampled token is
+        never written to the cache, so a request ends holding prompt + max_tokens - 1 at most."""
+        return max(0, min(req.num_prompt_tokens + req.max_tokens - 1 - cur, CLIP_TOKENS))
 
     def plan(self, running: list[Request], scheduled: dict[str, int], kv) -> "AdmissionPlan":
         """The pool's estimated future use by `running` after this step's allocations
         (`scheduled`: tokens granted to each this step), against which candidates are checked."""
         n = len(running)
-        cur, extra, hit = [0] * n, [0] * n, [0] * n
+        cur, left, out, allowed, hit = ([0] * n for _ in range(5))
         own_held = 0
-        hits, blocks, remaining = self._hit_blocks, kv.req_to_blocks, self.remaining
+        hits, blocks = self._hit_blocks, kv.req_to_blocks
         for i, r in enumerate(running):
             rid = r.request_id
             c = max(r.num_computed_tokens + scheduled.get(rid, 0), r.num_tokens)
             h = hits.get(rid, 0)
-            cur[i], extra[i], hit[i] = c, remaining(r, c), h
+            cur[i], left[i], hit[i] = c, self.left(r, c), h
+            out[i], allowed[i] = r.num_output_tokens, max(1, min(r.max_tokens, CLIP_TOKENS))
             own_held += len(blocks.get(rid, ())) - h
-        return AdmissionPlan(self, np.array(cur, dtype=np.int64), np.array(extra, dtype=np.int64),
-                             np.array(hit, dtype=np.int64), kv.num_free_blocks + own_held)
+        return AdmissionPlan(self, *(np.array(a, dtype=np.int64)
+                                     for a in (cur, left, out, allowed, hit)),
+                             capacity=kv.num_free_blocks + own_held)
 
 
 class AdmissionPlan:
-    """One step's check. `fits` accepts a candidate only if the estimated peak use, with it and
-    every candidate accepted before it, stays within `capacity` blocks."""
+    """One step's check. `fits` accepts a candidate only if the bound on the pool's use, with it
+    and every candidate accepted before it, stays within `capacity` blocks."""
 
-    def __init__(self, adm: KVAdmission, cur, extra, hit, capacity: int):
+    def __init__(self, adm: KVAdmission, cur, left, out, allowed, hit, capacity: int):
         self.adm = adm
         self.capacity = capacity
-        self._cur, self._extra, self._hit = cur, extra, hit
-        bs = adm.block_size
-        # Upper bound of the peak: every request at its final size at once. When that fits,
-        # the per-segment curve is not needed (most steps of a pool with room to spare).
-        self._final = int((cdiv(cur + extra, bs) - hit).sum())
-        self._curve = None                                                   # [G] blocks
+        self._reqs = (cur, left, out, allowed, hit)
+        # Upper bound: every request at its largest possible size at once. When that fits,
+        # the curves are not needed (most steps of a pool with room to spare).
+        self._final = int((cdiv(cur + left, adm.block_size) - hit).sum())
+        # Segment g covers future steps [g * seg, (g + 1) * seg - 1]; MAX_SEGMENTS of them
+        # cover the running requests' longest possible remaining life (candidates' curves
+        # may run longer, on the same segments).
+        self.seg = max(1, cdiv(int(self._horizon(left, out, allowed).max()) + 2, MAX_SEGMENTS))
+        self._mean = self._var = None                                        # [G] blocks
 
-    def _use(self, cur, extra, hit):
-        """Blocks held per segment by requests (cur, extra, hit) [N] -> [N, G] summed to [G],
-        G covering the longest one's life: on segment g a request is alive if it still holds
-        blocks at the segment's first step, and holds at most what it holds at its last. A
-        request adding `extra` tokens holds its blocks through step extra + 1: with async
-        scheduling the step that ends it is applied (and its blocks freed) one step later."""
-        seg = self.adm.seg
-        first = np.arange((int(extra.max()) + 1) // seg + 1, dtype=np.int64)[None, :] * seg
-        held = cdiv(cur[:, None] + np.minimum(extra[:, None], first + (seg - 1)),
-                     self.adm.block_size) - hit[:, None]                               # [N, G]
-        alive = extra[:, None] + 1 >= first
-        return np.where(alive, held, 0).sum(axis=0)
+    def _horizon(self, left, out, allowed):
+        """The most tokens each request [N] may still add given the lengths seen: a request
+        that outlived every one of them may run to its limit."""
+        lm = self.adm.lengths
+        if lm.deterministic:
+            return left
+        seen = np.ceil(lm.max_fraction() * allowed).astype(np.int64) - 1 - out
+        return np.where(lm.count_at_least((out + 1) / allowed) > 0,
+                        np.clip(seen, 0, left), left)
+
+    def _curves(self, cur, left, out, allowed, hit):
+        """Mean and variance [G] of the blocks requests [N] hold on each segment g (covering
+        future steps [g * seg, (g + 1) * seg - 1] up to the longest one's end). A request
+        holds its blocks through step growth + 1: with async scheduling the step that ends it
+        is applied (and its blocks freed) one step later."""
+        seg, lm = self.seg, self.adm.lengths
+        horizon = self._horizon(left, out, allowed)
+        first = np.arange((int(horizon.max()) + 1) // seg + 1, dtype=np.int64)[None, :] * seg
+        held = (cdiv(cur[:, None] + np.minimum(left[:, None], first + (seg - 1)),
+                     self.adm.block_size) - hit[:, None]).astype(np.float64)    # [N, G]
+        possible = horizon[:, None] + 1 >= first
+        if lm.deterministic:
+            return np.where(possible, held, 0.0).sum(axis=0), None
+        # cur = prompt + out (the tokens it has, the last sampled one not yet cached), so with
+        # L outputs in all its growth is L - 1 - out, and it is alive at step t >= 1 when
+        # L >= out + t, i.e. f * allowed >= out + t. Conditioned on its still running (L >=
+        # out + 1); if no finished request ran that long, it is taken to run to its limit.
+        cond = lm.count_at_least((out + 1) / allowed)[:, None]                  # [N, 1]
+        alive = lm.count_at_least((out[:, None] + np.maximum(first, 1)) / allowed[:, None])
+        s = np.where(cond > 0, alive / np.maximum(cond, 1), 1.0)
+        s = np.where(possible, np.minimum(s, 1.0), 0.0)
+        s[:, 0] = possible[:, 0]                    # every request holds its blocks now
+        return (s * held).sum(axis=0), (s * (1 - s) * held * held).sum(axis=0)
 
     @staticmethod
     def _add(a, b):
         """Sum of two curves of possibly different lengths (zero past a curve's end)."""
+        if a is None or b is None:
+            return a if b is None else b
         if len(a) < len(b):
             a, b = b, a
         out = a.copy()
         out[:len(b)] += b
         return out
 
+    def _bound(self, mean, var) -> float:
+        if var is None:
+            return float(mean.max())
+        return float((mean + Z * np.sqrt(var)).max())
+
     def fits(self, req: Request, hit_blocks: int) -> bool:
         """Admit `req` (its hit blocks shared with running requests: `hit_blocks`)? Records it
         in the plan when yes."""
         cur = req.num_tokens
-        extra = self.adm.remaining(req, cur)
-        final = cdiv(cur + extra, self.adm.block_size) - hit_blocks
-        one = (np.array([cur], dtype=np.int64), np.array([extra], dtype=np.int64),
-               np.array([hit_blocks], dtype=np.int64))
+        left = self.adm.left(req, cur)
+        final = cdiv(cur + left, self.adm.block_size) - hit_blocks
+        one = tuple(np.array([v], dtype=np.int64) for v in (
+            cur, left, req.num_output_tokens, max(1, min(req.max_tokens, CLIP_TOKENS)),
+            hit_blocks))
         if self._final + final > self.capacity:
-            if self._curve is None:
-                self._curve = self._use(self._cur, self._extra, self._hit)
-            curve = self._add(self._curve, self._use(*one))
-            if int(curve.max()) > self.capacity:
+            if self._mean is None:
+                self._mean, self._var = self._curves(*self._reqs)
+            m1, v1 = self._curves(*one)
+            mean, var = self._add(self._mean, m1), self._add(self._var, v1)
+            if self._bound(mean, var) > self.capacity:
                 return False
-            self._curve = curve
-        elif self._curve is not None:
-            self._curve = self._add(self._curve, self._use(*one))
-        else:   # the curve, if built later, must include it
-            self._cur, self._extra, self._hit = (np.concatenate((a, b)) for a, b in zip(
-                (self._cur, self._extra, self._hit), one))
+            self._mean, self._var = mean, var
+        elif self._mean is not None:
+            m1, v1 = self._curves(*one)
+            self._mean, self._var = self._add(self._mean, m1), self._add(self._var, v1)
+        else:   # the curves, if built later, must include it
+            self._reqs = tuple(np.concatenate((a, b)) for a, b in zip(self._reqs, one))
         self._final += final
         return True

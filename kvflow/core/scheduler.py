@@ -147,7 +147,7 @@ class Scheduler:
         self.long_prefill_token_threshold = long_prefill_token_threshold
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
         # Off: admit whatever fits the pool now and preempt when it runs dry (vLLM's way).
-        self.admission = KVAdmission(block_size, max_model_len, enabled=admission_control)
+        self.admission = KVAdmission(block_size, enabled=admission_control)
         self.requests: dict[str, Request] = {}
         self.waiting = PriorityQueue() if policy == "priority" else FCFSQueue()
         self.running: list[Request] = []
