@@ -160,8 +160,8 @@ def test_survival_conditioned_on_what_a_request_has_produced():
         t = g * seg
         s = 1.0 if t == 0 else sum(1 for L in range(1, 101) if L >= 40 + t) / 60
         held = cur + min(adm.left(req, cur), t + seg - 1)
-        assert mean[g] == pytest.approx(s * held)
-        assert var[g] == pytest.approx(s * (1 - s) * held * held)
+        assert mean[g] == pytest.approx(s * held, rel=1e-4)       # float32 curves
+        assert var[g] == pytest.approx(s * (1 - s) * held * held, rel=1e-4, abs=1e-3)
 
 
 def test_chat_lengths_admit_like_vllm_without_its_preemptions():
