@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 import importlib.util
+import math
 import os
 
-from kvflow.core.admission import AdmissionPlan, KVAdmission
+from kvflow.core.admission import MEMORY, AdmissionPlan, KVAdmission
 from kvflow.core.scheduler import Scheduler
 from kvflow.request import Request, RequestStatus
 from kvflow.sampling_params import SamplingParams
@@ -128,6 +129,24 @@ def test_lengths_learned_from_early_stops_and_stretched_on_preemption():
     assert lm.mean() == pytest.approx(0.1, rel=0.01)
 
 
+def test_length_model_follows_a_changing_load():
+    """A window full of requests that ran to their limit (a batch job), then chat requests
+    using 5% of theirs: recent samples weigh more, so 150 chat finishes move the mean fraction
+    below 0.4 (an unweighted 512-request window would still read 0.72), and the chat
+    requests' survival a few tokens ahead follows them."""
+    lm = KVAdmission(block_size=16).lengths
+    for _ in range(512):
+        lm.observe(1.0)
+    assert lm.deterministic
+    for _ in range(150):
+        lm.observe(0.05)
+    assert not lm.deterministic
+    assert lm.mean() < 0.4
+    # P(f >= 0.06 | f >= 0.01): the share of the weight on the batch job's samples
+    ratio = float(lm.count_at_least(np.array([0.06]))[0] / lm.count_at_least(np.array([0.01]))[0])
+    assert 0.2 < ratio < 0.4
+
+
 def test_aborts_teach_nothing_and_release_their_entry():
     s = _sched(100)
     _add(s, "a", 8, 50, eos=True)
@@ -141,9 +160,10 @@ def test_aborts_teach_nothing_and_release_their_entry():
 
 
 def test_survival_conditioned_on_what_a_request_has_produced():
-    """One running request, fractions learned uniform on {0.01, ..., 1.00} of 100 allowed
-    tokens: having produced 40, it is alive at step t with P(L >= 40 + t | L >= 41), and holds
-    its prompt + outputs + t tokens; the curves are mean S * held and variance S (1 - S) held^2."""
+    """One running request, fractions learned on {0.01, ..., 1.00} of 100 allowed tokens (L / 100
+    finished 100 - L requests ago: weight exp(-(100 - L) / MEMORY)): having produced 40, it is
+    alive at step t with P(L >= 40 + t | L >= 41), and holds its prompt + outputs + t tokens;
+    the curves are mean S * held and variance S (1 - S) held^2."""
     adm = KVAdmission(block_size=1)
     for k in range(1, 101):
         adm.lengths.observe(k / 100)
@@ -155,10 +175,12 @@ def test_survival_conditioned_on_what_a_request_has_produced():
     plan = AdmissionPlan(adm, *arrays, capacity=0)
     mean, var = plan._curves(*arrays)
     seg = plan.seg
+    w = {L: math.exp(-(100 - L) / MEMORY) for L in range(1, 101)}
     assert (len(mean) - 1) * seg <= 60 < len(mean) * seg    # up to L = 100: 59 more tokens
     for g in range(len(mean)):
         t = g * seg
-        s = 1.0 if t == 0 else sum(1 for L in range(1, 101) if L >= 40 + t) / 60
+        s = 1.0 if t == 0 else (sum(w[L] for L in range(40 + t, 101))
+                                / sum(w[L] for L in range(41, 101)))
         held = cur + min(adm.left(req, cur), t + seg - 1)
         assert mean[g] == pytest.approx(s * held, rel=1e-4)       # float32 curves
         assert var[g] == pytest.approx(s * (1 - s) * held * held, rel=1e-4, abs=1e-3)

@@ -18,7 +18,8 @@ requests of different lengths (nanovllm's) never all peak at once.
 
 S_r comes from the lengths of requests that finished (`LengthModel`): the empirical distribution
 of the fraction f of its allowed output (min(max_tokens, CLIP_TOKENS)) a request used, over the
-last WINDOW that ended on their own, conditioned on r having already produced what it has.
+last WINDOW that ended on their own (recent ones weigh more), conditioned on r having already
+produced what it has.
   * Requests that run to max_tokens (ignore_eos, benchmarks, short max_tokens) all have f = 1:
     S is 0 or 1, V = 0, and the check is the exact peak of the running requests' sawtooth.
   * Chat requests stop at EOS long before max_tokens (or the context window when it is unset):
@@ -53,9 +54,11 @@ from kvflow.request import Request, RequestStatus
 # A request's remaining growth is followed over at most this many tokens (a request without
 # max_tokens may run to the context window, but rarely does).
 CLIP_TOKENS = 4096
-# Finished requests whose used fractions make the length distribution, and how many there
-# must be before it replaces the cold-start assumption (every request runs to its limit).
+# Finished requests whose used fractions make the length distribution, how fast an older
+# one's weight fades (e-fold per MEMORY finishes), and how many there must be before it
+# replaces the cold-start assumption (every request runs to its limit).
 WINDOW = 512
+MEMORY = 128
 PRIOR = 4
 # Margin in standard deviations of the pool's use at each future step.
 Z = 2.0
@@ -73,11 +76,15 @@ MAX_SEGMENTS = 128
 
 
 class LengthModel:
-    """The distribution of the fraction of its allowed output tokens a request uses."""
+    """The distribution of the fraction of its allowed output tokens a request uses: the last
+    WINDOW finished requests, the one that finished k requests ago weighted exp(-k / MEMORY),
+    so a load that changes (long batch jobs, then chat) moves the estimate within ~MEMORY
+    requests while a steady one keeps ~MEMORY requests' worth of samples."""
 
     def __init__(self):
         self._recent: collections.deque = collections.deque(maxlen=WINDOW)
         self._sorted = np.ones(PRIOR)                 # ascending; PRIOR x 1.0 until learned
+        self._weights = np.ones(PRIOR)                # of _sorted's samples
         self.stretch = 1.0
         self._table = None                            # count_at_least by bin, built lazily
 
@@ -88,8 +95,12 @@ class LengthModel:
 
     def observe(self, fraction: float) -> None:
         self._recent.append(min(1.0, max(0.0, fraction)))
-        pad = max(0, PRIOR - len(self._recent))
-        self._sorted = np.sort(np.concatenate((np.fromiter(self._recent, float), np.ones(pad))))
+        n = len(self._recent)
+        pad = max(0, PRIOR - n)
+        fr = np.concatenate((np.fromiter(self._recent, float), np.ones(pad)))
+        w = np.concatenate((np.exp(-np.arange(n - 1, -1, -1) / MEMORY), np.ones(pad)))
+        order = np.argsort(fr, kind="stable")
+        self._sorted, self._weights = fr[order], w[order]
         self.stretch = 1.0 + (1.0 - STRETCH_DECAY) * (self.stretch - 1.0)
         self._table = None
 
@@ -98,22 +109,24 @@ class LengthModel:
         self._table = None
 
     def count_at_least(self, x: np.ndarray) -> np.ndarray:
-        """Samples whose stretched fraction min(1, f * stretch) is >= x, x > 0, with x rounded
-        down to a multiple of 1/BINS (a table lookup: searchsorted over the [requests,
-        segments] grid was the curves' costliest pass). Rounding down counts a few more
-        samples alive, never fewer; x >= 1 + 1/BINS counts none."""
+        """Weight of the samples whose stretched fraction min(1, f * stretch) is >= x, x > 0,
+        with x rounded down to a multiple of 1/BINS (a table lookup: searchsorted over the
+        [requests, segments] grid was the curves' costliest pass). Rounding down counts a few
+        more samples alive, never fewer; x >= 1 + 1/BINS counts none."""
         if self._table is None:
             fs = np.minimum(1.0, self._sorted * self.stretch)
+            above = np.append(np.cumsum(self._weights[::-1])[::-1], 0.0)   # weight of fs[j:]
             edges = np.arange(BINS + 1) / BINS
-            self._table = np.append(len(fs) - np.searchsorted(fs, edges, side="left"),
-                                    0).astype(np.float32)
+            self._table = np.append(above[np.searchsorted(fs, edges, side="left")],
+                                    0.0).astype(np.float32)
         return self._table[np.minimum((x * BINS).astype(np.int32), BINS + 1)]
 
     def max_fraction(self) -> float:
         return min(1.0, float(self._sorted[-1]) * self.stretch)
 
     def mean(self) -> float:
-        return float(np.minimum(1.0, self._sorted * self.stretch).mean())
+        return float(np.average(np.minimum(1.0, self._sorted * self.stretch),
+                                weights=self._weights))
 
 
 class KVAdmission:
