@@ -165,22 +165,25 @@ class KVAdmission:
         never written to the cache, so a request ends holding prompt + max_tokens - 1 at most."""
         return max(0, min(req.num_prompt_tokens + req.max_tokens - 1 - cur, CLIP_TOKENS))
 
+    def row(self, req: Request, cur: int, hit: int) -> tuple[int, int, int, int, int]:
+        """What the estimate needs of `req`, holding `cur` tokens of which `hit` blocks are
+        shared: (cur, tokens it may still add, outputs so far, allowed outputs, hit)."""
+        return (cur, self.left(req, cur), req.num_output_tokens,
+                max(1, min(req.max_tokens, CLIP_TOKENS)), hit)
+
     def plan(self, running: list[Request], scheduled: dict[str, int], kv) -> "AdmissionPlan":
         """The pool's estimated future use by `running` after this step's allocations
         (`scheduled`: tokens granted to each this step), against which candidates are checked."""
-        n = len(running)
-        cur, left, out, allowed, hit = ([0] * n for _ in range(5))
+        rows = []
         own_held = 0
         hits, blocks = self._hit_blocks, kv.req_to_blocks
-        for i, r in enumerate(running):
+        for r in running:
             rid = r.request_id
-            c = max(r.num_computed_tokens + scheduled.get(rid, 0), r.num_tokens)
             h = hits.get(rid, 0)
-            cur[i], left[i], hit[i] = c, self.left(r, c), h
-            out[i], allowed[i] = r.num_output_tokens, max(1, min(r.max_tokens, CLIP_TOKENS))
+            rows.append(self.row(r, max(r.num_computed_tokens + scheduled.get(rid, 0),
+                                        r.num_tokens), h))
             own_held += len(blocks.get(rid, ())) - h
-        return AdmissionPlan(self, *(np.array(a, dtype=np.int64)
-                                     for a in (cur, left, out, allowed, hit)),
+        return AdmissionPlan(self, *np.array(rows, dtype=np.int64).reshape(-1, 5).T,
                              capacity=kv.num_free_blocks + own_held)
 
 
@@ -259,23 +262,19 @@ class AdmissionPlan:
     def fits(self, req: Request, hit_blocks: int) -> bool:
         """Admit `req` (its hit blocks shared with running requests: `hit_blocks`)? Records it
         in the plan when yes."""
-        cur = req.num_tokens
-        left = self.adm.left(req, cur)
-        final = cdiv(cur + left, self.adm.block_size) - hit_blocks
-        one = tuple(np.array([v], dtype=np.int64) for v in (
-            cur, left, req.num_output_tokens, max(1, min(req.max_tokens, CLIP_TOKENS)),
-            hit_blocks))
-        if self._final + final > self.capacity:
-            if self._mean is None:
-                self._mean, self._var = self._curves(*self._reqs)
+        one = tuple(np.array([v], dtype=np.int64)
+                    for v in self.adm.row(req, req.num_tokens, hit_blocks))
+        cur, left = one[0][0], one[1][0]
+        final = int(cdiv(cur + left, self.adm.block_size)) - hit_blocks
+        fits_final = self._final + final <= self.capacity
+        if not fits_final and self._mean is None:
+            self._mean, self._var = self._curves(*self._reqs)
+        if self._mean is not None:
             m1, v1 = self._curves(*one)
             mean, var = self._add(self._mean, m1), self._add(self._var, v1)
-            if self._bound(mean, var) > self.capacity:
+            if not fits_final and self._bound(mean, var) > self.capacity:
                 return False
             self._mean, self._var = mean, var
-        elif self._mean is not None:
-            m1, v1 = self._curves(*one)
-            self._mean, self._var = self._add(self._mean, m1), self._add(self._var, v1)
         else:   # the curves, if built later, must include it
             self._reqs = tuple(np.concatenate((a, b)) for a, b in zip(self._reqs, one))
         self._final += final
