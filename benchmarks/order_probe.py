@@ -1,5 +1,5 @@
 """Probe: does feeding nanovllm's requests longest max_tokens first, with a smaller step
-budget, let prompts ride in memory-bound decode steps? Same draws as wl_nanovllm.
+budget, let prompts ride in memory-bound decode steps? wl_nanovllm's requests, reordered.
 
     python3 benchmarks/order_probe.py bench throughput --model M --workload nanovllm_longest ...
     M=mixtral-8x7b VARIANTS="nanovllm:16384 nanovllm_longest:1024" bash benchmarks/order_probe_device.sh
@@ -11,7 +11,6 @@ Answer on the H200 (session 19, results/order-probe-f2800d7-nvidia-h200.jsonl): 
 16384 / 2048 / 1024. Decode steps at ~200 requests are already near compute-bound for the
 dense model, and the MoE's grouped GEMM grows with every token added.
 """
-import random
 import sys
 import time
 
@@ -20,12 +19,8 @@ from kvflow.sampling_params import SamplingParams
 
 
 def wl_nanovllm_longest(llm, base, temperature):
-    random.seed(0)
-    prompt_ids = [[random.randint(0, 10000) for _ in range(random.randint(100, 1024))]
-                  for _ in range(256)]
-    sps = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=random.randint(100, 1024),
-                          detokenize=False) for _ in range(256)]
-    order = sorted(range(256), key=lambda i: -sps[i].max_tokens)
+    prompt_ids, sps = off.nanovllm_requests()
+    order = sorted(range(len(sps)), key=lambda i: -sps[i].max_tokens)
     llm.generate(off._prompts([[1, 2, 3, 4, 5, 6, 7, 8]]), SamplingParams(max_tokens=16, detokenize=False),
                  use_tqdm=False)
     t = time.perf_counter()

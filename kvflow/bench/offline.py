@@ -37,13 +37,20 @@ def _n_out(outputs) -> int:
     return sum(len(o.outputs[0].token_ids) for o in outputs)
 
 
-def wl_nanovllm(llm, base: dict, temperature: float) -> dict:
+def nanovllm_requests() -> tuple[list[list[int]], list[SamplingParams]]:
+    """nanovllm's prompts and sampling settings, drawn as the reference draws them."""
     random.seed(0)
     num_seqs, max_in, max_out = 256, 1024, 1024
     prompt_ids = [[random.randint(0, 10000) for _ in range(random.randint(100, max_in))]
                   for _ in range(num_seqs)]
     sps = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=random.randint(100, max_out),
                           detokenize=False) for _ in range(num_seqs)]
+    return prompt_ids, sps
+
+
+def wl_nanovllm(llm, base: dict, temperature: float) -> dict:
+    prompt_ids, sps = nanovllm_requests()
+    num_seqs = len(prompt_ids)
     llm.generate(_prompts([[1, 2, 3, 4, 5, 6, 7, 8]]), SamplingParams(max_tokens=16, detokenize=False),
                  use_tqdm=False)
     t = time.perf_counter()
