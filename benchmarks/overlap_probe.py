@@ -3,7 +3,8 @@ large-batch decode step (NanoFlow-style nano-batches on two CUDA streams)?
 
     python3 benchmarks/overlap_probe.py --out $OUT/overlap.json
         [--config benchmarks/configs/llama3.1-8b] [--batch 512] [--context 640] [--layers 8]
-        [--block-size 16] [--iters 20] [--carveouts 0,16,32]
+        [--block-size 16] [--iters 20] [--carveouts 0,16,32] [--greens 40,48] [--tma]
+    python3 benchmarks/overlap_probe.py --attn-sweep 0,32,48 --batch 1000 --block-size 64
     TRITON_INTERPRET=1 python3 benchmarks/overlap_probe.py --smoke      # CPU, tiny shapes
 
 Why: at ~500 decode requests x ~640 tokens of context a Llama-3.1-8B step is ~24 ms: per layer
@@ -29,10 +30,20 @@ of a whole step, replayed --iters times between CUDA events:
                       (torch._C._set_sm_carveout_experimental). That setting reaches cuBLASLt
                       only, so these variants also prefer cuBLASLt; N = 0 is their control
                       (cuBLASLt, full SM target)
+  green_N, green2_N    SM partitions (CUDA green contexts, torch.cuda.green_contexts): the
+                      attention on a stream of N SMs, the GEMMs under a carveout of N
+                      (green_N) or also on a green stream of the other SMs (green2_N). Timed
+                      eagerly (a green stream is another CUDA context than the capture
+                      stream), against serial_eager; attn_only_smN / gemm_only_smM time each
+                      side alone at B/2 on its share. (--greens N,...)
   attn_only, gemm_only the attention alone / the GEMM-side work alone, at B and B/2
   bounds              serial_sum = attn_only(B) + gemm_only(B); ideal_overlap =
                       max(2 attn_only(B/2), 2 gemm_only(B/2)): each stream still does both
                       nano-batches' work, so that is the best a two-stream pipeline can do
+--tma: the schedules' attention is kvflow/kernels/decode_attention_tma.py (1 warp, 2 stages).
+--attn-sweep N,...: instead of the schedules, decode attention alone at B/2 requests on N SMs
+(0 = all) over tiles of the pointer kernel (first: the engine's own choice) and of the TMA
+kernel: ms_per_layer, tb_s, gb_s_per_sm.
 Fields: variant, batch (the components: the rows they ran), context, layers, ms_per_step (all
 layers), ms_per_layer, speedup_vs_serial (serial ms / this ms); the two-nano-batch variants add
 max_rel_diff (max |h - h_serial| / max |h_serial| of the final hidden states: same math, but
@@ -60,6 +71,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from kvflow.kernels.attention import unified_attention  # noqa: E402
+from kvflow.kernels.decode_attention_tma import decode_attention_tma  # noqa: E402
 from kvflow.layers import ops  # noqa: E402
 
 SMOKE_CFG = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -95,6 +107,8 @@ class Model:
             batch, per_req).to(torch.int32)
         self.x = rnd(batch, N, std=1.0)          # the step's input hidden states
         self.device, self._meta = device, {}
+        self.tma = False        # --tma: the TMA decode kernel instead of unified_attention
+        self.tma_warps = 1
 
     def meta(self, rows: tuple[int, int]) -> dict:
         """Attention metadata of requests [r0, r1), built once: outside every captured step."""
@@ -116,8 +130,12 @@ class Model:
         T = c.qkv.shape[0]
         q = c.qkv[:, :self.H * self.D].view(T, self.H, self.D)
         kv, m = self.layers[l]["kv"], c.meta
-        c.attn = unified_attention(q, kv[0], kv[1], m["qsl"], m["seq_lens"], m["block_table"],
-                                   1, self.context, self.scale)
+        if self.tma:
+            c.attn = decode_attention_tma(q, kv[0], kv[1], m["seq_lens"], m["block_table"],
+                                          self.scale, num_warps=self.tma_warps, num_stages=2)
+        else:
+            c.attn = unified_attention(q, kv[0], kv[1], m["qsl"], m["seq_lens"],
+                                       m["block_table"], 1, self.context, self.scale)
         # Both cross streams: keeping them alive until the capture ends stops the allocator
         # from handing their memory to the other stream while it is still being read.
         c.keep += [c.qkv, c.attn]
@@ -247,15 +265,59 @@ def timed(fn, iters: int):
     return out, g, a.elapsed_time(b) / iters
 
 
+def timed_eager(fn, iters: int):
+    """(fn's outputs, None, ms per call) without a graph: green-context streams (below) belong
+    to another CUDA context than the capture stream, so those variants and their serial
+    control run eagerly. At >= 512 rows a layer's ~10 launches take far less host time than
+    its ~1 ms of device work, so the queue stays ahead of the GPU."""
+    for _ in range(2):                 # Triton compiles, cuBLAS picks its kernels
+        fn()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(iters):
+        out = fn()
+    b.record()
+    b.synchronize()
+    return out, None, a.elapsed_time(b) / iters
+
+
+def green_stream(num_sms: int):
+    """A stream whose kernels run on at most num_sms SMs (a CUDA green context holding that
+    SM partition; the driver rounds up to its granularity), or None where torch or the
+    driver cannot make one. The context object is returned too: it must outlive the stream."""
+    try:
+        from torch.cuda import green_contexts as gcm
+        if not getattr(gcm, "SUPPORTED", False):
+            return None, "torch built without green contexts"
+        dev = torch.cuda.current_device()
+        try:
+            ctx = gcm.GreenContext.create(num_sms=num_sms, device_id=dev)
+        except TypeError:
+            ctx = gcm.GreenContext.create(num_sms, dev)
+        if hasattr(ctx, "Stream"):
+            return (ctx, ctx.Stream()), None
+        ctx.set_context()
+        try:
+            s = torch.cuda.Stream()
+        finally:
+            ctx.pop_context()
+        return (ctx, s), None
+    except Exception as e:  # noqa: BLE001 - a probe records why a variant could not run
+        return None, f"{type(e).__name__}: {e}"
+
+
 def rel_diff(outs: list, ref: torch.Tensor) -> float:
     got = torch.cat(outs).float()
     return float((got - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30))
 
 
 def probe(cfg: dict, batch: int, context: int, layers: int, block_size: int, iters: int,
-          carveouts: list[int], device: str) -> list[dict]:
+          carveouts: list[int], device: str, greens: tuple = (), tma: bool = False
+          ) -> list[dict]:
     assert batch % 2 == 0, "two nano-batches of batch / 2"
     model = Model(cfg, layers, batch, context, block_size, device)
+    model.tma = tma
     full, halves = [(0, batch)], [(0, batch // 2), (batch // 2, batch)]
     cuda = device == "cuda"
     # Priority -1 is above the default 0: its ready CTAs are dispatched first as SMs free up.
@@ -263,9 +325,11 @@ def probe(cfg: dict, batch: int, context: int, layers: int, block_size: int, ite
     recs: list[dict] = []
 
     def rec(variant, ms, rows=batch, **extra):
+        # t_end: wall clock at the end of the variant's timing (to line up with a GPU
+        # clock / power log taken beside the run).
         r = dict(variant=variant, batch=rows, context=context, layers=layers,
                  ms_per_step=round(ms, 4), ms_per_layer=round(ms / layers, 4),
-                 speedup_vs_serial=None, **extra)
+                 speedup_vs_serial=None, t_end=round(time.time(), 3), **extra)
         recs.append(r)
         return r
 
@@ -298,6 +362,8 @@ def probe(cfg: dict, batch: int, context: int, layers: int, block_size: int, ite
                 torch.backends.cuda.preferred_blas_library(prev)
         rec(name, ms, max_rel_diff=rel_diff(out[0], ref), **extra)
         del out
+    if cuda and greens:
+        recs += green_variants(model, full, halves, ref, iters, greens, rec)
     comp = {}
     for kind in ("attn", "gemm"):
         for n in (batch, batch // 2):
@@ -319,6 +385,136 @@ def probe(cfg: dict, batch: int, context: int, layers: int, block_size: int, ite
     return recs
 
 
+def green_variants(model, full, halves, ref, iters, greens, rec) -> list[dict]:
+    """SM-partitioned overlap: the attention on a green-context stream of N SMs, the GEMM side
+    told by cuBLASLt's SM target to leave those N alone (green_N), or also confined to a
+    green context of the other SMs (green2_N). Timed eagerly, against serial_eager. Records
+    are appended through `rec`; variants that could not run are returned as notes."""
+    notes: list[dict] = []
+    _, _, base_ms = timed_eager(lambda: schedule(model, full), iters)
+    rec("serial_eager", base_ms, eager=True)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    prev = torch.backends.cuda.preferred_blas_library()
+    for n in greens:
+        attn, why = green_stream(n)
+        if attn is None:
+            notes.append(dict(variant=f"green_{n}", note=why))
+            continue
+        both = [("green", None)]
+        rest, why2 = green_stream(sms - n)
+        both.append(("green2", rest) if rest is not None else ("green2", why2))
+        # Each side alone on its share of the SMs, half the batch (what one pipeline stage
+        # runs): attention on the green stream, the GEMM side under the carveout.
+        h = (0, (full[0][1]) // 2)
+        for kind in ("attn", "gemm"):
+            c = Chain(model, h)
+            model.pre(c)
+            c.attn = torch.zeros(h[1], model.H, model.D, dtype=model.x.dtype,
+                                 device=model.x.device)
+            torch.backends.cuda.preferred_blas_library("cublaslt")
+            torch._C._set_sm_carveout_experimental(n)
+            try:
+                s = attn[1] if kind == "attn" else torch.cuda.current_stream()
+                s.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(s):
+                    ms = timed_eager(lambda c=c, kind=kind: component(model, c, kind), iters)[2]
+                torch.cuda.current_stream().wait_stream(s)
+                rec(f"{kind}_only_sm{n if kind == 'attn' else sms - n}", ms, rows=h[1],
+                    eager=True)
+            finally:
+                torch._C._set_sm_carveout_experimental(None)
+                torch.backends.cuda.preferred_blas_library(prev)
+                torch.cuda.synchronize()
+        for name, gemm in both:
+            if isinstance(gemm, str):
+                notes.append(dict(variant=f"{name}_{n}", note=gemm))
+                continue
+            torch.backends.cuda.preferred_blas_library("cublaslt")
+            torch._C._set_sm_carveout_experimental(n)
+            try:
+                streams = (attn[1], gemm[1] if gemm else None)
+                out, _, ms = timed_eager(lambda: schedule(model, halves, streams), iters)
+                r = rec(f"{name}_{n}", ms, max_rel_diff=rel_diff(out[0], ref), carveout=n,
+                        eager=True)
+                r["speedup_vs_serial_eager"] = round(base_ms / ms, 3)
+            except Exception as e:  # noqa: BLE001
+                notes.append(dict(variant=f"{name}_{n}", note=f"{type(e).__name__}: {e}"))
+            finally:
+                torch._C._set_sm_carveout_experimental(None)
+                torch.backends.cuda.preferred_blas_library(prev)
+                torch.cuda.synchronize()
+    return notes
+
+
+def attention_sweep(model: Model, rows: int, num_sms: int, iters: int) -> list[dict]:
+    """Decode attention alone at `rows` requests on a green context of num_sms SMs, over
+    one-token decode tiles: how much KV an SM reads per second when it has only a share of
+    the GPU (all SMs: ~33 GB/s each reach the copy rate). Records: config, ms_per_layer,
+    tb_s, gb_s_per_sm."""
+    from kvflow.kernels.attention_config import AttentionConfig
+    ctx = green_stream(num_sms)[0] if num_sms else None
+    s = ctx[1] if ctx else torch.cuda.current_stream()
+    c = Chain(model, (0, rows))
+    model.pre(c)
+    kv_bytes = rows * model.context * model.KV * model.D * 2 * model.x.element_size()
+    recs = []
+    for bn, w, st in [(None, None, None), (64, 2, 2), (64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3),
+                      (128, 8, 2), (32, 2, 3), (32, 4, 4), (64, 8, 3), (256, 8, 2)]:
+        # (None, ...): the engine's own choice (choose_config: split-KV below ~2 programs an
+        # SM, 2 or 4 warps); the others force one tile without splits.
+        cfg = None if bn is None else AttentionConfig(
+            block_m=16, block_q=1, block_n=bn, num_warps=w, num_stages=st, num_splits=1,
+            direct=True)
+
+        def run(cfg=cfg):
+            for layer in range(model.L):
+                kv, m = model.layers[layer]["kv"], c.meta
+                q = c.qkv[:, :model.H * model.D].view(rows, model.H, model.D)
+                unified_attention(q, kv[0], kv[1], m["qsl"], m["seq_lens"], m["block_table"],
+                                  1, model.context, model.scale, config=cfg)
+        s.wait_stream(torch.cuda.current_stream())
+        try:
+            with torch.cuda.stream(s):
+                ms = timed_eager(run, iters)[2] / model.L
+        except Exception as e:  # noqa: BLE001 - e.g. shared memory of a too-large tile
+            recs.append(dict(variant="attn_sweep", sms=num_sms, block_n=bn, num_warps=w,
+                             num_stages=st, note=f"{type(e).__name__}: {str(e)[:120]}"))
+            continue
+        finally:
+            torch.cuda.current_stream().wait_stream(s)
+        recs.append(_sweep_rec("attn_sweep", num_sms, rows, kv_bytes, ms, block_n=bn,
+                               num_warps=w, num_stages=st))
+    # The TMA kernel: its tile is one KV block (--block-size), so only warps and stages vary.
+    for w, st in [(4, 3), (2, 2), (2, 3), (2, 4), (1, 2), (1, 3), (1, 4)]:
+        def run_tma(w=w, st=st):
+            for layer in range(model.L):
+                kv, m = model.layers[layer]["kv"], c.meta
+                q = c.qkv[:, :model.H * model.D].view(rows, model.H, model.D)
+                decode_attention_tma(q, kv[0], kv[1], m["seq_lens"], m["block_table"],
+                                     model.scale, num_stages=st, num_warps=w)
+        s.wait_stream(torch.cuda.current_stream())
+        try:
+            with torch.cuda.stream(s):
+                ms = timed_eager(run_tma, iters)[2] / model.L
+        except Exception as e:  # noqa: BLE001
+            recs.append(dict(variant="attn_sweep_tma", sms=num_sms, num_warps=w, num_stages=st,
+                             note=f"{type(e).__name__}: {str(e)[:160]}"))
+            continue
+        finally:
+            torch.cuda.current_stream().wait_stream(s)
+        recs.append(_sweep_rec("attn_sweep_tma", num_sms, rows, kv_bytes, ms, num_warps=w,
+                               num_stages=st))
+    return recs
+
+
+def _sweep_rec(variant, num_sms, rows, kv_bytes, ms, **cfg) -> dict:
+    tb = kv_bytes / ms / 1e9
+    sms = num_sms or torch.cuda.get_device_properties(0).multi_processor_count
+    return dict(variant=variant, sms=num_sms or "all", rows=rows, **cfg,
+                ms_per_layer=round(ms, 4), tb_s=round(tb, 3),
+                gb_s_per_sm=round(tb * 1e3 / sms, 1))
+
+
 def smoke() -> list[dict]:
     """The same code paths on CPU with tiny shapes (attention in Triton's interpreter)."""
     return probe(SMOKE_CFG, device="cpu", **SMOKE)
@@ -334,6 +530,13 @@ def main() -> int:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--carveouts", default="0,16,32")
+    p.add_argument("--greens", default="",
+                   help="SM counts N for the green-context variants (attention on N SMs)")
+    p.add_argument("--attn-sweep", default="",
+                   help="SM counts (0 = all) to sweep decode-attention tiles on, B/2 rows; "
+                        "skips the schedules")
+    p.add_argument("--tma", action="store_true",
+                   help="schedules use the TMA decode kernel (1 warp, 2 stages)")
     p.add_argument("--out")
     p.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, checks only")
     args = p.parse_args()
@@ -344,8 +547,14 @@ def main() -> int:
             p.error("needs a CUDA device (or --smoke)")
         with open(os.path.join(args.config, "config.json")) as f:
             cfg = json.load(f)
-        recs = probe(cfg, args.batch, args.context, args.layers, args.block_size, args.iters,
-                     [int(n) for n in args.carveouts.split(",") if n], "cuda")
+        if args.attn_sweep:
+            model = Model(cfg, args.layers, args.batch, args.context, args.block_size, "cuda")
+            recs = [r for n in args.attn_sweep.split(",") if n
+                    for r in attention_sweep(model, args.batch // 2, int(n), args.iters)]
+        else:
+            recs = probe(cfg, args.batch, args.context, args.layers, args.block_size,
+                         args.iters, [int(n) for n in args.carveouts.split(",") if n], "cuda",
+                         tuple(int(n) for n in args.greens.split(",") if n), args.tma)
     for r in recs:
         print(json.dumps(r), flush=True)
     if args.out:

@@ -1,0 +1,138 @@
+"""One-token decode attention whose K/V tiles arrive by TMA (Hopper's tensor memory accelerator).
+
+Why a second decode kernel: `attention._attention_kernel` gathers each K/V tile with pointer
+loads, one address per 16 bytes, and spends most of an SM's issue slots on that address math
+and the tile's layout changes: it reads ~55 GB/s of KV per SM whatever the tile
+(benchmarks/overlap_probe.py --attn-sweep). With every SM that is enough for the copy rate
+(4.3 TB/s needs ~33 GB/s an SM), but not on a share of the SMs, which is what overlapping the
+attention with GEMMs needs. Here a KV block's tile of one KV head is one TMA copy ([block_size,
+D] at (block * block_size, kv_head * D) of the cache seen as [slots, KV * D]), pipelined by
+Triton over the request's blocks, so the SM's work per tile is two tensor-core dots and the
+online softmax.
+
+Measured (H200, Llama-3.1-8B heads, 64-slot blocks, session 20): on the whole GPU it reads
+as fast as the pointer kernel at 500 requests (4.34 TB/s) and 100 (3.95), +3.6% at 200
+(4.10 against 3.95); on 48 SMs 78 GB/s an SM (1 warp, 2 stages) against 55. The engine does
+not dispatch it yet: the run-level gain would be < 1% (see docs/performance.md, session 20);
+benchmarks/overlap_probe.py uses it.
+
+Scope: one query token per request (decode), 16-bit caches, D a power of two <= 256, a KV
+block of 16-128 slots (the tile is one block), no split-KV: a program per (KV head, request).
+Semantics: `attention.unified_attention` with max_query_len = 1 (positions < seq_len attended).
+Torch reference: kvflow.kernels.reference.ref_paged_attention.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kvflow.kernels.pdl import pdl_launch, pdl_launch_dependents, pdl_wait
+
+try:  # Triton >= 3.3 (host-side TMA descriptors)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton
+    TensorDescriptor = None
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _online_step(q, k, v, acc, m_i, l_i, valid, qk_scale):
+    """One tile: scores of q [QP, D] against k [N, D], masked by valid [N], folded into the
+    running max m_i, sum l_i and acc [QP, D]."""
+    s = tl.dot(q, tl.trans(k)) * qk_scale                              # [QP, N]
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s - m_new[:, None])
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit(do_not_specialize=["stride_bt"])
+def _decode_tma_kernel(q_ptr, k_desc, v_desc, out_ptr, seq_lens_ptr, bt_ptr, stride_bt,
+                       stride_qt, stride_qh, stride_ot, stride_oh, qk_scale,
+                       QPK: tl.constexpr, QP: tl.constexpr, D: tl.constexpr,
+                       BLOCK: tl.constexpr, HEADS_FIRST: tl.constexpr,
+                       STAGES: tl.constexpr, USE_PDL: tl.constexpr):
+    if HEADS_FIRST:                    # the KV heads of a request run together: whole slot rows
+        kv_head = tl.program_id(0)
+        row = tl.program_id(1)
+    else:
+        kv_head = tl.program_id(1)
+        row = tl.program_id(0)
+    pdl_wait(USE_PDL)                  # q and this step's KV slot come from the kernel before
+    pdl_launch_dependents(USE_PDL)
+    seq_len = tl.load(seq_lens_ptr + row)
+    hq = tl.arange(0, QP)
+    h_ok = hq < QPK
+    dims = tl.arange(0, D)
+    heads = (kv_head * QPK + hq).to(tl.int64)
+    q = tl.load(q_ptr + row.to(tl.int64) * stride_qt + heads[:, None] * stride_qh
+                + dims[None, :], mask=h_ok[:, None], other=0.0)        # [QP, D]
+    m_i = tl.full([QP], float("-inf"), tl.float32)
+    l_i = tl.zeros([QP], tl.float32)
+    acc = tl.zeros([QP, D], tl.float32)
+    bt_row = bt_ptr + row.to(tl.int64) * stride_bt
+    col = kv_head * D
+    n_full = seq_len // BLOCK
+    offs = tl.arange(0, BLOCK)
+    every = offs >= 0
+    for b in tl.range(0, n_full, num_stages=STAGES):
+        slot0 = tl.load(bt_row + b) * BLOCK
+        k = k_desc.load([slot0, col])                                   # [BLOCK, D]
+        v = v_desc.load([slot0, col])
+        acc, m_i, l_i = _online_step(q, k, v, acc, m_i, l_i, every, qk_scale)
+    if n_full * BLOCK < seq_len:       # the partly filled last block: slots past the end masked
+        slot0 = tl.load(bt_row + n_full) * BLOCK
+        valid = n_full * BLOCK + offs < seq_len
+        k = k_desc.load([slot0, col])
+        v = v_desc.load([slot0, col])
+        v = tl.where(valid[:, None], v, 0.0)   # unwritten slots may hold NaN: 0 * NaN = NaN
+        acc, m_i, l_i = _online_step(q, k, v, acc, m_i, l_i, valid, qk_scale)
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + row.to(tl.int64) * stride_ot + heads[:, None] * stride_oh
+             + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=h_ok[:, None])
+
+
+def supported(query: torch.Tensor, key_cache: torch.Tensor) -> bool:
+    """Whether `decode_attention_tma` serves these shapes and this device."""
+    if TensorDescriptor is None:
+        return False
+    _, block, kv, d = key_cache.shape
+    if query.dtype not in (torch.float16, torch.bfloat16) or key_cache.dtype != query.dtype:
+        return False
+    if key_cache.is_cuda and torch.cuda.get_device_capability(key_cache.device)[0] < 9:
+        return False
+    return (d in (64, 128, 256) and block in (16, 32, 64, 128) and key_cache.is_contiguous()
+            and query.stride(2) == 1)
+
+
+def decode_attention_tma(query: torch.Tensor, key_cache: torch.Tensor,
+                         value_cache: torch.Tensor, seq_lens: torch.Tensor,
+                         block_table: torch.Tensor, scale: float,
+                         out: torch.Tensor | None = None, num_stages: int = 3,
+                         num_warps: int = 4, heads_first: bool = True) -> torch.Tensor:
+    """query [B, H, D] (one token per request), key/value_cache [num_blocks, block, KV, D]
+    (contiguous), seq_lens [B] int32 (>= 1, the query's own slot written), block_table
+    [B, max_blocks] int32 -> out [B, H, D]."""
+    b, h, d = query.shape
+    _, block, kv, _ = key_cache.shape
+    assert supported(query, key_cache), (query.shape, query.dtype, key_cache.shape)
+    if out is None:
+        out = torch.empty_like(query)
+    if b == 0:
+        return out
+    slots = key_cache.shape[0] * block
+    k_desc = TensorDescriptor.from_tensor(key_cache.view(slots, kv * d), [block, d])
+    v_desc = TensorDescriptor.from_tensor(value_cache.view(slots, kv * d), [block, d])
+    qpk = h // kv
+    grid = (kv, b) if heads_first else (b, kv)
+    _decode_tma_kernel[grid](
+        query, k_desc, v_desc, out, seq_lens, block_table, block_table.stride(0),
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1), scale * _LOG2E,
+        QPK=qpk, QP=max(16, triton.next_power_of_2(qpk)), D=d, BLOCK=block,
+        HEADS_FIRST=heads_first, STAGES=num_stages, num_warps=num_warps,
+        **pdl_launch(query.device))
+    return out
