@@ -283,9 +283,9 @@ def timed_eager(fn, iters: int):
 
 
 def green_stream(num_sms: int):
-    """A stream whose kernels run on at most num_sms SMs (a CUDA green context holding that
-    SM partition; the driver rounds up to its granularity), or None where torch or the
-    driver cannot make one. The context object is returned too: it must outlive the stream."""
+    """((context, stream), None): a stream whose kernels run on at most num_sms SMs (a CUDA
+    green context holding that SM partition; the driver rounds up to its granularity); the
+    context must outlive the stream. (None, why) where torch or the driver cannot make one."""
     try:
         from torch.cuda import green_contexts as gcm
         if not getattr(gcm, "SUPPORTED", False):
