@@ -5,8 +5,8 @@ at max_tokens, through a KV cache smaller than the load's concurrency.
         [--no-admission-control] [--kv-tokens 100000] [--out res.jsonl]
 
 Dummy (random) weights never emit EOS on purpose, so `stop_token_ids` holds 1/300 of the
-vocabulary (ids from 20000 up, or from half the vocabulary in a small one) and sampling runs at temperature 1 with a seed per request:
-outputs end after ~300 tokens on average, roughly geometrically, and no request knows its
+vocabulary (ids from 20000 up, or from half the vocabulary in a small one) and sampling runs
+at temperature 1 with a seed per request: outputs end after ~300 tokens on average, roughly geometrically, and no request knows its
 length in advance (max_tokens unset: each may run to the context window). Prompts are random
 ids of U(100, 1000) tokens. Figure: output tokens / wall s, and the preemptions the run took.
 One process per variant.
@@ -46,7 +46,9 @@ def main() -> None:
     first = min(20000, vocab // 2)
     stops = list(range(first, first + max(1, vocab // args.mean_len)))
     rng = random.Random(0)
-    prompts = [{"prompt_token_ids": [rng.randrange(min(10000, vocab)) for _ in range(rng.randint(100, min(1000, args.max_model_len // 4)))]}
+    max_prompt = min(1000, args.max_model_len // 4)
+    prompts = [{"prompt_token_ids": [rng.randrange(min(10000, vocab))
+                                     for _ in range(rng.randint(100, max_prompt))]}
                for _ in range(args.requests)]
     params = [SamplingParams(temperature=1.0, seed=i, stop_token_ids=stops, max_tokens=None,
                              detokenize=False)

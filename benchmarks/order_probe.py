@@ -12,24 +12,15 @@ Answer on the H200 (session 19, results/order-probe-f2800d7-nvidia-h200.jsonl): 
 dense model, and the MoE's grouped GEMM grows with every token added.
 """
 import sys
-import time
 
 import kvflow.bench.offline as off
-from kvflow.sampling_params import SamplingParams
 
 
 def wl_nanovllm_longest(llm, base, temperature):
     prompt_ids, sps = off.nanovllm_requests()
     order = sorted(range(len(sps)), key=lambda i: -sps[i].max_tokens)
-    llm.generate(off._prompts([[1, 2, 3, 4, 5, 6, 7, 8]]), SamplingParams(max_tokens=16, detokenize=False),
-                 use_tqdm=False)
-    t = time.perf_counter()
-    outs = llm.generate(off._prompts([prompt_ids[i] for i in order]), [sps[i] for i in order],
-                        use_tqdm=False)
-    dt = time.perf_counter() - t
-    total = sum(sp.max_tokens for sp in sps)
-    return dict(base, record="workload", workload="nanovllm_longest", wall_s=round(dt, 4),
-                actual_output_tokens=off._n_out(outs), output_tok_s=round(total / dt, 2))
+    return off.run_requests(llm, base, [prompt_ids[i] for i in order], [sps[i] for i in order],
+                            workload="nanovllm_longest")
 
 
 off.WORKLOADS["nanovllm_longest"] = wl_nanovllm_longest

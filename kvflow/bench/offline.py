@@ -49,7 +49,13 @@ def nanovllm_requests() -> tuple[list[list[int]], list[SamplingParams]]:
 
 
 def wl_nanovllm(llm, base: dict, temperature: float) -> dict:
-    prompt_ids, sps = nanovllm_requests()
+    return run_requests(llm, base, *nanovllm_requests(), workload="nanovllm")
+
+
+def run_requests(llm, base: dict, prompt_ids: list[list[int]], sps: list[SamplingParams],
+                 workload: str) -> dict:
+    """One timed generate of these requests after a short warm-up, as nanovllm's record
+    (benchmarks/order_probe.py runs the same requests reordered through it)."""
     num_seqs = len(prompt_ids)
     llm.generate(_prompts([[1, 2, 3, 4, 5, 6, 7, 8]]), SamplingParams(max_tokens=16, detokenize=False),
                  use_tqdm=False)
@@ -58,7 +64,7 @@ def wl_nanovllm(llm, base: dict, temperature: float) -> dict:
     dt = time.perf_counter() - t
     total = sum(sp.max_tokens for sp in sps)
     n_in = sum(len(p) for p in prompt_ids)
-    return dict(base, record="workload", workload="nanovllm", num_seqs=num_seqs, input_tokens=n_in,
+    return dict(base, record="workload", workload=workload, num_seqs=num_seqs, input_tokens=n_in,
                 total_output_tokens=total, actual_output_tokens=_n_out(outs), wall_s=round(dt, 4),
                 output_tok_s=round(total / dt, 2), total_tok_s=round((n_in + total) / dt, 2))
 
