@@ -44,7 +44,6 @@ class HeuristicResult(ctypes.Structure):        # cublasLtMatmulHeuristicResult_
 
 
 def load_cublaslt() -> ctypes.CDLL:
-    import torch.cuda  # noqa: F401 - makes sure torch's own cuBLAS is loaded first
     cands = []
     for base in sys.path:
         cands += glob.glob(os.path.join(base, "nvidia", "cu*", "lib", "libcublasLt.so*"))

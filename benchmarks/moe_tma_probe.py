@@ -90,8 +90,9 @@ def check() -> int:
     """Tiny shapes (CPU interpreter): the TMA variant's valid rows equal the kernel's."""
     torch.manual_seed(0)
     e, h, inter, k, t, bm = 4, 64, 64, 2, 9, 16
-    dt = torch.float32 if os.environ.get("TRITON_INTERPRET") == "1" else torch.bfloat16
-    dev = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+    from triton.runtime.interpreter import InterpretedFunction
+    on_cpu = isinstance(_gate_up_tma_kernel, InterpretedFunction)
+    dt, dev = (torch.float32, "cpu") if on_cpu else (torch.bfloat16, "cuda")
     x = torch.randn(t, h, dtype=dt, device=dev)
     w13 = torch.randn(e, 2 * inter, h, dtype=dt, device=dev) * 0.1
     ids = torch.rand(t, e, device=dev).topk(k, -1).indices
