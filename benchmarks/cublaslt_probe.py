@@ -95,6 +95,11 @@ class LtGemm:
         self.lib.cublasLtMatmulPreferenceDestroy(pref)
         return [res[i] for i in range(got.value) if res[i].state == 0]
 
+    def close(self) -> None:
+        for layout in (self.a, self.b, self.d):
+            self.lib.cublasLtMatrixLayoutDestroy(layout)
+        self.lib.cublasLtMatmulDescDestroy(self.desc)
+
     def run(self, x, w, out, algo: HeuristicResult, workspace) -> None:
         stream = torch.cuda.current_stream().cuda_stream
         check(self.lib.cublasLtMatmul(
@@ -147,6 +152,7 @@ def main() -> int:
                     print(f"{name} m={m} algo {i}: {str(e)[:120]}", file=sys.stderr)
                     continue
                 times.append((round(us, 1), i, round(algo.waves, 2), algo.workspace))
+            lt.close()
             flops, wbytes = 2 * m * n * k, n * k * 2
             floor = max(wbytes / HBM_TBS / 1e6, flops / MMA_TFLOPS / 1e6)
             best = min(times) if times else None

@@ -116,7 +116,6 @@ def main() -> int:
     args = p.parse_args()
     if args.check:
         return check()
-    sys.path.insert(0, os.path.dirname(__file__))
     from graph_timing import graph_time_us
     from moe_tune import expert_weights, uniform_routing
     e, h, inter, k = 8, 4096, 14336, 2
