@@ -173,7 +173,7 @@ def test_survival_conditioned_on_what_a_request_has_produced():
     cur = req.num_tokens                                   # 50 = 10 prompt + 40 outputs
     arrays = [np.array([v]) for v in (cur, adm.left(req, cur), 40, 100, 0)]
     plan = AdmissionPlan(adm, *arrays, capacity=0)
-    mean, var = plan._curves(*arrays)
+    mean, var = plan._curves(*plan._reqs)
     seg = plan.seg
     w = {L: math.exp(-(100 - L) / MEMORY) for L in range(1, 101)}
     assert (len(mean) - 1) * seg <= 60 < len(mean) * seg    # up to L = 100: 59 more tokens

@@ -194,33 +194,36 @@ class AdmissionPlan:
     def __init__(self, adm: KVAdmission, cur, left, out, allowed, hit, capacity: int):
         self.adm = adm
         self.capacity = capacity
-        self._reqs = (cur, left, out, allowed, hit)
+        self._reqs = self._rows(cur, left, out, allowed, hit)
         # Upper bound: every request at its largest possible size at once. When that fits,
         # the curves are not needed (most steps of a pool with room to spare).
         self._final = int((cdiv(cur + left, adm.block_size) - hit).sum())
         # Segment g covers future steps [g * seg, (g + 1) * seg - 1]; MAX_SEGMENTS of them
         # cover the running requests' longest possible remaining life (candidates' curves
         # may run longer, on the same segments).
-        self.seg = max(1, cdiv(int(self._horizon(left, out, allowed).max()) + 2, MAX_SEGMENTS))
+        self.seg = max(1, cdiv(int(self._reqs[5].max()) + 2, MAX_SEGMENTS))
         self._mean = self._var = None                                        # [G] blocks
 
-    def _horizon(self, left, out, allowed):
-        """The most tokens each request [N] may still add given the lengths seen: a request
-        that outlived every one of them may run to its limit."""
+    def _rows(self, cur, left, out, allowed, hit):
+        """Requests' columns [N] plus what their curves depend on from the length model,
+        computed once per request (the segment length and the curves both need it):
+        horizon, the most tokens each may still add given the lengths seen (a request that
+        outlived every one of them may run to its limit), and cond, the weight of finished
+        requests that ran at least as long as it has (None while every request is expected
+        to run to its limit)."""
         lm = self.adm.lengths
         if lm.deterministic:
-            return left
+            return cur, left, out, allowed, hit, left, None
+        cond = lm.count_at_least((out + 1) / allowed)
         seen = np.ceil(lm.max_fraction() * allowed).astype(np.int64) - 1 - out
-        return np.where(lm.count_at_least((out + 1) / allowed) > 0,
-                        np.clip(seen, 0, left), left)
+        return cur, left, out, allowed, hit, np.where(cond > 0, np.clip(seen, 0, left), left), cond
 
-    def _curves(self, cur, left, out, allowed, hit):
-        """Mean and variance [G] of the blocks requests [N] hold on each segment g (covering
-        future steps [g * seg, (g + 1) * seg - 1] up to the longest one's end). A request
-        holds its blocks through step growth + 1: with async scheduling the step that ends it
-        is applied (and its blocks freed) one step later."""
+    def _curves(self, cur, left, out, allowed, hit, horizon, cond):
+        """Mean and variance [G] of the blocks requests [N] (columns as `_rows` gives them)
+        hold on each segment g (covering future steps [g * seg, (g + 1) * seg - 1] up to the
+        longest one's end). A request holds its blocks through step growth + 1: with async
+        scheduling the step that ends it is applied (and its blocks freed) one step later."""
         seg, lm = self.seg, self.adm.lengths
-        horizon = self._horizon(left, out, allowed)
         # float32 throughout: block counts and token positions are integers far below 2^24,
         # and at 1024 requests x 128 segments each pass over the grid costs ~0.2 ms.
         f32 = np.float32
@@ -229,13 +232,13 @@ class AdmissionPlan:
                          + np.minimum(left.astype(f32)[:, None], first + (seg - 1)))
                         / f32(self.adm.block_size)) - hit.astype(f32)[:, None])  # [N, G]
         possible = horizon.astype(f32)[:, None] + 1 >= first
-        if lm.deterministic:
+        if cond is None:
             return np.where(possible, held, f32(0)).sum(axis=0), None
         # cur = prompt + out (the tokens it has, the last sampled one not yet cached), so with
         # L outputs in all its growth is L - 1 - out, and it is alive at step t >= 1 when
         # L >= out + t, i.e. f * allowed >= out + t. Conditioned on its still running (L >=
         # out + 1); if no finished request ran that long, it is taken to run to its limit.
-        cond = lm.count_at_least((out + 1) / allowed).astype(f32)[:, None]       # [N, 1]
+        cond = cond.astype(f32)[:, None]                                          # [N, 1]
         alive = lm.count_at_least((out.astype(f32)[:, None] + np.maximum(first, 1))
                                   / allowed.astype(f32)[:, None]).astype(f32)     # [N, G]
         s = np.where(cond > 0, alive / np.maximum(cond, 1), f32(1))
@@ -262,8 +265,8 @@ class AdmissionPlan:
     def fits(self, req: Request, hit_blocks: int) -> bool:
         """Admit `req` (its hit blocks shared with running requests: `hit_blocks`)? Records it
         in the plan when yes."""
-        one = tuple(np.array([v], dtype=np.int64)
-                    for v in self.adm.row(req, req.num_tokens, hit_blocks))
+        one = self._rows(*(np.array([v], dtype=np.int64)
+                           for v in self.adm.row(req, req.num_tokens, hit_blocks)))
         cur, left = one[0][0], one[1][0]
         final = int(cdiv(cur + left, self.adm.block_size)) - hit_blocks
         fits_final = self._final + final <= self.capacity
@@ -276,6 +279,7 @@ class AdmissionPlan:
                 return False
             self._mean, self._var = mean, var
         else:   # the curves, if built later, must include it
-            self._reqs = tuple(np.concatenate((a, b)) for a, b in zip(self._reqs, one))
+            self._reqs = tuple(None if a is None else np.concatenate((a, b))
+                               for a, b in zip(self._reqs, one))
         self._final += final
         return True
