@@ -6,8 +6,9 @@ at max_tokens, through a KV cache smaller than the load's concurrency.
 
 Dummy (random) weights never emit EOS on purpose, so `stop_token_ids` holds 1/300 of the
 vocabulary (ids from 20000 up, or from half the vocabulary in a small one) and sampling runs
-at temperature 1 with a seed per request: outputs end after ~300 tokens on average, roughly geometrically, and no request knows its
-length in advance (max_tokens unset: each may run to the context window). Prompts are random
+at temperature 1 with a seed per request: outputs end after ~300 tokens on average, roughly
+geometrically, and no request knows its length in advance (max_tokens unset: each may run to
+the context window). Prompts are random
 ids of U(100, 1000) tokens. Figure: output tokens / wall s, and the preemptions the run took.
 One process per variant.
 """
