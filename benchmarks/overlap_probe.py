@@ -457,7 +457,16 @@ def attention_sweep(model: Model, rows: int, num_sms: int, iters: int) -> list[d
     c = Chain(model, (0, rows))
     model.pre(c)
     kv_bytes = rows * model.context * model.KV * model.D * 2 * model.x.element_size()
-    recs = []
+
+    def all_layers(attend):
+        def run():
+            for layer in range(model.L):
+                kv, m = model.layers[layer]["kv"], c.meta
+                q = c.qkv[:, :model.H * model.D].view(rows, model.H, model.D)
+                attend(q, kv, m)
+        return run
+
+    cases = []     # (variant, tile fields of its record, one pass over the layers)
     for bn, w, st in [(None, None, None), (64, 2, 2), (64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3),
                       (128, 8, 2), (32, 2, 3), (32, 4, 4), (64, 8, 3), (256, 8, 2)]:
         # (None, ...): the engine's own choice (choose_config: split-KV below ~2 programs an
@@ -465,45 +474,29 @@ def attention_sweep(model: Model, rows: int, num_sms: int, iters: int) -> list[d
         cfg = None if bn is None else AttentionConfig(
             block_m=16, block_q=1, block_n=bn, num_warps=w, num_stages=st, num_splits=1,
             direct=True)
-
-        def run(cfg=cfg):
-            for layer in range(model.L):
-                kv, m = model.layers[layer]["kv"], c.meta
-                q = c.qkv[:, :model.H * model.D].view(rows, model.H, model.D)
-                unified_attention(q, kv[0], kv[1], m["qsl"], m["seq_lens"], m["block_table"],
-                                  1, model.context, model.scale, config=cfg)
+        cases.append(("attn_sweep", dict(block_n=bn, num_warps=w, num_stages=st), all_layers(
+            lambda q, kv, m, cfg=cfg: unified_attention(
+                q, kv[0], kv[1], m["qsl"], m["seq_lens"], m["block_table"], 1, model.context,
+                model.scale, config=cfg))))
+    # The TMA kernel: its tile is one KV block (--block-size), so only warps and stages vary.
+    for w, st in [(4, 3), (2, 2), (2, 3), (2, 4), (1, 2), (1, 3), (1, 4)]:
+        cases.append(("attn_sweep_tma", dict(num_warps=w, num_stages=st), all_layers(
+            lambda q, kv, m, w=w, st=st: decode_attention_tma(
+                q, kv[0], kv[1], m["seq_lens"], m["block_table"], model.scale,
+                num_stages=st, num_warps=w))))
+    recs = []
+    for variant, tile, run in cases:
         s.wait_stream(torch.cuda.current_stream())
         try:
             with torch.cuda.stream(s):
                 ms = timed_eager(run, iters)[2] / model.L
         except Exception as e:  # noqa: BLE001 - e.g. shared memory of a too-large tile
-            recs.append(dict(variant="attn_sweep", sms=num_sms, block_n=bn, num_warps=w,
-                             num_stages=st, note=f"{type(e).__name__}: {str(e)[:120]}"))
-            continue
-        finally:
-            torch.cuda.current_stream().wait_stream(s)
-        recs.append(_sweep_rec("attn_sweep", num_sms, rows, kv_bytes, ms, block_n=bn,
-                               num_warps=w, num_stages=st))
-    # The TMA kernel: its tile is one KV block (--block-size), so only warps and stages vary.
-    for w, st in [(4, 3), (2, 2), (2, 3), (2, 4), (1, 2), (1, 3), (1, 4)]:
-        def run_tma(w=w, st=st):
-            for layer in range(model.L):
-                kv, m = model.layers[layer]["kv"], c.meta
-                q = c.qkv[:, :model.H * model.D].view(rows, model.H, model.D)
-                decode_attention_tma(q, kv[0], kv[1], m["seq_lens"], m["block_table"],
-                                     model.scale, num_stages=st, num_warps=w)
-        s.wait_stream(torch.cuda.current_stream())
-        try:
-            with torch.cuda.stream(s):
-                ms = timed_eager(run_tma, iters)[2] / model.L
-        except Exception as e:  # noqa: BLE001
-            recs.append(dict(variant="attn_sweep_tma", sms=num_sms, num_warps=w, num_stages=st,
+            recs.append(dict(variant=variant, sms=num_sms, **tile,
                              note=f"{type(e).__name__}: {str(e)[:160]}"))
             continue
         finally:
             torch.cuda.current_stream().wait_stream(s)
-        recs.append(_sweep_rec("attn_sweep_tma", num_sms, rows, kv_bytes, ms, num_warps=w,
-                               num_stages=st))
+        recs.append(_sweep_rec(variant, num_sms, rows, kv_bytes, ms, **tile))
     return recs
 
 
