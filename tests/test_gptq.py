@@ -278,7 +278,7 @@ def test_fused_shards_with_different_g_idx_fail():
 
 
 def test_startup_checks_and_auto_dtype(tmp_path):
-    from kvflow import config as kcfg
+    from kvflow import model_config as kcfg
     gptq = {"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128}}
     assert kcfg._resolve_dtype("auto", kcfg._checkpoint_dtype(
         {"torch_dtype": "bfloat16", **gptq}), torch.device("cuda")) == torch.float16

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from kvflow.attention.layer import Attention
-from kvflow.config import ModelConfig
+from kvflow.model_config import ModelConfig
 from kvflow.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from kvflow.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from kvflow.layers.norm import RMSNorm

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from kvflow.attention.layer import Attention
-from kvflow.config import ModelConfig
+from kvflow.model_config import ModelConfig
 from kvflow.layers.embedding import VocabParallelEmbedding
 from kvflow.layers.linear import QKVParallelLinear, ReplicatedLinear, RowParallelLinear
 from kvflow.layers.moe import (FusedMoE, GraphSafeWhenFusedMoE,
@@ -177,6 +177,6 @@ class Llama4ForCausalLM(GraphSafeWhenFusedMoE, LlamaForCausalLM):
 
 class Llama4ForConditionalGeneration(Llama4ForCausalLM):
     """The text part of a multimodal Llama 4 checkpoint (config.json's text_config is
-    flattened by kvflow.config.read_hf_config)."""
+    flattened by kvflow.model_config.read_hf_config)."""
     checkpoint_prefix_renames = {"language_model.": ""}
     skipped_checkpoint_prefixes = ("vision_model.", "multi_modal_projector.")

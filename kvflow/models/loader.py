@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from kvflow.attention.layer import Attention
-from kvflow.config import ModelConfig
+from kvflow.model_config import ModelConfig
 from kvflow.layers.linear import default_weight_loader
 from kvflow.models.dummy import init_dummy_weights  # noqa: F401 - re-exported (sleep.py)
 from kvflow.models.registry import get_model_class

@@ -7,7 +7,7 @@ is not implemented: a non-null window is rejected rather than silently ignored.
 """
 from __future__ import annotations
 
-from kvflow.config import ModelConfig
+from kvflow.model_config import ModelConfig
 from kvflow.layers.moe import (GraphSafeWhenFusedMoE, MIXTRAL_EXPERT_NAMES, SparseMoeBlock,
                                make_expert_params_mapping)
 from kvflow.layers.quantization import get_quant_config

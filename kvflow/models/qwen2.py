@@ -1,5 +1,5 @@
 """Qwen2 / Qwen2.5: the Llama skeleton with q/k/v biases (always on) and no o_proj bias."""
-from kvflow.config import ModelConfig
+from kvflow.model_config import ModelConfig
 from kvflow.models.llama import LlamaForCausalLM
 
 

@@ -1,5 +1,5 @@
 """Qwen3: the Llama skeleton with per-head RMSNorm on q and k before rotary."""
-from kvflow.config import ModelConfig
+from kvflow.model_config import ModelConfig
 from kvflow.models.llama import LlamaForCausalLM
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from kvflow.config import ModelConfig
+from kvflow.model_config import ModelConfig
 from kvflow.layers.moe import (GraphSafeWhenFusedMoE, QWEN_EXPERT_NAMES, SparseMoeBlock,
                                make_expert_params_mapping)
 from kvflow.models.llama import LlamaForCausalLM
