@@ -18,7 +18,8 @@ benchmarks/overlap_probe.py uses it.
 
 Scope: one query token per request (decode), 16-bit caches, D a power of two <= 256, a KV
 block of 16-128 slots (the tile is one block), no split-KV: a program per (KV head, request).
-Semantics: `attention.unified_attention` with max_query_len = 1 (positions < seq_len attended).
+Semantics: `attention.unified_attention` with max_query_len = 1 (positions < seq_len attended);
+the online-softmax steps are that kernel's own (`_attend_loaded`, `_softmax_step`).
 Torch reference: kvflow.kernels.reference.ref_paged_attention.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvflow.kernels.attention import _attend_loaded, _softmax_step
 from kvflow.kernels.pdl import pdl_launch, pdl_launch_dependents, pdl_wait
 
 try:  # Triton >= 3.3 (host-side TMA descriptors)
@@ -35,19 +37,6 @@ except ImportError:  # pragma: no cover - older Triton
     TensorDescriptor = None
 
 _LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _online_step(q, k, v, acc, m_i, l_i, valid, qk_scale):
-    """One tile: scores of q [QP, D] against k [N, D], masked by valid [N], folded into the
-    running max m_i, sum l_i and acc [QP, D]."""
-    s = tl.dot(q, tl.trans(k)) * qk_scale                              # [QP, N]
-    s = tl.where(valid[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(s - m_new[:, None])
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return acc, m_new, l_i * alpha + tl.sum(p, 1)
 
 
 @triton.jit(do_not_specialize=["stride_bt"])
@@ -78,19 +67,21 @@ def _decode_tma_kernel(q_ptr, k_desc, v_desc, out_ptr, seq_lens_ptr, bt_ptr, str
     col = kv_head * D
     n_full = seq_len // BLOCK
     offs = tl.arange(0, BLOCK)
-    every = offs >= 0
     for b in tl.range(0, n_full, num_stages=STAGES):
         slot0 = tl.load(bt_row + b) * BLOCK
         k = k_desc.load([slot0, col])                                   # [BLOCK, D]
         v = v_desc.load([slot0, col])
-        acc, m_i, l_i = _online_step(q, k, v, acc, m_i, l_i, every, qk_scale)
+        acc, m_i, l_i = _attend_loaded(acc, m_i, l_i, q, k, v, qk_scale, "tf32")
     if n_full * BLOCK < seq_len:       # the partly filled last block: slots past the end masked
         slot0 = tl.load(bt_row + n_full) * BLOCK
-        valid = n_full * BLOCK + offs < seq_len
+        kpos = n_full * BLOCK + offs                                    # [BLOCK]
         k = k_desc.load([slot0, col])
         v = v_desc.load([slot0, col])
-        v = tl.where(valid[:, None], v, 0.0)   # unwritten slots may hold NaN: 0 * NaN = NaN
-        acc, m_i, l_i = _online_step(q, k, v, acc, m_i, l_i, valid, qk_scale)
+        v = tl.where((kpos < seq_len)[:, None], v, 0.0)  # unwritten slots may hold NaN
+        s = tl.dot(q, tl.trans(k))                                      # [QP, BLOCK]
+        q_pos = tl.full([QP], 0, tl.int32) + (seq_len - 1)              # the decode token
+        p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, kpos, q_pos, seq_len, 0, qk_scale, True)
+        acc = tl.dot(p.to(q.dtype), v, acc * alpha[:, None])
     out = acc / l_i[:, None]
     tl.store(out_ptr + row.to(tl.int64) * stride_ot + heads[:, None] * stride_oh
              + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=h_ok[:, None])
