@@ -52,19 +52,11 @@ logger = logging.getLogger("kvflow")
 
 
 def capture_buckets(device: torch.device, buckets: list[int], body, pool,
-                    before=None, dry: bool = False) -> tuple[dict, dict, float, int]:
+                    before=None) -> tuple[dict, dict, float, int]:
     """One CUDA graph per bucket, largest first (smaller graphs reuse the pool's blocks):
     before(bucket) (optional) prepares its inputs, body(bucket) runs twice outside the graph
     (kernel compilation, autotuning, lazy init), then is captured. Returns (graphs, what the
-    captured body returned per bucket, seconds, device bytes the captures took). dry: body
-    runs once per bucket and nothing is captured (the parallel Triton compile's dry pass,
-    kvflow/compilation/parallel_triton.py)."""
-    if dry:
-        for b in sorted(buckets, reverse=True):
-            if before is not None:
-                before(b)
-            body(b)
-        return {}, {}, 0.0, 0
+    captured body returned per bucket, seconds, device bytes the captures took)."""
     t0 = time.perf_counter()
     torch.cuda.synchronize(device)
     free_before = torch.cuda.mem_get_info(device)[0]
@@ -206,7 +198,7 @@ class DecodeGraphs:
         self.model.compute_logits(hidden, out=self.logits[:bs])
 
     @torch.inference_mode()
-    def capture(self, dry: bool = False) -> None:
+    def capture(self) -> None:
         # The forward's inputs become inference tensors (clones made here, under inference
         # mode), like the eager runner's: a torch.compile'd forward was traced for those, and
         # dynamo guards on the inputs' dispatch keys (a normal tensor would trace and compile a
@@ -220,11 +212,10 @@ class DecodeGraphs:
             self._unpack(bs)
             self._forward(bs)
         self.graphs, _, self.capture_s, self.capture_bytes = capture_buckets(
-            self.device, self.buckets, body, self.pool, dry=dry)
-        if not dry:
-            logger.info("captured %d CUDA graphs (decode batch sizes %d..%d) in %.2f s, %.2f GiB",
-                        len(self.graphs), self.buckets[0], self.max_bs, self.capture_s,
-                        self.capture_bytes / 2 ** 30)
+            self.device, self.buckets, body, self.pool)
+        logger.info("captured %d CUDA graphs (decode batch sizes %d..%d) in %.2f s, %.2f GiB",
+                    len(self.graphs), self.buckets[0], self.max_bs, self.capture_s,
+                    self.capture_bytes / 2 ** 30)
 
     def can_run(self, num_reqs: int) -> bool:
         return bool(self.graphs) and num_reqs <= self.max_bs

@@ -158,10 +158,9 @@ class MixedGraphs:
             return self.model(self.input_ids[:T], v.positions)
 
     @torch.inference_mode()
-    def capture(self, pool=None, dry: bool = False) -> None:
+    def capture(self, pool=None) -> None:
         """Capture every bucket (largest first: smaller graphs reuse the pool's blocks). pool:
-        share the decode graphs' memory pool (one step runs at a time). dry: run each bucket's
-        forward once, capture nothing (see capture_buckets)."""
+        share the decode graphs' memory pool (one step runs at a time)."""
         self.input_ids = self.input_ids.clone()     # an inference tensor, as DecodeGraphs does
         pool = pool if pool is not None else torch.cuda.graph_pool_handle()
 
@@ -171,9 +170,7 @@ class MixedGraphs:
         # Buckets' staging views overlap: each is given an all-padding step right before its
         # warm-up runs.
         self.graphs, self.hidden, self.capture_s, self.capture_bytes = capture_buckets(
-            self.device, self.buckets, body, pool, before=self._stage_padding, dry=dry)
-        if dry:
-            return
+            self.device, self.buckets, body, pool, before=self._stage_padding)
         self.ready = True
         logger.info("captured %d CUDA graphs (mixed steps of %d..%d tokens) in %.2f s, %.2f GiB",
                     len(self.graphs), self.buckets[0], self.max_tokens, self.capture_s,

@@ -416,29 +416,25 @@ class ModelRunner:
             out.prompt_logprobs[st.req_id] = LogprobsLists(lp.token_ids.tolist(), lp.logprobs.tolist(),
                                                            lp.ranks.tolist())
 
-    def capture_cuda_graphs(self, buckets: Optional[list[int]] = None, dry: bool = False) -> None:
-        """Capture the decode graphs and (where _mixed_graphs_ok) the mixed-step graphs. dry:
-        run every bucket's forward once and keep nothing (the parallel Triton compile's dry
-        pass, kvflow/compilation/parallel_triton.py)."""
+    def capture_cuda_graphs(self, buckets: Optional[list[int]] = None) -> None:
         from kvflow.worker.cuda_graphs import DecodeGraphs, default_buckets
-        graphs = DecodeGraphs(self.model, self.device, self.max_model_len, self.block_size,
-                              self.max_blocks_per_req, buckets or default_buckets(self.max_num_reqs),
-                              local_chunk=self.local_chunk, last_sampled=self.last_sampled,
-                              num_kv_heads=max((l.num_kv_heads for l in self.attn_layers),
-                                               default=0))
-        graphs.capture(dry=dry)
-        mixed = None
+        self.graphs = DecodeGraphs(self.model, self.device, self.max_model_len, self.block_size,
+                                   self.max_blocks_per_req,
+                                   buckets or default_buckets(self.max_num_reqs),
+                                   local_chunk=self.local_chunk,
+                                   last_sampled=self.last_sampled,
+                                   num_kv_heads=max((l.num_kv_heads for l in self.attn_layers),
+                                                    default=0))
+        self.graphs.capture()
+        self.logits_row_buckets = list(self.graphs.buckets)
         if self._mixed_graphs_ok():
             from kvflow.worker.mixed_graphs import MixedGraphs, default_token_buckets
-            mixed = MixedGraphs(
+            self.mixed_graphs = MixedGraphs(
                 self.model, self.device, self.max_model_len, self.max_blocks_per_req,
                 self.max_num_reqs,
                 default_token_buckets(self.config.scheduler.max_num_batched_tokens),
                 self.last_sampled, local_is_global=self.local_chunk is not None)
-            mixed.capture(pool=graphs.pool, dry=dry)
-        if not dry:
-            self.graphs, self.mixed_graphs = graphs, mixed
-            self.logits_row_buckets = list(graphs.buckets)
+            self.mixed_graphs.capture(pool=self.graphs.pool)
 
     def _mixed_graphs_ok(self) -> bool:
         """Small mixed steps replay graphs unless the config says no, a KV connector hooks the

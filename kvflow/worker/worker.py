@@ -217,8 +217,7 @@ class Worker:
             self.runner.kv_connector.register_kv_caches(self.runner.kv_caches, layout)
         if self.device.type == "cuda" and self.runner.backend.name != "torch":
             t0 = time.perf_counter()
-            if not self._precompile_triton():
-                self.runner.warm_up(self.config.scheduler.max_num_batched_tokens)
+            self.runner.warm_up(self.config.scheduler.max_num_batched_tokens)
             self.timings["kernel_warmup_s"] = time.perf_counter() - t0
         if self.use_cuda_graphs:
             self.runner.capture_cuda_graphs()
@@ -227,38 +226,6 @@ class Worker:
             self.timings["cuda_graph_gib"] = sum(g.capture_bytes for g in captured) / GiB
         elif self.device.type == "cuda":
             logger.info("CUDA graphs off: %s", self.cuda_graphs_off_reason())
-
-    def _precompile_triton(self) -> bool:
-        """Compile the Triton kernels that the warm-up and the graph capture will launch, in
-        parallel processes (kvflow/compilation/parallel_triton.py), so that those steps load
-        them from Triton's cache. Returns True when the warm-up has already run for real: its
-        dry pass found every kernel in the cache (a restart), so nothing was skipped."""
-        from kvflow import kernels
-        from kvflow.compilation import parallel_triton
-        # torch.compile'd forwards are left out: a dispatch mode in the dry pass would make
-        # dynamo trace them again; their own cache (kvflow/compilation) covers restarts.
-        if not (kernels.HAS_TRITON and parallel_triton.enabled()) \
-                or self.config.compilation.compile_forward:
-            return False
-        max_tokens = self.config.scheduler.max_num_batched_tokens
-        passes = [lambda: self.runner.warm_up(max_tokens)]
-        if self.use_cuda_graphs:
-            passes.append(lambda: self.runner.capture_cuda_graphs(dry=True))
-        stats = parallel_triton.precompile(
-            passes, sync=lambda: torch.cuda.synchronize(self.device),
-            ranks_per_host=min(self.config.parallel.tensor_parallel_size,
-                               torch.cuda.device_count()))
-        if stats.specializations == 0 and not stats.dry_errors:
-            return True
-        self.timings["triton_precompile_s"] = stats.dry_s + stats.compile_s
-        logger.info("Triton precompile: %d kernel specializations not in the cache, %d built in "
-                    "%d processes (%.1f s dry pass, %.1f s compiling)%s",
-                    stats.specializations, stats.compiled, stats.workers, stats.dry_s,
-                    stats.compile_s,
-                    f"; dry pass stopped early: {stats.dry_errors[0]}" if stats.dry_errors else "")
-        for failure in stats.failed[:5]:
-            logger.info("Triton precompile: %s (compiled in-process instead)", failure)
-        return False
 
     def cuda_graphs_off_reason(self) -> str:
         if self.config.compilation.enforce_eager:
