@@ -45,6 +45,7 @@ direction: preemption stays the safety net.
 from __future__ import annotations
 
 import collections
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -187,6 +188,22 @@ class KVAdmission:
                              capacity=kv.num_free_blocks + own_held)
 
 
+class _Rows(NamedTuple):
+    """Requests' columns [N] and what their curves take from the length model (see
+    AdmissionPlan._rows); cond is None while every request is expected to run to its limit."""
+    cur: np.ndarray
+    left: np.ndarray
+    out: np.ndarray
+    allowed: np.ndarray
+    hit: np.ndarray
+    horizon: np.ndarray
+    cond: Optional[np.ndarray]
+
+    def concat(self, other: "_Rows") -> "_Rows":
+        return _Rows(*(None if a is None else np.concatenate((a, b))
+                       for a, b in zip(self, other)))
+
+
 class AdmissionPlan:
     """One step's check. `fits` accepts a candidate only if the bound on the pool's use, with it
     and every candidate accepted before it, stays within `capacity` blocks."""
@@ -201,10 +218,10 @@ class AdmissionPlan:
         # Segment g covers future steps [g * seg, (g + 1) * seg - 1]; MAX_SEGMENTS of them
         # cover the running requests' longest possible remaining life (candidates' curves
         # may run longer, on the same segments).
-        self.seg = max(1, cdiv(int(self._reqs[5].max()) + 2, MAX_SEGMENTS))
+        self.seg = max(1, cdiv(int(self._reqs.horizon.max()) + 2, MAX_SEGMENTS))
         self._mean = self._var = None                                        # [G] blocks
 
-    def _rows(self, cur, left, out, allowed, hit):
+    def _rows(self, cur, left, out, allowed, hit) -> _Rows:
         """Requests' columns [N] plus what their curves depend on from the length model,
         computed once per request (the segment length and the curves both need it):
         horizon, the most tokens each may still add given the lengths seen (a request that
@@ -213,10 +230,11 @@ class AdmissionPlan:
         to run to its limit)."""
         lm = self.adm.lengths
         if lm.deterministic:
-            return cur, left, out, allowed, hit, left, None
+            return _Rows(cur, left, out, allowed, hit, left, None)
         cond = lm.count_at_least((out + 1) / allowed)
         seen = np.ceil(lm.max_fraction() * allowed).astype(np.int64) - 1 - out
-        return cur, left, out, allowed, hit, np.where(cond > 0, np.clip(seen, 0, left), left), cond
+        return _Rows(cur, left, out, allowed, hit,
+                     np.where(cond > 0, np.clip(seen, 0, left), left), cond)
 
     def _curves(self, cur, left, out, allowed, hit, horizon, cond):
         """Mean and variance [G] of the blocks requests [N] (columns as `_rows` gives them)
@@ -267,7 +285,7 @@ class AdmissionPlan:
         in the plan when yes."""
         one = self._rows(*(np.array([v], dtype=np.int64)
                            for v in self.adm.row(req, req.num_tokens, hit_blocks)))
-        cur, left = one[0][0], one[1][0]
+        cur, left = one.cur[0], one.left[0]
         final = int(cdiv(cur + left, self.adm.block_size)) - hit_blocks
         fits_final = self._final + final <= self.capacity
         if not fits_final and self._mean is None:
@@ -279,7 +297,6 @@ class AdmissionPlan:
                 return False
             self._mean, self._var = mean, var
         else:   # the curves, if built later, must include it
-            self._reqs = tuple(None if a is None else np.concatenate((a, b))
-                               for a, b in zip(self._reqs, one))
+            self._reqs = self._reqs.concat(one)
         self._final += final
         return True
