@@ -224,9 +224,12 @@ def _attend_loaded(acc, m_i, l_i, q, k, v, qk_scale, PREC: tl.constexpr):
 # (qsl[nd:], seq_lens[nd:], block_table[nd:], query[t0:]) whose 16-byte alignment and counts
 # change with the number of decodes nd; specializing on them compiled a new variant for many
 # step shapes (about a second each on a cold machine, inside the first requests). The block
-# table's row stride is the widest request's block count this step, equally arbitrary. Without
+# table's row stride is the widest request's block count this step, equally arbitrary, and so
+# are the split partials' m / l strides (H * S, S: they follow the split count, which is picked
+# per step; specialized, every split kernel compiled twice on a cold start, ~1.5 s each). Without
 # an fp8 cache the k/v scale pointers are seq_lens slices too (unread placeholders).
-_NO_SPECIALIZE = dict(do_not_specialize=["num_reqs", "num_splits", "stride_bt"],
+_NO_SPECIALIZE = dict(do_not_specialize=["num_reqs", "num_splits", "stride_bt", "stride_mt",
+                                         "stride_mh"],
                       do_not_specialize_on_alignment=["q_ptr", "out_ptr", "part_ptr", "m_ptr",
                                                       "l_ptr", "cnt_ptr", "qsl_ptr",
                                                       "seq_lens_ptr", "bt_ptr", "starts_ptr",

@@ -23,7 +23,8 @@ from kvflow.kernels.pdl import pdl_launch, pdl_launch_dependents, pdl_wait
 _BLOCK = 512
 
 
-@triton.jit
+# bs only masks; specialized (== 1, divisible by 16, neither) it compiled three variants.
+@triton.jit(do_not_specialize=["bs"])
 def _decode_inputs_kernel(stage_ptr, last_ptr, ids_ptr, pos_ptr, slot_ptr, lens_ptr, bs, n,
                           BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_wait(USE_PDL)

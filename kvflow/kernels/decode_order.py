@@ -23,7 +23,7 @@ _IDX = tl.constexpr(MAX_REQS)
 _MAX_BLOCK = 4096            # one program holds the batch in registers
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])   # n only masks: one variant per BLOCK
 def _longest_first_kernel(lens_ptr, order_ptr, n, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
     pdl_wait(USE_PDL)
     pdl_launch_dependents(USE_PDL)

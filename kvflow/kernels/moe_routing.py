@@ -72,7 +72,9 @@ def _store_topk(weights_ptr, ids_ptr, weights, ids, tokens, num_tokens, TOP_K: t
     tl.store(ids_ptr + out, ids, mask=mask)
 
 
-@triton.jit
+# Token and pair counts only bound loops and masks: not specialized (divisible by 16 or not
+# would compile every routing kernel twice over the warm-up's step shapes).
+@triton.jit(do_not_specialize=["num_tokens"])
 def _topk_kernel(logits_ptr, weights_ptr, ids_ptr, num_tokens, num_experts, stride_lt,
                  TOP_K: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr,
                  SIGMOID: tl.constexpr, BLOCK_T: tl.constexpr, E_PAD: tl.constexpr,
@@ -140,7 +142,7 @@ _MAX_TICKETS = triton.cdiv(ROUTER_TOPK_MAX_T, 16)
 _TICKETS = TicketCounters(min_size=_MAX_TICKETS)   # kernels/tickets.py: one per token block
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def _router_topk_kernel(x_ptr, w_ptr, logits_ptr, ticket_ptr, weights_ptr, ids_ptr,
                         num_tokens, num_experts, H, stride_xt, stride_we,
                         TOP_K: tl.constexpr, K_PAD: tl.constexpr, RENORMALIZE: tl.constexpr,
@@ -279,7 +281,7 @@ def router_topk(x: torch.Tensor, weight: torch.Tensor, top_k: int, renormalize: 
 
 
 # -------------------------------------------------------------------------------- alignment
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _align_kernel(ids_ptr, pairs_ptr, block_expert_ptr, num_pairs, num_experts, num_rows,
                   BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
                   BLOCK_B: tl.constexpr, USE_PDL: tl.constexpr):

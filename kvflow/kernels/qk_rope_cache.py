@@ -82,7 +82,8 @@ def _to_cache(x, scale_ptr, FP8: tl.constexpr, CACHE_DTYPE: tl.constexpr):
     return x.to(CACHE_DTYPE)
 
 
-@triton.jit
+# n_slots (the step's token count) only masks the slot load: one variant for every step shape.
+@triton.jit(do_not_specialize=["n_slots"])
 def _qk_norm_rope_cache_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, cs_ptr, qw_ptr, kw_ptr, out_ptr,
     k_cache_ptr, v_cache_ptr, slot_ptr, k_scale_ptr, v_scale_ptr, n_slots, eps,

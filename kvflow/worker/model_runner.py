@@ -530,7 +530,9 @@ class ModelRunner:
             ([1] * min(self.max_num_reqs, 8), [L] * min(self.max_num_reqs, 8)),  # eager decode
         ]
         # Triton specializes integer arguments on divisibility by 16 (and == 1): run each shape
-        # with an even and an odd token count so both variants are compiled now.
+        # with an even and an odd token count so both variants are compiled now. (Per-step
+        # counts of the attention, routing and input kernels are not specialized at all,
+        # tests/specializations.py; this pass covers any kernel whose arguments still are.)
         for q, c in shapes:
             self.dummy_run(q, c, sample=False)
             q_odd = q[:-1] + [max(1, q[-1] - 1)] if q[-1] > 1 else q[:-1] + [2]
