@@ -26,8 +26,11 @@ import tempfile
 import time
 import traceback
 
+# Startup functions (kvflow/worker) -> phase, matched on the compile's stack. Session 23's files
+# in results/cold-start-s23/ were recorded before "_profile_peak" was listed: their "other"
+# compiles are the memory-profile run's.
 _PHASES = (("_warm_up_sampling", "sampling"), ("capture", "graphs"), ("warm_up", "warmup"),
-           ("profile_run", "profile"), ("determine_num_blocks", "profile"))
+           ("_profile_peak", "profile"))
 _serving = False
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -19,6 +21,17 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 # another in interpreted mode cannot call each other.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def run_compiler_script(module: str, timeout: int) -> subprocess.CompletedProcess:
+    """Run `python -m module` from the repository root without TRITON_INTERPRET, which this
+    suite sets on CPU: for checks that need Triton's real compiler front end (sm_90 compiles,
+    its argument binder) rather than the interpreter."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-m", module], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def kernel_device(kernel) -> str:

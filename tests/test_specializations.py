@@ -1,11 +1,9 @@
 """Per-step counts and strides do not multiply a kernel's compiled variants: see
 tests/specializations.py (run in a subprocess, as Triton's binder needs TRITON_INTERPRET unset,
 which this suite sets)."""
-import os
-import subprocess
-import sys
-
 import pytest
+
+from tests.conftest import run_compiler_script
 
 triton = pytest.importorskip("triton")
 
@@ -16,10 +14,6 @@ def test_step_counts_do_not_specialize():
         from triton.runtime.jit import create_function_from_signature  # noqa: F401
     except ImportError:
         pytest.skip("this Triton has no GPUTarget / argument binder API")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-m", "tests.specializations"], cwd=root, env=env,
-                       capture_output=True, text=True, timeout=300)
+    r = run_compiler_script("tests.specializations", timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "11 kernels checked" in r.stdout, r.stdout
