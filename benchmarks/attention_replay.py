@@ -14,7 +14,9 @@ larger one). Right after that step, with the decode graph's staged inputs still 
 3. alone_per_layer: the first layers' launches timed on their own (events around 20 repeats);
 4. variants (unless --no-variants): per-layer wall of the alone graph under other tiles
    (warps, KV tile, stages, splits) and other inputs (no order, rows presorted, contiguous
-   blocks, equal lengths): which property of the real batch costs bandwidth.
+   blocks, equal lengths): which property of the real batch costs bandwidth;
+5. tma (--tma; Hopper): the same launches by kernels/decode_attention_tma.py (K/V tiles by
+   TMA, one KV block a tile) over warps x stages, with and without the step's request order.
 
 The same kernel, tiles and data in both; what differs is only what runs beside it. KV bytes
 are the step's sum of seq_lens x KV heads x head size x 2 (K and V) x dtype size per layer.
@@ -60,7 +62,7 @@ def _kernel_table(prof, iters: int) -> list:
             for n, t in tot.most_common(16)]
 
 
-def probe(runner, b: int, iters: int = 10, variants: bool = True) -> dict:
+def probe(runner, b: int, iters: int = 10, variants: bool = True, tma: bool = False) -> dict:
     from torch.profiler import ProfilerActivity, profile
     graphs = runner.graphs
     bs = next(s for s in graphs.buckets if s >= b)
@@ -123,6 +125,8 @@ def probe(runner, b: int, iters: int = 10, variants: bool = True) -> dict:
     variants = {name: round(us, 1) for name, us in _variants(runner, layers, md, q, out, b, bs,
                                                               iters).items()} if variants else {}
     variants_tbs = {name: tbs(us) for name, us in variants.items()}
+    tma = ({name: round(us, 1) for name, us in _tma_variants(layers, md, q, out, iters).items()}
+           if tma else {})
 
     return dict(batch=b, bucket=bs, kv_tokens=kv_tokens, kv_mb_per_layer=round(kv_bytes / 1e6, 1),
                 layers=len(layers), step_ms=round(step_ms, 3),
@@ -132,7 +136,8 @@ def probe(runner, b: int, iters: int = 10, variants: bool = True) -> dict:
                                  attn_us=round(cgk_us, 1), tbs=tbs(cgk_us)),
                 graph_kernels=kernels,
                 alone_per_layer_us=per_layer, variants_us=variants,
-                variants_tbs=variants_tbs)
+                variants_tbs=variants_tbs, tma_us=tma,
+                tma_tbs={name: tbs(us) for name, us in tma.items()})
 
 
 def _capture(fn) -> torch.cuda.CUDAGraph:
@@ -217,12 +222,55 @@ def _variants(runner, layers, md, q, out, b: int, bs: int, iters: int) -> dict:
     return res
 
 
+def _tma_variants(layers, md, q, out, iters: int) -> dict:
+    """Per-layer wall (us) of the step's attention launches by the TMA decode kernel (all
+    layers, one graph), the pointer kernel's "base" case of `_variants` run again first as
+    the same-moment bar. Rows past the step's requests are the graph bucket's padding
+    (seq_len 0 in the pointer kernel's terms); the TMA kernel needs >= 1, so it runs the
+    live rows only, which is all the pointer kernel reads too."""
+    from kvflow.kernels.decode_attention_tma import decode_attention_tma, supported
+    a0 = layers[0]
+    if not supported(q, a0.kv_cache[0]):
+        return {}
+    b = int((md.seq_lens > 0).sum())
+    lens, bt = md.seq_lens[:b], md.block_table[:b]
+    order = md.decode_order[:b] if md.decode_order is not None else None
+    if order is not None and int(order.max()) >= b:    # the order covers padded rows too
+        order = torch.argsort(lens, descending=True, stable=True).to(torch.int32)
+    res = {}
+
+    def base():
+        for layer in layers:
+            unified_attention(q, layer.kv_cache[0], layer.kv_cache[1], md.query_start_loc,
+                              md.seq_lens, md.block_table, 1, md.max_seq_len, a0.scale,
+                              out=out, request_order=md.decode_order)
+    res["pointer_base"] = graph_time_us(base, reps=1, iters=iters) / len(layers)
+    for warps in (1, 2, 4):
+        for stages in (2, 3, 4):
+            for name, ordr in (("", None), ("_order", order)):
+                def fn(warps=warps, stages=stages, ordr=ordr):
+                    for layer in layers:
+                        decode_attention_tma(q[:b], layer.kv_cache[0], layer.kv_cache[1], lens,
+                                             bt, a0.scale, out=out[:b], num_stages=stages,
+                                             num_warps=warps, request_order=ordr)
+                if name and ordr is None:
+                    continue
+                try:
+                    res[f"tma_w{warps}_s{stages}{name}"] = (
+                        graph_time_us(fn, reps=1, iters=iters) / len(layers))
+                except Exception as e:  # a tile that does not fit: report, go on
+                    print(f"tma w{warps} s{stages}{name}: {type(e).__name__}: {e}",
+                          file=sys.stderr)
+    return res
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("model")
     p.add_argument("--workload", default="nanovllm")
     p.add_argument("--batch", default="140", help="comma list: probe at each of these batches")
     p.add_argument("--no-variants", action="store_true")
+    p.add_argument("--tma", action="store_true", help="also time the TMA decode kernel")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     targets = sorted((int(x) for x in args.batch.split(",")), reverse=True)
@@ -240,7 +288,7 @@ def main() -> int:
             while targets and targets[0] >= b:
                 targets.pop(0)
             torch.cuda.synchronize()
-            r = probe(runner, b, variants=not args.no_variants)
+            r = probe(runner, b, variants=not args.no_variants, tma=args.tma)
             print(json.dumps(r), flush=True)
             results.append(r)
         return handle

@@ -44,7 +44,8 @@ def _decode_tma_kernel(q_ptr, k_desc, v_desc, out_ptr, seq_lens_ptr, bt_ptr, str
                        stride_qt, stride_qh, stride_ot, stride_oh, qk_scale,
                        QPK: tl.constexpr, QP: tl.constexpr, D: tl.constexpr,
                        BLOCK: tl.constexpr, HEADS_FIRST: tl.constexpr,
-                       STAGES: tl.constexpr, USE_PDL: tl.constexpr):
+                       STAGES: tl.constexpr, USE_PDL: tl.constexpr,
+                       order_ptr=None, HAS_ORDER: tl.constexpr = False):
     if HEADS_FIRST:                    # the KV heads of a request run together: whole slot rows
         kv_head = tl.program_id(0)
         row = tl.program_id(1)
@@ -53,6 +54,8 @@ def _decode_tma_kernel(q_ptr, k_desc, v_desc, out_ptr, seq_lens_ptr, bt_ptr, str
         row = tl.program_id(0)
     pdl_wait(USE_PDL)                  # q and this step's KV slot come from the kernel before
     pdl_launch_dependents(USE_PDL)
+    if HAS_ORDER:                      # grid row i serves request order[i] (longest first)
+        row = tl.load(order_ptr + row)
     seq_len = tl.load(seq_lens_ptr + row)
     hq = tl.arange(0, QP)
     h_ok = hq < QPK
@@ -104,10 +107,12 @@ def decode_attention_tma(query: torch.Tensor, key_cache: torch.Tensor,
                          value_cache: torch.Tensor, seq_lens: torch.Tensor,
                          block_table: torch.Tensor, scale: float,
                          out: torch.Tensor | None = None, num_stages: int = 3,
-                         num_warps: int = 4, heads_first: bool = True) -> torch.Tensor:
+                         num_warps: int = 4, heads_first: bool = True,
+                         request_order: torch.Tensor | None = None) -> torch.Tensor:
     """query [B, H, D] (one token per request), key/value_cache [num_blocks, block, KV, D]
     (contiguous), seq_lens [B] int32 (>= 1, the query's own slot written), block_table
-    [B, max_blocks] int32 -> out [B, H, D]."""
+    [B, max_blocks] int32 -> out [B, H, D]. request_order [B] int32 (optional, a permutation
+    of 0..B-1): grid row i serves request request_order[i], as in `unified_attention`."""
     b, h, d = query.shape
     _, block, kv, _ = key_cache.shape
     assert supported(query, key_cache), (query.shape, query.dtype, key_cache.shape)
@@ -120,10 +125,14 @@ def decode_attention_tma(query: torch.Tensor, key_cache: torch.Tensor,
     v_desc = TensorDescriptor.from_tensor(value_cache.view(slots, kv * d), [block, d])
     qpk = h // kv
     grid = (kv, b) if heads_first else (b, kv)
+    order = {}
+    if request_order is not None:
+        assert request_order.shape == (b,), (request_order.shape, b)
+        order = dict(order_ptr=request_order, HAS_ORDER=True)
     _decode_tma_kernel[grid](
         query, k_desc, v_desc, out, seq_lens, block_table, block_table.stride(0),
         query.stride(0), query.stride(1), out.stride(0), out.stride(1), scale * _LOG2E,
         QPK=qpk, QP=max(16, triton.next_power_of_2(qpk)), D=d, BLOCK=block,
         HEADS_FIRST=heads_first, STAGES=num_stages, num_warps=num_warps,
-        **pdl_launch(query.device))
+        **order, **pdl_launch(query.device))
     return out
