@@ -52,8 +52,10 @@ def _binder(kernel):
 
 def _args(kernel, buf: torch.Tensor) -> dict:
     """A value for every parameter: constexprs 1 (their values are not under test), pointers
-    an aligned buffer, integers 32, floats 1.0 (names ending in _ptr are pointers; kvflow's
-    kernels name them so)."""
+    an aligned buffer, integers 32, the known float scalars 1.0 (names ending in _ptr are
+    pointers; kvflow's kernels name them so). A float argument missing from that list gets 32
+    and binds as an integer: harmless, since only the arguments a case lists are varied and
+    every other one keeps its value in both bindings being compared."""
     out = {}
     for p in kernel.params:
         if p.is_constexpr:

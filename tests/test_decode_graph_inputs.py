@@ -20,7 +20,8 @@ from tests.conftest import kernel_device  # noqa: E402
 DEVICE = kernel_device(di._decode_inputs_kernel)
 
 
-@pytest.mark.parametrize("n, hi", [(1, 5), (7, 3), (144, 4096), (1024, 50), (1000, 2 ** 31 - 1)])
+@pytest.mark.parametrize("n, hi", [(1, 5), (7, 3), (144, 4096), (300, 40), (1024, 50),
+                                   (1000, 2 ** 31 - 1), (2000, 3000)])
 def test_longest_first_order_matches_stable_reference(n, hi):
     """One-program sort of packed (length, index) keys: the stable descending argsort, ties
     (many when hi is small) by ascending index, at the largest lengths int32 holds."""
@@ -35,6 +36,13 @@ def test_longest_first_order_matches_stable_reference(n, hi):
     if hi < n:   # ties present: stability is what the check above cannot see
         same = lens[got.long()][1:] == lens[got.long()][:-1]
         assert bool(same.any()) and bool((got[1:][same] > got[:-1][same]).all())
+
+
+def test_longest_first_sort_widths():
+    """Each sort width is a compile on a cold start: batches of 1-1024 requests (every decode
+    graph bucket of the default limits) use two."""
+    assert {do._block(n) for n in range(1, 1025)} == {256, 1024}
+    assert do._block(1025) == 2048 and do._block(4096) == 4096
 
 
 @pytest.mark.parametrize("n, bs", [(8, 8), (16, 5), (700, 600)])

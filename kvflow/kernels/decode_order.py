@@ -37,6 +37,18 @@ def _longest_first_kernel(lens_ptr, order_ptr, n, BLOCK: tl.constexpr, USE_PDL: 
     tl.store(order_ptr + i, idx.to(tl.int32), mask=ok)
 
 
+def _block(n: int) -> int:
+    """The sort's width for n lengths: 256 up to 256 requests, then 1024, then powers of two.
+    Each width is a separate compile (0.3-1.3 s on a cold machine), and the decode graphs'
+    buckets span them all; in a CUDA graph on the H200
+    (benchmarks/results/decode-order-sort-nvidia-h200.txt) the 256-wide sort takes 1.7 us and
+    the 1024-wide 6.8 us, against 1.3 us at 128 wide and 2.8 us at 512: a few us a step where a
+    step takes milliseconds, for three fewer compiles (torch.argsort + the int32 cast: 9-22 us)."""
+    if n <= 256:
+        return 256
+    return max(1024, triton.next_power_of_2(n))
+
+
 def longest_first_order_ref(seq_lens: torch.Tensor) -> torch.Tensor:
     """seq_lens [B] -> int32 [B]: indices by descending length, ties by ascending index."""
     return torch.argsort(seq_lens, descending=True, stable=True).to(torch.int32)
@@ -55,10 +67,7 @@ def longest_first_order(seq_lens: torch.Tensor, out: torch.Tensor | None = None)
         out.copy_(longest_first_order_ref(seq_lens))
         return out
     assert seq_lens.is_contiguous() and out.is_contiguous()
-    block = max(16, triton.next_power_of_2(n))
-    # In a CUDA graph on the H200 (benchmarks/results/decode-order-sort-nvidia-h200.txt): 1.3 /
-    # 1.7 / 2.8 / 6.8 us at 80 / 144-256 / 512 / 1024 requests (4 warps, 8 from 1024), against
-    # 9-22 us for torch.argsort + the int32 cast.
+    block = _block(n)
     _longest_first_kernel[(1,)](seq_lens, out, n, BLOCK=block, num_warps=4 if block <= 512 else 8,
                                 **pdl_launch(seq_lens.device))
     return out

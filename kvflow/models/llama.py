@@ -171,11 +171,10 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor,
                        out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """hidden [N, hidden] -> logits [N, vocab], float32; or, into `out` (the decode
-        graphs' [N, vocab] buffer, in the model's dtype), the LM head's own output, written
-        there by the product itself. The sampler and logprobs upcast what they read, so
-        both give the same values; the graphs' way skips an fp32 copy of the logits (written,
-        then read again by the sampler): at 1000 rows x 152K, 0.6 GB each way a step."""
-        if out is None:
-            return self.lm_head.compute_logits(hidden).float()
+        """hidden [N, hidden] -> logits [N, vocab] in the model's dtype: the LM head's own
+        output, written into `out` (the decode graphs' [N, vocab] buffer) by the product
+        itself when given. The sampler and logprobs upcast what they read (exactly: the
+        product rounds to this dtype anyway), so an fp32 copy here would change no value; it
+        would cost a write and a read of the logits (at 1000 rows x 152K, 0.6 GB each way a
+        step) and a second set of sampling kernels to compile (one per logits dtype)."""
         return self.lm_head.compute_logits(hidden, out=out)

@@ -497,13 +497,14 @@ class ModelRunner:
             return
         from kvflow.kernels import argmax, sampling
         temperature = torch.ones((1,), dtype=torch.float32, device=self.device)
-        # float32: eager steps' logits; the model's dtype: the decode graphs' (one variant each).
-        for dtype in dict.fromkeys((torch.float32, self.config.model.dtype)):
-            logits = torch.zeros((1, self.vocab_size), dtype=dtype, device=self.device)
-            for chunk in argmax.CHUNKS:
-                argmax.argmax_rows(logits, chunk)
-            for chunk in sampling.CHUNKS:
-                sampling.sample_rows(logits, temperature, 0, chunk)
+        # Logits are in the model's dtype in every step (Model.compute_logits); a sampling
+        # stage that modifies them works on a float32 copy with torch ops.
+        logits = torch.zeros((1, self.vocab_size), dtype=self.config.model.dtype,
+                             device=self.device)
+        for chunk in argmax.CHUNKS:
+            argmax.argmax_rows(logits, chunk)
+        for chunk in sampling.CHUNKS:
+            sampling.sample_rows(logits, temperature, 0, chunk)
 
     def warm_up(self, max_num_tokens: int) -> None:
         """Run the batch shapes serving will hit (long prefill, many prefills, decodes mixed
