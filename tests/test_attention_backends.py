@@ -22,7 +22,7 @@ import torch
 from kvflow.attention import selector
 from kvflow.attention.backend import AttentionSpec, unsupported_reasons
 from kvflow.attention.local_attention import build_local_metadata
-from tests.test_local_attention import _dense_local_reference, _paged_case
+from tests.test_local_attention import _dense_local_reference, _paged_case, metadata_to
 
 BACKENDS = selector._registry()
 CUDA = torch.device("cuda", 0)
@@ -30,9 +30,19 @@ CPU = torch.device("cpu")
 _TOL = {torch.float32: 2e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}
 
 
+def _impl_device(backend) -> torch.device:
+    """Where the backend's impl runs in this session: the Triton kernels under the interpreter
+    (CPU tensors) in CI, compiled on the GPU machine (KVFLOW_TEST_DEVICE=cuda); torch on CPU."""
+    if backend.name != "triton":
+        return CPU
+    from kvflow.kernels.attention import _attention_kernel
+    from tests.conftest import kernel_device
+    return torch.device(kernel_device(_attention_kernel))
+
+
 def _run_against_reference(backend, spec: AttentionSpec, seed: int = 0) -> None:
     """One mixed batch (decode + prefill chunks over cached context) through the backend's impl
-    on CPU tensors, against the dense masked reference."""
+    (on `_impl_device`), against the dense masked reference."""
     rng = np.random.default_rng(seed)
     chunk = spec.local_attention_chunk or (1 << 30)
     q, cache, md, ks, vs, qsl, seq = _paged_case(rng, chunk, spec.block_size, 70, 3,
@@ -48,10 +58,13 @@ def _run_against_reference(backend, spec: AttentionSpec, seed: int = 0) -> None:
         md = build_local_metadata(md, spec.local_attention_chunk, spec.block_size)
     impl = backend.make_impl(spec)
     t = q.shape[0]
-    zeros = torch.zeros(t, spec.num_kv_heads, spec.head_size, dtype=spec.dtype)
-    out = impl.forward(q, zeros, zeros, cache, md, torch.ones(1), torch.ones(1))  # slots -1
+    dev = _impl_device(backend)
+    zeros = torch.zeros(t, spec.num_kv_heads, spec.head_size, dtype=spec.dtype, device=dev)
+    ones = torch.ones(1, device=dev)
+    out = impl.forward(q.to(dev), zeros, zeros, cache.to(dev), metadata_to(md, dev), ones,
+                       ones)                                                  # slots -1
     ref = _dense_local_reference(q.float(), ks, vs, qsl, seq, chunk, spec.scale)
-    err = (out.float() - ref).abs().max().item()
+    err = (out.float().cpu() - ref).abs().max().item()
     assert err < _TOL[spec.dtype], (backend.name, spec, err)
 
 

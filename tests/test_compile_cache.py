@@ -85,7 +85,8 @@ def _run(worker, fn, specs=MIXED, seed=0):
         ids, pos, md = _batch(worker.config.cache.block_size, specs, seed, worker.device)
         with set_forward_context(md):
             logits = worker.model.compute_logits(fn(ids, pos))
-    return logits.cpu(), [c.cpu().clone() for c in worker.runner.kv_caches]
+    # float32: numpy has no bfloat16 (the GPU run's dtype), and the comparisons are in fp32.
+    return logits.float().cpu(), [c.cpu().clone() for c in worker.runner.kv_caches]
 
 
 def _assert_same_as_eager(worker, compiled, specs=MIXED, seed=0, tol=TOL):

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -140,6 +141,15 @@ def _paged_case(rng, chunk, block_size, max_len, num_reqs, h=4, kvh=2, d=16):
     return q, cache, md, ks, vs, qsl, seq
 
 
+def metadata_to(md: AttentionMetadata, device: torch.device) -> AttentionMetadata:
+    """md with its device tensors on `device` (the *_cpu fields stay on the host): the cases are
+    built on CPU; compiled Triton kernels (the GPU machine's run of the suite) need CUDA inputs."""
+    moved = {f.name: getattr(md, f.name).to(device)
+             for f in dataclasses.fields(md) if not f.name.endswith("_cpu")
+             and isinstance(getattr(md, f.name), torch.Tensor)}
+    return dataclasses.replace(md, **moved)
+
+
 @pytest.mark.parametrize("chunk,block_size,max_len",
                          [(32, 16, 100), (24, 16, 100), (20, 32, 90), (7, 4, 40), (32, 32, 24),
                           (16, 1, 50)])
@@ -159,14 +169,17 @@ def test_triton_kernel_with_seq_starts(chunk, block_size):
     """The Triton kernel honors seq_starts (under TRITON_INTERPRET=1 on CPU), in its decode
     (direct) and prefill (search, split-KV) configurations."""
     pytest.importorskip("triton")
-    from kvflow.kernels.attention import unified_attention
+    from kvflow.kernels.attention import _attention_kernel, unified_attention
+    from tests.conftest import kernel_device
+    dev = torch.device(kernel_device(_attention_kernel))
     rng = np.random.default_rng(11)
     q, cache, md, ks, vs, qsl, seq = _paged_case(rng, chunk, block_size, 80, 3)
-    local = build_local_metadata(md, chunk, block_size)
+    local = metadata_to(build_local_metadata(md, chunk, block_size), dev)
     ref = _dense_local_reference(q, ks, vs, qsl, seq, chunk, 0.25)
+    q, cache = q.to(dev), cache.to(dev)
     for splits in (1, 2):
         out = unified_attention(q, cache[0], cache[1], local.query_start_loc, local.seq_lens,
                                 local.block_table, local.max_query_len, local.max_seq_len,
                                 0.25, num_splits=splits, num_decode_reqs=local.num_decode_reqs,
-                                seq_starts=local.seq_starts)
+                                seq_starts=local.seq_starts).cpu()
         assert torch.allclose(out, ref, atol=2e-3, rtol=2e-3), (splits, (out - ref).abs().max())
