@@ -12,9 +12,11 @@ online softmax.
 
 Measured (H200, Llama-3.1-8B heads, 64-slot blocks, session 20): on the whole GPU it reads
 as fast as the pointer kernel at 500 requests (4.34 TB/s) and 100 (3.95), +3.6% at 200
-(4.10 against 3.95); on 48 SMs 78 GB/s an SM (1 warp, 2 stages) against 55. The engine does
-not dispatch it yet: the run-level gain would be < 1% (see docs/performance.md, session 20);
-benchmarks/overlap_probe.py uses it.
+(4.10 against 3.95); on 48 SMs 78 GB/s an SM (1 warp, 2 stages) against 55. On the engine's
+own decode inputs (real lengths, block tables and longest-first order; benchmarks/
+attention_replay.py --tma, session 24) it reads slower than the pointer kernel at 32-64 and
+184-247 requests, and one tile wins 2-5% at 96-140: the engine does not dispatch it
+(docs/performance.md, sessions 20 and 24); benchmarks/overlap_probe.py uses it.
 
 Scope: one query token per request (decode), 16-bit caches, D a power of two <= 256, a KV
 block of 16-128 slots (the tile is one block), no split-KV: a program per (KV head, request).
