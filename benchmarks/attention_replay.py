@@ -248,13 +248,14 @@ def _tma_variants(layers, md, q, out, iters: int) -> dict:
     for warps in (1, 2, 4):
         for stages in (2, 3, 4):
             for name, ordr in (("", None), ("_order", order)):
+                if name and ordr is None:         # the step dispatched no order
+                    continue
+
                 def fn(warps=warps, stages=stages, ordr=ordr):
                     for layer in layers:
                         decode_attention_tma(q[:b], layer.kv_cache[0], layer.kv_cache[1], lens,
                                              bt, a0.scale, out=out[:b], num_stages=stages,
                                              num_warps=warps, request_order=ordr)
-                if name and ordr is None:
-                    continue
                 try:
                     res[f"tma_w{warps}_s{stages}{name}"] = (
                         graph_time_us(fn, reps=1, iters=iters) / len(layers))

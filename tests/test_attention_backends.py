@@ -2,8 +2,9 @@
 
 * Backend x feature matrix (head size, dtype, KV cache dtype, block size, local attention,
   device, compute capability): every combination either constructs an impl that matches the
-  dense reference (Triton under TRITON_INTERPRET=1 on CPU tensors) or is refused by the selector
-  with a ValueError naming the reasons -- never a TypeError or an error from inside the impl.
+  dense reference (Triton under TRITON_INTERPRET=1 on CPU tensors in CI, compiled on the GPU
+  machine's run of the suite) or is refused by the selector with a ValueError naming the
+  reasons -- never a TypeError or an error from inside the impl.
 * Every registered model architecture builds, and its layers' specs go through every backend the
   same way (model code passes only generic arguments).
 * An explicit attention_backend that cannot serve the model fails at engine startup listing
@@ -101,8 +102,8 @@ def test_backend_feature_matrix(name, head, dtype, kv, block_size, local, place,
             assert r in str(err.value)
         return
     assert selector.select_backend([spec], device, requested=name).name == name
-    # Accepted: it must run and be right. The CUDA rows run on CPU tensors (Triton's
-    # interpreter); each accepted (backend, spec) pair runs once, on its first place.
+    # Accepted: it must run and be right, where its kernels run in this session
+    # (`_impl_device`); each accepted (backend, spec) pair runs once, on its first place.
     if dev_type == "cuda" and not unsupported_reasons(backend, spec, CPU, None):
         return            # already run on the CPU row
     _run_against_reference(backend, spec)
