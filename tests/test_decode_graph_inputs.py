@@ -45,6 +45,41 @@ def test_longest_first_sort_widths():
     assert do._block(1025) == 2048 and do._block(4096) == 4096
 
 
+def test_identity_order_grows_and_keeps_old_buffers():
+    dev = torch.device(DEVICE)
+    a = do.identity_order(dev, 5)
+    assert a.dtype == torch.int32 and a.cpu().tolist() == list(range(5))
+    b = do.identity_order(dev, 10_000)                      # past the 4096 it starts with
+    assert b.cpu().tolist() == list(range(10_000))
+    assert a.cpu().tolist() == list(range(5))                # retired, not freed
+    assert do.identity_order(dev, 7).data_ptr() == b.data_ptr()
+
+
+def test_unordered_decode_launch_dispatches_through_the_identity_order(monkeypatch):
+    """A one-program-per-request attention launch without request_order binds the same kernel
+    variant as an ordered one (HAS_ORDER, an identity order): one compile for both."""
+    from kvflow.kernels import attention as att
+    calls = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: calls.append(kw)
+    monkeypatch.setattr(att, "_attention_kernel", Recorder())
+    b, h, kv, d, block = 3, 4, 2, 64, 16
+    q = torch.zeros(b, h, d, dtype=torch.float16, device=DEVICE)
+    cache = torch.zeros(4, block, kv, d, dtype=torch.float16, device=DEVICE)
+    qsl = torch.arange(b + 1, dtype=torch.int32, device=DEVICE)
+    lens = torch.tensor([5, 9, 3], dtype=torch.int32, device=DEVICE)
+    bt = torch.zeros(b, 1, dtype=torch.int32, device=DEVICE)
+    order = torch.tensor([1, 0, 2], dtype=torch.int32, device=DEVICE)
+    for ro in (None, order):
+        att.unified_attention(q, cache, cache, qsl, lens, bt, 1, 16, 0.125, num_splits=1,
+                              request_order=ro)
+    assert [kw["HAS_ORDER"] for kw in calls] == [True, True]
+    assert calls[0]["order_ptr"].cpu().tolist() == [0, 1, 2]
+    assert calls[1]["order_ptr"] is order
+
+
 @pytest.mark.parametrize("n, bs", [(8, 8), (16, 5), (700, 600)])
 def test_kernel_matches_reference(n, bs):
     g = torch.Generator().manual_seed(n + bs)

@@ -19,7 +19,8 @@ work), the remaining (diagonal / tail) tiles apply the causal and length masks.
 
 Mapping programs to requests without host data (CUDA-graph safe):
   * DIRECT: when BLOCK_Q >= max_query_len (decode, spec-decode, short chunks) every request is
-    one q-block and grid row i serves request i (or request_order[i]); the grid is [KV heads,
+    one q-block and grid row i serves request request_order[i] (an identity order when the
+    caller gives none: one compiled variant for both, kernels/decode_order.py); the grid is [KV heads,
     rows, splits], heads fastest, so the programs dispatched together read all heads of the
     same cache slots (KVFLOW_ATTN_HEADS_FIRST=0: [rows, KV heads, splits]).
   * SEARCH: otherwise request i owns q-blocks starting at
@@ -100,6 +101,7 @@ from kvflow.kernels.attention_merge import (
     _merge_partials,
     _merge_splits_kernel,
 )
+from kvflow.kernels.decode_order import identity_order
 from kvflow.kernels.pdl import pdl_launch, pdl_launch_dependents, pdl_wait
 from kvflow.kernels.tickets import TicketCounters
 
@@ -580,9 +582,13 @@ def _launch(query, key_cache, value_cache, out, query_start_loc, seq_lens, block
     cache_strides = (key_cache.stride(0), key_cache.stride(1), key_cache.stride(2))
     pdl = pdl_launch(query.device)
     order = {}
-    if request_order is not None and cfg.direct:
-        assert request_order.shape == (B,), (request_order.shape, B)
-        order = dict(order_ptr=request_order, HAS_ORDER=True)
+    if cfg.direct:
+        if request_order is None:
+            # One kernel variant for ordered and unordered launches (decode_order.py).
+            request_order = identity_order(query.device, B)
+        if request_order is not None:
+            assert request_order.shape == (B,), (request_order.shape, B)
+            order = dict(order_ptr=request_order, HAS_ORDER=True)
     starts = seq_starts if seq_starts is not None else seq_lens
     # Grid dims y and z are limited to 65535 on CUDA; x is not (rows move there past it).
     heads_first = cfg.direct and grid0 <= 65535 and envs.attn_heads_first()

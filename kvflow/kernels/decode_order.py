@@ -8,14 +8,17 @@ is packed with its index into one int64 key, len * 2^20 + (2^20 - 1 - i), and th
 descending (`tl.sort`, a bitonic network in registers); the low bits give the index back. Ties go
 to the lower index, so the order is stable (the torch reference below says the same). PDL
 convention (kernels/pdl.py): the lengths are written by the step's input kernel just before.
+Launches that dispatch in plain request order use `identity_order` instead (below).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from kvflow.kernels.device import triton_runs_on
+from kvflow.kernels.device import cuda_index, triton_runs_on
 from kvflow.kernels.pdl import pdl_launch, pdl_launch_dependents, pdl_wait
 
 MAX_REQS = 1 << 20           # index range of the packed key's low bits
@@ -47,6 +50,32 @@ def _block(n: int) -> int:
     if n <= 256:
         return 256
     return max(1024, triton.next_power_of_2(n))
+
+
+# Identity orders: a one-program-per-request attention launch with no order of its own (eager
+# steps, graph buckets where longest-first does not pay) dispatches through arange(B), so it
+# runs the kernel variant the ordered launches compile (HAS_ORDER) instead of a second one: two
+# fewer attention compiles on a cold start (1.5-2 s each on the H200 host). The kernel loads
+# its order entry before its PDL wait, under the previous kernel. Grown outside CUDA-graph
+# capture only, never freed (a captured graph keeps the address it reads), as the ticket
+# counters (kernels/tickets.py).
+_IDENTITY: dict[tuple[str, Optional[int]], torch.Tensor] = {}
+_RETIRED: list[torch.Tensor] = []
+
+
+def identity_order(device: torch.device, n: int) -> Optional[torch.Tensor]:
+    """arange(n) int32 on `device`; None when that would need an allocation during capture."""
+    key = (device.type, cuda_index(device) if device.type == "cuda" else device.index)
+    buf = _IDENTITY.get(key)
+    if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        if buf is not None:
+            _RETIRED.append(buf)
+        buf = torch.arange(max(4096, triton.next_power_of_2(n)), dtype=torch.int32,
+                           device=device)
+        _IDENTITY[key] = buf
+    return buf[:n]
 
 
 def longest_first_order_ref(seq_lens: torch.Tensor) -> torch.Tensor:
