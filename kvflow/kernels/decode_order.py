@@ -18,8 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kvflow.kernels.device import cuda_index, triton_runs_on
+from kvflow.kernels.device import triton_runs_on
 from kvflow.kernels.pdl import pdl_launch, pdl_launch_dependents, pdl_wait
+from kvflow.kernels.tickets import DeviceBuffers
 
 MAX_REQS = 1 << 20           # index range of the packed key's low bits
 _IDX = tl.constexpr(MAX_REQS)
@@ -56,26 +57,15 @@ def _block(n: int) -> int:
 # steps, graph buckets where longest-first does not pay) dispatches through arange(B), so it
 # runs the kernel variant the ordered launches compile (HAS_ORDER) instead of a second one: two
 # fewer attention compiles on a cold start (1.5-2 s each on the H200 host). The kernel loads
-# its order entry before its PDL wait, under the previous kernel. Grown outside CUDA-graph
-# capture only, never freed (a captured graph keeps the address it reads), as the ticket
-# counters (kernels/tickets.py).
-_IDENTITY: dict[tuple[str, Optional[int]], torch.Tensor] = {}
-_RETIRED: list[torch.Tensor] = []
+# its order entry before its PDL wait, under the previous kernel. Kept like the ticket
+# counters (kernels/tickets.py): grown outside CUDA-graph capture only, never freed.
+_IDENTITY = DeviceBuffers(min_size=4096, make=torch.arange)
 
 
 def identity_order(device: torch.device, n: int) -> Optional[torch.Tensor]:
     """arange(n) int32 on `device`; None when that would need an allocation during capture."""
-    key = (device.type, cuda_index(device) if device.type == "cuda" else device.index)
-    buf = _IDENTITY.get(key)
-    if buf is None or buf.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        if buf is not None:
-            _RETIRED.append(buf)
-        buf = torch.arange(max(4096, triton.next_power_of_2(n)), dtype=torch.int32,
-                           device=device)
-        _IDENTITY[key] = buf
-    return buf[:n]
+    buf = _IDENTITY.get(device, n)
+    return None if buf is None else buf[:n]
 
 
 def longest_first_order_ref(seq_lens: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,8 @@ graph replays on it too), so no two launches use a buffer at once.
 Allocation happens outside CUDA-graph capture only: allocated while capturing, its zero-fill
 would not run until replay and the buffer would belong to the graph's pool. A buffer that grows
 is retired, never freed: a graph captured earlier keeps its address (and it stays zero).
+`DeviceBuffers` is that mechanism for any int32 contents made at allocation (the decode
+attention's identity request orders, kernels/decode_order.py, are its other user).
 """
 from __future__ import annotations
 
@@ -21,15 +23,19 @@ import triton
 from kvflow.kernels.device import cuda_index
 
 
-class TicketCounters:
-    def __init__(self, min_size: int):
+class DeviceBuffers:
+    """One int32 buffer per device, made by `make(size, dtype=, device=)` (torch.zeros,
+    torch.arange), grown outside CUDA-graph capture only, never freed once replaced."""
+
+    def __init__(self, min_size: int, make=torch.zeros):
         self.min_size = min_size
+        self.make = make
         self.buffers: dict[tuple[str, Optional[int]], torch.Tensor] = {}
         self.retired: list[torch.Tensor] = []
 
     def get(self, device: torch.device, n: int) -> Optional[torch.Tensor]:
-        """A zero-filled int32 buffer of >= n counters on `device`; None when that would need
-        an allocation during CUDA-graph capture (the caller falls back or explains)."""
+        """The device's buffer of >= n elements; None when that would need an allocation
+        during CUDA-graph capture (the caller falls back or explains)."""
         # "cuda" and "cuda:0" are one buffer
         key = (device.type, cuda_index(device) if device.type == "cuda" else device.index)
         buf = self.buffers.get(key)
@@ -38,7 +44,14 @@ class TicketCounters:
                 return None
             if buf is not None:
                 self.retired.append(buf)
-            buf = torch.zeros(max(self.min_size, triton.next_power_of_2(n)), dtype=torch.int32,
-                              device=device)
+            buf = self.make(max(self.min_size, triton.next_power_of_2(n)), dtype=torch.int32,
+                            device=device)
             self.buffers[key] = buf
         return buf
+
+
+class TicketCounters(DeviceBuffers):
+    """Zero-filled counters (the module docstring)."""
+
+    def __init__(self, min_size: int):
+        super().__init__(min_size, torch.zeros)
