@@ -103,6 +103,14 @@ def attn_longest_first() -> bool:
     return os.environ.get("KVFLOW_ATTN_LONGEST_FIRST", "1") != "0"
 
 
+def attn_split_decodes() -> bool:
+    """KVFLOW_ATTN_SPLIT_DECODES (default 1): CUDA graphs of mixed steps give their decodes
+    decode tiles where the step's prompt tokens take 128-row prefill tiles (two attention
+    launches over all requests, each skipping the other's; AttentionMetadata.split_decodes),
+    as eager mixed steps do; 0: one launch, decodes on prefill tiles. Read at capture."""
+    return os.environ.get("KVFLOW_ATTN_SPLIT_DECODES", "1") != "0"
+
+
 def attn_heads_first() -> bool:
     """KVFLOW_ATTN_HEADS_FIRST (default 1): one-program-per-request attention launches (decode
     batches) order their grid KV heads fastest, so the programs running together read all

@@ -129,6 +129,46 @@ class TestAttention:
         _check_attention(q_lens, [30, 64, 5, 70, 19], 8, 2, 32, 16, torch.float32,
                          num_decode_reqs=3, num_splits=num_splits)
 
+    @pytest.mark.parametrize("q_lens,seq_lens,num_splits,ordered", [
+        ([40, 1, 19, 1, 0, 1], [70, 30, 19, 64, 1, 5], None, False),
+        ([1, 40, 1, 19, 0, 1], [30, 70, 64, 19, 1, 5], 2, True),
+        ([1, 1, 3, 0], [9, 64, 3, 1], None, True)])
+    def test_split_decodes_at_any_row(self, q_lens, seq_lens, num_splits, ordered,
+                                      monkeypatch):
+        # A mixed-step CUDA graph cannot give the decode count as a host int: with
+        # split_decodes both launches span every request (decodes anywhere, a padding request
+        # with q_len 0, padding tokens), bounds instead of maxima, split partials indexed by
+        # absolute token, and the decode launch dispatched longest context first.
+        import kvflow.kernels.attention as attn_mod
+        launches = []
+        real = attn_mod._launch
+
+        def spy(*args):
+            cfg, min_q = args[10], args[15]
+            launches.append((cfg.direct, cfg.block_q, min_q))
+            return real(*args)
+        monkeypatch.setattr(attn_mod, "_launch", spy)
+        order = None
+        if ordered:
+            order = torch.argsort(torch.tensor(seq_lens), descending=True, stable=True)
+            order = order.to(torch.int32).to(DEVICE)
+        _check_attention(q_lens, seq_lens, 8, 2, 32, 16, torch.float32, split_decodes=True,
+                         num_splits=num_splits, max_query_len=64, max_seq_len=256,
+                         pad_tokens=5, request_order=order)
+        assert launches[0] == (True, 1, 0)             # decode tiles, skip q_len > 1
+        assert launches[1][2] == 2 and launches[1][1] > 1   # prefill tiles, skip q_len <= 1
+
+    def test_split_decodes_keeps_short_chunk_tiles(self, monkeypatch):
+        # Short chunks (8 tokens x QPK 4 fit a 64-row DIRECT tile): one launch serves all.
+        import kvflow.kernels.attention as attn_mod
+        launches = []
+        real = attn_mod._launch
+        monkeypatch.setattr(attn_mod, "_launch",
+                            lambda *args: (launches.append(args[10]), real(*args))[1])
+        _check_attention([1, 8, 1], [30, 20, 9], 8, 2, 32, 16, torch.float32,
+                         split_decodes=True, max_query_len=8, max_seq_len=256)
+        assert len(launches) == 1 and launches[0].direct and launches[0].block_q == 16
+
     def test_head_size_64_and_non_power_of_two(self):
         _check_attention([5, 1], [20, 33], 4, 2, 64, 16, torch.float16)
         _check_attention([5, 1], [20, 33], 2, 1, 80, 16, torch.float32)

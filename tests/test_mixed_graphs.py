@@ -83,6 +83,33 @@ def test_stage_inputs_layout_and_unpack():
     assert T == 32 and g._dev_views[32].qsl[:3].tolist() == [0, 20, 20]
 
 
+def test_graph_metadata_splits_decodes(monkeypatch):
+    """The graph body's attention metadata: bounds (the bucket, max_model_len) and
+    split_decodes, since decodes may be any of the rows; the decode launch's longest-first
+    order over all R rows where the dispatch rule calls for it (512 rows x 8 KV heads: more
+    programs than an H200 holds at once). KVFLOW_ATTN_SPLIT_DECODES=0: one launch, no order."""
+    from kvflow.forward_context import get_forward_context
+    from kvflow.kernels.decode_order import longest_first_order_ref
+    seen = []
+
+    def model(ids, positions):
+        seen.append(get_forward_context().attn_metadata)
+        return torch.zeros(ids.shape[0], 4)
+    g = MixedGraphs(model=model, device=torch.device("cpu"), max_model_len=4096,
+                    max_blocks_per_req=4, max_num_reqs=512, buckets=[512],
+                    last_sampled=torch.zeros(512, dtype=torch.int64), num_kv_heads=8)
+    g._stage_padding(512)
+    g._dev_views[512].seq_lens[:3] = torch.tensor([7, 900, 40], dtype=torch.int32)
+    g._forward(512)
+    md = seen[-1]
+    assert md.split_decodes and md.max_query_len == 512 and md.max_seq_len == 4096
+    assert md.decode_order is not None
+    assert md.decode_order.tolist() == longest_first_order_ref(md.seq_lens).tolist()
+    monkeypatch.setenv("KVFLOW_ATTN_SPLIT_DECODES", "0")
+    g._forward(512)
+    assert not seen[-1].split_decodes and seen[-1].decode_order is None
+
+
 def _attach(llm, buckets):
     """Give the engine's runner an uncaptured MixedGraphs; returns, per step it ran, (tokens,
     tokens taken from last_sampled)."""

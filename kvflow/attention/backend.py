@@ -44,6 +44,11 @@ class AttentionMetadata:
     # The first num_decode_reqs requests have exactly one query token (the runner orders decodes
     # first), so a backend can give them decode-shaped tiles in a mixed batch.
     num_decode_reqs: int = 0
+    # Set by a CUDA graph of mixed steps, whose decode count is not a host int: decodes (one
+    # query token) may be any of the requests, and a backend that gives decode rows their own
+    # tiles must find them on the device (kernels/attention.py runs two launches over all
+    # requests, each skipping the other's). Tiles only: the same attention, up to rounding.
+    split_decodes: bool = False
     # [B] int32 on device, or None (= all 0): request i attends only to context positions
     # >= seq_starts[i] (its causal window is [seq_starts[i], q_pos]). Set only in the virtual
     # batches of chunked local attention (kvflow/attention/local_attention.py), where a chunk

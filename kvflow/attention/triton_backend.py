@@ -67,7 +67,8 @@ class TritonAttentionImpl:
                           num_decode_reqs=metadata.num_decode_reqs,
                           seq_starts=metadata.seq_starts,
                           k_scale=k_scale, v_scale=v_scale,
-                          request_order=metadata.decode_order)
+                          request_order=metadata.decode_order,
+                          split_decodes=metadata.split_decodes)
         return out
 
     def forward_qk_rope(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -82,7 +82,7 @@ its ticket counters; kvflow runs the model, eager or as a CUDA graph, on one str
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -230,8 +230,8 @@ def _attend_loaded(acc, m_i, l_i, q, k, v, qk_scale, PREC: tl.constexpr):
 # are the split partials' m / l strides (H * S, S: they follow the split count, which is picked
 # per step; specialized, every split kernel compiled twice on a cold start, ~1.5 s each). Without
 # an fp8 cache the k/v scale pointers are seq_lens slices too (unread placeholders).
-_NO_SPECIALIZE = dict(do_not_specialize=["num_reqs", "num_splits", "stride_bt", "stride_mt",
-                                         "stride_mh"],
+_NO_SPECIALIZE = dict(do_not_specialize=["num_reqs", "num_splits", "min_q_len", "stride_bt",
+                                         "stride_mt", "stride_mh"],
                       do_not_specialize_on_alignment=["q_ptr", "out_ptr", "part_ptr", "m_ptr",
                                                       "l_ptr", "cnt_ptr", "qsl_ptr",
                                                       "seq_lens_ptr", "bt_ptr", "starts_ptr",
@@ -243,6 +243,7 @@ def _attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, m_ptr, l_ptr, cnt_ptr,
     qsl_ptr, seq_lens_ptr, bt_ptr, starts_ptr, k_scale_ptr, v_scale_ptr,
     qk_scale, num_reqs, num_splits,
+    min_q_len,                       # requests with fewer query tokens are another launch's
     stride_qt, stride_qh,            # query [T, H, D]
     stride_ot, stride_oh,            # out [T, H, D]
     stride_pt, stride_ph,            # split partial acc [rows, H, S, HEAD_PAD]
@@ -321,7 +322,14 @@ def _attention_kernel(
         q_start = tl.load(qsl_ptr + req)
         q_len = tl.load(qsl_ptr + req + 1) - q_start
         seq_len = tl.load(seq_lens_ptr + req)
-    if q_block * BLOCK_Q >= q_len:      # gap program, or a padding request
+    # Gap program or padding request; or a request the other launch of a split_decodes pair
+    # serves: shorter than min_q_len (the prefill launch skips decodes), or longer than a
+    # DIRECT q-block (the decode launch skips prefills; never the case otherwise, as DIRECT
+    # launches require BLOCK_Q >= every query length).
+    skip = (q_block * BLOCK_Q >= q_len) | (q_len < min_q_len)
+    if DIRECT:
+        skip = skip | (q_len > BLOCK_Q)
+    if skip:
         return
     ctx_len = seq_len - q_len           # context tokens before this request's first query
 
@@ -462,6 +470,19 @@ def _attention_kernel(
 # ---------------------------------------------------------------------------------------------
 # Host side
 # ---------------------------------------------------------------------------------------------
+class _Part(NamedTuple):
+    """One launch of unified_attention: requests [r0, r1), a bound on their query tokens, the
+    token count its tiles are chosen for, a bound on their query lengths, the query length
+    below which a request is left to another launch, and the dispatch order (DIRECT only)."""
+    r0: int
+    r1: int
+    num_tokens: int
+    config_tokens: int
+    max_query_len: int
+    min_q_len: int
+    order: Optional[torch.Tensor]
+
+
 def unified_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                       query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
                       block_table: torch.Tensor, max_query_len: int, max_seq_len: int,
@@ -473,7 +494,8 @@ def unified_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
                       k_scale: Optional[torch.Tensor] = None,
                       v_scale: Optional[torch.Tensor] = None,
                       fused_merge: Optional[bool] = None,
-                      request_order: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      request_order: Optional[torch.Tensor] = None,
+                      split_decodes: bool = False) -> torch.Tensor:
     """Causal paged attention of a varlen batch; semantics of `ref_paged_attention`.
 
     query [T, H, D] (head dim contiguous; T may include padding rows past query_start_loc[-1],
@@ -484,6 +506,9 @@ def unified_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
     num_decode_reqs = n > 0 promises the first n requests have q_len <= 1 (decodes ordered
     first): a mixed batch then runs as two launches, decode tiles for those n and prefill tiles
     for the rest, instead of 128-row prefill tiles that are 1/QPK_PAD full on decode rows.
+    split_decodes does the same where the decode count is not a host int (a CUDA graph of
+    mixed steps): both launches span every request, the decode launch's programs skip
+    requests with q_len > 1 and the prefill launch's skip those with q_len <= 1.
     seq_starts [B] int32 (optional; chunked local attention's virtual batches): request i
     attends only to positions >= seq_starts[i] (< block_size, <= its first query position).
     An fp8 (float8_e4m3fn) cache holds K / k_scale and V / v_scale; k_scale / v_scale are
@@ -492,7 +517,8 @@ def unified_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
     or the separate merge kernel; for tests and benchmarks).
     request_order [B] int32 (optional; a permutation of 0..B-1): the order in which a
     one-program-per-request launch (a decode batch) dispatches the requests' programs, e.g.
-    longest context first. The result does not depend on it; other launches ignore it.
+    longest context first (with split_decodes, it orders the decode launch). The result does
+    not depend on it; other launches ignore it.
     Returns out [T, H, D].
     """
     T, H, D = query.shape
@@ -506,21 +532,36 @@ def unified_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
     if T == 0 or B == 0:
         return out
     num_sms, smem = device_limits(query.device)
-    parts = [(0, B, T, max_query_len)]
+    parts = [_Part(0, B, T, T, max_query_len, 0, request_order)]
     if config is None and max_query_len > 1 and 0 < num_decode_reqs < B:
         # A slice's query_start_loc stays absolute. The decode slice has <= nd tokens; the
         # rest keeps T as its token bound (decodes with q_len 0 would leave it > T - nd).
         nd = num_decode_reqs
-        parts = [(0, nd, nd, 1), (nd, B, T, max_query_len)]
-    for r0, r1, n_tok, max_q in parts:
-        cfg = config or choose_config(n_tok, r1 - r0, H, KV, D, max_q, max_seq_len, query.dtype,
-                                      num_sms, num_splits, smem)
+        parts = [_Part(0, nd, nd, nd, 1, 0, None), _Part(nd, B, T, T, max_query_len, 0, None)]
+    elif (config is None and max_query_len > 1 and split_decodes
+          and not choose_config(T, B, H, KV, D, max_query_len, max_seq_len, query.dtype,
+                                num_sms, num_splits, smem).direct):
+        # Only where the batch would take 128-row prefill tiles: a short-chunk (DIRECT) tile
+        # wastes less on a decode than a second launch costs a small step. The decode tokens
+        # may sit anywhere in [0, T): T bounds the decode launch's tokens (its split partials
+        # are indexed by token), B sizes its tiles as a decode step's.
+        parts = [_Part(0, B, T, B, 1, 0, request_order),
+                 _Part(0, B, T, T, max_query_len, 2, None)]
+    for p in parts:
+        cfg = config or choose_config(p.config_tokens, p.r1 - p.r0, H, KV, D, p.max_query_len,
+                                      max_seq_len, query.dtype, num_sms, num_splits, smem)
         if fused_merge is not None and fused_merge != cfg.fused_merge:
             cfg = dataclasses.replace(cfg, fused_merge=fused_merge)
+        if p.min_q_len and cfg.num_splits > 1 and not cfg.fused_merge:
+            # The two-kernel merge walks every token row, the skipped decodes' too, whose
+            # partials this launch never writes. (A mixed-step graph's prefill grid has
+            # T / BLOCK_Q + R + 1 rows per KV head: it fills the GPU unless KV heads are few.)
+            cfg = dataclasses.replace(cfg, num_splits=1)
+        r0, r1 = p.r0, p.r1
         _launch(query, key_cache, value_cache, out, query_start_loc[r0:r1 + 1],
-                seq_lens[r0:r1], block_table[r0:r1], n_tok, max_q, scale, cfg,
+                seq_lens[r0:r1], block_table[r0:r1], p.num_tokens, p.max_query_len, scale, cfg,
                 None if seq_starts is None else seq_starts[r0:r1], k_scale, v_scale,
-                request_order if len(parts) == 1 else None)
+                p.order, p.min_q_len)
     return out
 
 
@@ -545,10 +586,10 @@ def _launch(query, key_cache, value_cache, out, query_start_loc, seq_lens, block
             seq_starts: Optional[torch.Tensor] = None,
             k_scale: Optional[torch.Tensor] = None,
             v_scale: Optional[torch.Tensor] = None,
-            request_order: Optional[torch.Tensor] = None) -> None:
+            request_order: Optional[torch.Tensor] = None, min_q_len: int = 0) -> None:
     """One attention launch (+ merge) over the requests of these (possibly sliced) tensors;
     num_tokens bounds their query token count (qsl[-1] - qsl[0]) and sizes the split-KV
-    partials."""
+    partials. Requests with fewer than min_q_len query tokens are skipped."""
     T, H, D = query.shape
     _, block_size, KV, _ = key_cache.shape
     B = seq_lens.shape[0]
@@ -599,7 +640,7 @@ def _launch(query, key_cache, value_cache, out, query_start_loc, seq_lens, block
     if not split:
         _attention_kernel[grid(1)](
             query, key_cache, value_cache, out, out, out, out, seq_lens,
-            query_start_loc, seq_lens, block_table, starts, *scales, qk_scale, B, 1,
+            query_start_loc, seq_lens, block_table, starts, *scales, qk_scale, B, 1, min_q_len,
             query.stride(0), query.stride(1), out.stride(0), out.stride(1), 0, 0, 0, 0,
             *cache_strides, block_table.stride(0), FUSED_MERGE=False, HEADS_FIRST=heads_first,
             **common, **order, **pdl)
@@ -615,7 +656,7 @@ def _launch(query, key_cache, value_cache, out, query_start_loc, seq_lens, block
     counters = _split_counters(query.device, grid0 * KV) if cfg.fused_merge else seq_lens
     _attention_kernel[grid(S)](
         query, key_cache, value_cache, out, acc, m, l, counters,
-        query_start_loc, seq_lens, block_table, starts, *scales, qk_scale, B, S,
+        query_start_loc, seq_lens, block_table, starts, *scales, qk_scale, B, S, min_q_len,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         acc.stride(0), acc.stride(1), m.stride(0), m.stride(1),
         *cache_strides, block_table.stride(0), FUSED_MERGE=cfg.fused_merge,

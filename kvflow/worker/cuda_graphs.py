@@ -89,6 +89,20 @@ def default_buckets(max_num_seqs: int, limit: int = MAX_GRAPH_BATCH) -> list[int
     return out
 
 
+def captured_decode_order(seq_lens: torch.Tensor, num_kv_heads: int,
+                          max_model_len: int) -> torch.Tensor | None:
+    """Inside a graph capture: the longest-first order of a decode launch over these rows
+    (attention_config.dispatch_longest_first's rule), sorted again at every replay from that
+    replay's lengths; None where the order does not pay (or num_kv_heads is 0: unknown)."""
+    if not (num_kv_heads and envs.attn_longest_first()):
+        return None
+    n = seq_lens.shape[0]
+    if not dispatch_longest_first(n, num_kv_heads, device_limits(seq_lens.device)[0],
+                                  max_model_len):
+        return None
+    return longest_first_order(seq_lens)
+
+
 class DecodeGraphs:
     def __init__(self, model, device: torch.device, max_model_len: int, block_size: int,
                  max_blocks_per_req: int, buckets: list[int], local_chunk: int | None = None,
@@ -149,12 +163,7 @@ class DecodeGraphs:
 
     def _metadata(self, bs: int) -> AttentionMetadata:
         seq_lens = self.seq_lens[:bs]
-        order = None
-        if (self.num_kv_heads and envs.attn_longest_first()
-                and dispatch_longest_first(bs, self.num_kv_heads, device_limits(self.device)[0],
-                                           self.max_model_len)):
-            # Captured: sorted again at every replay, from that replay's lengths.
-            order = longest_first_order(seq_lens)
+        order = captured_decode_order(seq_lens, self.num_kv_heads, self.max_model_len)
         return AttentionMetadata(
             num_actual_tokens=bs, max_query_len=1, max_seq_len=self.max_model_len,
             query_start_loc=self.query_start_loc[:bs + 1], seq_lens=seq_lens,

@@ -21,9 +21,13 @@ flight (fill_rows[t] = its row of the runner's `last_sampled`, else -1) like the
 
 Padding: tokens [total, T) lie past query_start_loc[B] (attention ignores them) and have slot -1
 (no KV write); requests [B, R) have no query token (query_start_loc = total) and seq_len 1. The
-attention metadata carries bounds (max_query_len = T, max_seq_len = max_model_len) and one
-launch for the whole batch (num_decode_reqs = 0): backends that declare supports_cuda_graphs read
-every length from the tensors.
+attention metadata carries bounds (max_query_len = T, max_seq_len = max_model_len) and
+split_decodes: the decode count is not a host int, so the Triton backend runs a decode launch
+and a prefill launch over all R rows, each skipping the other's requests. (One launch of prefill
+tiles gives every decode a 128-row tile holding its QPK query heads: Mixtral-8x7B nanovllm run as
+606 such steps of ~383 tokens spent 6.15 s in attention against 4.27 s run in order, H200,
+benchmarks/results/ridden-s25/.)
+Backends that declare supports_cuda_graphs read every length from the tensors.
 
 The graph ends at the hidden states [T, hidden] (a static output per bucket); the runner gathers
 the sampled rows, computes their logits and samples eagerly (a few launches), so prompt logprobs
@@ -38,9 +42,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kvflow import envs
 from kvflow.attention.backend import AttentionMetadata
 from kvflow.forward_context import LOCAL, set_forward_context
-from kvflow.worker.cuda_graphs import capture_buckets
+from kvflow.worker.cuda_graphs import capture_buckets, captured_decode_order
 
 logger = logging.getLogger("kvflow")
 
@@ -106,11 +111,14 @@ class _Views:
 class MixedGraphs:
     def __init__(self, model, device: torch.device, max_model_len: int,
                  max_blocks_per_req: int, max_num_reqs: int, buckets: list[int],
-                 last_sampled: torch.Tensor, local_is_global: bool = False):
+                 last_sampled: torch.Tensor, local_is_global: bool = False,
+                 num_kv_heads: int = 0):
         """last_sampled: the runner's [max_num_reqs] int64 device tensor of each row's last
         sampled token. local_is_global: the model has chunked local attention layers whose
-        virtual batch is the step's own batch (they read the same metadata)."""
+        virtual batch is the step's own batch (they read the same metadata). num_kv_heads:
+        the attention layers' KV heads on this rank (the decode launch's dispatch order)."""
         self.model = model
+        self.num_kv_heads = num_kv_heads
         self.device = device
         self.max_model_len = max_model_len
         self.buckets = sorted(buckets)
@@ -150,10 +158,14 @@ class MixedGraphs:
 
     def _forward(self, T: int) -> torch.Tensor:
         v = self._dev_views[T]
+        split = envs.attn_split_decodes()
+        order = (captured_decode_order(v.seq_lens, self.num_kv_heads, self.max_model_len)
+                 if split else None)
         md = AttentionMetadata(
             num_actual_tokens=T, max_query_len=T, max_seq_len=self.max_model_len,
             query_start_loc=v.qsl, seq_lens=v.seq_lens, block_table=v.block_table,
-            slot_mapping=v.slots, is_decode_only=False, num_decode_reqs=0)
+            slot_mapping=v.slots, is_decode_only=False, split_decodes=split,
+            decode_order=order)
         with set_forward_context(md, {LOCAL: md} if self.local_is_global else {}):
             return self.model(self.input_ids[:T], v.positions)
 

@@ -433,7 +433,8 @@ class ModelRunner:
                 self.model, self.device, self.max_model_len, self.max_blocks_per_req,
                 self.max_num_reqs,
                 default_token_buckets(self.config.scheduler.max_num_batched_tokens),
-                self.last_sampled, local_is_global=self.local_chunk is not None)
+                self.last_sampled, local_is_global=self.local_chunk is not None,
+                num_kv_heads=self.graphs.num_kv_heads)
             self.mixed_graphs.capture(pool=self.graphs.pool)
 
     def _mixed_graphs_ok(self) -> bool:
