@@ -109,7 +109,7 @@ def cases():
     a.update({"part_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "cnt_ptr": "*i32",
               "qsl_ptr": "*i32", "seq_lens_ptr": "*i32", "bt_ptr": "*i32", "starts_ptr": "*i32",
               "k_scale_ptr": "*fp32", "v_scale_ptr": "*fp32", "qk_scale": "fp32",
-              "num_reqs": "i32", "num_splits": "i32"})
+              "num_reqs": "i32", "num_splits": "i32", "min_q_len": "i32"})
     a.update({n: "i32" for n in ("stride_qt", "stride_qh", "stride_ot", "stride_oh", "stride_pt",
                                  "stride_ph", "stride_mt", "stride_mh", "stride_cb", "stride_ct",
                                  "stride_ch", "stride_bt")})

@@ -29,7 +29,7 @@ def cases():
     from kvflow.kernels import moe_routing, qk_rope_cache, sampling
     return [
         (attention._attention_kernel,
-         ["num_reqs", "num_splits", "stride_bt", "stride_mt", "stride_mh"],
+         ["num_reqs", "num_splits", "min_q_len", "stride_bt", "stride_mt", "stride_mh"],
          ["q_ptr", "out_ptr", "m_ptr", "l_ptr", "qsl_ptr", "seq_lens_ptr", "bt_ptr"]),
         (attention_merge._merge_splits_kernel,
          ["num_reqs", "num_splits", "stride_mt", "stride_mh"], ["out_ptr", "m_ptr", "qsl_ptr"]),
