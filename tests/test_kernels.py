@@ -80,6 +80,19 @@ def _check_attention(q_lens, seq_lens, H, KV, D, block_size, dtype, **kw):
     _close(out[:n], ref[:n], dtype)
 
 
+def _record_launches(monkeypatch) -> list:
+    """(config, min_q_len) of every attention launch unified_attention makes from now on."""
+    import kvflow.kernels.attention as attn_mod
+    launches = []
+    real = attn_mod._launch
+
+    def spy(*args):
+        launches.append((args[10], args[15]))
+        return real(*args)
+    monkeypatch.setattr(attn_mod, "_launch", spy)
+    return launches
+
+
 # Mixed batch: prefill (q == seq), chunked prefill over a cached prefix, decodes (one short).
 MIXED_Q = [13, 6, 1, 1]
 MIXED_S = [13, 45, 37, 2]
@@ -139,15 +152,7 @@ class TestAttention:
         # split_decodes both launches span every request (decodes anywhere, a padding request
         # with q_len 0, padding tokens), bounds instead of maxima, split partials indexed by
         # absolute token, and the decode launch dispatched longest context first.
-        import kvflow.kernels.attention as attn_mod
-        launches = []
-        real = attn_mod._launch
-
-        def spy(*args):
-            cfg, min_q = args[10], args[15]
-            launches.append((cfg.direct, cfg.block_q, min_q))
-            return real(*args)
-        monkeypatch.setattr(attn_mod, "_launch", spy)
+        launches = _record_launches(monkeypatch)
         order = None
         if ordered:
             order = torch.argsort(torch.tensor(seq_lens), descending=True, stable=True)
@@ -155,19 +160,17 @@ class TestAttention:
         _check_attention(q_lens, seq_lens, 8, 2, 32, 16, torch.float32, split_decodes=True,
                          num_splits=num_splits, max_query_len=64, max_seq_len=256,
                          pad_tokens=5, request_order=order)
-        assert launches[0] == (True, 1, 0)             # decode tiles, skip q_len > 1
-        assert launches[1][2] == 2 and launches[1][1] > 1   # prefill tiles, skip q_len <= 1
+        (decode, min_d), (prefill, min_p) = launches
+        assert decode.direct and decode.block_q == 1 and min_d == 0   # skips q_len > 1
+        assert prefill.block_q > 1 and min_p == 2                      # skips q_len <= 1
 
     def test_split_decodes_keeps_short_chunk_tiles(self, monkeypatch):
         # Short chunks (8 tokens x QPK 4 fit a 64-row DIRECT tile): one launch serves all.
-        import kvflow.kernels.attention as attn_mod
-        launches = []
-        real = attn_mod._launch
-        monkeypatch.setattr(attn_mod, "_launch",
-                            lambda *args: (launches.append(args[10]), real(*args))[1])
+        launches = _record_launches(monkeypatch)
         _check_attention([1, 8, 1], [30, 20, 9], 8, 2, 32, 16, torch.float32,
                          split_decodes=True, max_query_len=8, max_seq_len=256)
-        assert len(launches) == 1 and launches[0].direct and launches[0].block_q == 16
+        [(cfg, min_q)] = launches
+        assert cfg.direct and cfg.block_q == 16 and min_q == 0
 
     def test_head_size_64_and_non_power_of_two(self):
         _check_attention([5, 1], [20, 33], 4, 2, 64, 16, torch.float16)
