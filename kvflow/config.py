@@ -100,6 +100,9 @@ class SchedulerConfig:
     # finish (estimated; kvflow/core/admission.py). False: admit whatever fits now and preempt
     # when the cache runs dry, as vLLM.
     admission_control: bool = True
+    # While running decodes outlast the waiting prompts, a step takes at most this many tokens
+    # so prompts ride in memory-bound decode steps (Scheduler._step_budget; 0 = never).
+    ride_budget: int = 0
 
     def __post_init__(self):
         if self.policy not in ("fcfs", "priority"):
@@ -112,6 +115,10 @@ class SchedulerConfig:
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise _fail("max_num_batched_tokens",
                         f"must be >= max_model_len={self.max_model_len} without chunked prefill")
+        if not isinstance(self.ride_budget, int) or self.ride_budget < 0:
+            raise _fail("ride_budget", f"must be an integer >= 0, got {self.ride_budget!r}")
+        if self.ride_budget and not self.enable_chunked_prefill:
+            raise _fail("ride_budget", "needs enable_chunked_prefill (prompts ride in pieces)")
 
 
 # distributed_executor_backend values: "mp" = one worker process per rank on this host (the
@@ -409,6 +416,27 @@ def default_scheduler_limits(device: torch.device, usage_context: str = "llm") -
     return 256, 8192
 
 
+# Rows of the MoE kernel's largest row tile (kvflow/kernels/configs): an expert's weights are read
+# once per tile of rows routed to it.
+MOE_ROW_TILE = 128
+
+
+def default_ride_budget(hf: dict, device: torch.device, usage_context: str) -> int:
+    """The step size up to which a MoE decode step costs about the same: every expert's
+    weights are read once while the rows routed to it fit one row tile, that is while a step's
+    tokens x experts_per_token / experts stay within MOE_ROW_TILE; three quarters of that leaves
+    room for uneven routing. Measured on Mixtral-8x7B (8 experts, top 2: 384), nanovllm fed
+    longest output first: 3881 tok/s at 384, 3860 at 448, 3705 at 512, 3787 in order at 16384
+    (benchmarks/results/ridden-s25). 0 (off) for dense models, whose ~200-request decode steps
+    are already compute-bound (session 19: -7% at 512), off the GPU, and in the server, where
+    prompts' time to first token counts."""
+    experts = model_num_experts(hf)
+    top_k = int(hf.get("num_experts_per_tok") or 0)
+    if not experts or not top_k or device.type != "cuda" or usage_context != "llm":
+        return 0
+    return MOE_ROW_TILE * experts // top_k * 3 // 4
+
+
 def _check_tensor_parallel(m: ModelConfig, dev: torch.device, tp: int, backend: str) -> None:
     """Shapes must split evenly across ranks; KV heads split, or are replicated when there are
     fewer of them than ranks (then tp must be a multiple of num_key_value_heads)."""
@@ -460,7 +488,7 @@ def create_engine_config(model: Optional[str] = None, *, tokenizer: Optional[str
                          distributed_executor_backend: Optional[str] = None,
                          kv_transfer_config: Any = None, compilation_config: Any = None,
                          admission_control: bool = True, usage_context: str = "llm",
-                         **unknown) -> EngineConfig:
+                         ride_budget: Optional[int] = None, **unknown) -> EngineConfig:
     if unknown:
         raise TypeError(f"unexpected engine arguments: {sorted(unknown)}")
     if load_format not in ("auto", "safetensors", "dummy", "gguf"):
@@ -492,6 +520,8 @@ def create_engine_config(model: Optional[str] = None, *, tokenizer: Optional[str
                             enable_chunked_prefill=bool(enable_chunked_prefill),
                             policy=scheduling_policy,
                             admission_control=bool(admission_control),
+                            ride_budget=(default_ride_budget(mcfg.hf_config, dev, usage_context)
+                                         if ride_budget is None else ride_budget),
                             async_scheduling=(dev.type == "cuda") if async_scheduling is None
                             else bool(async_scheduling))
     par = ParallelConfig(tensor_parallel_size=tensor_parallel_size,

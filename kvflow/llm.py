@@ -93,13 +93,20 @@ class LLM:
         engine = self.llm_engine
         for p in params_list:  # fail before anything is queued
             p.verify_for_model(engine.config.model.vocab_size)
-        pending = deque((engine.new_request_id(), prompt, params)
-                        for prompt, params in zip(prompt_list, params_list))
-        order = [rid for rid, _, _ in pending]
-        results = self._run_engine(pending, use_tqdm)
+        batch = [(engine.new_request_id(), prompt, params)
+                 for prompt, params in zip(prompt_list, params_list)]
+        order = [rid for rid, _, _ in batch]
+        if engine.config.scheduler.ride_budget:
+            # Prompts ride in the running decodes' steps (Scheduler._step_budget): start the
+            # longest outputs first, so the decodes that carry the rest of the prompts, and the
+            # batch's last steps, are the long ones (longest processing time first). Outputs
+            # come back in the order given.
+            cap = engine.max_model_len
+            batch.sort(key=lambda b: -(b[2].max_tokens or cap))
+        results = self._run_engine(deque(batch), use_tqdm)
         return [results[rid] for rid in order]
 
-    def _feed(self, pending: deque, done: dict[str, RequestOutput]) -> int:
+    def _feed(self, pending: deque, done: dict[str, RequestOutput], all_of_it: bool = False) -> int:
         """Enqueue prompts from `pending` until the scheduler has FEED_STEPS steps' worth of
         tokens waiting; returns how many failed (their error outputs go to `done`).
 
@@ -109,9 +116,13 @@ class LLM:
         (with async scheduling step() returns once the next step is launched). Outputs do not
         depend on it, nor, in practice, does the schedule: a step admits waiting requests in
         order until its token budget, max_num_seqs or the KV cache stops it, and a queue two
-        budgets deep outlasts the budget unless prefix-cache hits shrink its prompts."""
+        budgets deep outlasts the budget unless prefix-cache hits shrink its prompts.
+
+        all_of_it: queue the whole rest (the scheduler weighs all waiting prompts to decide
+        whether they can ride in decode steps)."""
         engine = self.llm_engine
-        want = FEED_STEPS * engine.config.scheduler.max_num_batched_tokens
+        want = (float("inf") if all_of_it
+                else FEED_STEPS * engine.config.scheduler.max_num_batched_tokens)
         failed = 0
         while pending and engine.num_waiting_tokens() < want:
             rid, prompt, params = pending.popleft()
@@ -133,13 +144,16 @@ class LLM:
         if use_tqdm and pending:
             from tqdm import tqdm
             bar = tqdm(total=len(pending), desc="Processed prompts", dynamic_ncols=True)
+        # With riding on, the rest of the batch is queued once the first step is under way.
+        rides, stepped = bool(engine.config.scheduler.ride_budget), False
         try:
             while pending or engine.has_unfinished_requests():
-                failed = self._feed(pending, done)
+                failed = self._feed(pending, done, all_of_it=rides and stepped)
                 if bar is not None and failed:
                     bar.update(failed)
                 if not engine.has_unfinished_requests():
                     continue    # everything fed so far failed validation
+                stepped = True
                 for out in engine.step():
                     if out.finished:
                         done[out.request_id] = out

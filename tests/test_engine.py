@@ -471,3 +471,55 @@ def test_lm_head_rows_padded_to_graph_sizes(tiny_llama, reference, make_llm):
             assert x.keys() == y.keys()
             for t in x:
                 assert abs(x[t].logprob - y[t].logprob) < 1e-5
+
+
+def test_default_ride_budget_is_moe_offline_cuda_only():
+    """3/4 of a 128-row tile x experts / experts per token for MoE models offline on CUDA
+    (Mixtral's 8 experts, top 2: 384); 0 for dense models, off the GPU and in the server."""
+    from kvflow.config import SchedulerConfig, default_ride_budget
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    mixtral = {"num_local_experts": 8, "num_experts_per_tok": 2}
+    assert default_ride_budget(mixtral, cuda, "llm") == 384
+    assert default_ride_budget({"num_experts": 128, "num_experts_per_tok": 8}, cuda, "llm") == 1536
+    assert default_ride_budget({}, cuda, "llm") == 0
+    assert default_ride_budget(mixtral, cpu, "llm") == 0
+    assert default_ride_budget(mixtral, cuda, "server") == 0
+    with pytest.raises(ValueError, match="ride_budget"):
+        SchedulerConfig(ride_budget=-1)
+    with pytest.raises(ValueError, match="ride_budget"):
+        SchedulerConfig(ride_budget=8, enable_chunked_prefill=False, max_num_batched_tokens=4096)
+
+
+def test_riding_generate_starts_longest_outputs_first_same_outputs(tiny_llama, make_llm,
+                                                                   monkeypatch, reference):
+    """With ride_budget set, LLM.generate queues the longest max_tokens first (and the rest of
+    the batch once the first step runs), steps of riding prompts stay within the budget, and
+    every output is the HF greedy one, returned in the order given."""
+    llm = make_llm(tiny_llama[1], ride_budget=24, max_num_batched_tokens=64)
+    eng = llm.llm_engine
+    prompts = _prompts()
+    lengths = [4, 16, 9, 12, 2, 16]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lengths]
+    added, totals = [], []
+    add, schedule = eng.add_request, eng.scheduler.schedule
+
+    def recording_add(rid, prompt, p, **kw):
+        added.append(p.max_tokens)
+        return add(rid, prompt, p, **kw)
+
+    def recording_schedule():
+        so = schedule()
+        decodes = sum(1 for r in eng.scheduler.running
+                      if so.num_scheduled_tokens.get(r.request_id) == 1)
+        totals.append((so.total_num_scheduled_tokens, decodes))
+        return so
+    monkeypatch.setattr(eng, "add_request", recording_add)
+    monkeypatch.setattr(eng.scheduler, "schedule", recording_schedule)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert added == sorted(lengths, reverse=True)
+    for p, n, o in zip(prompts, lengths, outs):
+        assert o.prompt_token_ids == p
+        assert o.outputs[0].token_ids == reference[tuple(p)][:n]
+    # The first step has nothing to ride on (full budget); some later ones ride.
+    assert totals[0][0] == 64
+    assert any(0 < d and t == 24 for t, d in totals[1:]), totals

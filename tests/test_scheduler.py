@@ -106,7 +106,7 @@ def test_random_load_no_leaks_no_starvation(seed, admission):
     s = Scheduler(max_num_seqs=rng.choice([2, 5, 64]), max_num_batched_tokens=rng.choice([7, 32, 512]),
                   max_model_len=4096, num_blocks=rng.choice([40, 80, 400]), block_size=block_size,
                   enable_prefix_caching=rng.random() < 0.7, enable_chunked_prefill=True,
-                  admission_control=admission)
+                  admission_control=admission, ride_budget=rng.choice([0, 3, 24]))
     shared = [rng.randrange(1000) for _ in range(24)]
     added, finished, aborted = 0, set(), set()
     for step in range(3000):
@@ -196,3 +196,51 @@ def test_priority_needs_priority_policy():
     r.priority = 3
     with pytest.raises(ValueError, match="priority"):
         s.add_request(r)
+
+
+def _ride_scheduler(ride_budget=50, budget=1000):
+    return Scheduler(max_num_seqs=64, max_num_batched_tokens=budget, max_model_len=4096,
+                     num_blocks=4096, block_size=16, enable_prefix_caching=False,
+                     ride_budget=ride_budget)
+
+
+def test_prompts_ride_decode_steps_while_the_decodes_outlast_them():
+    """With a running decode whose 499 remaining tokens x 49 spare tokens a step cover the
+    waiting prompts, steps take ride_budget tokens; prompts that would outlast it get the
+    full budget, and so does a step with no decode to ride on."""
+    rng = random.Random(0)
+    s = _ride_scheduler()
+    s.add_request(_req("long", 10, max_tokens=500))
+    so, _ = _fake_step(s, rng)
+    assert so.total_num_scheduled_tokens == 10          # nothing decoding yet: full budget
+    for i in range(5):
+        s.add_request(_req(f"p{i}", 40, seed=i))
+    so, _ = _fake_step(s, rng)
+    assert so.num_scheduled_tokens["long"] == 1
+    assert so.total_num_scheduled_tokens == 50           # 1 decode + 49 prompt tokens
+    while s.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in s.running):
+        so, _ = _fake_step(s, rng)
+        assert so.total_num_scheduled_tokens <= 50
+        _check_invariants(s)
+
+    # 30 prompts of 1000 tokens: 30000 > 497 steps x (50 - 6 decodes) spare tokens.
+    big = _ride_scheduler()
+    big.add_request(_req("long", 10, max_tokens=500))
+    _fake_step(big, rng)
+    for i in range(30):
+        big.add_request(_req(f"q{i}", 1000, seed=i))
+    so, _ = _fake_step(big, rng)
+    assert so.total_num_scheduled_tokens == 1000
+
+
+def test_ride_budget_never_starves_prompts_behind_many_decodes():
+    """More decodes than ride_budget leave no room: steps use the full budget again."""
+    rng = random.Random(1)
+    s = _ride_scheduler(ride_budget=4, budget=64)
+    for i in range(6):
+        s.add_request(_req(f"d{i}", 3, max_tokens=200, seed=i))
+    _fake_step(s, rng)
+    assert len(s.running) == 6
+    s.add_request(_req("late", 30, seed=9))
+    so, _ = _fake_step(s, rng)
+    assert so.num_scheduled_tokens["late"] == 30 and so.total_num_scheduled_tokens == 36

@@ -55,6 +55,7 @@ IGNORED: dict[str, str] = {
     "scheduler.policy": "request ordering (fcfs / priority) only",
     "scheduler.async_scheduling": "overlaps host scheduling with device steps; same forward",
     "scheduler.admission_control": "which requests are admitted when; same forward",
+    "scheduler.ride_budget": "how many tokens a step takes; same forward",
     "max_model_len_explicit": "only decides whether the memory plan may shrink max_model_len",
     # KV transfer moves blocks between steps, outside the forward; the connector's per-layer
     # hooks are called by eager code around the attention op, never traced.

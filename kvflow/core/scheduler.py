@@ -135,7 +135,8 @@ class Scheduler:
     def __init__(self, *, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
                  num_blocks: int, block_size: int, enable_prefix_caching: bool,
                  enable_chunked_prefill: bool = True, long_prefill_token_threshold: int = 0,
-                 policy: str = "fcfs", connector=None, admission_control: bool = True):
+                 policy: str = "fcfs", connector=None, admission_control: bool = True,
+                 ride_budget: int = 0):
         if policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling_policy: must be 'fcfs' or 'priority', got {policy!r}")
         self.policy = policy
@@ -145,6 +146,7 @@ class Scheduler:
         self.block_size = block_size
         self.enable_chunked_prefill = enable_chunked_prefill
         self.long_prefill_token_threshold = long_prefill_token_threshold
+        self.ride_budget = ride_budget
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
         # Off: admit whatever fits the pool now and preempt when it runs dry (vLLM's way).
         self.admission = KVAdmission(block_size, enabled=admission_control)
@@ -249,8 +251,36 @@ class Scheduler:
         self._finished_for_runner.add(victim.request_id)
         self.waiting.add_preempted(victim)
 
+    def _step_budget(self) -> int:
+        """This step's token budget: ride_budget while prompts can ride in the running
+        decodes' steps, else max_num_batched_tokens.
+
+        Why. A MoE decode step reads every expert's weights whatever its batch, so up to about
+        ride_budget tokens (config.default_ride_budget) a step costs the same: prompt tokens
+        added to it are nearly free, where a large prefill-only step pays for each one. Riding
+        is worth it only while the decodes outlast the prompts: when the tokens left to prefill
+        would take more steps at the budget's spare room than the longest running request has
+        left to decode (throughput8k's stream of prompts), large prefill steps are kept.
+        Evaluated every step, so the choice follows the queue."""
+        full = self.max_num_batched_tokens
+        if not self.ride_budget or not self.waiting or not self.running:
+            return full
+        decoding = horizon = 0
+        to_prefill = self.waiting.num_tokens
+        for r in self.running:
+            if r.num_computed_tokens >= r.num_prompt_tokens:
+                decoding += 1
+                horizon = max(horizon, min(r.max_tokens - r.num_output_tokens,
+                                           self.max_model_len - r.num_tokens))
+            else:
+                to_prefill += r.num_tokens - r.num_computed_tokens
+        room = self.ride_budget - decoding
+        if decoding == 0 or room <= 0 or horizon * room < to_prefill:
+            return full
+        return min(full, self.ride_budget)
+
     def schedule(self) -> SchedulerOutput:
-        budget = self.max_num_batched_tokens
+        budget = step_budget = self._step_budget()
         num_scheduled: dict[str, int] = {}
         cached: list[CachedRequestData] = []
         new: list[NewRequestData] = []
@@ -335,7 +365,7 @@ class Scheduler:
                                       num_hit))
 
         out = SchedulerOutput(new_reqs=new, cached_reqs=cached, num_scheduled_tokens=num_scheduled,
-                              total_num_scheduled_tokens=self.max_num_batched_tokens - budget,
+                              total_num_scheduled_tokens=step_budget - budget,
                               finished_req_ids=self._finished_for_runner,
                               kv_connector_metadata=self.connector.build_connector_meta())
         self._finished_for_runner = set()

@@ -50,6 +50,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "until they finish (estimated from max_tokens, learned from finished "
                         "requests); --no-admission-control admits whatever fits now and preempts "
                         "when the cache runs dry, as vLLM")
+    g.add_argument("--ride-budget", type=int, default=None,
+                   help="while running decodes outlast the waiting prompts, steps take at most "
+                        "this many tokens so prompts ride in memory-bound decode steps (default: "
+                        "offline MoE models on CUDA, 3/4 of 128 x experts / experts per token; "
+                        "else 0, off)")
     g.add_argument("--enable-sleep-mode", action="store_true",
                    help="allow sleep/wake_up (server: POST /sleep, POST /wake_up, GET /is_sleeping)")
     g.add_argument("--kv-transfer-config", default=None,
@@ -64,7 +69,7 @@ ENGINE_ARG_NAMES = ("tokenizer", "dtype", "device", "max_model_len", "block_size
                     "load_format", "enforce_eager", "tensor_parallel_size", "attention_backend",
                     "skip_tokenizer_init", "scheduling_policy", "async_scheduling",
                     "enable_sleep_mode", "enable_expert_parallel", "distributed_executor_backend",
-                    "kv_transfer_config", "compilation_config", "admission_control")
+                    "kv_transfer_config", "compilation_config", "admission_control", "ride_budget")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:

@@ -73,7 +73,8 @@ class LLMEngine:
             block_size=cc.block_size, enable_prefix_caching=cc.enable_prefix_caching,
             enable_chunked_prefill=sc.enable_chunked_prefill,
             long_prefill_token_threshold=sc.long_prefill_token_threshold, policy=sc.policy,
-            connector=make_scheduler_connector(config), admission_control=sc.admission_control)
+            connector=make_scheduler_connector(config), admission_control=sc.admission_control,
+            ride_budget=sc.ride_budget)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.memory_plan = plan
         eos = set(config.model.eos_token_ids)
