@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Prompts riding in MoE decode steps (ride_budget, 520d183): same-lease A/B of the engine's
+# default (auto: 384 for Mixtral offline) against --ride-budget 0 (large prefill steps, as
+# before), on the anchors' workloads with the anchors' scheduler limits. One call, ~7 min:
+#   run(command="KVFLOW_COMMIT=<sha> bash benchmarks/ride_device.sh", kind="nvidia-h200",
+#       carry=[".whl"])
+set -uo pipefail
+source "$(dirname "$0")/device_env.sh"
+export KVFLOW_CACHE_DIR=${KVFLOW_CACHE_DIR:-/tmp/kvflow-cache}
+M=${M:-mixtral-8x7b}
+run() {  # $1: auto or a budget, $2: workloads
+  local flag=""; [ "$1" != auto ] && flag="--ride-budget $1"
+  KVFLOW_COMMIT="${KVFLOW_COMMIT:-unknown}-ride$1" python3 -m kvflow.cli --log-level WARNING \
+    bench throughput --model "benchmarks/configs/$M" --workload "$2" --max-model-len 4096 \
+    --dtype bfloat16 --max-num-seqs 1024 --max-num-batched-tokens 16384 $flag \
+    --out "$OUT/ride-ab.jsonl" 2>&1 | tee -a "$OUT/ride-ab.log" | grep -E '"record"|Error|Traceback' | python3 -c "
+import sys, json
+for l in sys.stdin:
+    try: d = json.loads(l)
+    except Exception: print(l.strip()); continue
+    print('ride=$1', d['record'], d.get('workload'), d.get('output_tok_s'), d.get('wall_s'), d.get('llm_constructor_s'), d.get('ride_budget'), d.get('num_preemptions'))"
+}
+for rb in auto 0; do run $rb "${WORKLOADS:-nanovllm,throughput8k}"; done
+for rb in auto 0; do run $rb nanovllm; done
