@@ -34,6 +34,9 @@ def test_default_buckets():
     assert default_token_buckets(64) == [16, 32, 64]
     assert default_token_buckets(48) == [16, 32, 48]
     assert default_token_buckets(8) == [8]
+    # Riding steps hold exactly ride_budget tokens: a bucket of their own, not padded.
+    assert default_token_buckets(16384, 384) == [16, 32, 64, 128, 256, 384, 512]
+    assert default_token_buckets(16384, 1536) == [16, 32, 64, 128, 256, 512]
 
 
 def test_cudagraph_mode_config():

@@ -205,9 +205,11 @@ def _ride_scheduler(ride_budget=50, budget=1000):
 
 
 def test_prompts_ride_decode_steps_while_the_decodes_outlast_them():
-    """With a running decode whose 499 remaining tokens x 49 spare tokens a step cover the
-    waiting prompts, steps take ride_budget tokens; prompts that would outlast it get the
-    full budget, and so does a step with no decode to ride on."""
+    """Steps take ride_budget tokens while every waiting prompt, prefilled in turn in the
+    spare room (49 tokens a step beside one decode), still finishes its output before the
+    running decode's 499 remaining tokens; prompts that would outlast it, or whose own output
+    would (a stream of equal requests), get the full budget, and so does a step with no
+    decode to ride on."""
     rng = random.Random(0)
     s = _ride_scheduler()
     s.add_request(_req("long", 10, max_tokens=500))
@@ -223,7 +225,7 @@ def test_prompts_ride_decode_steps_while_the_decodes_outlast_them():
         assert so.total_num_scheduled_tokens <= 50
         _check_invariants(s)
 
-    # 30 prompts of 1000 tokens: 30000 > 497 steps x (50 - 6 decodes) spare tokens.
+    # 30 prompts of 1000 tokens: the 25th would start after 25000 / 49 > 497 steps.
     big = _ride_scheduler()
     big.add_request(_req("long", 10, max_tokens=500))
     _fake_step(big, rng)
@@ -231,6 +233,18 @@ def test_prompts_ride_decode_steps_while_the_decodes_outlast_them():
         big.add_request(_req(f"q{i}", 1000, seed=i))
     so, _ = _fake_step(big, rng)
     assert so.total_num_scheduled_tokens == 1000
+
+    # Equal requests: a late prompt riding would finish after the running one.
+    equal = _ride_scheduler()
+    equal.add_request(_req("first", 10, max_tokens=8))
+    _fake_step(equal, rng)
+    equal.add_request(_req("second", 10, max_tokens=8, seed=1))
+    assert equal._step_budget() == 1000
+    equal.add_request(_req("shorter", 10, max_tokens=5, seed=2))   # behind it: no difference
+    assert equal._step_budget() == 1000
+    equal.finish_requests(["second"], RequestStatus.FINISHED_ABORTED)
+    assert equal._step_budget() == 50                               # 1 + 5 <= 7 steps left
+    equal.finish_requests(["first", "shorter"], RequestStatus.FINISHED_ABORTED)
 
 
 def test_ride_budget_never_starves_prompts_behind_many_decodes():

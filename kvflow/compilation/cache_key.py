@@ -55,7 +55,6 @@ IGNORED: dict[str, str] = {
     "scheduler.policy": "request ordering (fcfs / priority) only",
     "scheduler.async_scheduling": "overlaps host scheduling with device steps; same forward",
     "scheduler.admission_control": "which requests are admitted when; same forward",
-    "scheduler.ride_budget": "how many tokens a step takes; same forward",
     "max_model_len_explicit": "only decides whether the memory plan may shrink max_model_len",
     # KV transfer moves blocks between steps, outside the forward; the connector's per-layer
     # hooks are called by eager code around the attention op, never traced.
@@ -84,6 +83,7 @@ KEYED: frozenset[str] = frozenset({
     "model.load_format",      # selects the weight format (GGUF may bring quantized layers)
     "cache.block_size", "cache.kv_cache_dtype",
     "scheduler.max_num_seqs", "scheduler.max_num_batched_tokens",  # bound capture sizes
+    "scheduler.ride_budget",  # a capture size of the mixed-step graphs
     "scheduler.max_model_len",
     "parallel.tensor_parallel_size", "parallel.rank",
     "parallel.enable_expert_parallel",   # expert weights' shapes and the expert-id map

@@ -24,9 +24,9 @@ one preempted and the highest-priority waiting one is admitted first.
 """
 from __future__ import annotations
 
-import time
 import bisect
 import itertools
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Iterable, Optional
@@ -258,26 +258,37 @@ class Scheduler:
         Why. A MoE decode step reads every expert's weights whatever its batch, so up to about
         ride_budget tokens (config.default_ride_budget) a step costs the same: prompt tokens
         added to it are nearly free, where a large prefill-only step pays for each one. Riding
-        is worth it only while the decodes outlast the prompts: when the tokens left to prefill
-        would take more steps at the budget's spare room than the longest running request has
-        left to decode (throughput8k's stream of prompts), large prefill steps are kept.
-        Evaluated every step, so the choice follows the queue."""
+        delays prompts, so it is worth it only while that delay costs no steps: every prompt
+        left, prefilled in turn in the budget's spare room, must still finish its output
+        (max_tokens) before the longest running request finishes. Offline batches started
+        longest output first (LLM.generate) pass; a stream of equal requests (throughput8k)
+        does not, and keeps large prefill steps. Evaluated every step: the choice follows the
+        queue."""
         full = self.max_num_batched_tokens
         if not self.ride_budget or not self.waiting or not self.running:
             return full
         decoding = horizon = 0
-        to_prefill = self.waiting.num_tokens
+        prefilling = []
         for r in self.running:
             if r.num_computed_tokens >= r.num_prompt_tokens:
                 decoding += 1
-                horizon = max(horizon, min(r.max_tokens - r.num_output_tokens,
-                                           self.max_model_len - r.num_tokens))
+                horizon = max(horizon, self._tokens_left(r))
             else:
-                to_prefill += r.num_tokens - r.num_computed_tokens
+                prefilling.append(r)
         room = self.ride_budget - decoding
-        if decoding == 0 or room <= 0 or horizon * room < to_prefill:
+        if decoding == 0 or room <= 0:
             return full
+        to_prefill = 0
+        for r in itertools.chain(prefilling, self.waiting):
+            to_prefill += r.num_tokens - r.num_computed_tokens
+            if -(-to_prefill // room) + self._tokens_left(r) > horizon:
+                return full
         return min(full, self.ride_budget)
+
+    def _tokens_left(self, r: Request) -> int:
+        """Output tokens r may still produce (max_tokens is already capped by the prompt's
+        room in max_model_len)."""
+        return r.max_tokens - r.num_output_tokens
 
     def schedule(self) -> SchedulerOutput:
         budget = step_budget = self._step_budget()

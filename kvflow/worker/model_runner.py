@@ -432,7 +432,8 @@ class ModelRunner:
             self.mixed_graphs = MixedGraphs(
                 self.model, self.device, self.max_model_len, self.max_blocks_per_req,
                 self.max_num_reqs,
-                default_token_buckets(self.config.scheduler.max_num_batched_tokens),
+                default_token_buckets(self.config.scheduler.max_num_batched_tokens,
+                                      self.config.scheduler.ride_budget),
                 self.last_sampled, local_is_global=self.local_chunk is not None,
                 num_kv_heads=self.graphs.num_kv_heads)
             self.mixed_graphs.capture(pool=self.graphs.pool)
