@@ -106,7 +106,7 @@ class LLM:
         results = self._run_engine(deque(batch), use_tqdm)
         return [results[rid] for rid in order]
 
-    def _feed(self, pending: deque, done: dict[str, RequestOutput], all_of_it: bool = False) -> int:
+    def _feed(self, pending: deque, done: dict[str, RequestOutput], deep: bool = False) -> int:
         """Enqueue prompts from `pending` until the scheduler has FEED_STEPS steps' worth of
         tokens waiting; returns how many failed (their error outputs go to `done`).
 
@@ -118,11 +118,16 @@ class LLM:
         order until its token budget, max_num_seqs or the KV cache stops it, and a queue two
         budgets deep outlasts the budget unless prefix-cache hits shrink its prompts.
 
-        all_of_it: queue the whole rest (the scheduler weighs all waiting prompts to decide
-        whether they can ride in decode steps)."""
+        deep: queue as deep as the scheduler looks to decide whether prompts ride in decode
+        steps (Scheduler._step_budget): they must all fit in the longest running request's
+        remaining steps (< max_model_len) x ride_budget, so a queue of max_model_len x
+        ride_budget tokens decides as the whole batch would, and a huge batch is still not
+        queued at once."""
         engine = self.llm_engine
-        want = (float("inf") if all_of_it
-                else FEED_STEPS * engine.config.scheduler.max_num_batched_tokens)
+        sc = engine.config.scheduler
+        want = FEED_STEPS * sc.max_num_batched_tokens
+        if deep:
+            want = max(want, engine.max_model_len * sc.ride_budget)
         failed = 0
         while pending and engine.num_waiting_tokens() < want:
             rid, prompt, params = pending.popleft()
@@ -144,11 +149,11 @@ class LLM:
         if use_tqdm and pending:
             from tqdm import tqdm
             bar = tqdm(total=len(pending), desc="Processed prompts", dynamic_ncols=True)
-        # With riding on, the rest of the batch is queued once the first step is under way.
+        # With riding on, the queue deepens once the first step is under way.
         rides, stepped = bool(engine.config.scheduler.ride_budget), False
         try:
             while pending or engine.has_unfinished_requests():
-                failed = self._feed(pending, done, all_of_it=rides and stepped)
+                failed = self._feed(pending, done, deep=rides and stepped)
                 if bar is not None and failed:
                     bar.update(failed)
                 if not engine.has_unfinished_requests():
