@@ -35,6 +35,11 @@ class LLM:
     block_size: KV block size in tokens; None: 64 on CUDA (faster decode attention), 16
     elsewhere (kvflow.config.default_block_size).
 
+    ride_budget: while the running decodes outlast every waiting prompt's output, a step takes
+    at most this many tokens (prompts ride in memory-bound decode steps) and generate() starts
+    the longest outputs first; None: kvflow.config.default_ride_budget (MoE models on CUDA),
+    0: off.
+
     compilation_config (vLLM's name): 3, or {"level": 3}, runs the model forward through
     torch.compile with an on-disk compile cache; 0 runs it eagerly (the default for now; see
     docs/performance.md). enforce_eager=True turns off both torch.compile and CUDA graphs.
