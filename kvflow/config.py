@@ -425,9 +425,10 @@ def default_ride_budget(hf: dict, device: torch.device, usage_context: str) -> i
     """The step size up to which a MoE decode step costs about the same: every expert's
     weights are read once while the rows routed to it fit one row tile, that is while a step's
     tokens x experts_per_token / experts stay within MOE_ROW_TILE; three quarters of that leaves
-    room for uneven routing. Measured on Mixtral-8x7B (8 experts, top 2: 384), nanovllm fed
-    longest output first: 3881 tok/s at 384, 3860 at 448, 3705 at 512, 3787 in order at 16384
-    (benchmarks/results/ridden-s25). 0 (off) for dense models, whose ~200-request decode steps
+    room for uneven routing. Measured on Mixtral-8x7B (8 experts, top 2: 384) nanovllm, H200:
+    4126-4135 tok/s at 384, 4100 at 352, 4003 at 448, 3790 without riding (the engine's
+    policy, benchmarks/results/ride-s26); the client-side probe of session 25 (ridden-s25) had
+    the same order: 384 > 448 > 512 > 320. 0 (off) for dense models, whose ~200-request decode steps
     are already compute-bound (session 19: -7% at 512), off the GPU, and in the server, where
     prompts' time to first token counts."""
     experts = model_num_experts(hf)
