@@ -96,6 +96,7 @@ class StepRecorder:
         self.trace_steps = 0
         self.trace_out = None
         self.trace_decode_b = 0      # > 0: trace from the first decode step of <= this batch
+        self.trace_ridden = False    # trace from the first step with prompt tokens riding
         self._max_b = 0
         self._trace = None
         self._traced = 0
@@ -117,9 +118,14 @@ class StepRecorder:
             if rec.trace_steps and rec._traced < rec.trace_steps:
                 # Decode: once the batch has shrunk to B from above (not the warm-up's one).
                 rec._max_b = max(rec._max_b, len(nsched))
-                start = (rec._max_b > rec.trace_decode_b >= len(nsched)
-                         and so.total_num_scheduled_tokens == len(nsched)
-                         if rec.trace_decode_b else kind == "mixed T>8192")
+                t = so.total_num_scheduled_tokens
+                if rec.trace_decode_b:
+                    start = (rec._max_b > rec.trace_decode_b >= len(nsched)
+                             and t == len(nsched))
+                elif rec.trace_ridden:   # >= 64 decodes, prompt tokens in a <= 512-token step
+                    start = 64 <= len(nsched) < t <= 512
+                else:
+                    start = kind == "mixed T>8192"
                 if rec._trace is None and start:
                     from torch.profiler import ProfilerActivity, profile
                     rec._trace = profile(activities=[ProfilerActivity.CPU,
@@ -295,6 +301,9 @@ def main() -> int:
     p.add_argument("--trace-decode-b", type=int, default=0,
                    help="trace from the first decode-only step of at most this many requests, "
                         "once a step had more, instead (a mid-size decode step's timeline)")
+    p.add_argument("--trace-ridden", action="store_true",
+                   help="trace from the first step of at most 512 tokens with prompt tokens "
+                        "riding beside >= 64 decoding requests, instead")
     p.add_argument("--profile-steps", type=int, default=0,
                    help="kernel profile of this many single steps per kind (large mixed, large "
                         "decode), taken in the timing pass (those steps are not timed)")
@@ -304,6 +313,7 @@ def main() -> int:
     recorder = StepRecorder(args.profile_steps)
     recorder.trace_steps, recorder.trace_out = args.trace_steps, args.trace_out
     recorder.trace_decode_b = args.trace_decode_b
+    recorder.trace_ridden = args.trace_ridden
     recorder.install()
     kw = dict(load_format="dummy", skip_tokenizer_init=True, max_num_seqs=args.max_num_seqs,
               max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size)

@@ -9,6 +9,10 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+import kvflow.kernels.attention as attn_mod  # noqa: E402
 
 from kvflow.attention.backend import AttentionMetadata, AttentionSpec  # noqa: E402
 from kvflow.attention.triton_backend import TritonAttentionBackend  # noqa: E402
@@ -163,6 +167,17 @@ class TestAttention:
         (decode, min_d), (prefill, min_p) = launches
         assert decode.direct and decode.block_q == 1 and min_d == 0   # skips q_len > 1
         assert prefill.block_q > 1 and min_p == 2                      # skips q_len <= 1
+
+    def test_split_decodes_prefill_grid_tight_bound(self, monkeypatch):
+        # The prefill launch's grid is T // BLOCK_Q + T // 2 rows when most request rows are
+        # decodes: here 2-token prefills (the most q-blocks T tokens can make), decodes and
+        # padding over more than one 256-request scan chunk.
+        launches = _record_launches(monkeypatch)
+        q_lens = [1] * 250 + [2] * 20 + [1] * 20 + [37] + [0] * 10
+        seq_lens = [5 + i % 23 for i in range(290)] + [40] + [1] * 10
+        _check_attention(q_lens, seq_lens, 8, 2, 32, 16, torch.float32, split_decodes=True,
+                         max_query_len=64, max_seq_len=256)
+        assert [m for _, m in launches] == [0, 2]
 
     def test_split_decodes_keeps_short_chunk_tiles(self, monkeypatch):
         # Short chunks (8 tokens x QPK 4 fit a 64-row DIRECT tile): one launch serves all.
@@ -491,3 +506,36 @@ class TestGPU:
             torch.cuda.synchronize()
             ref = ref_paged_attention(query, kv_cache[0], kv_cache[1], qsl, sl, bt, D ** -0.5)
             _close(out, ref, torch.bfloat16)
+
+
+@triton.jit
+def _qblock_probe(qsl_ptr, out_ptr, num_reqs, min_q_len, BLOCK_Q: tl.constexpr,
+                  SCAN: tl.constexpr):
+    row = tl.program_id(0)
+    req, q_block = attn_mod._find_qblock(qsl_ptr, num_reqs, row, min_q_len, BLOCK_Q, SCAN)
+    tl.store(out_ptr + 2 * row, req)
+    tl.store(out_ptr + 2 * row + 1, q_block)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("min_q_len,block_q", [(0, 16), (2, 16), (2, 64), (0, 1)])
+def test_dense_qblock_numbering(seed, min_q_len, block_q):
+    # Every q-block of every served request (q_len >= max(1, min_q_len)) gets exactly one grid
+    # row of the host's bound T // BLOCK_Q + P, each request's last q-block first; the rows
+    # after them get none. Scan chunks of 8 requests, so most batches take several.
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 40, (1,), generator=g))
+    q_lens = torch.randint(0, 4, (n,), generator=g)
+    q_lens = torch.where(torch.rand(n, generator=g) < 0.3, q_lens * 17, q_lens)
+    qsl = torch.zeros(n + 1, dtype=torch.int32)
+    qsl[1:] = q_lens.cumsum(0)
+    T = int(qsl[-1])
+    served = [i for i in range(n) if q_lens[i] >= max(1, min_q_len)]
+    rows = max(1, T // block_q + min(n, T // max(1, min_q_len)))
+    out = torch.empty(2 * rows, dtype=torch.int32, device=DEVICE)
+    _qblock_probe[(rows,)](qsl.to(DEVICE), out, n, min_q_len, BLOCK_Q=block_q, SCAN=8)
+    got = out.view(rows, 2).cpu().tolist()
+    want = [[i, b] for i in served for b in reversed(range(-(-int(q_lens[i]) // block_q)))]
+    assert len(want) <= rows
+    assert got[:len(want)] == want
+    assert all(b == -1 for _, b in got[len(want):])

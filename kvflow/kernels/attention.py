@@ -23,11 +23,17 @@ Mapping programs to requests without host data (CUDA-graph safe):
     caller gives none: one compiled variant for both, kernels/decode_order.py); the grid is [KV heads,
     rows, splits], heads fastest, so the programs dispatched together read all heads of the
     same cache slots (KVFLOW_ATTN_HEADS_FIRST=0: [rows, KV heads, splits]).
-  * SEARCH: otherwise request i owns q-blocks starting at
-    start(i) = qsl[i] // BLOCK_Q + i - qsl[0] // BLOCK_Q (strictly increasing in i, leaving room
-    for ceil(q_len_i / BLOCK_Q) blocks), so grid dim 0 = T // BLOCK_Q + num_reqs + 1 is an
-    upper bound and a program binary-searches query_start_loc for its request; programs that
-    land in a gap exit at once. Programs run highest q-block first (heaviest causal work first).
+  * SEARCH: otherwise the q-blocks of the requests this launch serves (q_len >= max(1,
+    min_q_len)) are numbered densely in request order, each request's from its last q-block
+    to its first (under the causal mask the last carries the most KV tiles, so the heavy
+    programs are dispatched first), and grid row w serves q-block w. A program finds its
+    q-block by one vectorised prefix sum over query_start_loc (`_find_qblock`), before the PDL
+    wait: those offsets are the step's input, not the previous kernel's output. The grid rows
+    T // BLOCK_Q + P bound the count for P served requests (P <= num_reqs, and <= T //
+    min_q_len); rows past the last q-block exit at once, without waiting, except row 0 of KV
+    head 0, whose wait keeps the launch from completing before its predecessor. In a
+    mixed-step graph's prefill launch (split_decodes) most of the R >= T request rows are
+    decodes or padding: they get no q-block, and the few real programs run first.
   Actual lengths are always read from query_start_loc / seq_lens; the host ints max_query_len /
   max_seq_len only choose the configuration, so upper bounds (as a graph runner passes) are
   correct. Requests with q_len 0 (padding) do nothing.
@@ -112,17 +118,27 @@ _PREFETCH = envs.attn_prefetch()
 
 
 @triton.jit
-def _find_request(qsl_ptr, num_reqs, pid, base, BLOCK_Q: tl.constexpr):
-    """Largest i in [0, num_reqs) with start(i) = qsl[i] // BLOCK_Q + i - base <= pid, where
-    base = qsl[0] // BLOCK_Q (start(0) == 0)."""
-    lo = tl.full([], 0, tl.int32)          # invariant: start(lo) <= pid
-    hi = tl.full([], 0, tl.int32) + num_reqs
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        ok = tl.load(qsl_ptr + mid) // BLOCK_Q + mid - base <= pid
-        lo = tl.where(ok, mid, lo)
-        hi = tl.where(ok, hi, mid)
-    return lo
+def _find_qblock(qsl_ptr, num_reqs, row, min_q_len, BLOCK_Q: tl.constexpr, SCAN: tl.constexpr):
+    """Grid row -> (request, q-block) under the dense numbering of the module doc: request i
+    owns rows [before_i, before_i + n_i), n_i = cdiv(q_len_i, BLOCK_Q) if q_len_i >= max(1,
+    min_q_len) else 0, its q-blocks from last to first. A row past the last q-block gets
+    (0, -1). query_start_loc is read SCAN requests at a time (one chunk up to SCAN requests)."""
+    lo_len = tl.maximum(min_q_len, 1)
+    req = tl.full([], -1, tl.int32)
+    q_block = tl.full([], -1, tl.int32)
+    before = tl.full([], 0, tl.int32)
+    for c0 in range(0, num_reqs, SCAN):
+        r = c0 + tl.arange(0, SCAN)
+        ok = r < num_reqs
+        first = tl.load(qsl_ptr + r, mask=ok, other=0)
+        q_len = tl.load(qsl_ptr + r + 1, mask=ok, other=0) - first
+        n = tl.where(ok & (q_len >= lo_len), (q_len + BLOCK_Q - 1) // BLOCK_Q, 0)   # [SCAN]
+        end = tl.cumsum(n, 0) + before
+        hit = (end - n <= row) & (row < end)
+        req = tl.maximum(req, tl.max(tl.where(hit, r, -1), 0))
+        q_block = tl.maximum(q_block, tl.max(tl.where(hit, end - 1 - row, -1), 0))
+        before += tl.sum(n, 0)
+    return tl.maximum(req, 0), q_block
 
 
 @triton.jit
@@ -298,20 +314,24 @@ def _attention_kernel(
                                       v_cache_ptr + kv_head * stride_ch,
                                       bt_ptr + p_req.to(tl.int64) * stride_bt, p_t0, pre_ok,
                                       stride_cb, stride_ct, BLOCK_SIZE, BLOCK_N, HEAD, HEAD_PAD)
+    # A program with nothing to do exits before the wait (it reads only the step's inputs up
+    # to here), so it holds no slot while the previous kernel runs; one program always waits,
+    # which keeps this launch from completing before its predecessor.
+    may_skip_wait = (row != 0) | (kv_head != 0) | (seg != 0)
+    if not DIRECT:
+        req, q_block = _find_qblock(qsl_ptr, num_reqs, row, min_q_len, BLOCK_Q, 256)
+        if (q_block < 0) & may_skip_wait:
+            return
+    if PREFETCH:
+        if ((p_qlen == 0) | (p_qlen > BLOCK_Q) | (p_qlen < min_q_len)) & may_skip_wait:
+            return
     # Everything else (the query, the new tokens' K/V) may be written by the previous kernel:
-    # wait, in every program, before any other load and before any early return.
+    # wait, in every program that may read or write anything, before its first such access.
     pdl_wait(USE_PDL)
     pdl_launch_dependents(USE_PDL)
     if DIRECT:
         req = row_req
         q_block = 0
-    else:
-        # Highest q-blocks first: under the causal mask they carry the most KV tiles, so the
-        # last wave holds the cheap ones (less tail imbalance).
-        pid_q = tl.num_programs(0) - 1 - tl.program_id(0)
-        base = tl.load(qsl_ptr) // BLOCK_Q   # qsl[0] > 0 when launched on a slice of requests
-        req = _find_request(qsl_ptr, num_reqs, pid_q, base, BLOCK_Q)
-        q_block = pid_q - (tl.load(qsl_ptr + req) // BLOCK_Q + req - base)
     if PREFETCH:
         # The lengths were read before the wait (same request: DIRECT); reading them again
         # would put one more L2 round trip between the wait and the query load.
@@ -326,7 +346,7 @@ def _attention_kernel(
     # serves: shorter than min_q_len (the prefill launch skips decodes), or longer than a
     # DIRECT q-block (the decode launch skips prefills; never the case otherwise, as DIRECT
     # launches require BLOCK_Q >= every query length).
-    skip = (q_block * BLOCK_Q >= q_len) | (q_len < min_q_len)
+    skip = (q_block < 0) | (q_block * BLOCK_Q >= q_len) | (q_len < min_q_len)
     if DIRECT:
         skip = skip | (q_len > BLOCK_Q)
     if skip:
@@ -597,8 +617,9 @@ def _launch(query, key_cache, value_cache, out, query_start_loc, seq_lens, block
     assert cfg.block_m >= cfg.block_q * triton.next_power_of_2(qpk)
     assert not cfg.direct or cfg.block_q >= max_query_len
     head_pad = triton.next_power_of_2(D)
-    # Search grid: start(i) - start(0) <= (qsl[i] - qsl[0]) // block_q + 1 + i (see module doc).
-    grid0 = B if cfg.direct else num_tokens // cfg.block_q + B + 1
+    # Dense q-blocks (module doc): at most num_tokens // block_q + P for P served requests.
+    served = min(B, num_tokens // max(1, min_q_len))
+    grid0 = B if cfg.direct else max(1, num_tokens // cfg.block_q + served)
     split = cfg.num_splits > 1
     # fp32: 3xTF32 on the tensor cores (about fp32 accuracy); "ieee" would use FMA loops that
     # spill heavily at these tile sizes. Irrelevant for fp16/bf16.
@@ -632,7 +653,10 @@ def _launch(query, key_cache, value_cache, out, query_start_loc, seq_lens, block
             order = dict(order_ptr=request_order, HAS_ORDER=True)
     starts = seq_starts if seq_starts is not None else seq_lens
     # Grid dims y and z are limited to 65535 on CUDA; x is not (rows move there past it).
-    heads_first = cfg.direct and grid0 <= 65535 and envs.attn_heads_first()
+    # The prefill launch of a split_decodes pair too: its few real rows' programs, all heads,
+    # are then dispatched before any gap row's.
+    heads_first = ((cfg.direct or min_q_len > 1) and grid0 <= 65535
+                   and envs.attn_heads_first())
 
     def grid(splits: int) -> tuple[int, int, int]:
         return (KV, grid0, splits) if heads_first else (grid0, KV, splits)
