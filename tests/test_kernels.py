@@ -111,7 +111,7 @@ class TestAttention:
 
     @pytest.mark.parametrize("qpk,block_size", [(1, 16), (2, 32), (4, 16)])
     def test_multi_qblock_search(self, qpk, block_size):
-        # block_q 4 < max_query_len: programs binary-search their request; 16-token KV tiles
+        # block_q 4 < max_query_len: programs take q-blocks by the dense numbering; 16-token KV tiles
         # inside 32-token blocks take the scalar block-table path.
         cfg = AttentionConfig(block_m=16, block_q=4, block_n=16, num_warps=4, num_stages=2,
                               num_splits=1, direct=False)
@@ -202,6 +202,17 @@ class TestAttention:
                          max_query_len=64, max_seq_len=4096, pad_tokens=3)
         _check_attention([1, 1, 0], [30, 9, 0], 4, 2, 32, 16, torch.float32,
                          max_query_len=1, max_seq_len=8192, pad_tokens=2)
+
+    def test_choose_config_small_steps_take_64_row_prefill_tiles(self):
+        # Mixtral's 384-token mixed-step graph (QPK 4, 8 KV heads): 12 q-blocks of 32 x 8
+        # heads cannot fill 132 SMs twice, so 64-row tiles; a 16K-token prefill keeps 128.
+        small = choose_config(384, 384, 32, 8, 128, 384, 4096, torch.bfloat16, num_sms=132)
+        assert (small.block_m, small.block_q, small.direct) == (64, 16, False)
+        big = choose_config(16384, 16, 32, 8, 128, 1024, 4096, torch.bfloat16, num_sms=132)
+        assert (big.block_m, big.block_q) == (128, 32)
+        # Outside the measured case (fp32 here) the tiles are unchanged.
+        fp32 = choose_config(384, 384, 32, 8, 128, 384, 4096, torch.float32, num_sms=132)
+        assert fp32.block_m == 128
 
     def test_choose_config_split_heuristic(self):
         small = choose_config(2, 2, 32, 8, 128, 1, 32768, torch.bfloat16, num_sms=132)

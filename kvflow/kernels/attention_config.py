@@ -140,6 +140,17 @@ GQA_PREFILL_TILE = (128, 64, 4, 2)           # QPK >= 4; 3 stages above GQA_PREF
 GQA_PREFILL_STAGES_Q = 2048
 
 
+# Prefill tiles of a step too small to fill the GPU with 128-row programs (fewer q-blocks x KV
+# heads than two a SM, the residency of the 128 x 64 tile): 64 rows. The prefill launch of a
+# 384-token mixed-step graph (Mixtral-8x7B, QPK 4; benchmarks/mixed_attention_probe.py, H200)
+# took 27.1 / 25.6 / 14.1 us against 45.9 / 41.7 / 21.3 with 128 rows, for a 320 / 184 /
+# 84-token prompt chunk beside 64 / 200 / 300 decodes: its ~100 programs each walk the
+# chunk's whole prefix, so the launch lasts as long as one program, and half the rows halve
+# each tile's work (8 warps on 128 rows: 33.4 / 28.2 / 21.7; split-KV with the fused merge
+# lost 3-6x there).
+SMALL_GRID_BLOCK_M = 64
+
+
 def _prefill_tile(head_pad: int, elem: int, max_query_len: int,
                   qpk_pad: int) -> tuple[int, int, int, int]:
     """(block_m, block_n, num_warps, num_stages) of the prefill tiles, before the shared-memory
@@ -190,6 +201,9 @@ def choose_config(num_tokens: int, num_reqs: int, num_heads: int, num_kv_heads: 
     else:
         block_m, block_n, num_warps, num_stages = _prefill_tile(head_pad, elem, max_query_len,
                                                                 qpk_pad)
+        if (head_pad == 128 and elem == 2 and block_m > SMALL_GRID_BLOCK_M
+                and num_tokens // (block_m // qpk_pad) * num_kv_heads < 2 * num_sms):
+            block_m = SMALL_GRID_BLOCK_M     # a small step: more, shorter programs
         block_m = max(block_m, qpk_pad)
         block_q = block_m // qpk_pad
         direct = block_q >= max_query_len

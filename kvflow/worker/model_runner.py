@@ -521,9 +521,15 @@ class ModelRunner:
         block_q = (prefill_block_q(layer.num_heads, layer.num_kv_heads, layer.head_dim,
                                    self.config.model.dtype) if layer else 128)
         direct_q = min(max(2, block_q), L - 1)
+        # Enough of them that the step fills the GPU: smaller steps take smaller prefill tiles
+        # (attention_config.SMALL_GRID_BLOCK_M), which the mixed shape below compiles.
+        from kvflow.kernels.attention_config import device_limits
+        kv_heads = layer.num_kv_heads if layer else 1
+        n_direct = max(16, -(-2 * device_limits(self.device)[0] // kv_heads))
+        n_direct = max(1, min(n_direct, self.max_num_reqs, max_num_tokens // direct_q))
         shapes = [
             ([chunk], [chunk]),                                       # one long prefill
-            ([direct_q] * 16, None),                                  # short prefills, direct
+            ([direct_q] * n_direct, None),                            # short prefills, direct
             ([direct_q], [L]),                                        # same over a long prefix (split-KV)
             ([min(256, L // 2)], [L]),                                # q-blocked, split-KV
             ([min(512, L - 1)] * max(1, min(8, max_num_tokens // 512)), None),  # many prefills
