@@ -154,7 +154,8 @@ class TestFusedMerge:
     def test_choose_config_fuses_decode_tiles_only(self):
         decode = choose_config(1, 1, 32, 8, 128, 1, 32768, torch.bfloat16, num_sms=132)
         assert decode.num_splits > 1 and decode.fused_merge
-        # 128-row prefill tiles (Llama-3.1-8B's QPK 4) merge in a second kernel.
+        # 128-row prefill tiles (Llama-3.1-8B's QPK 4) merge in a second kernel; a chunk
+        # over a long prefix keeps them, though its step is small (see SMALL_GRID_BLOCK_M).
         prefill = choose_config(256, 1, 32, 8, 128, 2048, 32768, torch.bfloat16, num_sms=132)
         assert prefill.num_splits > 1 and prefill.block_m == 128 and not prefill.fused_merge
         # 64-row prefill tiles (QPK 2, queries of <= 1536 tokens) fuse like decode tiles.

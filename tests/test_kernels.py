@@ -213,6 +213,12 @@ class TestAttention:
         # Outside the measured case (fp32 here) the tiles are unchanged.
         fp32 = choose_config(384, 384, 32, 8, 128, 384, 4096, torch.float32, num_sms=132)
         assert fp32.block_m == 128
+        # A small step whose 128-row tiles split the KV (one chunk over a 32K prefix) keeps
+        # them; without the long prefix it takes 64 rows.
+        long_prefix = choose_config(256, 1, 32, 8, 128, 256, 32768, torch.bfloat16, num_sms=132)
+        assert long_prefix.block_m == 128 and long_prefix.num_splits > 1
+        short = choose_config(256, 1, 32, 8, 128, 256, 256, torch.bfloat16, num_sms=132)
+        assert short.block_m == 64 and short.num_splits == 1
 
     def test_choose_config_split_heuristic(self):
         small = choose_config(2, 2, 32, 8, 128, 1, 32768, torch.bfloat16, num_sms=132)

@@ -7,6 +7,8 @@ measured on an H200, see choose_config):
   heads (GQA_PREFILL_TILE), else 64 x 64 / 4 warps / 2 stages for queries of <= 1024-1536
   tokens (SMALL_PREFILL_TILE); otherwise 128 rows, block_n 128 for D = 128 (else 64), 8 warps,
   3 stages (2 for D > 128): wgmma with cp.async pipelining of the gathered K/V tiles.
+  Steps too small to fill the GPU with 128-row tiles take 64 rows (SMALL_GRID_BLOCK_M) unless
+  the 128-row tiles would split the KV.
   decode-like: block_m max(16, next_pow2(max_q) * QPK_PAD) <= 64, block_n 64 (32 for
   D > 128); 4 warps / 2 stages, one-token decode 2 warps when the grid has >= #SMs programs
   (16-bit, D <= 128), except unsplit grids of 2-3 programs per SM (4).
@@ -147,7 +149,8 @@ GQA_PREFILL_STAGES_Q = 2048
 # 84-token prompt chunk beside 64 / 200 / 300 decodes: its ~100 programs each walk the
 # chunk's whole prefix, so the launch lasts as long as one program, and half the rows halve
 # each tile's work (8 warps on 128 rows: 33.4 / 28.2 / 21.7; split-KV with the fused merge
-# lost 3-6x there).
+# lost 3-6x there). Steps whose 128-row tiles split the KV (a chunk over a long prefix, few
+# requests) keep them: the split shortens each program more than halving its rows.
 SMALL_GRID_BLOCK_M = 64
 
 
@@ -203,7 +206,13 @@ def choose_config(num_tokens: int, num_reqs: int, num_heads: int, num_kv_heads: 
                                                                 qpk_pad)
         if (head_pad == 128 and elem == 2 and block_m > SMALL_GRID_BLOCK_M
                 and num_tokens // (block_m // qpk_pad) * num_kv_heads < 2 * num_sms):
-            block_m = SMALL_GRID_BLOCK_M     # a small step: more, shorter programs
+            # A small step: more, shorter programs -- unless the 128-row tiles would split
+            # the KV (a chunk over a long prefix), which shortens every program more.
+            programs = (num_tokens // (block_m // qpk_pad) + num_reqs) * num_kv_heads
+            splits = num_splits if num_splits is not None else _heuristic_splits(
+                programs, _split_below(False, num_sms), max_seq_len, num_sms)
+            if splits == 1:
+                block_m = SMALL_GRID_BLOCK_M
         block_m = max(block_m, qpk_pad)
         block_q = block_m // qpk_pad
         direct = block_q >= max_query_len
