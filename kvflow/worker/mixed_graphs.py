@@ -66,6 +66,12 @@ def default_token_buckets(max_num_batched_tokens: int, ride_budget: int = 0,
     return sorted(set(out))
 
 
+def scheduler_token_buckets(sc) -> list[int]:
+    """The buckets of a SchedulerConfig: the ones the runner captures and the worker's memory
+    plan reserves for (both call this, so they cannot disagree)."""
+    return default_token_buckets(sc.max_num_batched_tokens, sc.ride_budget)
+
+
 @dataclass
 class _Layout:
     """Offsets of bucket T's inputs in the staging buffer (int64 elements; int32 ones for the

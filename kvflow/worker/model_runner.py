@@ -428,12 +428,11 @@ class ModelRunner:
         self.graphs.capture()
         self.logits_row_buckets = list(self.graphs.buckets)
         if self._mixed_graphs_ok():
-            from kvflow.worker.mixed_graphs import MixedGraphs, default_token_buckets
+            from kvflow.worker.mixed_graphs import MixedGraphs, scheduler_token_buckets
             self.mixed_graphs = MixedGraphs(
                 self.model, self.device, self.max_model_len, self.max_blocks_per_req,
                 self.max_num_reqs,
-                default_token_buckets(self.config.scheduler.max_num_batched_tokens,
-                                      self.config.scheduler.ride_budget),
+                scheduler_token_buckets(self.config.scheduler),
                 self.last_sampled, local_is_global=self.local_chunk is not None,
                 num_kv_heads=self.graphs.num_kv_heads)
             self.mixed_graphs.capture(pool=self.graphs.pool)

@@ -196,9 +196,8 @@ class Worker:
         # Mixed-step graphs share that pool (activations of up to 512 token rows, no logits)
         # and keep one hidden-state output per bucket.
         if self.config.compilation.mixed_graphs:
-            from kvflow.worker.mixed_graphs import default_token_buckets
-            sc = self.config.scheduler
-            buckets = default_token_buckets(sc.max_num_batched_tokens, sc.ride_budget)
+            from kvflow.worker.mixed_graphs import scheduler_token_buckets
+            buckets = scheduler_token_buckets(self.config.scheduler)
             acts = max(acts, buckets[-1] * (4 * mc.hidden_size + 2 * mc.intermediate_size) * 4)
             acts += sum(buckets) * mc.hidden_size * 4
         return logits + acts
