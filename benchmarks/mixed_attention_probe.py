@@ -8,6 +8,8 @@ rows with q_len 0) and times, as CUDA-graph replays, the decode launch as the en
 and the prefill launch under several tile / split-KV configurations. Cases: the shapes of
 Mixtral-8x7B nanovllm's ridden steps (384 tokens: 64 decodes + a 320-token chunk, 200 decodes
 + 184), context lengths drawn as the run has them. One JSON line per (case, launch, config).
+Launch "pair": the whole unified_attention call as the graph makes it (both launches, the
+decode launch longest first).
 """
 from __future__ import annotations
 
@@ -81,6 +83,18 @@ def main() -> int:
                                                             fused_merge=True), 2))
         variants.append(("prefill", dataclasses.replace(pcfg, num_stages=3), 2))
         variants.append(("prefill", dataclasses.replace(pcfg, num_warps=8), 2))
+        # The whole call as the graph makes it: both launches, the decode one longest first.
+        order = torch.argsort(sl, descending=True, stable=True).to(torch.int32)
+
+        def pair():
+            attn.unified_attention(query, kc, vc, qsl, sl, bt, T, 4096, scale, out=out,
+                                   split_decodes=True, request_order=order)
+        us = graph_time_us(pair, reps=10, iters=20)
+        line = json.dumps(dict(T=T, decodes=nd, chunk=T - nd, chunk_ctx=ctx,
+                               kv_tokens=kv_tokens, launch="pair", us=round(us, 2)))
+        print(line, flush=True)
+        if out_f:
+            out_f.write(line + "\n")
         base = None
         for name, cfg, min_q in variants:
             def fn(cfg=cfg, min_q=min_q):
