@@ -1,9 +1,11 @@
-"""One GPU timer for the device tuning scripts (w4a16_tune, moe_tune, skinny_gemm_tune).
+"""One GPU timer for the device tuning scripts (w4a16_tune, moe_tune, skinny_gemm_tune), and
+the JSON-lines output the probes share.
 
 Times are CUDA-graph replays, so launch overhead is excluded as in the decode graphs.
 """
 from __future__ import annotations
 
+import json
 import math
 from typing import Callable, Sequence, Union
 
@@ -43,3 +45,17 @@ def graph_time_us(fns: Union[Callable, Sequence[Callable]], reps: int = 10,
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) * 1000 / (iters * reps * len(fns))
+
+
+def jsonl_emitter(path: str | None) -> Callable[[dict], None]:
+    """emit(record): print it as one JSON line and, with a path, append it there (flushed per
+    line, so a run cut short keeps what it measured)."""
+    out_f = open(path, "a") if path else None
+
+    def emit(rec: dict) -> None:
+        line = json.dumps(rec)
+        print(line, flush=True)
+        if out_f:
+            out_f.write(line + "\n")
+            out_f.flush()
+    return emit

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 
 import torch
 import triton
 
-from graph_timing import graph_time_us
+from graph_timing import graph_time_us, jsonl_emitter
 from kvflow.kernels import attention as attn
 from kvflow.kernels.attention_config import choose_config, device_limits
 
@@ -64,7 +63,7 @@ def main() -> int:
     dev = torch.device("cuda")
     H, KV = args.heads, args.kv_heads
     sms, smem = device_limits(dev)
-    out_f = open(args.out, "a") if args.out else None
+    emit = jsonl_emitter(args.out)
     for T, nd, ctx in ((384, 64, 700), (384, 200, 800), (384, 300, 300)):
         query, kc, vc, qsl, sl, bt, kv_tokens = build(T, nd, ctx, H, KV, dev)
         out = torch.empty_like(query)
@@ -90,11 +89,8 @@ def main() -> int:
             attn.unified_attention(query, kc, vc, qsl, sl, bt, T, 4096, scale, out=out,
                                    split_decodes=True, request_order=order)
         us = graph_time_us(pair, reps=10, iters=20)
-        line = json.dumps(dict(T=T, decodes=nd, chunk=T - nd, chunk_ctx=ctx,
-                               kv_tokens=kv_tokens, launch="pair", us=round(us, 2)))
-        print(line, flush=True)
-        if out_f:
-            out_f.write(line + "\n")
+        emit(dict(T=T, decodes=nd, chunk=T - nd, chunk_ctx=ctx, kv_tokens=kv_tokens,
+                  launch="pair", us=round(us, 2)))
         base = None
         for name, cfg, min_q in variants:
             def fn(cfg=cfg, min_q=min_q):
@@ -118,10 +114,7 @@ def main() -> int:
                        launch=name, block_m=cfg.block_m, block_q=cfg.block_q,
                        block_n=cfg.block_n, warps=cfg.num_warps, stages=cfg.num_stages,
                        splits=cfg.num_splits, us=None if us is None else round(us, 2))
-            line = json.dumps(rec)
-            print(line, flush=True)
-            if out_f:
-                out_f.write(line + "\n")
+            emit(rec)
     return 0
 
 

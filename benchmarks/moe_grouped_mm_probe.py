@@ -14,13 +14,12 @@ session 28)? One JSON line per (tokens, variant).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from graph_timing import graph_time_us
+from graph_timing import graph_time_us, jsonl_emitter
 from kvflow.kernels.fused_moe import fused_moe
 
 E, H, INTER, K = 8, 4096, 14336, 2
@@ -45,7 +44,7 @@ def main() -> int:
     ap.add_argument("--tokens", default="64,128,213,256,384,512,1024")
     args = ap.parse_args()
     dev = torch.device("cuda")
-    out_f = open(args.out, "a") if args.out else None
+    emit = jsonl_emitter(args.out)
     g = torch.Generator(device=dev).manual_seed(0)
     w13 = torch.randn(E, 2 * INTER, H, dtype=torch.bfloat16, device=dev, generator=g) * 0.02
     w2 = torch.randn(E, H, INTER, dtype=torch.bfloat16, device=dev, generator=g) * 0.02
@@ -107,10 +106,7 @@ def main() -> int:
                        rows_per_expert=[int(c) for c in counts], rel_err_vs_fused=round(err, 4))
             if name.endswith("moe"):
                 rec["weight_tb_s"] = round(weight_gb / (us * 1e-6) / 1e3, 2)
-            line = json.dumps(rec)
-            print(line, flush=True)
-            if out_f:
-                out_f.write(line + "\n")
+            emit(rec)
     return 0
 
 

@@ -12,14 +12,13 @@ Each fused variant is checked against the unfused ids. One JSON line per measure
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
 import torch.nn.functional as F
 import triton
 
-from graph_timing import graph_time_us
+from graph_timing import graph_time_us, jsonl_emitter
 from kvflow.kernels import moe_routing as mr
 
 SHAPES = (("mixtral", 8, 4096, 2, "softmax"), ("scout", 16, 5120, 1, "sigmoid"))
@@ -58,13 +57,7 @@ def main() -> int:
     ap.add_argument("--align-only", action="store_true")
     args = ap.parse_args()
     dev = torch.device("cuda")
-    out_f = open(args.out, "a") if args.out else None
-
-    def emit(rec: dict) -> None:
-        line = json.dumps(rec)
-        print(line, flush=True)
-        if out_f:
-            out_f.write(line + "\n")
+    emit = jsonl_emitter(args.out)
 
     for name, e, h, k, scoring in SHAPES:
         w = torch.randn(e, h, dtype=torch.bfloat16, device=dev) * 0.02
