@@ -86,6 +86,14 @@ def _split_below(decode: bool, num_sms: int) -> int:
     return 2 * num_sms if decode else num_sms
 
 
+def _grid_programs(num_tokens: int, num_reqs: int, num_kv_heads: int, block_q: int,
+                   direct: bool) -> int:
+    """Programs of a launch before any KV split (at least 1): a q-block per request (DIRECT),
+    else the SEARCH grid's bound T // BLOCK_Q + requests, times the KV heads."""
+    n_qblocks = num_reqs if direct else num_tokens // block_q + num_reqs
+    return max(1, n_qblocks * num_kv_heads)
+
+
 def _heuristic_splits(programs: int, split_below: int, max_seq_len: int, num_sms: int) -> int:
     """Split-KV segments of a grid of `programs` (q-blocks x KV heads): about two waves of
     >= MIN_SPLIT_TOKENS-token segments when the grid has fewer than split_below programs."""
@@ -208,7 +216,9 @@ def choose_config(num_tokens: int, num_reqs: int, num_heads: int, num_kv_heads: 
                 and num_tokens // (block_m // qpk_pad) * num_kv_heads < 2 * num_sms):
             # A small step: more, shorter programs -- unless the 128-row tiles would split
             # the KV (a chunk over a long prefix), which shortens every program more.
-            programs = (num_tokens // (block_m // qpk_pad) + num_reqs) * num_kv_heads
+            # (Counted as a SEARCH grid, also where the 128-row tile would be DIRECT.)
+            programs = _grid_programs(num_tokens, num_reqs, num_kv_heads, block_m // qpk_pad,
+                                      direct=False)
             splits = num_splits if num_splits is not None else _heuristic_splits(
                 programs, _split_below(False, num_sms), max_seq_len, num_sms)
             if splits == 1:
@@ -231,8 +241,7 @@ def choose_config(num_tokens: int, num_reqs: int, num_heads: int, num_kv_heads: 
         else:
             break
 
-    n_qblocks = num_reqs if direct else num_tokens // block_q + num_reqs
-    programs = max(1, n_qblocks * num_kv_heads)
+    programs = _grid_programs(num_tokens, num_reqs, num_kv_heads, block_q, direct)
     # Decode grids (one query token per request) of one to two programs per SM also split (in
     # two): with about one long program per SM, uneven context lengths leave most SMs idle at
     # the end (32 requests x 8 KV heads: -10 to -19% with 2 splits in the sweep below).
