@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Prompts riding in MoE decode steps (ride_budget, 520d183): same-lease A/B of the engine's
-# default (auto: 384 for Mixtral offline) against --ride-budget 0 (large prefill steps, as
-# before), on the anchors' workloads with the anchors' scheduler limits. One call, ~7 min:
+# Prompts riding in decode steps (ride_budget, 520d183): same-lease A/B of ride budgets on the
+# anchors' workloads with the anchors' scheduler limits, one fresh process per run.
+#   M: config under benchmarks/configs (default mixtral-8x7b); BUDGETS: "auto" (the engine's
+#   default: 384 for Mixtral offline, 0 for dense models) or token counts, run in this order
+#   (default "auto 0 auto 0"); WORKLOADS (default nanovllm). Mixtral's default run is ~7 min:
 #   run(command="KVFLOW_COMMIT=<sha> bash benchmarks/ride_device.sh", kind="nvidia-h200",
 #       carry=[".whl"])
 set -uo pipefail
@@ -18,7 +20,6 @@ import sys, json
 for l in sys.stdin:
     try: d = json.loads(l)
     except Exception: print(l.strip()); continue
-    print('ride=$1', d['record'], d.get('workload'), d.get('output_tok_s'), d.get('wall_s'), d.get('llm_constructor_s'), d.get('ride_budget'), d.get('num_preemptions'))"
+    print('$M ride=$1', d['record'], d.get('workload'), d.get('output_tok_s'), d.get('wall_s'), d.get('llm_constructor_s'), d.get('ride_budget'), d.get('num_preemptions'))"
 }
-for rb in auto 0; do run $rb "${WORKLOADS:-nanovllm,throughput8k}"; done
-for rb in auto 0; do run $rb nanovllm; done
+for rb in ${BUDGETS:-auto 0 auto 0}; do run "$rb" "${WORKLOADS:-nanovllm}"; done

@@ -421,20 +421,34 @@ def default_scheduler_limits(device: torch.device, usage_context: str = "llm") -
 MOE_ROW_TILE = 128
 
 
+# Tokens a step of a dense model takes while prompts ride in its decodes. A bf16 product
+# reads 2 bytes and does 2 FLOPs per weight per row, so whatever the model its products stay
+# bound by the weight read up to about FLOP rate / bandwidth rows (~160 on an H200 at the
+# ~700 TFLOP/s and ~4.3 TB/s that cuBLAS and a copy reach); riding fills that room in the
+# decode steps that have it. The budget is the measured best, a power of two (a mixed-step graph
+# bucket already): Llama-3.1-8B nanovllm on the H200 read 10732-10772 tok/s at 256, 10749 at
+# 384, 10690-10694 at 512, 10546-10558 at 192, 10427-10431 at 128 and 10395-10410 without
+# riding (benchmarks/results/ride-s29).
+DENSE_RIDE_BUDGET = 256
+
+
 def default_ride_budget(hf: dict, device: torch.device, usage_context: str) -> int:
-    """The step size up to which a MoE decode step costs about the same: every expert's
-    weights are read once while the rows routed to it fit one row tile, that is while a step's
-    tokens x experts_per_token / experts stay within MOE_ROW_TILE; three quarters of that leaves
-    room for uneven routing. Measured on Mixtral-8x7B (8 experts, top 2: 384) nanovllm, H200:
-    4126-4135 tok/s at 384, 4100 at 352, 4003 at 448, 3790 without riding (the engine's
-    policy, benchmarks/results/ride-s26); the client-side probe of session 25 (ridden-s25) had
-    the same order: 384 > 448 > 512 > 320. 0 (off) for dense models, whose ~200-request decode steps
-    are already compute-bound (session 19: -7% at 512), off the GPU, and in the server, where
-    prompts' time to first token counts."""
+    """Offline on CUDA, the step size up to which a decode step costs about the same, so that
+    prompt tokens added to it are nearly free; 0 (off) off the GPU and in the server, where
+    prompts' time to first token counts.
+
+    MoE: every expert's weights are read once while the rows routed to it fit one row tile,
+    that is while a step's tokens x experts_per_token / experts stay within MOE_ROW_TILE; three
+    quarters of that leaves room for uneven routing. Measured on Mixtral-8x7B (8 experts, top 2:
+    384) nanovllm, H200: 4126-4135 tok/s at 384, 4100 at 352, 4003 at 448, 3790 without riding
+    (benchmarks/results/ride-s26); the client-side probe of session 25 (ridden-s25) had the same
+    order: 384 > 448 > 512 > 320. Dense: DENSE_RIDE_BUDGET."""
+    if device.type != "cuda" or usage_context != "llm":
+        return 0
     experts = model_num_experts(hf)
     top_k = int(hf.get("num_experts_per_tok") or 0)
-    if not experts or not top_k or device.type != "cuda" or usage_context != "llm":
-        return 0
+    if not experts or not top_k:
+        return DENSE_RIDE_BUDGET
     return MOE_ROW_TILE * experts // top_k * 3 // 4
 
 
@@ -516,13 +530,15 @@ def create_engine_config(model: Optional[str] = None, *, tokenizer: Optional[str
     if max_num_batched_tokens is None:
         max_num_batched_tokens = (default_tokens if enable_chunked_prefill
                                   else max(default_tokens, mcfg.max_model_len))
+    if ride_budget is None:  # prompts ride in pieces: not without chunked prefill
+        ride_budget = (default_ride_budget(mcfg.hf_config, dev, usage_context)
+                       if enable_chunked_prefill else 0)
     sched = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                             max_model_len=mcfg.max_model_len,
                             enable_chunked_prefill=bool(enable_chunked_prefill),
                             policy=scheduling_policy,
                             admission_control=bool(admission_control),
-                            ride_budget=(default_ride_budget(mcfg.hf_config, dev, usage_context)
-                                         if ride_budget is None else ride_budget),
+                            ride_budget=ride_budget,
                             async_scheduling=(dev.type == "cuda") if async_scheduling is None
                             else bool(async_scheduling))
     par = ParallelConfig(tensor_parallel_size=tensor_parallel_size,

@@ -473,21 +473,37 @@ def test_lm_head_rows_padded_to_graph_sizes(tiny_llama, reference, make_llm):
                 assert abs(x[t].logprob - y[t].logprob) < 1e-5
 
 
-def test_default_ride_budget_is_moe_offline_cuda_only():
+def test_default_ride_budget_is_offline_cuda_only():
     """3/4 of a 128-row tile x experts / experts per token for MoE models offline on CUDA
-    (Mixtral's 8 experts, top 2: 384); 0 for dense models, off the GPU and in the server."""
-    from kvflow.config import SchedulerConfig, default_ride_budget
+    (Mixtral's 8 experts, top 2: 384), DENSE_RIDE_BUDGET for dense ones; 0 off the GPU and in
+    the server."""
+    from kvflow.config import DENSE_RIDE_BUDGET, SchedulerConfig, default_ride_budget
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     mixtral = {"num_local_experts": 8, "num_experts_per_tok": 2}
     assert default_ride_budget(mixtral, cuda, "llm") == 384
     assert default_ride_budget({"num_experts": 128, "num_experts_per_tok": 8}, cuda, "llm") == 1536
-    assert default_ride_budget({}, cuda, "llm") == 0
-    assert default_ride_budget(mixtral, cpu, "llm") == 0
-    assert default_ride_budget(mixtral, cuda, "server") == 0
+    assert default_ride_budget({}, cuda, "llm") == DENSE_RIDE_BUDGET == 256
+    for hf in (mixtral, {}):
+        assert default_ride_budget(hf, cpu, "llm") == 0
+        assert default_ride_budget(hf, cuda, "server") == 0
     with pytest.raises(ValueError, match="ride_budget"):
         SchedulerConfig(ride_budget=-1)
     with pytest.raises(ValueError, match="ride_budget"):
         SchedulerConfig(ride_budget=8, enable_chunked_prefill=False, max_num_batched_tokens=4096)
+
+
+def test_default_ride_budget_off_without_chunked_prefill(tiny_llama, monkeypatch):
+    """Prompts ride in pieces, so the default gives way when chunked prefill is off (an explicit
+    ride_budget there is still refused); with it on, the default stands."""
+    import kvflow.config as config
+    monkeypatch.setattr(config, "default_ride_budget", lambda hf, dev, usage: 384)
+    path = tiny_llama[1]
+    assert config.create_engine_config(path, device="cpu").scheduler.ride_budget == 384
+    off = config.create_engine_config(path, device="cpu", enable_chunked_prefill=False)
+    assert off.scheduler.ride_budget == 0 and not off.scheduler.enable_chunked_prefill
+    with pytest.raises(ValueError, match="ride_budget"):
+        config.create_engine_config(path, device="cpu", enable_chunked_prefill=False,
+                                    ride_budget=384)
 
 
 def test_riding_generate_starts_longest_outputs_first_same_outputs(tiny_llama, make_llm,

@@ -255,9 +255,10 @@ class Scheduler:
         """This step's token budget: ride_budget while prompts can ride in the running
         decodes' steps, else max_num_batched_tokens.
 
-        Why. A MoE decode step reads every expert's weights whatever its batch, so up to about
-        ride_budget tokens (config.default_ride_budget) a step costs the same: prompt tokens
-        added to it are nearly free, where a large prefill-only step pays for each one. Riding
+        Why. A decode step reads all its weights whatever its batch (a MoE step every expert's),
+        so up to about ride_budget tokens (config.default_ride_budget) a step costs the same:
+        prompt tokens added to it are nearly free, where a large prefill-only step pays for
+        each one. Riding
         delays prompts, so it is worth it only while that delay costs no steps: every prompt
         left, prefilled in turn in the budget's spare room, must still finish its output
         (max_tokens) before the longest running request finishes. Offline batches started
