@@ -38,7 +38,7 @@ class LLM:
     ride_budget: while the running decodes outlast every waiting prompt's output, a step takes
     at most this many tokens (prompts ride in memory-bound decode steps) and generate() starts
     the longest outputs first; None: kvflow.config.default_ride_budget (on CUDA with
-    chunked prefill: 384 for Mixtral-8x7B, 256 for dense models), 0: off.
+    chunked prefill: 384 for Mixtral-8x7B, 256 for dense models of 2B+ parameters), 0: off.
 
     compilation_config (vLLM's name): 3, or {"level": 3}, runs the model forward through
     torch.compile with an on-disk compile cache; 0 runs it eagerly (the default for now; see

@@ -475,15 +475,25 @@ def test_lm_head_rows_padded_to_graph_sizes(tiny_llama, reference, make_llm):
 
 def test_default_ride_budget_is_offline_cuda_only():
     """3/4 of a 128-row tile x experts / experts per token for MoE models offline on CUDA
-    (Mixtral's 8 experts, top 2: 384), DENSE_RIDE_BUDGET for dense ones; 0 off the GPU and in
+    (Mixtral's 8 experts, top 2: 384), DENSE_RIDE_BUDGET for dense ones from 2B parameters in
+    their products (Llama-3.1-8B's sizes: 7.0B; Qwen3-0.6B's: 0.44B); 0 off the GPU and in
     the server."""
-    from kvflow.config import DENSE_RIDE_BUDGET, SchedulerConfig, default_ride_budget
+    from kvflow.config import (DENSE_RIDE_BUDGET, SchedulerConfig, default_ride_budget,
+                               layer_product_params)
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     mixtral = {"num_local_experts": 8, "num_experts_per_tok": 2}
+    llama8b = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+               "num_attention_heads": 32, "num_key_value_heads": 8}
+    qwen06b = {"hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
+               "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128}
+    assert layer_product_params(llama8b) == 6_979_321_856
+    assert layer_product_params(qwen06b) == 440_401_920
     assert default_ride_budget(mixtral, cuda, "llm") == 384
     assert default_ride_budget({"num_experts": 128, "num_experts_per_tok": 8}, cuda, "llm") == 1536
-    assert default_ride_budget({}, cuda, "llm") == DENSE_RIDE_BUDGET == 256
-    for hf in (mixtral, {}):
+    assert default_ride_budget(llama8b, cuda, "llm") == DENSE_RIDE_BUDGET == 256
+    assert default_ride_budget(qwen06b, cuda, "llm") == 0
+    assert default_ride_budget({}, cuda, "llm") == 0          # sizes unknown
+    for hf in (mixtral, llama8b):
         assert default_ride_budget(hf, cpu, "llm") == 0
         assert default_ride_budget(hf, cuda, "server") == 0
     with pytest.raises(ValueError, match="ride_budget"):

@@ -54,7 +54,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="while running decodes outlast the waiting prompts, steps take at most "
                         "this many tokens so prompts ride in memory-bound decode steps (default: "
                         "offline on CUDA with chunked prefill, 3/4 of 128 x experts / experts per "
-                        "token for MoE models and 256 for dense ones; else 0, off)")
+                        "token for MoE models and 256 for dense ones of 2B+ parameters; "
+                        "else 0, off)")
     g.add_argument("--enable-sleep-mode", action="store_true",
                    help="allow sleep/wake_up (server: POST /sleep, POST /wake_up, GET /is_sleeping)")
     g.add_argument("--kv-transfer-config", default=None,
