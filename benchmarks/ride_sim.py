@@ -1,0 +1,115 @@
+"""Llama-3.1-8B nanovllm schedules under ride budgets, on the scheduler alone (CPU).
+
+    python3 benchmarks/ride_sim.py [--budgets 0,256,384] [--predicted-room]
+
+Drives kvflow's Scheduler (admission control on, the H200's 864K-token cache in 64-token
+blocks, requests fed longest max_tokens first when riding, as LLM.generate does) and prices
+each step with what session 21 measured on the H200: the products of a step of N rows
+(`PRODUCT_MS`, cuBLAS, interpolated; 20.7 us a row past 1000), its KV reads at 4.0 TB/s and
+0.35 ms for the rest. Unlike admission_sim.py's flat per-request cost, this ranks step budgets:
+it put 0 / 128 / 192 / 256 / 384 / 512 at 12.73 / 12.69 / 12.52 / 12.07 / 11.94 / 12.04 s,
+where the H200 read 12.88 / 12.84 / 12.69 / 12.45 / 12.46 / 12.53 s (session 29: the right
+order, ~60% of the gain). It prints how many steps hold fewer rows than the ~160 up to which
+a step's products cost its weight read: the room riding leaves unused.
+
+--predicted-room replaces Scheduler._step_budget's check with one that lets the room of
+future steps grow as running decodes finish (their tokens left are known) instead of holding
+it at this step's: at 256 the model gained ~1% (11.95 s), at 384 nothing. Not built.
+"""
+from __future__ import annotations
+
+import argparse
+import bisect
+import itertools
+
+import numpy as np
+
+from admission_sim import anchors, fake_output
+from kvflow.core.scheduler import Scheduler
+from kvflow.request import Request
+
+PRODUCT_ROWS = [1, 32, 64, 128, 200, 256, 512, 1000]
+PRODUCT_MS = [4.25, 4.29, 4.39, 4.60, 5.28, 6.21, 10.61, 20.71]
+KV_BYTES = 131072           # per token
+WEIGHT_BOUND_ROWS = 160
+
+
+def step_ms(tokens: int, kv_tokens: int) -> float:
+    products = (float(np.interp(tokens, PRODUCT_ROWS, PRODUCT_MS)) if tokens <= 1000
+                else tokens * 0.0207)
+    return products + kv_tokens * KV_BYTES / 4.0e9 + 0.35
+
+
+def simulate(ride_budget: int) -> dict:
+    reqs, out = anchors("nanovllm")
+    s = Scheduler(max_num_seqs=1024, max_num_batched_tokens=16384, max_model_len=4096,
+                  num_blocks=864768 // 64, block_size=64, enable_prefix_caching=True,
+                  admission_control=True, ride_budget=ride_budget)
+    items = list(reqs.items())
+    if ride_budget:
+        items.sort(key=lambda kv: -kv[1][1].max_tokens)
+    for rid, (prompt, sp) in items:
+        s.add_request(Request(rid, prompt, sp, max_model_len=4096))
+    ms, rows = 0.0, []
+    while s.has_unfinished_requests():
+        so = s.schedule()
+        kv = sum(s.requests[r].num_computed_tokens for r in so.num_scheduled_tokens)
+        ms += step_ms(so.total_num_scheduled_tokens, kv)
+        rows.append(so.total_num_scheduled_tokens)
+        s.update_from_output(so, fake_output(s, so))
+    big = [i for i, n in enumerate(rows) if n > ride_budget] if ride_budget else []
+    return dict(model_s=round(ms / 1e3, 2), tok_s=round(out / ms * 1e3), steps=len(rows),
+                steps_under_weight_bound=sum(n < WEIGHT_BOUND_ROWS for n in rows),
+                full_budget_steps=big[:12])
+
+
+def predicted_room_budget(self: Scheduler) -> int:
+    """_step_budget with future room = ride_budget - decodes still running then."""
+    full = self.max_num_batched_tokens
+    if not self.ride_budget or not self.waiting or not self.running:
+        return full
+    ends, prefilling = [], []
+    for r in self.running:
+        if r.num_computed_tokens >= r.num_prompt_tokens:
+            ends.append(self._tokens_left(r))
+        else:
+            prefilling.append(r)
+    if not ends:
+        return full
+    horizon = max(ends)
+    ends.sort()
+    t = done = 0                # a future step; decodes finished by then
+    for r in itertools.chain(prefilling, self.waiting):
+        need = r.num_tokens - r.num_computed_tokens
+        while need > 0:
+            while done < len(ends) and ends[done] <= t:
+                done += 1
+            room = self.ride_budget - (len(ends) - done)
+            if room <= 0:
+                if done == len(ends):
+                    return full
+                t = ends[done]
+                continue
+            until_next_end = ends[done] - t if done < len(ends) else need
+            steps = min(-(-need // room), until_next_end)
+            need -= steps * room
+            t += steps
+        if t + self._tokens_left(r) > horizon:
+            return full
+        bisect.insort(ends, t + self._tokens_left(r))
+    return min(full, self.ride_budget)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budgets", default="0,128,192,256,384,512")
+    ap.add_argument("--predicted-room", action="store_true")
+    args = ap.parse_args()
+    if args.predicted_room:
+        Scheduler._step_budget = predicted_room_budget
+    for b in (int(x) for x in args.budgets.split(",")):
+        print(f"ride_budget {b}: {simulate(b)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
