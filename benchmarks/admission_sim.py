@@ -15,7 +15,8 @@ Per step it counts the tokens computed (recomputed prompts included) and the req
 the model-seconds are only as good as the cost model: they rank admission policies, they are not
 times. They do not rank step budgets or request orders: their flat per-request decode cost makes
 prompt tokens that ride in decode steps look free, and the H200 disagreed (session 19,
-benchmarks/order_probe.py).
+benchmarks/order_probe.py). benchmarks/ride_sim.py prices steps by measured product times and
+does rank ride budgets.
 """
 from __future__ import annotations
 
