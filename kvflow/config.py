@@ -433,7 +433,7 @@ DENSE_RIDE_BUDGET = 256
 # ...for models with at least this many parameters in their layers' products. A ridden prompt
 # token saves what it would cost in a prefill step, which grows with the model, while what a
 # mixed step adds (a second attention launch a layer, the prompt's chunks re-reading their
-# prefix) does not shrink with it. Llama-3.1-8B (7.0B) gained 3.4%; Qwen3-0.6B (0.4B), whose
+# prefix) does not shrink with it. Llama-3.1-8B (7.0B) gained 3.5%; Qwen3-0.6B (0.4B), whose
 # decode steps are mostly attention and launches, read ~1% lower with riding (26496-26877
 # against 26565-27400 tok/s, six processes each). Sizes in between are not measured.
 DENSE_RIDE_MIN_PARAMS = 2 * 10**9

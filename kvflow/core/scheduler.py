@@ -258,13 +258,12 @@ class Scheduler:
         Why. A decode step reads all its weights whatever its batch (a MoE step every expert's),
         so up to about ride_budget tokens (config.default_ride_budget) a step costs the same:
         prompt tokens added to it are nearly free, where a large prefill-only step pays for
-        each one. Riding
-        delays prompts, so it is worth it only while that delay costs no steps: every prompt
-        left, prefilled in turn in the budget's spare room, must still finish its output
-        (max_tokens) before the longest running request finishes. Offline batches started
-        longest output first (LLM.generate) pass; a stream of equal requests (throughput8k)
-        does not, and keeps large prefill steps. Evaluated every step: the choice follows the
-        queue."""
+        each one. Riding delays prompts, so it is worth it only while that delay costs no
+        steps: every prompt left, prefilled in turn in the budget's spare room, must still
+        finish its output (max_tokens) before the longest running request finishes. Offline
+        batches started longest output first (LLM.generate) pass; a stream of equal requests
+        (throughput8k) does not, and keeps large prefill steps. Evaluated every step: the
+        choice follows the queue."""
         full = self.max_num_batched_tokens
         if not self.ride_budget or not self.waiting or not self.running:
             return full
