@@ -430,30 +430,17 @@ MOE_ROW_TILE = 128
 # 384, 10690-10694 at 512, 10546-10558 at 192, 10427-10431 at 128 and 10395-10410 without
 # riding (benchmarks/results/ride-s29).
 DENSE_RIDE_BUDGET = 256
-# ...for models with at least this many parameters in their layers' products. A ridden prompt
-# token saves what it would cost in a prefill step, which grows with the model, while what a
-# mixed step adds (a second attention launch a layer, the prompt's chunks re-reading their
-# prefix) does not shrink with it. Llama-3.1-8B (7.0B) gained 3.5%; Qwen3-0.6B (0.4B), whose
-# decode steps are mostly attention and launches, read ~1% lower with riding (26496-26877
-# against 26565-27400 tok/s, six processes each). Sizes in between are not measured.
+# ...for models with at least this many parameters in their layers' products
+# (ModelConfig.layer_product_params). A ridden prompt token saves what it would cost in a
+# prefill step, which grows with the model, while what a mixed step adds (a second attention
+# launch a layer, the prompt's chunks re-reading their prefix) does not shrink with it.
+# Llama-3.1-8B (7.0B) gained 3.5%; Qwen3-0.6B (0.4B), whose decode steps are mostly attention
+# and launches, read ~1% lower with riding (26496-26877 against 26565-27400 tok/s, six
+# processes each). Sizes in between are not measured.
 DENSE_RIDE_MIN_PARAMS = 2 * 10**9
 
 
-def layer_product_params(hf: dict) -> int:
-    """Weights of a dense model's per-layer products (q/k/v/o and the gated MLP), summed over
-    its layers; 0 when config.json lacks the sizes."""
-    h = int(hf.get("hidden_size") or 0)
-    heads = int(hf.get("num_attention_heads") or 0)
-    if not h or not heads:
-        return 0
-    head_dim = int(hf.get("head_dim") or h // heads)
-    kv_heads = int(hf.get("num_key_value_heads") or heads)
-    q, kv = heads * head_dim, kv_heads * head_dim
-    per_layer = h * (q + 2 * kv) + q * h + 3 * h * int(hf.get("intermediate_size") or 0)
-    return per_layer * int(hf.get("num_hidden_layers") or 0)
-
-
-def default_ride_budget(hf: dict, device: torch.device, usage_context: str) -> int:
+def default_ride_budget(m: ModelConfig, device: torch.device, usage_context: str) -> int:
     """Offline on CUDA, the step size up to which a decode step costs about the same, so that
     prompt tokens added to it are nearly free; 0 (off) off the GPU and in the server, where
     prompts' time to first token counts.
@@ -466,11 +453,11 @@ def default_ride_budget(hf: dict, device: torch.device, usage_context: str) -> i
     order: 384 > 448 > 512 > 320. Dense: DENSE_RIDE_BUDGET from DENSE_RIDE_MIN_PARAMS up."""
     if device.type != "cuda" or usage_context != "llm":
         return 0
-    experts = model_num_experts(hf)
-    top_k = int(hf.get("num_experts_per_tok") or 0)
+    experts = model_num_experts(m.hf_config)
+    top_k = int(m.hf_config.get("num_experts_per_tok") or 0)
     if experts and top_k:
         return MOE_ROW_TILE * experts // top_k * 3 // 4
-    return DENSE_RIDE_BUDGET if layer_product_params(hf) >= DENSE_RIDE_MIN_PARAMS else 0
+    return DENSE_RIDE_BUDGET if m.layer_product_params >= DENSE_RIDE_MIN_PARAMS else 0
 
 
 def _check_tensor_parallel(m: ModelConfig, dev: torch.device, tp: int, backend: str) -> None:
@@ -552,7 +539,7 @@ def create_engine_config(model: Optional[str] = None, *, tokenizer: Optional[str
         max_num_batched_tokens = (default_tokens if enable_chunked_prefill
                                   else max(default_tokens, mcfg.max_model_len))
     if ride_budget is None:  # prompts ride in pieces: not without chunked prefill
-        ride_budget = (default_ride_budget(mcfg.hf_config, dev, usage_context)
+        ride_budget = (default_ride_budget(mcfg, dev, usage_context)
                        if enable_chunked_prefill else 0)
     sched = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                             max_model_len=mcfg.max_model_len,

@@ -67,6 +67,14 @@ class ModelConfig:
     def kv_size(self) -> int:
         return self.num_key_value_heads * self.head_dim
 
+    @property
+    def layer_product_params(self) -> int:
+        """Weights of the layers' dense products (q/k/v/o and a gated MLP), all layers."""
+        h = self.hidden_size
+        per_layer = (h * (self.q_size + 2 * self.kv_size) + self.q_size * h
+                     + 3 * h * self.intermediate_size)
+        return per_layer * self.num_hidden_layers
+
 
 def read_hf_config(model_dir: str) -> dict:
     path = os.path.join(model_dir, "config.json")

@@ -473,29 +473,35 @@ def test_lm_head_rows_padded_to_graph_sizes(tiny_llama, reference, make_llm):
                 assert abs(x[t].logprob - y[t].logprob) < 1e-5
 
 
-def test_default_ride_budget_is_offline_cuda_only():
+def test_default_ride_budget_is_offline_cuda_only(tiny_llama):
     """3/4 of a 128-row tile x experts / experts per token for MoE models offline on CUDA
     (Mixtral's 8 experts, top 2: 384), DENSE_RIDE_BUDGET for dense ones from 2B parameters in
     their products (Llama-3.1-8B's sizes: 7.0B; Qwen3-0.6B's: 0.44B); 0 off the GPU and in
     the server."""
-    from kvflow.config import (DENSE_RIDE_BUDGET, SchedulerConfig, default_ride_budget,
-                               layer_product_params)
+    import dataclasses
+    from kvflow.config import (DENSE_RIDE_BUDGET, SchedulerConfig, create_engine_config,
+                               default_ride_budget)
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    mixtral = {"num_local_experts": 8, "num_experts_per_tok": 2}
-    llama8b = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-               "num_attention_heads": 32, "num_key_value_heads": 8}
-    qwen06b = {"hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28,
-               "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128}
-    assert layer_product_params(llama8b) == 6_979_321_856
-    assert layer_product_params(qwen06b) == 440_401_920
+    tiny = create_engine_config(tiny_llama[1], device="cpu").model
+
+    def model(hf=None, **sizes):
+        return dataclasses.replace(tiny, hf_config=hf or {}, **sizes)
+    mixtral = model({"num_local_experts": 8, "num_experts_per_tok": 2})
+    llama8b = model(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, head_dim=128)
+    qwen06b = model(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                    num_attention_heads=16, num_key_value_heads=8, head_dim=128)
+    assert llama8b.layer_product_params == 6_979_321_856
+    assert qwen06b.layer_product_params == 440_401_920
     assert default_ride_budget(mixtral, cuda, "llm") == 384
-    assert default_ride_budget({"num_experts": 128, "num_experts_per_tok": 8}, cuda, "llm") == 1536
+    assert default_ride_budget(model({"num_experts": 128, "num_experts_per_tok": 8}),
+                               cuda, "llm") == 1536
     assert default_ride_budget(llama8b, cuda, "llm") == DENSE_RIDE_BUDGET == 256
     assert default_ride_budget(qwen06b, cuda, "llm") == 0
-    assert default_ride_budget({}, cuda, "llm") == 0          # sizes unknown
-    for hf in (mixtral, llama8b):
-        assert default_ride_budget(hf, cpu, "llm") == 0
-        assert default_ride_budget(hf, cuda, "server") == 0
+    assert default_ride_budget(tiny, cuda, "llm") == 0
+    for m in (mixtral, llama8b):
+        assert default_ride_budget(m, cpu, "llm") == 0
+        assert default_ride_budget(m, cuda, "server") == 0
     with pytest.raises(ValueError, match="ride_budget"):
         SchedulerConfig(ride_budget=-1)
     with pytest.raises(ValueError, match="ride_budget"):
@@ -506,7 +512,7 @@ def test_default_ride_budget_off_without_chunked_prefill(tiny_llama, monkeypatch
     """Prompts ride in pieces, so the default gives way when chunked prefill is off (an explicit
     ride_budget there is still refused); with it on, the default stands."""
     import kvflow.config as config
-    monkeypatch.setattr(config, "default_ride_budget", lambda hf, dev, usage: 384)
+    monkeypatch.setattr(config, "default_ride_budget", lambda m, dev, usage: 384)
     path = tiny_llama[1]
     assert config.create_engine_config(path, device="cpu").scheduler.ride_budget == 384
     off = config.create_engine_config(path, device="cpu", enable_chunked_prefill=False)
