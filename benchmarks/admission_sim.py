@@ -56,11 +56,17 @@ def fake_output(s: Scheduler, so, stop_at: dict | None = None) -> RunnerOutput:
 
 
 def simulate(requests, cost, *, cap_tokens, block_size, max_num_seqs, budget, admission,
-             stop_at=None):
+             stop_at=None, ride_budget=0, step_tokens=None):
+    """ride_budget: the scheduler's, with the requests added longest max_tokens first as
+    LLM.generate does then. step_tokens: a list that gets each step's token count."""
     s = Scheduler(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, max_model_len=4096,
                   num_blocks=cap_tokens // block_size, block_size=block_size,
-                  enable_prefix_caching=True, admission_control=admission)
-    for rid, (prompt, sp) in requests.items():
+                  enable_prefix_caching=True, admission_control=admission,
+                  ride_budget=ride_budget)
+    items = list(requests.items())
+    if ride_budget:
+        items.sort(key=lambda kv: -kv[1][1].max_tokens)
+    for rid, (prompt, sp) in items:
         s.add_request(Request(rid, prompt, sp, max_model_len=4096))
     steps = computed = running = 0
     ms = 0.0
@@ -70,6 +76,8 @@ def simulate(requests, cost, *, cap_tokens, block_size, max_num_seqs, budget, ad
         ms += cost(so.total_num_scheduled_tokens, len(so.num_scheduled_tokens), kv)
         steps += 1
         computed += so.total_num_scheduled_tokens
+        if step_tokens is not None:
+            step_tokens.append(so.total_num_scheduled_tokens)
         running += len(s.running)
         s.update_from_output(so, fake_output(s, so, stop_at))
     return dict(steps=steps, preemptions=s.num_preemptions, tokens_computed=computed,

@@ -24,9 +24,8 @@ import itertools
 
 import numpy as np
 
-from admission_sim import anchors, fake_output
+import admission_sim
 from kvflow.core.scheduler import Scheduler
-from kvflow.request import Request
 
 PRODUCT_ROWS = [1, 32, 64, 128, 200, 256, 512, 1000]
 PRODUCT_MS = [4.25, 4.29, 4.39, 4.60, 5.28, 6.21, 10.61, 20.71]
@@ -41,24 +40,14 @@ def step_ms(tokens: int, kv_tokens: int) -> float:
 
 
 def simulate(ride_budget: int) -> dict:
-    reqs, out = anchors("nanovllm")
-    s = Scheduler(max_num_seqs=1024, max_num_batched_tokens=16384, max_model_len=4096,
-                  num_blocks=864768 // 64, block_size=64, enable_prefix_caching=True,
-                  admission_control=True, ride_budget=ride_budget)
-    items = list(reqs.items())
-    if ride_budget:
-        items.sort(key=lambda kv: -kv[1][1].max_tokens)
-    for rid, (prompt, sp) in items:
-        s.add_request(Request(rid, prompt, sp, max_model_len=4096))
-    ms, rows = 0.0, []
-    while s.has_unfinished_requests():
-        so = s.schedule()
-        kv = sum(s.requests[r].num_computed_tokens for r in so.num_scheduled_tokens)
-        ms += step_ms(so.total_num_scheduled_tokens, kv)
-        rows.append(so.total_num_scheduled_tokens)
-        s.update_from_output(so, fake_output(s, so))
+    reqs, out = admission_sim.anchors("nanovllm")
+    rows: list[int] = []
+    r = admission_sim.simulate(reqs, lambda tokens, _reqs, kv: step_ms(tokens, kv),
+                               cap_tokens=864768, block_size=64, max_num_seqs=1024,
+                               budget=16384, admission=True, ride_budget=ride_budget,
+                               step_tokens=rows)
     big = [i for i, n in enumerate(rows) if n > ride_budget] if ride_budget else []
-    return dict(model_s=round(ms / 1e3, 2), tok_s=round(out / ms * 1e3), steps=len(rows),
+    return dict(model_s=r["model_s"], tok_s=round(out / r["model_s"]), steps=r["steps"],
                 steps_under_weight_bound=sum(n < WEIGHT_BOUND_ROWS for n in rows),
                 full_budget_steps=big[:12])
 
