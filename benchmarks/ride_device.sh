@@ -2,8 +2,8 @@
 # Prompts riding in decode steps (ride_budget, 520d183): same-lease A/B of ride budgets on the
 # anchors' workloads with the anchors' scheduler limits, one fresh process per run.
 #   M: config under benchmarks/configs (default mixtral-8x7b); BUDGETS: "auto" (the engine's
-#   default: 384 for Mixtral offline, 0 for dense models) or token counts, run in this order
-#   (default "auto 0 auto 0"); WORKLOADS (default nanovllm). Mixtral's default run is ~7 min:
+#   offline default: 384 for Mixtral, 256 for dense models of 2B+ parameters, else 0) or
+#   token counts, run in this order (default "auto 0 auto 0"); WORKLOADS (default nanovllm). Mixtral's default run is ~7 min:
 #   run(command="KVFLOW_COMMIT=<sha> bash benchmarks/ride_device.sh", kind="nvidia-h200",
 #       carry=[".whl"])
 set -uo pipefail
