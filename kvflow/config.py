@@ -103,6 +103,9 @@ class SchedulerConfig:
     # While running decodes outlast the waiting prompts, a step takes at most this many tokens
     # so prompts ride in memory-bound decode steps (Scheduler._step_budget; 0 = never).
     ride_budget: int = 0
+    # 0: a riding step takes all of ride_budget; g > 0: the smallest multiple of g (or
+    # ride_budget itself, if smaller) that keeps every waiting prompt on time (paced).
+    ride_granule: int = 0
 
     def __post_init__(self):
         if self.policy not in ("fcfs", "priority"):
@@ -119,6 +122,8 @@ class SchedulerConfig:
             raise _fail("ride_budget", f"must be an integer >= 0, got {self.ride_budget!r}")
         if self.ride_budget and not self.enable_chunked_prefill:
             raise _fail("ride_budget", "needs enable_chunked_prefill (prompts ride in pieces)")
+        if not isinstance(self.ride_granule, int) or self.ride_granule < 0:
+            raise _fail("ride_granule", f"must be an integer >= 0, got {self.ride_granule!r}")
 
 
 # distributed_executor_backend values: "mp" = one worker process per rank on this host (the
@@ -429,7 +434,11 @@ MOE_ROW_TILE = 128
 # bucket already): Llama-3.1-8B nanovllm on the H200 read 10732-10772 tok/s at 256, 10749 at
 # 384, 10690-10694 at 512, 10546-10558 at 192, 10427-10431 at 128 and 10395-10410 without
 # riding (benchmarks/results/ride-s29).
-DENSE_RIDE_BUDGET = 256
+DENSE_RIDE_BUDGET = 512
+# Dense riding steps are paced (Scheduler._step_budget): each takes the smallest multiple of
+# this that keeps every waiting prompt on time. Each multiple up to the budget is a mixed-step
+# graph bucket (worker/mixed_graphs.py).
+DENSE_RIDE_GRANULE = 64
 # ...for models with at least this many parameters in their layers' products
 # (ModelConfig.layer_product_params). A ridden prompt token saves what it would cost in a
 # prefill step, which grows with the model, while what a mixed step adds (a second attention
@@ -458,6 +467,13 @@ def default_ride_budget(m: ModelConfig, device: torch.device, usage_context: str
     if experts and top_k:
         return MOE_ROW_TILE * experts // top_k * 3 // 4
     return DENSE_RIDE_BUDGET if m.layer_product_params >= DENSE_RIDE_MIN_PARAMS else 0
+
+
+def default_ride_granule(m: ModelConfig) -> int:
+    """0 for MoE models (a riding step costs an expert read whatever its rows up to the budget,
+    so it takes the whole budget), DENSE_RIDE_GRANULE for dense ones (past the weight-bound rows
+    each row costs its FLOPs, so a riding step takes only what keeps the prompts on time)."""
+    return 0 if model_num_experts(m.hf_config) else DENSE_RIDE_GRANULE
 
 
 def _check_tensor_parallel(m: ModelConfig, dev: torch.device, tp: int, backend: str) -> None:
@@ -511,7 +527,8 @@ def create_engine_config(model: Optional[str] = None, *, tokenizer: Optional[str
                          distributed_executor_backend: Optional[str] = None,
                          kv_transfer_config: Any = None, compilation_config: Any = None,
                          admission_control: bool = True, usage_context: str = "llm",
-                         ride_budget: Optional[int] = None, **unknown) -> EngineConfig:
+                         ride_budget: Optional[int] = None, ride_granule: Optional[int] = None,
+                         **unknown) -> EngineConfig:
     if unknown:
         raise TypeError(f"unexpected engine arguments: {sorted(unknown)}")
     if load_format not in ("auto", "safetensors", "dummy", "gguf"):
@@ -547,6 +564,8 @@ def create_engine_config(model: Optional[str] = None, *, tokenizer: Optional[str
                             policy=scheduling_policy,
                             admission_control=bool(admission_control),
                             ride_budget=ride_budget,
+                            ride_granule=(default_ride_granule(mcfg) if ride_granule is None
+                                          else ride_granule),
                             async_scheduling=(dev.type == "cuda") if async_scheduling is None
                             else bool(async_scheduling))
     par = ParallelConfig(tensor_parallel_size=tensor_parallel_size,

@@ -198,10 +198,10 @@ def test_priority_needs_priority_policy():
         s.add_request(r)
 
 
-def _ride_scheduler(ride_budget=50, budget=1000):
+def _ride_scheduler(ride_budget=50, budget=1000, ride_granule=0):
     return Scheduler(max_num_seqs=64, max_num_batched_tokens=budget, max_model_len=4096,
                      num_blocks=4096, block_size=16, enable_prefix_caching=False,
-                     ride_budget=ride_budget)
+                     ride_budget=ride_budget, ride_granule=ride_granule)
 
 
 def test_prompts_ride_decode_steps_while_the_decodes_outlast_them():
@@ -258,3 +258,72 @@ def test_ride_budget_never_starves_prompts_behind_many_decodes():
     s.add_request(_req("late", 30, seed=9))
     so, _ = _fake_step(s, rng)
     assert so.num_scheduled_tokens["late"] == 30 and so.total_num_scheduled_tokens == 36
+
+
+def _fixed_rides(s: Scheduler, budget: int) -> bool:
+    """Whether the unpaced rule (a riding step takes all of `budget`) would ride now."""
+    saved = s.ride_budget, s.ride_granule
+    s.ride_budget, s.ride_granule = budget, 0
+    try:
+        return s._step_budget() == min(budget, s.max_num_batched_tokens)
+    finally:
+        s.ride_budget, s.ride_granule = saved
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_paced_riding_takes_the_smallest_step_that_keeps_prompts_on_time(seed):
+    """Paced (ride_granule > 0), a riding step takes the smallest multiple of the granule with
+    which the unpaced rule would ride: every waiting prompt, prefilled in turn in that step's
+    spare room, still finishes its output before the longest running request. Checked on
+    random queues (longest outputs first, as LLM.generate feeds them) through whole runs, which
+    the horizon also bounds: the run takes no more steps than its longest request's prefill and
+    output."""
+    rng = random.Random(seed)
+    g, rb = 8, 96
+    s = _ride_scheduler(ride_budget=rb, budget=2000, ride_granule=g)
+    reqs = [(rng.randint(5, 120), rng.randint(2, 200)) for _ in range(rng.randint(1, 40))]
+    reqs.sort(key=lambda pm: -pm[1])
+    for i, (p, m) in enumerate(reqs):
+        s.add_request(_req(f"r{i}", p, max_tokens=m, seed=i))
+    steps = rides = 0
+    while s.has_unfinished_requests():
+        budget = s._step_budget()
+        decoding = sum(r.num_computed_tokens >= r.num_prompt_tokens for r in s.running)
+        if s.waiting and decoding:
+            smallest = next((b for b in range(g, rb + 1, g) if b > decoding
+                             and _fixed_rides(s, b)), 2000)
+            assert budget == smallest, (steps, decoding)
+        if budget < 2000:
+            assert budget % g == 0 and budget <= rb
+            rides += 1
+        so, _ = _fake_step(s, rng)
+        assert so.total_num_scheduled_tokens <= budget
+        _check_invariants(s)
+        steps += 1
+    head_p, head_m = reqs[0]
+    assert steps <= -(-head_p // rb) + head_m
+    if len(reqs) > 1:
+        assert rides
+
+
+def test_paced_riding_starts_at_the_first_step_and_equal_requests_never_ride():
+    """Nothing decoding yet: paced, the head of the queue (its longest output) sets the
+    horizon, so the batch rides from its first step; unpaced, the first step is a full
+    prefill. A stream of equal requests cannot ride either way: a later prompt would finish
+    after the first."""
+    paced = _ride_scheduler(ride_budget=64, budget=1000, ride_granule=16)
+    fixed = _ride_scheduler(ride_budget=64, budget=1000)
+    for s in (paced, fixed):
+        s.add_request(_req("long", 100, max_tokens=500))
+        for i in range(3):
+            s.add_request(_req(f"p{i}", 40, max_tokens=300, seed=i))
+    # The head's 100 tokens take 2 steps at 64: horizon 502. Each later prompt has 202 steps
+    # of slack, so the smallest room is ceil(220 / 202) = 2 tokens, rounded up to 16.
+    assert paced._step_budget() == 16
+    assert fixed._step_budget() == 1000
+    equal = _ride_scheduler(ride_budget=64, budget=1000, ride_granule=16)
+    for i in range(4):
+        equal.add_request(_req(f"e{i}", 30, max_tokens=8, seed=i))
+    assert equal._step_budget() == 1000
+    _fake_step(equal, random.Random(0))
+    assert equal._step_budget() == 1000

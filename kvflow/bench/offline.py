@@ -169,7 +169,8 @@ def run(args) -> list[dict]:
                 **eng.startup_timings(), **info)
     sc = eng.config.scheduler
     init.update(max_num_seqs=sc.max_num_seqs, max_num_batched_tokens=sc.max_num_batched_tokens,
-                admission_control=sc.admission_control, ride_budget=sc.ride_budget)
+                admission_control=sc.admission_control, ride_budget=sc.ride_budget,
+                ride_granule=sc.ride_granule)
     records = [init]
     _emit(init, args.out)
     for w in names:

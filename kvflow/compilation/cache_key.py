@@ -84,6 +84,7 @@ KEYED: frozenset[str] = frozenset({
     "cache.block_size", "cache.kv_cache_dtype",
     "scheduler.max_num_seqs", "scheduler.max_num_batched_tokens",  # bound capture sizes
     "scheduler.ride_budget",  # a capture size of the mixed-step graphs
+    "scheduler.ride_granule",  # so are its multiples below the ride budget
     "scheduler.max_model_len",
     "parallel.tensor_parallel_size", "parallel.rank",
     "parallel.enable_expert_parallel",   # expert weights' shapes and the expert-id map

@@ -136,7 +136,7 @@ class Scheduler:
                  num_blocks: int, block_size: int, enable_prefix_caching: bool,
                  enable_chunked_prefill: bool = True, long_prefill_token_threshold: int = 0,
                  policy: str = "fcfs", connector=None, admission_control: bool = True,
-                 ride_budget: int = 0):
+                 ride_budget: int = 0, ride_granule: int = 0):
         if policy not in ("fcfs", "priority"):
             raise ValueError(f"scheduling_policy: must be 'fcfs' or 'priority', got {policy!r}")
         self.policy = policy
@@ -147,6 +147,7 @@ class Scheduler:
         self.enable_chunked_prefill = enable_chunked_prefill
         self.long_prefill_token_threshold = long_prefill_token_threshold
         self.ride_budget = ride_budget
+        self.ride_granule = ride_granule
         self.kv = KVCacheManager(num_blocks, block_size, enable_prefix_caching)
         # Off: admit whatever fits the pool now and preempt when it runs dry (vLLM's way).
         self.admission = KVAdmission(block_size, enabled=admission_control)
@@ -252,20 +253,33 @@ class Scheduler:
         self.waiting.add_preempted(victim)
 
     def _step_budget(self) -> int:
-        """This step's token budget: ride_budget while prompts can ride in the running
+        """This step's token budget: at most ride_budget while prompts can ride in the running
         decodes' steps, else max_num_batched_tokens.
 
         Why. A decode step reads all its weights whatever its batch (a MoE step every expert's),
-        so up to about ride_budget tokens (config.default_ride_budget) a step costs the same:
-        prompt tokens added to it are nearly free, where a large prefill-only step pays for
-        each one. Riding delays prompts, so it is worth it only while that delay costs no
-        steps: every prompt left, prefilled in turn in the budget's spare room, must still
-        finish its output (max_tokens) before the longest running request finishes. Offline
-        batches started longest output first (LLM.generate) pass; a stream of equal requests
-        (throughput8k) does not, and keeps large prefill steps. Evaluated every step: the
-        choice follows the queue."""
+        so up to some size a step costs about the same: prompt tokens added to it are nearly
+        free, where a large prefill-only step pays for each one. Riding delays prompts, so it is
+        worth it only while that delay costs no steps: every prompt left, prefilled in turn in
+        the step's spare room, must still finish its output (max_tokens) before the longest
+        running request finishes. Offline batches started longest output first (LLM.generate)
+        pass; a stream of equal requests (throughput8k) does not, and keeps large prefill steps.
+        Evaluated every step: the choice follows the queue.
+
+        How much room. ride_granule 0 (MoE models): the step takes all of ride_budget. A MoE
+        step costs the same up to its budget (one row tile an expert), so room left empty is
+        lost. ride_granule > 0 (dense models): the step takes the smallest multiple of the
+        granule that still gets every prompt in on time ("paced"). Past the ~160 rows a dense
+        step's products stay weight-bound, each row costs about what it costs in a prefill
+        step, so filling a step early buys nothing. Worse, prompts started early end early,
+        and the run's last steps then carry a few long decodes each at a whole weight read.
+        Paced, the prompts start about as late as their outputs allow and end with the longest
+        requests, which keeps the last steps full. benchmarks/ride_sim.py models Llama-3.1-8B
+        nanovllm at 12.07 s with 256-token steps and 11.55 s paced up to 512 by 64.
+        A paced batch also rides from its first step: the head of the queue (its longest
+        output) sets the horizon. A MoE batch's first step is a large prefill instead, since a
+        riding MoE step of mostly prompt tokens costs more per token than a large one."""
         full = self.max_num_batched_tokens
-        if not self.ride_budget or not self.waiting or not self.running:
+        if not self.ride_budget or not self.waiting:
             return full
         decoding = horizon = 0
         prefilling = []
@@ -275,15 +289,35 @@ class Scheduler:
                 horizon = max(horizon, self._tokens_left(r))
             else:
                 prefilling.append(r)
-        room = self.ride_budget - decoding
-        if decoding == 0 or room <= 0:
+        max_room = self.ride_budget - decoding
+        if max_room <= 0:
             return full
+        queue = itertools.chain(prefilling, self.waiting)
         to_prefill = 0
-        for r in itertools.chain(prefilling, self.waiting):
-            to_prefill += r.num_tokens - r.num_computed_tokens
-            if -(-to_prefill // room) + self._tokens_left(r) > horizon:
+        if not decoding:
+            if not self.ride_granule:
                 return full
-        return min(full, self.ride_budget)
+            # The head (the longest output) sets the horizon as if prefilled at full room;
+            # the rest must fit in it.
+            head = next(queue)
+            to_prefill = head.num_tokens - head.num_computed_tokens
+            horizon = self._tokens_left(head) + -(-to_prefill // max_room)
+        # The smallest room that prefills every prompt in turn before its own output would
+        # outlast the horizon: the k-th finishes at ceil(tokens before and in it / room) +
+        # its output, so room >= that sum / (horizon - its output).
+        room = 1
+        for r in queue:
+            to_prefill += r.num_tokens - r.num_computed_tokens
+            slack = horizon - self._tokens_left(r)
+            if slack <= 0:
+                return full
+            room = max(room, -(-to_prefill // slack))
+            if room > max_room:
+                return full
+        if not self.ride_granule:
+            return min(full, self.ride_budget)
+        g = self.ride_granule
+        return min(full, self.ride_budget, -(-(decoding + room) // g) * g)
 
     def _tokens_left(self, r: Request) -> int:
         """Output tokens r may still produce (max_tokens is already capped by the prompt's

@@ -54,8 +54,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="while running decodes outlast the waiting prompts, steps take at most "
                         "this many tokens so prompts ride in memory-bound decode steps (default: "
                         "offline on CUDA with chunked prefill, 3/4 of 128 x experts / experts per "
-                        "token for MoE models and 256 for dense ones of 2B+ parameters; "
+                        "token for MoE models and 512 for dense ones of 2B+ parameters; "
                         "else 0, off)")
+    g.add_argument("--ride-granule", type=int, default=None,
+                   help="0: a riding step takes the whole ride budget; N > 0: the smallest "
+                        "multiple of N that keeps every waiting prompt on time (default: 0 for "
+                        "MoE models, 64 for dense ones)")
     g.add_argument("--enable-sleep-mode", action="store_true",
                    help="allow sleep/wake_up (server: POST /sleep, POST /wake_up, GET /is_sleeping)")
     g.add_argument("--kv-transfer-config", default=None,
@@ -70,7 +74,8 @@ ENGINE_ARG_NAMES = ("tokenizer", "dtype", "device", "max_model_len", "block_size
                     "load_format", "enforce_eager", "tensor_parallel_size", "attention_backend",
                     "skip_tokenizer_init", "scheduling_policy", "async_scheduling",
                     "enable_sleep_mode", "enable_expert_parallel", "distributed_executor_backend",
-                    "kv_transfer_config", "compilation_config", "admission_control", "ride_budget")
+                    "kv_transfer_config", "compilation_config", "admission_control", "ride_budget",
+                    "ride_granule")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:

@@ -53,23 +53,26 @@ MAX_TOKENS = 512
 
 
 def default_token_buckets(max_num_batched_tokens: int, ride_budget: int = 0,
-                          limit: int = MAX_TOKENS) -> list[int]:
-    """Powers of two up to min(max_num_batched_tokens, limit), that bound itself, and the
-    scheduler's ride budget: riding steps (core/scheduler.py) hold exactly that many tokens, and
-    padded to the next power of two the pad rows would cost real work (a MoE routes them too:
-    Mixtral's 384-token steps padded to 512 spill experts into a second 128-row tile, 3630
-    against 4148 tok/s on nanovllm, H200, benchmarks/results/ride-s26)."""
+                          ride_granule: int = 0, limit: int = MAX_TOKENS) -> list[int]:
+    """Powers of two up to min(max_num_batched_tokens, limit), that bound itself, and the sizes
+    riding steps take (core/scheduler.py): the ride budget, and with a granule each multiple of
+    it below the budget. Riding steps hold exactly one of those, and padded to the next power
+    of two the pad rows would cost real work (a MoE routes them too: Mixtral's 384-token steps
+    padded to 512 spill experts into a second 128-row tile, 3630 against 4148 tok/s on
+    nanovllm, H200, benchmarks/results/ride-s26)."""
     top = min(max_num_batched_tokens, limit)
     out = [s for s in (16, 32, 64, 128, 256, 512) if s < top] + [top]
-    if 0 < ride_budget < top:
+    if ride_budget:
         out.append(ride_budget)
-    return sorted(set(out))
+        if ride_granule:
+            out += range(ride_granule, ride_budget, ride_granule)
+    return sorted(s for s in set(out) if s <= top)
 
 
 def scheduler_token_buckets(sc) -> list[int]:
     """The buckets of a SchedulerConfig: the ones the runner captures and the worker's memory
     plan reserves for (both call this, so they cannot disagree)."""
-    return default_token_buckets(sc.max_num_batched_tokens, sc.ride_budget)
+    return default_token_buckets(sc.max_num_batched_tokens, sc.ride_budget, sc.ride_granule)
 
 
 @dataclass
