@@ -1,7 +1,8 @@
 """Where a throughput workload's time goes on the device: per step kind and per kernel kind.
 
     python3 benchmarks/profile_workload.py CONFIG_DIR [--workloads nanovllm,throughput8k]
-        [--max-num-seqs 1024] [--max-num-batched-tokens 16384] [--no-kernels] [--out FILE]
+        [--max-num-seqs 1024] [--max-num-batched-tokens 16384] [--ride-budget N]
+        [--ride-granule G] [--no-kernels] [--out FILE]
 
 Builds the engine as `kvflow bench throughput` does (dummy weights, bf16, max_model_len 4096)
 and runs each workload (the bench's own functions) twice:
@@ -235,9 +236,10 @@ def summarize_steps(rows, weight_bytes: int, layer_params: int, kv_bytes_per_tok
             linear_tflops_if_all_time=round(pflop * 1e3 / max(g["device_ms"] / 1e3, 1e-9), 1))
     return dict(wall_s=round(wall_s, 3), steps=len(rows), device_s=round(total_dev / 1e3, 3),
                 gap_s=round(total_gap / 1e3, 3), groups=out,
-                # Every step: [requests, tokens, device ms, idle ms before it].
-                per_step=[[b, t, round(d, 3), round(g, 3)] for (b, t, *_), d, g in
-                          zip(rows, per_dev, per_gap)])
+                # Every step: [requests, tokens, device ms, idle ms before it, decode tokens,
+                # KV tokens attended].
+                per_step=[[b, t, round(d, 3), round(g, 3), nd, kv] for (b, t, nd, kv, *_), d, g
+                          in zip(rows, per_dev, per_gap)])
 
 
 def kernel_kinds(prof, top: int = 25) -> dict:
@@ -293,6 +295,8 @@ def main() -> int:
     p.add_argument("--max-num-batched-tokens", type=int, default=16384)
     p.add_argument("--block-size", type=int, default=None,
                    help="KV block size (default: the engine's, 64 tokens on CUDA)")
+    p.add_argument("--ride-budget", type=int, default=None, help="(default: the engine's)")
+    p.add_argument("--ride-granule", type=int, default=None, help="(default: the engine's)")
     p.add_argument("--no-kernels", action="store_true")
     p.add_argument("--trace-steps", type=int, default=0,
                    help="chrome trace (host + device) of this many pipelined steps from the "
@@ -316,7 +320,8 @@ def main() -> int:
     recorder.trace_ridden = args.trace_ridden
     recorder.install()
     kw = dict(load_format="dummy", skip_tokenizer_init=True, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size)
+              max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+              ride_budget=args.ride_budget, ride_granule=args.ride_granule)
     if torch.cuda.is_available():
         kw.update(dtype="bfloat16", max_model_len=4096)
     else:
