@@ -111,6 +111,14 @@ def attn_split_decodes() -> bool:
     return os.environ.get("KVFLOW_ATTN_SPLIT_DECODES", "1") != "0"
 
 
+def attn_overlap_prompts() -> bool:
+    """KVFLOW_ATTN_OVERLAP_PROMPTS (default 1): in a split_decodes pair the prompt launch goes
+    first and the decode launch's programs start beside it instead of after it (only its first
+    program waits for it); 0: decode launch first, each launch after the other. Read at
+    capture."""
+    return os.environ.get("KVFLOW_ATTN_OVERLAP_PROMPTS", "1") != "0"
+
+
 def attn_heads_first() -> bool:
     """KVFLOW_ATTN_HEADS_FIRST (default 1): one-program-per-request attention launches (decode
     batches) order their grid KV heads fastest, so the programs running together read all

@@ -479,8 +479,9 @@ def test_default_ride_budget_is_offline_cuda_only(tiny_llama):
     their products (Llama-3.1-8B's sizes: 7.0B; Qwen3-0.6B's: 0.44B); 0 off the GPU and in
     the server."""
     import dataclasses
-    from kvflow.config import (DENSE_RIDE_BUDGET, SchedulerConfig, create_engine_config,
-                               default_ride_budget)
+    from kvflow.config import (DENSE_RIDE_BUDGET, DENSE_RIDE_GRANULE, SchedulerConfig,
+                               create_engine_config, default_ride_budget,
+                               default_ride_granule)
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
     tiny = create_engine_config(tiny_llama[1], device="cpu").model
 
@@ -496,7 +497,10 @@ def test_default_ride_budget_is_offline_cuda_only(tiny_llama):
     assert default_ride_budget(mixtral, cuda, "llm") == 384
     assert default_ride_budget(model({"num_experts": 128, "num_experts_per_tok": 8}),
                                cuda, "llm") == 1536
-    assert default_ride_budget(llama8b, cuda, "llm") == DENSE_RIDE_BUDGET == 256
+    assert default_ride_budget(llama8b, cuda, "llm") == DENSE_RIDE_BUDGET == 512
+    # Dense riding steps are paced by 64 tokens; MoE ones take their whole budget.
+    assert default_ride_granule(llama8b) == DENSE_RIDE_GRANULE == 64
+    assert default_ride_granule(mixtral) == 0
     assert default_ride_budget(qwen06b, cuda, "llm") == 0
     assert default_ride_budget(tiny, cuda, "llm") == 0
     for m in (mixtral, llama8b):
@@ -506,6 +510,8 @@ def test_default_ride_budget_is_offline_cuda_only(tiny_llama):
         SchedulerConfig(ride_budget=-1)
     with pytest.raises(ValueError, match="ride_budget"):
         SchedulerConfig(ride_budget=8, enable_chunked_prefill=False, max_num_batched_tokens=4096)
+    with pytest.raises(ValueError, match="ride_granule"):
+        SchedulerConfig(ride_budget=8, ride_granule=-1)
 
 
 def test_default_ride_budget_off_without_chunked_prefill(tiny_llama, monkeypatch):
@@ -522,15 +528,22 @@ def test_default_ride_budget_off_without_chunked_prefill(tiny_llama, monkeypatch
                                     ride_budget=384)
 
 
+@pytest.mark.parametrize("ride_granule", [0, 8])
 def test_riding_generate_starts_longest_outputs_first_same_outputs(tiny_llama, make_llm,
-                                                                   monkeypatch, reference):
+                                                                   monkeypatch, reference,
+                                                                   ride_granule):
     """With ride_budget set, LLM.generate queues the longest max_tokens first (and the rest of
     the batch once the first step runs), steps of riding prompts stay within the budget, and
-    every output is the HF greedy one, returned in the order given."""
-    llm = make_llm(tiny_llama[1], ride_budget=24, max_num_batched_tokens=64)
+    every output is the HF greedy one, returned in the order given. Unpaced (granule 0) the
+    first step is a full prefill and riding steps take the whole budget; paced (granule 8) the
+    batch rides from its first step in multiples of 8 tokens."""
+    llm = make_llm(tiny_llama[1], ride_budget=24, max_num_batched_tokens=64,
+                   ride_granule=ride_granule)
     eng = llm.llm_engine
     prompts = _prompts()
-    lengths = [4, 16, 9, 12, 2, 16]
+    # Paced, a strictly longest head lets the batch ride from its first step (two equal
+    # longest outputs could not: the second would finish after the first).
+    lengths = [4, 16, 9, 12, 2, 14 if ride_granule else 16]
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lengths]
     added, totals = [], []
     add, schedule = eng.add_request, eng.scheduler.schedule
@@ -552,6 +565,10 @@ def test_riding_generate_starts_longest_outputs_first_same_outputs(tiny_llama, m
     for p, n, o in zip(prompts, lengths, outs):
         assert o.prompt_token_ids == p
         assert o.outputs[0].token_ids == reference[tuple(p)][:n]
-    # The first step has nothing to ride on (full budget); some later ones ride.
-    assert totals[0][0] == 64
-    assert any(0 < d and t == 24 for t, d in totals[1:]), totals
+    if not ride_granule:
+        # The first step has nothing to ride on (full budget); some later ones ride.
+        assert totals[0][0] == 64
+        assert any(0 < d and t == 24 for t, d in totals[1:]), totals
+    else:
+        assert totals[0][0] <= 24
+        assert all(t <= 24 or t == 64 for t, _ in totals), totals

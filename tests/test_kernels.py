@@ -84,14 +84,15 @@ def _check_attention(q_lens, seq_lens, H, KV, D, block_size, dtype, **kw):
     _close(out[:n], ref[:n], dtype)
 
 
-def _record_launches(monkeypatch) -> list:
-    """(config, min_q_len) of every attention launch unified_attention makes from now on."""
+def _record_launches(monkeypatch, wait_one: bool = False) -> list:
+    """(config, min_q_len) of every attention launch unified_attention makes from now on;
+    (config, min_q_len, wait_one) with wait_one=True."""
     import kvflow.kernels.attention as attn_mod
     launches = []
     real = attn_mod._launch
 
     def spy(*args):
-        launches.append((args[10], args[15]))
+        launches.append((args[10], args[15]) + ((args[16],) if wait_one else ()))
         return real(*args)
     monkeypatch.setattr(attn_mod, "_launch", spy)
     return launches
@@ -150,13 +151,18 @@ class TestAttention:
         ([40, 1, 19, 1, 0, 1], [70, 30, 19, 64, 1, 5], None, False),
         ([1, 40, 1, 19, 0, 1], [30, 70, 64, 19, 1, 5], 2, True),
         ([1, 1, 3, 0], [9, 64, 3, 1], None, True)])
-    def test_split_decodes_at_any_row(self, q_lens, seq_lens, num_splits, ordered,
+    @pytest.mark.parametrize("overlap", ["1", "0"])
+    def test_split_decodes_at_any_row(self, q_lens, seq_lens, num_splits, ordered, overlap,
                                       monkeypatch):
         # A mixed-step CUDA graph cannot give the decode count as a host int: with
         # split_decodes both launches span every request (decodes anywhere, a padding request
         # with q_len 0, padding tokens), bounds instead of maxima, split partials indexed by
-        # absolute token, and the decode launch dispatched longest context first.
-        launches = _record_launches(monkeypatch)
+        # absolute token, and the decode launch dispatched longest context first. Unsplit,
+        # the prompt launch goes first and only the decode launch's first program waits for
+        # it (KVFLOW_ATTN_OVERLAP_PROMPTS=1, the default); split launches keep the serial
+        # order, decodes first.
+        monkeypatch.setenv("KVFLOW_ATTN_OVERLAP_PROMPTS", overlap)
+        launches = _record_launches(monkeypatch, wait_one=True)
         order = None
         if ordered:
             order = torch.argsort(torch.tensor(seq_lens), descending=True, stable=True)
@@ -164,9 +170,14 @@ class TestAttention:
         _check_attention(q_lens, seq_lens, 8, 2, 32, 16, torch.float32, split_decodes=True,
                          num_splits=num_splits, max_query_len=64, max_seq_len=256,
                          pad_tokens=5, request_order=order)
-        (decode, min_d), (prefill, min_p) = launches
+        first, second = launches
+        overlapped = overlap == "1" and all(c.num_splits == 1 for c, *_ in launches)
+        assert overlapped == (overlap == "1" and num_splits is None)
+        (decode, min_d, wait_d), (prefill, min_p, wait_p) = (
+            (second, first) if overlapped else (first, second))
         assert decode.direct and decode.block_q == 1 and min_d == 0   # skips q_len > 1
         assert prefill.block_q > 1 and min_p == 2                      # skips q_len <= 1
+        assert wait_d == overlapped and not wait_p
 
     def test_split_decodes_prefill_grid_tight_bound(self, monkeypatch):
         # The prefill launch's grid is T // BLOCK_Q + T // 2 rows when most request rows are
@@ -177,7 +188,7 @@ class TestAttention:
         seq_lens = [5 + i % 23 for i in range(290)] + [40] + [1] * 10
         _check_attention(q_lens, seq_lens, 8, 2, 32, 16, torch.float32, split_decodes=True,
                          max_query_len=64, max_seq_len=256)
-        assert [m for _, m in launches] == [0, 2]
+        assert [m for _, m in launches] == [2, 0]        # prompt launch first (overlapped)
 
     def test_split_decodes_keeps_short_chunk_tiles(self, monkeypatch):
         # Short chunks (8 tokens x QPK 4 fit a 64-row DIRECT tile): one launch serves all.

@@ -272,7 +272,7 @@ def _attention_kernel(
     HAS_STARTS: tl.constexpr, KV_FP8: tl.constexpr, FUSED_MERGE: tl.constexpr,
     SPLITS_PAD: tl.constexpr, MERGE_UNROLL_: tl.constexpr, PREFETCH: tl.constexpr,
     USE_PDL: tl.constexpr, order_ptr=None, HAS_ORDER: tl.constexpr = False,
-    HEADS_FIRST: tl.constexpr = False,
+    HEADS_FIRST: tl.constexpr = False, WAIT_ONE: tl.constexpr = False,
 ):
     if HEADS_FIRST:
         # DIRECT only: grid [KV, rows, splits], KV heads fastest, so the programs dispatched
@@ -327,7 +327,16 @@ def _attention_kernel(
             return
     # Everything else (the query, the new tokens' K/V) may be written by the previous kernel:
     # wait, in every program that may read or write anything, before its first such access.
-    pdl_wait(USE_PDL)
+    # WAIT_ONE: the previous kernel is the prompt launch of a split_decodes pair, which writes
+    # only its own requests' rows and reads nothing this launch writes; the query and new K/V
+    # come from the kernel before it, settled once this launch starts (kernels/pdl.py). So only
+    # the first program waits -- this launch then cannot complete before the prompt launch --
+    # and the rest run beside the prompt launch's few long programs.
+    if WAIT_ONE:
+        if not may_skip_wait:
+            pdl_wait(USE_PDL)
+    else:
+        pdl_wait(USE_PDL)
     pdl_launch_dependents(USE_PDL)
     if DIRECT:
         req = row_req
@@ -501,6 +510,7 @@ class _Part(NamedTuple):
     max_query_len: int
     min_q_len: int
     order: Optional[torch.Tensor]
+    wait_one: bool = False
 
 
 def unified_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -567,6 +577,7 @@ def unified_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
         # are indexed by token), B sizes its tiles as a decode step's.
         parts = [_Part(0, B, T, B, 1, 0, request_order),
                  _Part(0, B, T, T, max_query_len, 2, None)]
+    cfgs = []
     for p in parts:
         cfg = config or choose_config(p.config_tokens, p.r1 - p.r0, H, KV, D, p.max_query_len,
                                       max_seq_len, query.dtype, num_sms, num_splits, smem)
@@ -577,11 +588,21 @@ def unified_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
             # partials this launch never writes. (A mixed-step graph's prefill grid has
             # T / BLOCK_Q + R + 1 rows per KV head: it fills the GPU unless KV heads are few.)
             cfg = dataclasses.replace(cfg, num_splits=1)
+        cfgs.append(cfg)
+    if (len(parts) == 2 and parts[1].min_q_len > 1 and envs.attn_overlap_prompts()
+            and all(c.num_splits == 1 for c in cfgs)):
+        # The prompt launch's few programs each walk a whole prefix (~15-30 us a layer,
+        # latency-bound); launched first, with the decode launch's programs beside them, that
+        # time hides under the decodes' KV reads. Unsplit launches only: split ones share the
+        # ticket counters (_SPLIT_COUNTERS) and must not run at once.
+        parts = [parts[1], parts[0]._replace(wait_one=True)]
+        cfgs = cfgs[::-1]
+    for p, cfg in zip(parts, cfgs):
         r0, r1 = p.r0, p.r1
         _launch(query, key_cache, value_cache, out, query_start_loc[r0:r1 + 1],
                 seq_lens[r0:r1], block_table[r0:r1], p.num_tokens, p.max_query_len, scale, cfg,
                 None if seq_starts is None else seq_starts[r0:r1], k_scale, v_scale,
-                p.order, p.min_q_len)
+                p.order, p.min_q_len, p.wait_one)
     return out
 
 
@@ -606,10 +627,12 @@ def _launch(query, key_cache, value_cache, out, query_start_loc, seq_lens, block
             seq_starts: Optional[torch.Tensor] = None,
             k_scale: Optional[torch.Tensor] = None,
             v_scale: Optional[torch.Tensor] = None,
-            request_order: Optional[torch.Tensor] = None, min_q_len: int = 0) -> None:
+            request_order: Optional[torch.Tensor] = None, min_q_len: int = 0,
+            wait_one: bool = False) -> None:
     """One attention launch (+ merge) over the requests of these (possibly sliced) tensors;
     num_tokens bounds their query token count (qsl[-1] - qsl[0]) and sizes the split-KV
-    partials. Requests with fewer than min_q_len query tokens are skipped."""
+    partials. Requests with fewer than min_q_len query tokens are skipped. wait_one: only the
+    first program waits for the previous kernel (WAIT_ONE in the kernel)."""
     T, H, D = query.shape
     _, block_size, KV, _ = key_cache.shape
     B = seq_lens.shape[0]
@@ -667,8 +690,9 @@ def _launch(query, key_cache, value_cache, out, query_start_loc, seq_lens, block
             query_start_loc, seq_lens, block_table, starts, *scales, qk_scale, B, 1, min_q_len,
             query.stride(0), query.stride(1), out.stride(0), out.stride(1), 0, 0, 0, 0,
             *cache_strides, block_table.stride(0), FUSED_MERGE=False, HEADS_FIRST=heads_first,
-            **common, **order, **pdl)
+            WAIT_ONE=wait_one, **common, **order, **pdl)
         return
+    assert not wait_one, "split launches wait in every program"
 
     S = cfg.num_splits
     assert S <= MAX_SPLITS, S
