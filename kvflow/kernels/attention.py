@@ -286,6 +286,16 @@ def _attention_kernel(
         row = tl.program_id(0)
         num_kv = tl.num_programs(1)
     seg = tl.program_id(2)
+    if WAIT_ONE:
+        # The previous kernel is the prompt launch of a split_decodes pair: it writes only its
+        # own requests' rows and reads nothing this launch writes, and the query and new K/V
+        # this launch reads come from the kernel before it, settled once this launch starts
+        # (kernels/pdl.py). So no program that works waits for it: an extra last grid row
+        # only waits, which keeps this launch from completing before the prompt launch, and
+        # the others run beside the prompt launch's few long programs.
+        if row == tl.num_programs(1 if HEADS_FIRST else 0) - 1:
+            pdl_wait(USE_PDL)
+            return
     if HAS_ORDER:
         # DIRECT only: grid row i serves request order[i] (longest first, so the long programs
         # are dispatched first; written by the step's input kernels, like the lengths).
@@ -326,16 +336,9 @@ def _attention_kernel(
         if ((p_qlen == 0) | (p_qlen > BLOCK_Q) | (p_qlen < min_q_len)) & may_skip_wait:
             return
     # Everything else (the query, the new tokens' K/V) may be written by the previous kernel:
-    # wait, in every program that may read or write anything, before its first such access.
-    # WAIT_ONE: the previous kernel is the prompt launch of a split_decodes pair, which writes
-    # only its own requests' rows and reads nothing this launch writes; the query and new K/V
-    # come from the kernel before it, settled once this launch starts (kernels/pdl.py). So only
-    # the first program waits -- this launch then cannot complete before the prompt launch --
-    # and the rest run beside the prompt launch's few long programs.
-    if WAIT_ONE:
-        if not may_skip_wait:
-            pdl_wait(USE_PDL)
-    else:
+    # wait, in every program that may read or write anything, before its first such access
+    # (WAIT_ONE: the extra row above waits instead).
+    if not WAIT_ONE:
         pdl_wait(USE_PDL)
     pdl_launch_dependents(USE_PDL)
     if DIRECT:
@@ -643,6 +646,7 @@ def _launch(query, key_cache, value_cache, out, query_start_loc, seq_lens, block
     # Dense q-blocks (module doc): at most num_tokens // block_q + P for P served requests.
     served = min(B, num_tokens // max(1, min_q_len))
     grid0 = B if cfg.direct else max(1, num_tokens // cfg.block_q + served)
+    grid0 += wait_one              # its waiting row (WAIT_ONE in the kernel)
     split = cfg.num_splits > 1
     # fp32: 3xTF32 on the tensor cores (about fp32 accuracy); "ieee" would use FMA loops that
     # spill heavily at these tile sizes. Irrelevant for fp16/bf16.
