@@ -426,18 +426,22 @@ def default_scheduler_limits(device: torch.device, usage_context: str = "llm") -
 MOE_ROW_TILE = 128
 
 
-# Tokens a step of a dense model takes while prompts ride in its decodes. A bf16 product
+# Tokens a step of a dense model takes at most while prompts ride in its decodes. A bf16 product
 # reads 2 bytes and does 2 FLOPs per weight per row, so whatever the model its products stay
 # bound by the weight read up to about FLOP rate / bandwidth rows (~160 on an H200 at the
 # ~700 TFLOP/s and ~4.3 TB/s that cuBLAS and a copy reach); riding fills that room in the
-# decode steps that have it. The budget is the measured best, a power of two (a mixed-step graph
-# bucket already): Llama-3.1-8B nanovllm on the H200 read 10732-10772 tok/s at 256, 10749 at
-# 384, 10690-10694 at 512, 10546-10558 at 192, 10427-10431 at 128 and 10395-10410 without
-# riding (benchmarks/results/ride-s29).
+# decode steps that have it. Fixed-size riding steps (ride_granule 0) measured best at 256 on
+# Llama-3.1-8B nanovllm, H200: 10732-10772 tok/s at 256, 10749 at 384, 10690-10694 at 512,
+# 10546-10558 at 192, 10427-10431 at 128, 10395-10410 without riding (benchmarks/results/
+# ride-s29). Paced by DENSE_RIDE_GRANULE (session 31), steps take only what keeps the prompts on
+# time, so the budget is a cap, the largest mixed-step graph bucket: 10723 / 10749 tok/s against
+# 10603 / 10599 at fixed 256 on one lease, 10729 with a 448 cap
+# (benchmarks/results/paced-ride-s31).
 DENSE_RIDE_BUDGET = 512
 # Dense riding steps are paced (Scheduler._step_budget): each takes the smallest multiple of
 # this that keeps every waiting prompt on time. Each multiple up to the budget is a mixed-step
-# graph bucket (worker/mixed_graphs.py).
+# graph bucket (worker/mixed_graphs.py): 64 adds four graphs (~1 s of capture) to the powers of
+# two. benchmarks/ride_sim.py put 32 / 64 / 128 at 11.51 / 11.55 / 11.60 s.
 DENSE_RIDE_GRANULE = 64
 # ...for models with at least this many parameters in their layers' products
 # (ModelConfig.layer_product_params). A ridden prompt token saves what it would cost in a
