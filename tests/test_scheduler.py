@@ -317,10 +317,16 @@ def test_paced_riding_starts_at_the_first_step_and_equal_requests_never_ride():
         s.add_request(_req("long", 100, max_tokens=500))
         for i in range(3):
             s.add_request(_req(f"p{i}", 40, max_tokens=300, seed=i))
-    # The head's 100 tokens take 2 steps at 64: horizon 502. Each later prompt has 202 steps
-    # of slack, so the smallest room is ceil(220 / 202) = 2 tokens, rounded up to 16.
-    assert paced._step_budget() == 16
+    # The head's 100 tokens take 2 steps at 64: horizon 502, and the head itself needs 50
+    # tokens a step (rounded up to 64) to keep it.
+    assert paced._step_budget() == 64
     assert fixed._step_budget() == 1000
+    # Once the head is in, each later prompt has 201 steps of slack: ceil(160 / 201) = 1
+    # token a step, rounded up to 16 beside the one decode.
+    rng = random.Random(0)
+    while not any(r.num_output_tokens for r in paced.running):
+        _fake_step(paced, rng)
+    assert paced._step_budget() == 16
     equal = _ride_scheduler(ride_budget=64, budget=1000, ride_granule=16)
     for i in range(4):
         equal.add_request(_req(f"e{i}", 30, max_tokens=8, seed=i))

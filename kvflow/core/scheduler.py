@@ -274,7 +274,9 @@ class Scheduler:
         and the run's last steps then carry a few long decodes each at a whole weight read.
         Paced, the prompts start about as late as their outputs allow and end with the longest
         requests, which keeps the last steps full. benchmarks/ride_sim.py models Llama-3.1-8B
-        nanovllm at 12.07 s with 256-token steps and 11.55 s paced up to 512 by 64.
+        nanovllm at 12.07 s with 256-token steps and 11.55 s paced up to 512 by 64; the H200
+        read +1.3%, as pacing makes twice as many steps mixed, whose attention costs more than
+        the model charges (docs/performance.md, session 31).
         A paced batch also rides from its first step: the head of the queue (its longest
         output) sets the horizon. A MoE batch's first step is a large prefill instead, since a
         riding MoE step of mostly prompt tokens costs more per token than a large one."""
@@ -292,21 +294,20 @@ class Scheduler:
         max_room = self.ride_budget - decoding
         if max_room <= 0:
             return full
-        queue = itertools.chain(prefilling, self.waiting)
-        to_prefill = 0
         if not decoding:
             if not self.ride_granule:
                 return full
-            # The head (the longest output) sets the horizon as if prefilled at full room;
-            # the rest must fit in it.
-            head = next(queue)
-            to_prefill = head.num_tokens - head.num_computed_tokens
-            horizon = self._tokens_left(head) + -(-to_prefill // max_room)
+            # The head (the longest output) sets the horizon, prefilled at full room (so its
+            # own constraint below keeps it at full room); the rest must fit in it.
+            head = prefilling[0] if prefilling else next(iter(self.waiting))
+            horizon = (self._tokens_left(head)
+                       + -(-(head.num_tokens - head.num_computed_tokens) // max_room))
         # The smallest room that prefills every prompt in turn before its own output would
         # outlast the horizon: the k-th finishes at ceil(tokens before and in it / room) +
         # its output, so room >= that sum / (horizon - its output).
         room = 1
-        for r in queue:
+        to_prefill = 0
+        for r in itertools.chain(prefilling, self.waiting):
             to_prefill += r.num_tokens - r.num_computed_tokens
             slack = horizon - self._tokens_left(r)
             if slack <= 0:
