@@ -568,8 +568,9 @@ def create_engine_config(model: Optional[str] = None, *, tokenizer: Optional[str
                             policy=scheduling_policy,
                             admission_control=bool(admission_control),
                             ride_budget=ride_budget,
-                            ride_granule=(default_ride_granule(mcfg) if ride_granule is None
-                                          else ride_granule),
+                            # Riding off, no granule: it would only split compile-cache keys.
+                            ride_granule=((default_ride_granule(mcfg) if ride_budget else 0)
+                                          if ride_granule is None else ride_granule),
                             async_scheduling=(dev.type == "cuda") if async_scheduling is None
                             else bool(async_scheduling))
     par = ParallelConfig(tensor_parallel_size=tensor_parallel_size,

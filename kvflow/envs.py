@@ -113,9 +113,9 @@ def attn_split_decodes() -> bool:
 
 def attn_overlap_prompts() -> bool:
     """KVFLOW_ATTN_OVERLAP_PROMPTS (default 1): in a split_decodes pair the prompt launch goes
-    first and the decode launch's programs start beside it instead of after it (only its first
-    program waits for it); 0: decode launch first, each launch after the other. Read at
-    capture."""
+    first and the decode launch's programs start beside it instead of after it (one extra grid
+    row of it only waits for the prompt launch); 0: decode launch first, each launch after the
+    other. Read at capture."""
     return os.environ.get("KVFLOW_ATTN_OVERLAP_PROMPTS", "1") != "0"
 
 

@@ -523,6 +523,7 @@ def test_default_ride_budget_off_without_chunked_prefill(tiny_llama, monkeypatch
     assert config.create_engine_config(path, device="cpu").scheduler.ride_budget == 384
     off = config.create_engine_config(path, device="cpu", enable_chunked_prefill=False)
     assert off.scheduler.ride_budget == 0 and not off.scheduler.enable_chunked_prefill
+    assert off.scheduler.ride_granule == 0          # riding off: no granule to key on
     with pytest.raises(ValueError, match="ride_budget"):
         config.create_engine_config(path, device="cpu", enable_chunked_prefill=False,
                                     ride_budget=384)

@@ -315,9 +315,8 @@ class Scheduler:
             room = max(room, -(-to_prefill // slack))
             if room > max_room:
                 return full
-        if not self.ride_granule:
-            return min(full, self.ride_budget)
-        g = self.ride_granule
+        # Unpaced, the granule is the budget itself: decoding + room <= ride_budget rounds up to it.
+        g = self.ride_granule or self.ride_budget
         return min(full, self.ride_budget, -(-(decoding + room) // g) * g)
 
     def _tokens_left(self, r: Request) -> int:

@@ -634,8 +634,9 @@ def _launch(query, key_cache, value_cache, out, query_start_loc, seq_lens, block
             wait_one: bool = False) -> None:
     """One attention launch (+ merge) over the requests of these (possibly sliced) tensors;
     num_tokens bounds their query token count (qsl[-1] - qsl[0]) and sizes the split-KV
-    partials. Requests with fewer than min_q_len query tokens are skipped. wait_one: only the
-    first program waits for the previous kernel (WAIT_ONE in the kernel)."""
+    partials. Requests with fewer than min_q_len query tokens are skipped. wait_one: no
+    working program waits for the previous kernel; one extra grid row only waits (WAIT_ONE in
+    the kernel)."""
     T, H, D = query.shape
     _, block_size, KV, _ = key_cache.shape
     B = seq_lens.shape[0]
