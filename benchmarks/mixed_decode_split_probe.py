@@ -12,6 +12,10 @@ Llama-3.1-8B nanovllm's paced ridden steps (T 192-384, 40-240 decodes, contexts 
   * "pair": the whole unified_attention call as the graph makes it (prompt launch first, the
     decode launch beside it), with attention.MIXED_DECODE_SPLITS / MIN_SEG set to (S, min_seg).
 One JSON line per (case, launch, S, min_seg) with us and the decodes' KV read rate.
+
+Needs the kernel support of commit 098bc6e (AttentionConfig.min_seg_tiles, attention.MIXED_DECODE_*),
+reverted after this probe measured it (session 32, docs/performance.md): check that commit out
+to run it again.
 """
 from __future__ import annotations
 

@@ -97,8 +97,6 @@ import triton.language as tl
 from kvflow import envs
 from kvflow.kernels.attention_config import (
     MAX_SPLITS,
-    MIXED_DECODE_MIN_SEG,
-    MIXED_DECODE_SPLITS,
     AttentionConfig,
     choose_config,
     device_limits,
@@ -248,8 +246,7 @@ def _attend_loaded(acc, m_i, l_i, q, k, v, qk_scale, PREC: tl.constexpr):
 # are the split partials' m / l strides (H * S, S: they follow the split count, which is picked
 # per step; specialized, every split kernel compiled twice on a cold start, ~1.5 s each). Without
 # an fp8 cache the k/v scale pointers are seq_lens slices too (unread placeholders).
-_NO_SPECIALIZE = dict(do_not_specialize=["num_reqs", "num_splits", "min_seg_tiles", "min_q_len",
-                                         "stride_bt",
+_NO_SPECIALIZE = dict(do_not_specialize=["num_reqs", "num_splits", "min_q_len", "stride_bt",
                                          "stride_mt", "stride_mh"],
                       do_not_specialize_on_alignment=["q_ptr", "out_ptr", "part_ptr", "m_ptr",
                                                       "l_ptr", "cnt_ptr", "qsl_ptr",
@@ -262,7 +259,6 @@ def _attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, part_ptr, m_ptr, l_ptr, cnt_ptr,
     qsl_ptr, seq_lens_ptr, bt_ptr, starts_ptr, k_scale_ptr, v_scale_ptr,
     qk_scale, num_reqs, num_splits,
-    min_seg_tiles,                   # split-KV segments hold at least this many KV tiles
     min_q_len,                       # requests with fewer query tokens are another launch's
     stride_qt, stride_qh,            # query [T, H, D]
     stride_ot, stride_oh,            # out [T, H, D]
@@ -279,16 +275,17 @@ def _attention_kernel(
     HEADS_FIRST: tl.constexpr = False, WAIT_ONE: tl.constexpr = False,
 ):
     if HEADS_FIRST:
-        # grid [splits x KV, rows, 1], KV heads fastest, then a row's split-KV segments.
-        num_kv = tl.num_programs(0) // num_splits
-        kv_head = tl.program_id(0) % num_kv
-        seg = tl.program_id(0) // num_kv
+        # DIRECT only: grid [KV, rows, splits], KV heads fastest, so the programs dispatched
+        # together read all heads of the same cache rows ([block, slot, KV, D]: one slot's
+        # heads are adjacent) instead of one head's 1/KV of many rows.
+        kv_head = tl.program_id(0)
         row = tl.program_id(1)
+        num_kv = tl.num_programs(0)
     else:
         kv_head = tl.program_id(1)
         row = tl.program_id(0)
         num_kv = tl.num_programs(1)
-        seg = tl.program_id(2)
+    seg = tl.program_id(2)
     if WAIT_ONE:
         # The previous kernel is the prompt launch of a split_decodes pair: it writes only its
         # own requests' rows and reads nothing this launch writes, and the query and new K/V
@@ -319,7 +316,7 @@ def _attention_kernel(
         p_ctx = tl.load(seq_lens_ptr + p_req) - p_qlen
         p_tiles = tl.cdiv(p_ctx + tl.minimum(p_qlen, BLOCK_Q), BLOCK_N)
         if SPLIT:
-            p_t0 = seg * tl.maximum(tl.cdiv(p_tiles, num_splits), min_seg_tiles)
+            p_t0 = seg * tl.cdiv(p_tiles, num_splits)
         else:
             p_t0 = 0
         pre_ok = (p_qlen > 0) & ((p_t0 + 1) * BLOCK_N <= p_ctx)
@@ -336,10 +333,7 @@ def _attention_kernel(
         if (q_block < 0) & may_skip_wait:
             return
     if PREFETCH:
-        idle = (p_qlen == 0) | (p_qlen > BLOCK_Q) | (p_qlen < min_q_len)
-        if SPLIT and FUSED_MERGE:
-            idle = idle | (p_t0 >= p_tiles)
-        if idle & may_skip_wait:
+        if ((p_qlen == 0) | (p_qlen > BLOCK_Q) | (p_qlen < min_q_len)) & may_skip_wait:
             return
     # Everything else (the query, the new tokens' K/V) may be written by the previous kernel:
     # wait, in every program that may read or write anything, before its first such access
@@ -376,7 +370,7 @@ def _attention_kernel(
     kv_end = ctx_len + tl.minimum(q_len, (q_block + 1) * BLOCK_Q)
     num_tiles = tl.cdiv(kv_end, BLOCK_N)
     if SPLIT:
-        per_seg = tl.maximum(tl.cdiv(num_tiles, num_splits), min_seg_tiles)
+        per_seg = tl.cdiv(num_tiles, num_splits)
         n_live = tl.cdiv(num_tiles, per_seg)   # segments with tiles: [0, n_live)
         t0 = seg * per_seg
         t1 = tl.minimum(t0 + per_seg, num_tiles)
@@ -520,7 +514,6 @@ class _Part(NamedTuple):
     min_q_len: int
     order: Optional[torch.Tensor]
     wait_one: bool = False
-    graph_decodes: bool = False
 
 
 def unified_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -585,7 +578,7 @@ def unified_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
         # wastes less on a decode than a second launch costs a small step. The decode tokens
         # may sit anywhere in [0, T): T bounds the decode launch's tokens (its split partials
         # are indexed by token), B sizes its tiles as a decode step's.
-        parts = [_Part(0, B, T, B, 1, 0, request_order, graph_decodes=True),
+        parts = [_Part(0, B, T, B, 1, 0, request_order),
                  _Part(0, B, T, T, max_query_len, 2, None)]
     cfgs = []
     for p in parts:
@@ -593,11 +586,6 @@ def unified_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
                                       max_seq_len, query.dtype, num_sms, num_splits, smem)
         if fused_merge is not None and fused_merge != cfg.fused_merge:
             cfg = dataclasses.replace(cfg, fused_merge=fused_merge)
-        if (p.graph_decodes and num_splits is None and cfg.num_splits == 1 and cfg.fused_merge
-                and MIXED_DECODE_SPLITS > 1):
-            cfg = dataclasses.replace(
-                cfg, num_splits=MIXED_DECODE_SPLITS,
-                min_seg_tiles=max(1, MIXED_DECODE_MIN_SEG // cfg.block_n))
         if p.min_q_len and cfg.num_splits > 1 and not cfg.fused_merge:
             # The two-kernel merge walks every token row, the skipped decodes' too, whose
             # partials this launch never writes. (A mixed-step graph's prefill grid has
@@ -605,7 +593,7 @@ def unified_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
             cfg = dataclasses.replace(cfg, num_splits=1)
         cfgs.append(cfg)
     if (len(parts) == 2 and parts[1].min_q_len > 1 and envs.attn_overlap_prompts()
-            and cfgs[1].num_splits == 1 and (cfgs[0].num_splits == 1 or cfgs[0].fused_merge)):
+            and all(c.num_splits == 1 for c in cfgs)):
         # The prompt launch's few programs each walk a whole prefix (~15-30 us a layer,
         # latency-bound); launched first, with the decode launch's programs beside them, that
         # time hides under the decodes' KV reads. Unsplit launches only: split ones share the
@@ -699,17 +687,17 @@ def _launch(query, key_cache, value_cache, out, query_start_loc, seq_lens, block
                    and envs.attn_heads_first())
 
     def grid(splits: int) -> tuple[int, int, int]:
-        return (KV * splits, grid0, 1) if heads_first else (grid0, KV, splits)
+        return (KV, grid0, splits) if heads_first else (grid0, KV, splits)
 
     if not split:
         _attention_kernel[grid(1)](
             query, key_cache, value_cache, out, out, out, out, seq_lens,
-            query_start_loc, seq_lens, block_table, starts, *scales, qk_scale, B, 1, 1, min_q_len,
+            query_start_loc, seq_lens, block_table, starts, *scales, qk_scale, B, 1, min_q_len,
             query.stride(0), query.stride(1), out.stride(0), out.stride(1), 0, 0, 0, 0,
             *cache_strides, block_table.stride(0), FUSED_MERGE=False, HEADS_FIRST=heads_first,
             WAIT_ONE=wait_one, **common, **order, **pdl)
         return
-    assert not wait_one or cfg.fused_merge
+    assert not wait_one, "split launches wait in every program"
 
     S = cfg.num_splits
     assert S <= MAX_SPLITS, S
@@ -721,8 +709,7 @@ def _launch(query, key_cache, value_cache, out, query_start_loc, seq_lens, block
     counters = _split_counters(query.device, grid0 * KV) if cfg.fused_merge else seq_lens
     _attention_kernel[grid(S)](
         query, key_cache, value_cache, out, acc, m, l, counters,
-        query_start_loc, seq_lens, block_table, starts, *scales, qk_scale, B, S, cfg.min_seg_tiles,
-        min_q_len,
+        query_start_loc, seq_lens, block_table, starts, *scales, qk_scale, B, S, min_q_len,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         acc.stride(0), acc.stride(1), m.stride(0), m.stride(1),
         *cache_strides, block_table.stride(0), FUSED_MERGE=cfg.fused_merge,

@@ -32,8 +32,6 @@ from kvflow.kernels.device import device_properties
 
 MIN_SPLIT_TOKENS = 256     # fewest context tokens per split-KV segment
 MAX_SPLITS = 32
-MIXED_DECODE_SPLITS = 1    # experiment (session 32): split the mixed-step graph's decodes
-MIXED_DECODE_MIN_SEG = 256
 # One-token decode programs (2-warp, 64-token tiles, D = 128) an SM holds at once on the H200:
 # where longest-first dispatch turned from a loss to a gain on the engine's own inputs
 # (benchmarks/attention_replay.py, Qwen3-0.6B nanovllm, 8 KV heads: -7% at 512 programs, -13%
@@ -56,7 +54,6 @@ class AttentionConfig:
     # Split-KV merge inside the attention launch (last-arriving segment, see module doc);
     # False: the two-kernel path (_merge_splits_kernel), same result bit for bit.
     fused_merge: bool = True
-    min_seg_tiles: int = 1     # fewest KV tiles a split-KV segment holds
 
 
 _H100_LIMITS = (132, 227 * 1024)             # SMs, opt-in shared memory per block
