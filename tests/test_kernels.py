@@ -179,6 +179,18 @@ class TestAttention:
         assert prefill.block_q > 1 and min_p == 2                      # skips q_len <= 1
         assert wait_d == overlapped and not wait_p
 
+    def test_split_decodes_prompt_bound(self):
+        # max_prompt_reqs bounds the prompt launch's grid (T // BLOCK_Q + that many rows a KV
+        # head): three 2-token prompts among decodes are exact with a bound of 3 and lose
+        # q-blocks with 1 (their rows stay NaN), so the bound is what sizes the grid.
+        q_lens, seq_lens = [1, 2, 1, 2, 2, 0], [9, 20, 33, 2, 40, 1]
+        _check_attention(q_lens, seq_lens, 8, 2, 32, 16, torch.float32, split_decodes=True,
+                         max_query_len=64, max_seq_len=256, max_prompt_reqs=3)
+        with pytest.raises(AssertionError, match="NaN"):
+            _check_attention(q_lens, seq_lens, 8, 2, 32, 16, torch.float32,
+                             split_decodes=True, max_query_len=64, max_seq_len=256,
+                             max_prompt_reqs=1)
+
     def test_split_decodes_prefill_grid_tight_bound(self, monkeypatch):
         # The prefill launch's grid is T // BLOCK_Q + T // 2 rows when most request rows are
         # decodes: here 2-token prefills (the most q-blocks T tokens can make), decodes and

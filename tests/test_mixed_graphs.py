@@ -13,6 +13,7 @@ import torch
 
 from kvflow import SamplingParams
 from kvflow.config import CompilationConfig
+from kvflow.worker import mixed_graphs
 from kvflow.worker.mixed_graphs import MixedGraphs, default_token_buckets
 from tests.conftest import DEVICE, hf_greedy
 
@@ -106,6 +107,7 @@ def test_graph_metadata_splits_decodes(monkeypatch):
     g._forward(512)
     md = seen[-1]
     assert md.split_decodes and md.max_query_len == 512 and md.max_seq_len == 4096
+    assert md.max_prompt_reqs == mixed_graphs.MAX_PROMPTS       # can_run guarantees it
     assert md.decode_order is not None
     assert md.decode_order.tolist() == longest_first_order_ref(md.seq_lens).tolist()
     monkeypatch.setenv("KVFLOW_ATTN_SPLIT_DECODES", "0")
@@ -189,6 +191,31 @@ def test_runner_skips_graphs_for_large_steps(make_llm, tiny_llama):
                         SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
                         use_tqdm=False)
     assert calls and all(t <= 16 for t, _ in calls)
+    for p, o in zip(prompts, outs):
+        assert o.outputs[0].token_ids == hf_greedy(tiny_llama[0], p, 4)
+
+
+def test_runner_skips_graphs_for_many_prompts(make_llm, tiny_llama, monkeypatch):
+    """A step with more prompt chunks than MAX_PROMPTS (the bound the graphs' prompt attention
+    grid is sized for) runs eagerly: with a bound of 1, the first step (three prompts, 15
+    tokens) does; the decode steps, and the step where the last prompt joins them, do not."""
+    monkeypatch.setattr(mixed_graphs, "MAX_PROMPTS", 1)
+    seen = []
+    llm = make_llm(tiny_llama[1], max_num_batched_tokens=32, max_model_len=128, max_num_seqs=3)
+    calls = _attach(llm, [16, 32])
+    runner = llm.llm_engine.executor.worker.runner
+    real_eager = runner._eager_forward
+
+    def eager(nsched, *args, **kw):
+        seen.append(int((nsched > 1).sum()))
+        return real_eager(nsched, *args, **kw)
+    monkeypatch.setattr(runner, "_eager_forward", eager)
+    prompts = _prompts(5, (5, 7, 3))
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+                        use_tqdm=False)
+    assert seen == [3]                  # only the three-prompt step ran eagerly
+    assert calls                        # the others replayed the graph body
     for p, o in zip(prompts, outs):
         assert o.outputs[0].token_ids == hf_greedy(tiny_llama[0], p, 4)
 

@@ -49,6 +49,10 @@ class AttentionMetadata:
     # tiles must find them on the device (kernels/attention.py runs two launches over all
     # requests, each skipping the other's). Tiles only: the same attention, up to rounding.
     split_decodes: bool = False
+    # With split_decodes: at most this many requests have more than one query token (the
+    # graph's runner replays it only for such steps), which bounds the prompt launch's grid.
+    # None: any number.
+    max_prompt_reqs: Optional[int] = None
     # [B] int32 on device, or None (= all 0): request i attends only to context positions
     # >= seq_starts[i] (its causal window is [seq_starts[i], q_pos]). Set only in the virtual
     # batches of chunked local attention (kvflow/attention/local_attention.py), where a chunk

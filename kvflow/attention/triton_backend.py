@@ -68,7 +68,8 @@ class TritonAttentionImpl:
                           seq_starts=metadata.seq_starts,
                           k_scale=k_scale, v_scale=v_scale,
                           request_order=metadata.decode_order,
-                          split_decodes=metadata.split_decodes)
+                          split_decodes=metadata.split_decodes,
+                          max_prompt_reqs=metadata.max_prompt_reqs)
         return out
 
     def forward_qk_rope(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -26,7 +26,8 @@ split_decodes: the decode count is not a host int, so the Triton backend runs a 
 and a prefill launch over all R rows, each skipping the other's requests. (One launch of prefill
 tiles gives every decode a 128-row tile holding its QPK query heads: Mixtral-8x7B nanovllm run as
 606 such steps of ~383 tokens spent 6.15 s in attention against 4.27 s run in order, H200,
-benchmarks/results/ridden-s25/.)
+benchmarks/results/ridden-s25/.) A step replays only with at most MAX_PROMPTS prompt chunks
+(max_prompt_reqs, which sizes the prefill launch's grid); one with more runs eagerly.
 Backends that declare supports_cuda_graphs read every length from the tensors.
 
 The graph ends at the hidden states [T, hidden] (a static output per bucket); the runner gathers
@@ -50,6 +51,13 @@ from kvflow.worker.cuda_graphs import capture_buckets, captured_decode_order
 logger = logging.getLogger("kvflow")
 
 MAX_TOKENS = 512
+# Most requests with more than one query token (prompt chunks) a replayed step may hold: it
+# bounds the graphs' prompt attention grid (AttentionMetadata.max_prompt_reqs), sized for T / 2
+# two-token prompts without it. A step with more runs eagerly. Riding steps hold one to three;
+# serving many short prompts at once takes its large steps eagerly anyway. Pair time beside
+# 150-240 decodes: 166-251 us bounded by 4-16 against 176-262 unbounded (Llama-3.1-8B heads,
+# H200, benchmarks/results/mixed-prompts-s32/).
+MAX_PROMPTS = 16
 
 
 def default_token_buckets(max_num_batched_tokens: int, ride_budget: int = 0,
@@ -164,8 +172,9 @@ class MixedGraphs:
     def bucket(self, num_tokens: int) -> int:
         return next(t for t in self.buckets if t >= num_tokens)
 
-    def can_run(self, num_tokens: int) -> bool:
-        return self.ready and num_tokens <= self.max_tokens
+    def can_run(self, num_tokens: int, num_prompts: int = 0) -> bool:
+        """num_prompts: the step's requests with more than one query token."""
+        return self.ready and num_tokens <= self.max_tokens and num_prompts <= MAX_PROMPTS
 
     # ------------------------------------------------------------------ graph body
     def _unpack(self, T: int) -> None:
@@ -182,7 +191,7 @@ class MixedGraphs:
             num_actual_tokens=T, max_query_len=T, max_seq_len=self.max_model_len,
             query_start_loc=v.qsl, seq_lens=v.seq_lens, block_table=v.block_table,
             slot_mapping=v.slots, is_decode_only=False, split_decodes=split,
-            decode_order=order)
+            decode_order=order, max_prompt_reqs=MAX_PROMPTS)
         with set_forward_context(md, {LOCAL: md} if self.local_is_global else {}):
             return self.model(self.input_ids[:T], v.positions)
 

@@ -287,7 +287,8 @@ class ModelRunner:
                 logits = logits[torch.from_numpy(np.flatnonzero(sampling)).to(self.device)]
         else:
             logits_idx_t = None                  # [S] positions of the sampled rows, on device
-            if self.mixed_graphs is not None and self.mixed_graphs.can_run(total):
+            if (self.mixed_graphs is not None
+                    and self.mixed_graphs.can_run(total, int(np.count_nonzero(nsched > 1)))):
                 fill_tok = np.full(total, -1, dtype=np.int64)
                 fill_tok[from_device] = rows[req_idx[from_device]]
                 hidden, logits_idx_t, sample_rows = self.mixed_graphs.run(
