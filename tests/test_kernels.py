@@ -13,6 +13,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 import kvflow.kernels.attention as attn_mod  # noqa: E402
+import kvflow.kernels.attention_kernel as kernel_mod  # noqa: E402
 
 from kvflow.attention.backend import AttentionMetadata, AttentionSpec  # noqa: E402
 from kvflow.attention.triton_backend import TritonAttentionBackend  # noqa: E402
@@ -552,7 +553,7 @@ class TestGPU:
 def _qblock_probe(qsl_ptr, out_ptr, num_reqs, min_q_len, BLOCK_Q: tl.constexpr,
                   SCAN: tl.constexpr):
     row = tl.program_id(0)
-    req, q_block = attn_mod._find_qblock(qsl_ptr, num_reqs, row, min_q_len, BLOCK_Q, SCAN)
+    req, q_block = kernel_mod._find_qblock(qsl_ptr, num_reqs, row, min_q_len, BLOCK_Q, SCAN)
     tl.store(out_ptr + 2 * row, req)
     tl.store(out_ptr + 2 * row + 1, q_block)
 

@@ -59,7 +59,8 @@ def _merge_partials(part_ptr, m_ptr, l_ptr, prow, head, row_ok, n,
     return o / tl.where(row_ok, den, 1.0)[:, None]
 
 
-# m / l strides follow the split count (attention.py's _NO_SPECIALIZE says why not to specialize).
+# m / l strides follow the split count (attention_kernel.py's _NO_SPECIALIZE says why they
+# are not specialized).
 @triton.jit(do_not_specialize=["num_reqs", "num_splits", "stride_mt", "stride_mh"],
             do_not_specialize_on_alignment=["out_ptr", "part_ptr", "m_ptr", "l_ptr", "qsl_ptr"])
 def _merge_splits_kernel(out_ptr, part_ptr, m_ptr, l_ptr, qsl_ptr, num_reqs, num_splits,

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvflow.kernels.attention import _attend_loaded, _softmax_step
+from kvflow.kernels.attention_kernel import _attend_loaded, _softmax_step
 from kvflow.kernels.pdl import pdl_launch, pdl_launch_dependents, pdl_wait
 
 try:  # Triton >= 3.3 (host-side TMA descriptors)
