@@ -54,9 +54,9 @@ MAX_TOKENS = 512
 # Most requests with more than one query token (prompt chunks) a replayed step may hold: it
 # bounds the graphs' prompt attention grid (AttentionMetadata.max_prompt_reqs), sized for T / 2
 # two-token prompts without it. A step with more runs eagerly. Riding steps hold one to three;
-# serving many short prompts at once takes its large steps eagerly anyway. Pair time beside
-# 150-240 decodes: 166-251 us bounded by 4-16 against 176-262 unbounded (Llama-3.1-8B heads,
-# H200, benchmarks/results/mixed-prompts-s32/).
+# serving many short prompts at once takes its large steps eagerly anyway. The attention pair
+# of a 320-384-token step beside 150-240 decodes: 166-252 us bounded by 4-16 against 176-262
+# unbounded (Llama-3.1-8B heads, H200, benchmarks/results/mixed-prompts-s32/).
 MAX_PROMPTS = 16
 
 
