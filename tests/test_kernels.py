@@ -159,9 +159,9 @@ class TestAttention:
         # split_decodes both launches span every request (decodes anywhere, a padding request
         # with q_len 0, padding tokens), bounds instead of maxima, split partials indexed by
         # absolute token, and the decode launch dispatched longest context first. Unsplit,
-        # the prompt launch goes first and only the decode launch's first program waits for
-        # it (KVFLOW_ATTN_OVERLAP_PROMPTS=1, the default); split launches keep the serial
-        # order, decodes first.
+        # the prompt launch goes first and only an extra last grid row of the decode launch
+        # waits for it (KVFLOW_ATTN_OVERLAP_PROMPTS=1, the default); split launches keep the
+        # serial order, decodes first.
         monkeypatch.setenv("KVFLOW_ATTN_OVERLAP_PROMPTS", overlap)
         launches = _record_launches(monkeypatch, wait_one=True)
         order = None

@@ -29,9 +29,10 @@ Mapping programs to requests without host data (CUDA-graph safe):
     programs are dispatched first), and grid row w serves q-block w. A program finds its
     q-block by one vectorised prefix sum over query_start_loc (`_find_qblock`), before the PDL
     wait: those offsets are the step's input, not the previous kernel's output. The grid rows
-    T // BLOCK_Q + P bound the count for P served requests (P <= num_reqs, and <= T //
-    min_q_len); rows past the last q-block exit at once, without waiting, except row 0 of KV
-    head 0, whose wait keeps the launch from completing before its predecessor. In a
+    T // BLOCK_Q + P bound the count for P served requests (P <= num_reqs, <= T // min_q_len,
+    and <= the caller's max_prompt_reqs where it gives one); rows past the last q-block exit
+    at once, without waiting, except row 0 of KV head 0, whose wait keeps the launch from
+    completing before its predecessor. In a
     mixed-step graph's prefill launch (split_decodes) most of the R >= T request rows are
     decodes or padding: they get no q-block, and the few real programs run first.
   Actual lengths are always read from query_start_loc / seq_lens; the host ints max_query_len /
