@@ -88,6 +88,14 @@ def norm_fold() -> bool:
     return os.environ.get("KVFLOW_NORM_FOLD", "1") != "0"
 
 
+def split_k_norm() -> bool:
+    """KVFLOW_SPLIT_K_NORM (default 1): where the device's table says it pays, a projection
+    followed by a residual add + RMSNorm runs as fp32 K-slice products that the norm kernel
+    sums (kvflow/layers/split_k_norm.py); 0: cuBLAS's product, then the norm. Read at every
+    forward (CUDA graphs: at capture)."""
+    return os.environ.get("KVFLOW_SPLIT_K_NORM", "1") != "0"
+
+
 def skinny_table() -> str:
     """KVFLOW_SKINNY_TABLE (default unset): a skinny-GEMM config table to read instead of the
     device's committed one in kvflow/kernels/configs/ (tuning A/Bs, e.g. a table written by

@@ -400,6 +400,23 @@ class TestNormActivationRotary:
         _close(res, ref_res, dtype)
         _close(out, ref_out, dtype)
 
+    @pytest.mark.parametrize("dtype,N,S", [(torch.bfloat16, 64, 2), (torch.float16, 100, 3),
+                                           (torch.bfloat16, 96, 1)])
+    def test_fused_add_rms_norm_parts(self, dtype, N, S):
+        # fp32 K-slice partials summed in slice order and rounded once, then the plain fused
+        # add + norm: bit for bit what the norm gives the rounded sum.
+        parts = torch.randn(S, 6, N).to(DEVICE)
+        r = torch.randn(6, N).to(dtype).to(DEVICE)
+        w = (1 + 0.1 * torch.randn(N)).to(dtype).to(DEVICE)
+        x = parts[0].clone()
+        for s in range(1, S):
+            x += parts[s]
+        out, res = norm_mod.fused_add_rms_norm_parts(parts, r, w, 1e-6)
+        ref_out, ref_res = fused_add_rms_norm(x.to(dtype), r, w, 1e-6)
+        torch.testing.assert_close(res, ref_res, atol=0, rtol=0)
+        torch.testing.assert_close(out, ref_out, atol=0, rtol=0)
+        _close(out, ref_fused_add_rms_norm(x.to(dtype), r, w, 1e-6)[0], dtype)
+
     def test_rms_norm_two_pass(self, monkeypatch):
         monkeypatch.setattr(norm_mod, "_MAX_SINGLE", 64)
         monkeypatch.setattr(norm_mod, "_CHUNK", 32)

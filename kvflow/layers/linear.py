@@ -24,7 +24,7 @@ from kvflow import envs
 from kvflow.distributed import get_tp_rank, get_tp_size, tp_all_reduce
 from kvflow.layers.norm_fold import NormedHidden, fold_ok
 from kvflow.layers.loader_ref import weight_loader_of
-from kvflow.layers import ops
+from kvflow.layers import ops, split_k_norm
 
 _SKINNY_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -346,7 +346,14 @@ class RowParallelLinear(LinearBase):
                 shape = (*x.shape[:-1], n)
                 h = h.view(shape)
                 return NormedHidden(hg.view(shape), h, norm, fold, consumer), h
-            normed, residual = norm(self.forward(x, silu_mul_input), residual)
+            s = split_k_norm.slices(self, x, x.numel() // max(1, x.shape[-1]))
+            if s > 1:
+                if silu_mul_input:
+                    x = ops.silu_and_mul(x)
+                normed, residual = split_k_norm.linear_add_norm(x, self.weight, s, residual,
+                                                                norm)
+            else:
+                normed, residual = norm(self.forward(x, silu_mul_input), residual)
             return NormedHidden(normed, residual, norm), residual
         # Bias added once, after the reduction.
         if self.quant_method is not None:

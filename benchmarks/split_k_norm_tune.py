@@ -1,0 +1,134 @@
+"""Tune where a projection + residual add + RMSNorm runs as fp32 K-slices summed by the norm.
+
+    source benchmarks/device_env.sh && python3 benchmarks/split_k_norm_tune.py CONFIG_DIR
+        [CONFIG_DIR...] [--rows 24,32,...] [--splits 2,4] [--margin 0.03] [--out FILE]
+        [--table-out kvflow/kernels/configs/split_k_norm_<device>.json]
+
+Why (kvflow/layers/split_k_norm.py): at 64-384 rows cuBLAS runs Llama-3.1-8B's down projection
+as a split-K GEMM plus a reduce kernel of its own, then the norm kernel reads the reduced
+output back. The K-slices as one batched product with fp32 outputs, summed by the norm kernel
+as it loads them, save that launch and round trip where cuBLAS splits; elsewhere they lose.
+
+What: per projection followed by a norm in a decoder layer (o, down) of each model and per row
+count (default: the CUDA-graph sizes between 17 and 512, decode and mixed-step buckets),
+CUDA-graph replays rotating over enough weight copies that no weight is served from L2:
+linear + fused_add_rms_norm (what the engine runs without a table entry) and, per slice count
+S, bmm(out_dtype=fp32) + fused_add_rms_norm_parts. Outputs are checked against the linear
+path. One JSON line per (shape, rows, variant); with --table-out, the fastest S per (N, K, M)
+where it beats the linear path by more than --margin, merged into that table (other entries
+kept).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+from gemm_shapes import shapes  # noqa: E402
+from graph_timing import graph_time_us, jsonl_emitter  # noqa: E402
+from kvflow.kernels.norm import fused_add_rms_norm, fused_add_rms_norm_parts  # noqa: E402
+from kvflow.worker.cuda_graphs import default_buckets  # noqa: E402
+from kvflow.worker.mixed_graphs import default_token_buckets  # noqa: E402
+
+L2_BYTES = 50 << 20
+
+
+def graph_rows() -> list[int]:
+    """Row counts of the engine's default CUDA graphs (decode batch sizes, mixed-step token
+    buckets with the dense ride defaults) between the skinny GEMM's 16 and 512."""
+    rows = set(default_buckets(1024)) | set(default_token_buckets(16384, 512, 64))
+    return sorted(r for r in rows if 16 < r <= 512)
+
+
+def sliced(x: torch.Tensor, w: torch.Tensor, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K], w [N, K] -> views [S, M, K/S] and [S, K/S, N] (as layers/split_k_norm.py)."""
+    m, k = x.shape
+    n = w.shape[0]
+    ks = k // s
+    return x.view(m, s, ks).transpose(0, 1), w.view(n, s, ks).permute(1, 2, 0)
+
+
+def tune_shape(name: str, n: int, k: int, rows: list[int], splits: list[int], emit,
+               dev) -> dict[int, dict[str, float]]:
+    """{m: {variant: us}} for one (N, K) product followed by an add + norm."""
+    eps = 1e-5
+    copies = max(2, -(-3 * L2_BYTES // (n * k * 2)))
+    ws = [torch.randn(n, k, dtype=torch.bfloat16, device=dev) * 0.02 for _ in range(copies)]
+    g = torch.rand(n, dtype=torch.bfloat16, device=dev) + 0.5
+    times: dict[int, dict[str, float]] = {}
+    for m in rows:
+        x = torch.randn(m, k, dtype=torch.bfloat16, device=dev)
+        r = torch.randn(m, n, dtype=torch.bfloat16, device=dev)
+        base = dict(shape=name, m=m, n=n, k=k)
+
+        def linear_norm(w):
+            return fused_add_rms_norm(F.linear(x, w), r, g, eps)
+        ref = linear_norm(ws[0])
+        us = graph_time_us([lambda w=w: linear_norm(w) for w in ws], reps=5, iters=None)
+        times[m] = {"linear": us}
+        emit(dict(base, variant="linear", us=round(us, 2)))
+        for s in splits:
+            if k % (s * 64):
+                continue
+
+            def parts_norm(w, s=s):
+                xs, wsl = sliced(x, w, s)
+                return fused_add_rms_norm_parts(torch.bmm(xs, wsl, out_dtype=torch.float32),
+                                                r, g, eps)
+            got = parts_norm(ws[0])
+            err = max((a.float() - b.float()).abs().max().item() for a, b in zip(got, ref))
+            assert err < 0.5, (name, m, s, err)
+            us = graph_time_us([lambda w=w: parts_norm(w) for w in ws], reps=5, iters=None)
+            times[m][f"bmm{s}"] = us
+            emit(dict(base, variant=f"bmm{s}", us=round(us, 2), max_abs_diff=err))
+    return times
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("models", nargs="+")
+    ap.add_argument("--rows", default=None, help="(default: the CUDA-graph sizes in 17..512)")
+    ap.add_argument("--splits", default="2,4")
+    ap.add_argument("--margin", type=float, default=0.03)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--table-out", default=None)
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    rows = [int(r) for r in args.rows.split(",")] if args.rows else graph_rows()
+    splits = [int(s) for s in args.splits.split(",")]
+    emit = jsonl_emitter(args.out)
+    wins: dict[str, dict[str, int]] = {}
+    done = set()
+    for model in args.models:
+        with open(os.path.join(model, "config.json")) as f:
+            cfg = json.load(f)
+        for name in ("o", "down"):
+            n, k = shapes(cfg)[name]
+            if (n, k) in done:
+                continue
+            done.add((n, k))
+            per_m = wins.setdefault(f"{n},{k}", {})
+            for m, t in tune_shape(name, n, k, rows, splits, emit, dev).items():
+                best = min((us, v) for v, us in t.items())
+                if best[1] != "linear" and best[0] < t["linear"] * (1 - args.margin):
+                    per_m[str(m)] = int(best[1][3:])
+    if args.table_out:
+        table = {"device": torch.cuda.get_device_name(dev), "slices": {}}
+        if os.path.exists(args.table_out):
+            with open(args.table_out) as f:
+                table = json.load(f)
+        table["slices"].update(wins)
+        with open(args.table_out, "w") as f:
+            json.dump(table, f, indent=1, sort_keys=True)
+            f.write("\n")
+        print(json.dumps(table))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
