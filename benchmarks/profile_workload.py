@@ -97,7 +97,8 @@ class StepRecorder:
         self.trace_steps = 0
         self.trace_out = None
         self.trace_decode_b = 0      # > 0: trace from the first decode step of <= this batch
-        self.trace_ridden = False    # trace from the first step with prompt tokens riding
+        self.trace_ridden = 0        # > 0: from the first step with prompt tokens riding
+        #                              beside at least this many requests
         self._max_b = 0
         self._trace = None
         self._traced = 0
@@ -123,8 +124,8 @@ class StepRecorder:
                 if rec.trace_decode_b:
                     start = (rec._max_b > rec.trace_decode_b >= len(nsched)
                              and t == len(nsched))
-                elif rec.trace_ridden:   # >= 64 decodes, prompt tokens in a <= 512-token step
-                    start = 64 <= len(nsched) < t <= 512
+                elif rec.trace_ridden:   # prompt tokens in a <= 512-token step
+                    start = rec.trace_ridden <= len(nsched) < t <= 512
                 else:
                     start = kind == "mixed T>8192"
                 if rec._trace is None and start:
@@ -305,9 +306,10 @@ def main() -> int:
     p.add_argument("--trace-decode-b", type=int, default=0,
                    help="trace from the first decode-only step of at most this many requests, "
                         "once a step had more, instead (a mid-size decode step's timeline)")
-    p.add_argument("--trace-ridden", action="store_true",
+    p.add_argument("--trace-ridden", nargs="?", type=int, const=64, default=0,
+                   metavar="MIN_REQS",
                    help="trace from the first step of at most 512 tokens with prompt tokens "
-                        "riding beside >= 64 decoding requests, instead")
+                        "riding beside >= MIN_REQS (default 64) requests, instead")
     p.add_argument("--profile-steps", type=int, default=0,
                    help="kernel profile of this many single steps per kind (large mixed, large "
                         "decode), taken in the timing pass (those steps are not timed)")

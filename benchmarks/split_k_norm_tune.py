@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from gemm_shapes import shapes  # noqa: E402
 from graph_timing import graph_time_us, jsonl_emitter  # noqa: E402
 from kvflow.kernels.norm import fused_add_rms_norm, fused_add_rms_norm_parts  # noqa: E402
+from kvflow.layers.shape_tables import merge_table  # noqa: E402
 from kvflow.worker.cuda_graphs import default_buckets  # noqa: E402
 from kvflow.worker.mixed_graphs import default_token_buckets  # noqa: E402
 
@@ -118,15 +119,7 @@ def main() -> int:
                 if best[1] != "linear" and best[0] < t["linear"] * (1 - args.margin):
                     per_m[str(m)] = int(best[1][3:])
     if args.table_out:
-        table = {"device": torch.cuda.get_device_name(dev), "slices": {}}
-        if os.path.exists(args.table_out):
-            with open(args.table_out) as f:
-                table = json.load(f)
-        table["slices"].update(wins)
-        with open(args.table_out, "w") as f:
-            json.dump(table, f, indent=1, sort_keys=True)
-            f.write("\n")
-        print(json.dumps(table))
+        print(json.dumps(merge_table(args.table_out, torch.cuda.get_device_name(dev), wins)))
     return 0
 
 

@@ -96,6 +96,13 @@ def split_k_norm() -> bool:
     return os.environ.get("KVFLOW_SPLIT_K_NORM", "1") != "0"
 
 
+def row_pad() -> bool:
+    """KVFLOW_ROW_PAD (default 1): where the device's table says cuBLAS is faster at more rows,
+    a product runs on its input copied into a larger buffer (kvflow/layers/row_pad.py); 0:
+    every product at its own row count. Read at every forward (CUDA graphs: at capture)."""
+    return os.environ.get("KVFLOW_ROW_PAD", "1") != "0"
+
+
 def skinny_table() -> str:
     """KVFLOW_SKINNY_TABLE (default unset): a skinny-GEMM config table to read instead of the
     device's committed one in kvflow/kernels/configs/ (tuning A/Bs, e.g. a table written by

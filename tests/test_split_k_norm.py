@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 
 import kvflow.kernels  # noqa: E402,F401  (applies the interpreter fixes)
 from kvflow.kernels.norm import _rms_norm_kernel  # noqa: E402
-from kvflow.layers import split_k_norm  # noqa: E402
+from kvflow.layers import shape_tables, split_k_norm  # noqa: E402
 from kvflow.layers.linear import RowParallelLinear  # noqa: E402
 from kvflow.layers.norm import RMSNorm  # noqa: E402
 from tests.conftest import kernel_device, make_hf_model, save_hf_model  # noqa: E402
@@ -35,8 +35,8 @@ def force_split(monkeypatch):
     divide K); returns the state, whose "calls" counts the split launches."""
     state = {"s": 2, "calls": 0}
     monkeypatch.setattr(split_k_norm, "_device_ok", lambda x: True)
-    monkeypatch.setattr(split_k_norm, "_table",
-                        lambda device: _Every(state))
+    monkeypatch.setattr(split_k_norm, "_lookup",
+                        lambda device, n, k, m: state["s"] if k % state["s"] == 0 else None)
     real = split_k_norm.linear_add_norm
 
     def spy(*a, **kw):
@@ -44,16 +44,6 @@ def force_split(monkeypatch):
         return real(*a, **kw)
     monkeypatch.setattr(split_k_norm, "linear_add_norm", spy)
     return state
-
-
-class _Every(dict):
-    def __init__(self, state):
-        super().__init__()
-        self.state = state
-
-    def get(self, key, default=None):
-        n, k, m = key
-        return self.state["s"] if k % self.state["s"] == 0 else default
 
 
 def _layer(k: int, n: int, seed: int = 0) -> tuple[RowParallelLinear, RMSNorm]:
@@ -110,7 +100,8 @@ def test_conditions(monkeypatch):
     """The table's entry is taken only for a 16-bit, unbiased, unquantized, single-rank product
     on the device, untraced, with KVFLOW_SPLIT_K_NORM on; any other row count keeps cuBLAS."""
     monkeypatch.setattr(split_k_norm, "_device_ok", lambda x: True)
-    monkeypatch.setattr(split_k_norm, "_table", lambda device: {(32, 128, 4): 2})
+    monkeypatch.setattr(split_k_norm, "_lookup",
+                        lambda device, n, k, m: {(32, 128, 4): 2}.get((n, k, m)))
     lin = RowParallelLinear(128, 32).to(torch.bfloat16)
     x = torch.zeros(4, 128, dtype=torch.bfloat16)
     assert split_k_norm.slices(lin, x, 4) == 2
@@ -131,14 +122,14 @@ def test_conditions(monkeypatch):
 def test_committed_tables_are_valid():
     """Every committed table parses, and each slice count divides K into whole 64-wide
     slices (the tuner only tries those)."""
-    paths = glob.glob(split_k_norm.table_path("*").replace("_.json", "*.json"))
+    paths = glob.glob(shape_tables.table_path(split_k_norm.KIND, "*").replace("_.json", "*.json"))
     assert paths, "no committed table"
     for path in paths:
         with open(path) as f:
             data = json.load(f)
         device = data["device"]
-        assert split_k_norm.table_path(device) == path
-        table = split_k_norm.load_table(device)
+        assert shape_tables.table_path(split_k_norm.KIND, device) == path
+        table = shape_tables.load_table(split_k_norm.KIND, device)
         assert table
         for (n, k, m), s in table.items():
             assert s >= 2 and k % (s * 64) == 0 and m > 16, (path, n, k, m, s)

@@ -24,7 +24,7 @@ from kvflow import envs
 from kvflow.distributed import get_tp_rank, get_tp_size, tp_all_reduce
 from kvflow.layers.norm_fold import NormedHidden, fold_ok
 from kvflow.layers.loader_ref import weight_loader_of
-from kvflow.layers import ops, split_k_norm
+from kvflow.layers import ops, row_pad, split_k_norm
 
 _SKINNY_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -62,8 +62,13 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
             out: Optional[torch.Tensor]) -> torch.Tensor:
-    """F.linear, or the same product written by cuBLAS into `out`."""
+    """F.linear, or the same product written by cuBLAS into `out`; at more rows where the
+    device's table says cuBLAS is faster there (layers/row_pad.py)."""
     if out is None:
+        rows = row_pad.padded_rows(x.reshape(-1, x.shape[-1]), weight)
+        if rows is not None:
+            y = row_pad.linear_padded(x.reshape(-1, x.shape[-1]), weight, bias, rows)
+            return y.view(*x.shape[:-1], weight.shape[0])
         return F.linear(x, weight, bias)
     x2, o2 = x.reshape(-1, x.shape[-1]), out.view(-1, weight.shape[0])
     if bias is None:

@@ -12,49 +12,29 @@ then the residual add and the norm; only the order of the fp32 additions differs
 between any two GEMM tilings.
 
 Where it runs is measured, not guessed (the slices lose from ~448 rows and on shapes cuBLAS
-does not split): `kvflow/kernels/configs/split_k_norm_<device>.json`, written by
-benchmarks/split_k_norm_tune.py, holds the slice count per (N, K, M) where it beat the cuBLAS
-path by a margin; any other product keeps cuBLAS. Both CUDA graph buckets and eager steps look
+does not split): the table `kvflow/kernels/configs/split_k_norm_<device>.json`
+(layers/shape_tables.py), written by benchmarks/split_k_norm_tune.py, holds the slice count per
+(N, K, M) where it beat the cuBLAS path by a margin; any other product keeps cuBLAS. Both CUDA graph buckets and eager steps look
 their exact row count up. Off: CPU, fp32, torch.compile tracing, tensor parallelism (the
 partials would need their all-reduce first), quantized or biased projections, and
 KVFLOW_SPLIT_K_NORM=0.
 """
 from __future__ import annotations
 
-import functools
-import json
-import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from kvflow import envs
 from kvflow.distributed import get_tp_size
+from kvflow.layers import shape_tables
 
 if TYPE_CHECKING:  # pragma: no cover
     from kvflow.layers.linear import LinearBase
     from kvflow.layers.norm import RMSNorm
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "kernels", "configs")
 _DTYPES = (torch.float16, torch.bfloat16)
-
-
-def table_path(device_name: str) -> str:
-    safe = "".join(c if c.isalnum() or c in "-." else "_" for c in device_name)
-    return os.path.join(CONFIG_DIR, f"split_k_norm_{safe}.json")
-
-
-@functools.lru_cache(maxsize=None)
-def load_table(device_name: str) -> dict[tuple[int, int, int], int]:
-    """{(n, k, m): slices} for a GPU model. File format (benchmarks/split_k_norm_tune.py):
-    {"device": name, "slices": {"N,K": {"M": S}}}. Missing file: empty table."""
-    path = table_path(device_name)
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        data = json.load(f)
-    return {(*(int(v) for v in nk.split(",")), int(m)): int(s)
-            for nk, per_m in data["slices"].items() for m, s in per_m.items()}
+KIND = "split_k_norm"      # its table (layers/shape_tables.py): K-slices by (N, K, M)
 
 
 def _device_ok(x: torch.Tensor) -> bool:
@@ -62,9 +42,8 @@ def _device_ok(x: torch.Tensor) -> bool:
     return x.is_cuda
 
 
-def _table(device: torch.device) -> dict[tuple[int, int, int], int]:
-    from kvflow.kernels.device import device_properties
-    return load_table(device_properties(device).name) if device.type == "cuda" else {}
+def _lookup(device: torch.device, n: int, k: int, m: int) -> Optional[int]:
+    return shape_tables.lookup(KIND, device, n, k, m)
 
 
 def slices(layer: "LinearBase", x: torch.Tensor, m: int) -> int:
@@ -76,7 +55,7 @@ def slices(layer: "LinearBase", x: torch.Tensor, m: int) -> int:
             or torch.compiler.is_compiling() or get_tp_size() > 1 or not envs.split_k_norm()):
         return 1
     n, k = w.shape
-    return _table(x.device).get((n, k, m), 1)
+    return _lookup(x.device, n, k, m) or 1
 
 
 def linear_add_norm(x: torch.Tensor, weight: torch.Tensor, s: int, residual: torch.Tensor,
