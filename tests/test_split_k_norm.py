@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -109,6 +110,8 @@ def test_conditions(monkeypatch):
     assert split_k_norm.slices(RowParallelLinear(128, 32), x.float(), 4) == 1
     assert split_k_norm.slices(RowParallelLinear(128, 32, bias=True).to(torch.bfloat16), x,
                                4) == 1
+    # a quantized layer (GPTQ) has no `weight` at all
+    assert split_k_norm.slices(SimpleNamespace(quant_method=object(), bias=None), x, 4) == 1
     monkeypatch.setenv("KVFLOW_SPLIT_K_NORM", "0")
     assert split_k_norm.slices(lin, x, 4) == 1
     monkeypatch.delenv("KVFLOW_SPLIT_K_NORM")

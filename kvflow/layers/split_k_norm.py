@@ -49,12 +49,12 @@ def _lookup(device: torch.device, n: int, k: int, m: int) -> Optional[int]:
 def slices(layer: "LinearBase", x: torch.Tensor, m: int) -> int:
     """K-slices for `layer`'s product on the m rows of x (its input, or gate | up that the
     activation turns into it) followed by an add + norm; 1: the product as it runs alone."""
-    w = layer.weight
-    if (not _device_ok(x) or x.dtype not in _DTYPES or w.dtype != x.dtype
-            or layer.quant_method is not None or layer.bias is not None
+    # Quantized layers (GPTQ) hold no `weight`: checked first.
+    if (layer.quant_method is not None or not _device_ok(x) or x.dtype not in _DTYPES
+            or layer.weight.dtype != x.dtype or layer.bias is not None
             or torch.compiler.is_compiling() or get_tp_size() > 1 or not envs.split_k_norm()):
         return 1
-    n, k = w.shape
+    n, k = layer.weight.shape
     return _lookup(x.device, n, k, m) or 1
 
 
