@@ -11,7 +11,7 @@ reduction is in fp32. Inputs may have any leading shape [..., N] with a contiguo
 
 takes the fp32 K-slice partial products of the projection before the norm (S x [M, N]) and
 sums them as it loads x, in slice order: the split-K reduction a GEMM library would run as a
-kernel of its own (layers/splitk_norm.py says where that pays).
+kernel of its own (layers/split_k_norm.py says where that pays).
 """
 from __future__ import annotations
 
@@ -46,8 +46,9 @@ def _rms_norm_kernel(
             x = tl.load(x_row + cols).to(tl.float32)
         else:
             x = tl.load(x_row + cols, mask=cols < N, other=0.0).to(tl.float32)
-        # x is slice 0 of PARTS fp32 partial products: add the others in slice order and
-        # round once, as the product's own output would be.
+        # With PARTS > 1, x is slice 0 of fp32 partial products: add the others in slice
+        # order. An fp32 x (ROUND_X) is rounded once to the output dtype, as the product's
+        # own output would be.
         for s in tl.static_range(1, PARTS):
             x += tl.load(x_row + s * stride_part + cols, mask=cols < N, other=0.0)
         if ROUND_X:
@@ -114,7 +115,8 @@ def _launch(x2, r2, weight, out, res_out, eps, has_res, num_warps=None, parts: i
     _rms_norm_kernel[(M,)](
         x2, r2, weight, out, res_out, x2.stride(0), r2.stride(0), out.stride(0),
         res_out.stride(0), N, eps, stride_part, BLOCK=block, SINGLE=single, HAS_RES=has_res,
-        EVEN=(block == N), PARTS=parts, ROUND_X=round_x, num_warps=num_warps, **pdl_launch(x2.device))
+        EVEN=(block == N), PARTS=parts, ROUND_X=round_x, num_warps=num_warps,
+        **pdl_launch(x2.device))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

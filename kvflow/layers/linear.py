@@ -65,9 +65,10 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     """F.linear, or the same product written by cuBLAS into `out`; at more rows where the
     device's table says cuBLAS is faster there (layers/row_pad.py)."""
     if out is None:
-        rows = row_pad.padded_rows(x.reshape(-1, x.shape[-1]), weight)
+        x2 = x.reshape(-1, x.shape[-1])
+        rows = row_pad.padded_rows(x2, weight)
         if rows is not None:
-            y = row_pad.linear_padded(x.reshape(-1, x.shape[-1]), weight, bias, rows)
+            y = row_pad.linear_padded(x2, weight, bias, rows)
             return y.view(*x.shape[:-1], weight.shape[0])
         return F.linear(x, weight, bias)
     x2, o2 = x.reshape(-1, x.shape[-1]), out.view(-1, weight.shape[0])

@@ -1,17 +1,17 @@
 """A product run at more rows than it has, where cuBLAS is faster there.
 
 cuBLAS picks its kernel by the problem's shape, and at some row counts the pick is poor:
-Llama-3.1-8B's q|k|v product (N = 6144, K = 4096) takes 32.4 us at 320 rows and 25.6 at 328,
-its gate|up product 272 us at 448 rows and 154 at 512 (H200, alone;
-benchmarks/results/split-k-norm-s33/cublas-rows-probe-llama-nvidia-h200.jsonl). A mixed-step
-CUDA graph of 320 tokens, the most common step of Llama-3.1-8B nanovllm, runs its q|k|v
-product 32 times. Here x is copied into the first M rows of an M'-row buffer (the pad rows are
-left as they are: a product's rows are independent, and theirs are dropped) and the product's
-first M rows are returned, a view of contiguous rows.
+Llama-3.1-8B's gate|up product (N = 28672, K = 4096) takes 266-272 us at 448 rows and 154-162
+at 456-512 (two H200 hosts, alone; benchmarks/results/split-k-norm-s33/), a quarter of a
+448-token mixed step. Here x is copied into the first M rows of an M'-row buffer (the pad rows
+are left as they are: a product's rows are independent, and theirs are dropped) and the
+product's first M rows are returned, a view of contiguous rows.
 
 Where it runs is measured: the table `kvflow/kernels/configs/row_pad_<device>.json`
 (layers/shape_tables.py), written by benchmarks/row_pad_tune.py, holds M' per (N, K, M) where
-the copy plus the padded product beat the plain one by a margin. Off: CPU, fp32, torch.compile
+the copy plus the padded product beat the plain one by more than 10% (smaller differences
+move with the host and with what ran before: q|k|v at 320 rows reads 27-33 us with one
+kernel, and padding it was level in the engine). Off: CPU, fp32, torch.compile
 tracing (the row count is symbolic there), products written into a caller's `out`, and
 KVFLOW_ROW_PAD=0.
 """
