@@ -17,7 +17,6 @@ fastest M' per (N, K, M) where it beats M by more than --margin, merged into tha
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -26,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from gemm_shapes import shapes  # noqa: E402
 from graph_timing import graph_time_us, jsonl_emitter  # noqa: E402
-from split_k_norm_tune import L2_BYTES, graph_rows  # noqa: E402
+from split_k_norm_tune import (graph_rows, rotated_weights, tuner_parser,  # noqa: E402
+                               unique_shapes)
 from kvflow.layers.row_pad import linear_padded  # noqa: E402
 from kvflow.layers.shape_tables import merge_table  # noqa: E402
 
@@ -39,46 +38,31 @@ def candidates(m: int) -> list[int]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("models", nargs="+")
-    ap.add_argument("--rows", default=None, help="(default: the CUDA-graph sizes in 17..512)")
-    ap.add_argument("--margin", type=float, default=0.10)
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--table-out", default=None)
-    args = ap.parse_args()
+    args = tuner_parser(margin=0.10).parse_args()
     dev = torch.device("cuda")
     rows = [int(r) for r in args.rows.split(",")] if args.rows else graph_rows()
     emit = jsonl_emitter(args.out)
     wins: dict[str, dict[str, int]] = {}
-    done = set()
-    for model in args.models:
-        with open(os.path.join(model, "config.json")) as f:
-            cfg = json.load(f)
-        for name, (n, k) in shapes(cfg).items():
-            if (n, k) in done:
-                continue
-            done.add((n, k))
-            copies = max(2, -(-3 * L2_BYTES // (n * k * 2)))
-            ws = [torch.randn(n, k, dtype=torch.bfloat16, device=dev) * 0.02
-                  for _ in range(copies)]
-            per_m = wins.setdefault(f"{n},{k}", {})
-            for m in rows:
-                x = torch.randn(m, k, dtype=torch.bfloat16, device=dev)
-                base = graph_time_us([lambda w=w: F.linear(x, w) for w in ws], reps=5,
-                                     iters=None)
-                emit(dict(shape=name, n=n, k=k, m=m, rows=m, us=round(base, 2)))
-                best = (base, m)
-                ref = F.linear(x, ws[0]).float()
-                for mp in candidates(m):
-                    # Another kernel may add in another order: a few bf16 ulps of the output.
-                    err = (linear_padded(x, ws[0], None, mp).float() - ref).abs().max()
-                    assert err <= 0.02 * ref.abs().max(), (name, m, mp, err)
-                    us = graph_time_us([lambda w=w, mp=mp: linear_padded(x, w, None, mp)
-                                        for w in ws], reps=5, iters=None)
-                    emit(dict(shape=name, n=n, k=k, m=m, rows=mp, us=round(us, 2)))
-                    best = min(best, (us, mp))
-                if best[1] != m and best[0] < base * (1 - args.margin):
-                    per_m[str(m)] = best[1]
+    for name, n, k in unique_shapes(args.models):
+        ws = rotated_weights(n, k, dev)
+        per_m = wins.setdefault(f"{n},{k}", {})
+        for m in rows:
+            x = torch.randn(m, k, dtype=torch.bfloat16, device=dev)
+            base = graph_time_us([lambda w=w: F.linear(x, w) for w in ws], reps=5,
+                                 iters=None)
+            emit(dict(shape=name, n=n, k=k, m=m, rows=m, us=round(base, 2)))
+            best = (base, m)
+            ref = F.linear(x, ws[0]).float()
+            for mp in candidates(m):
+                # Another kernel may add in another order: a few bf16 ulps of the output.
+                err = (linear_padded(x, ws[0], None, mp).float() - ref).abs().max()
+                assert err <= 0.02 * ref.abs().max(), (name, m, mp, err)
+                us = graph_time_us([lambda w=w, mp=mp: linear_padded(x, w, None, mp)
+                                    for w in ws], reps=5, iters=None)
+                emit(dict(shape=name, n=n, k=k, m=m, rows=mp, us=round(us, 2)))
+                best = min(best, (us, mp))
+            if best[1] != m and best[0] < base * (1 - args.margin):
+                per_m[str(m)] = best[1]
     if args.table_out:
         print(json.dumps(merge_table(args.table_out, torch.cuda.get_device_name(dev), wins)))
     return 0

@@ -54,12 +54,41 @@ def sliced(x: torch.Tensor, w: torch.Tensor, s: int) -> tuple[torch.Tensor, torc
     return x.view(m, s, ks).transpose(0, 1), w.view(n, s, ks).permute(1, 2, 0)
 
 
+def tuner_parser(margin: float) -> argparse.ArgumentParser:
+    """The command line both shape-table tuners take (this one and row_pad_tune.py)."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("models", nargs="+")
+    ap.add_argument("--rows", default=None, help="(default: the CUDA-graph sizes in 17..512)")
+    ap.add_argument("--margin", type=float, default=margin)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--table-out", default=None)
+    return ap
+
+
+def unique_shapes(models: list[str], names=None):
+    """(name, N, K) of the models' decoder products (`names` of them, default all), each
+    (N, K) once."""
+    done = set()
+    for model in models:
+        with open(os.path.join(model, "config.json")) as f:
+            cfg = json.load(f)
+        for name, (n, k) in shapes(cfg).items():
+            if (names is None or name in names) and (n, k) not in done:
+                done.add((n, k))
+                yield name, n, k
+
+
+def rotated_weights(n: int, k: int, dev) -> list[torch.Tensor]:
+    """Enough [N, K] weight copies that, rotated, none is served from L2."""
+    copies = max(2, -(-3 * L2_BYTES // (n * k * 2)))
+    return [torch.randn(n, k, dtype=torch.bfloat16, device=dev) * 0.02 for _ in range(copies)]
+
+
 def tune_shape(name: str, n: int, k: int, rows: list[int], splits: list[int], emit,
                dev) -> dict[int, dict[str, float]]:
     """{m: {variant: us}} for one (N, K) product followed by an add + norm."""
     eps = 1e-5
-    copies = max(2, -(-3 * L2_BYTES // (n * k * 2)))
-    ws = [torch.randn(n, k, dtype=torch.bfloat16, device=dev) * 0.02 for _ in range(copies)]
+    ws = rotated_weights(n, k, dev)
     g = torch.rand(n, dtype=torch.bfloat16, device=dev) + 0.5
     times: dict[int, dict[str, float]] = {}
     for m in rows:
@@ -91,33 +120,20 @@ def tune_shape(name: str, n: int, k: int, rows: list[int], splits: list[int], em
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("models", nargs="+")
-    ap.add_argument("--rows", default=None, help="(default: the CUDA-graph sizes in 17..512)")
+    ap = tuner_parser(margin=0.03)
     ap.add_argument("--splits", default="2,4")
-    ap.add_argument("--margin", type=float, default=0.03)
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--table-out", default=None)
     args = ap.parse_args()
     dev = torch.device("cuda")
     rows = [int(r) for r in args.rows.split(",")] if args.rows else graph_rows()
     splits = [int(s) for s in args.splits.split(",")]
     emit = jsonl_emitter(args.out)
     wins: dict[str, dict[str, int]] = {}
-    done = set()
-    for model in args.models:
-        with open(os.path.join(model, "config.json")) as f:
-            cfg = json.load(f)
-        for name in ("o", "down"):
-            n, k = shapes(cfg)[name]
-            if (n, k) in done:
-                continue
-            done.add((n, k))
-            per_m = wins.setdefault(f"{n},{k}", {})
-            for m, t in tune_shape(name, n, k, rows, splits, emit, dev).items():
-                best = min((us, v) for v, us in t.items())
-                if best[1] != "linear" and best[0] < t["linear"] * (1 - args.margin):
-                    per_m[str(m)] = int(best[1][3:])
+    for name, n, k in unique_shapes(args.models, ("o", "down")):
+        per_m = wins.setdefault(f"{n},{k}", {})
+        for m, t in tune_shape(name, n, k, rows, splits, emit, dev).items():
+            best = min((us, v) for v, us in t.items())
+            if best[1] != "linear" and best[0] < t["linear"] * (1 - args.margin):
+                per_m[str(m)] = int(best[1][3:])
     if args.table_out:
         print(json.dumps(merge_table(args.table_out, torch.cuda.get_device_name(dev), wins)))
     return 0
