@@ -13,7 +13,8 @@ What: per projection followed by a norm in a decoder layer (o, down) of each mod
 count (default: the CUDA-graph sizes between 17 and 512, decode and mixed-step buckets),
 CUDA-graph replays rotating over enough weight copies that no weight is served from L2:
 linear + fused_add_rms_norm (what the engine runs without a table entry) and, per slice count
-S, bmm(out_dtype=fp32) + fused_add_rms_norm_parts. Outputs are checked against the linear
+S, the engine's split path itself (layers/split_k_norm.py linear_add_norm: bmm(out_dtype=fp32)
++ fused_add_rms_norm_parts). Outputs are checked against the linear
 path. One JSON line per (shape, rows, variant); with --table-out, the fastest S per (N, K, M)
 where it beats the linear path by more than --margin, merged into that table (other entries
 kept).
@@ -31,7 +32,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 from gemm_shapes import shapes  # noqa: E402
 from graph_timing import graph_time_us, jsonl_emitter  # noqa: E402
-from kvflow.kernels.norm import fused_add_rms_norm, fused_add_rms_norm_parts  # noqa: E402
+from kvflow.kernels.norm import fused_add_rms_norm  # noqa: E402
+from kvflow.layers.norm import RMSNorm  # noqa: E402
+from kvflow.layers.split_k_norm import linear_add_norm  # noqa: E402
 from kvflow.layers.shape_tables import merge_table  # noqa: E402
 from kvflow.worker.cuda_graphs import default_buckets  # noqa: E402
 from kvflow.worker.mixed_graphs import default_token_buckets  # noqa: E402
@@ -44,14 +47,6 @@ def graph_rows() -> list[int]:
     buckets with the dense ride defaults) between the skinny GEMM's 16 and 512."""
     rows = set(default_buckets(1024)) | set(default_token_buckets(16384, 512, 64))
     return sorted(r for r in rows if 16 < r <= 512)
-
-
-def sliced(x: torch.Tensor, w: torch.Tensor, s: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K], w [N, K] -> views [S, M, K/S] and [S, K/S, N] (as layers/split_k_norm.py)."""
-    m, k = x.shape
-    n = w.shape[0]
-    ks = k // s
-    return x.view(m, s, ks).transpose(0, 1), w.view(n, s, ks).permute(1, 2, 0)
 
 
 def tuner_parser(margin: float) -> argparse.ArgumentParser:
@@ -87,9 +82,10 @@ def rotated_weights(n: int, k: int, dev) -> list[torch.Tensor]:
 def tune_shape(name: str, n: int, k: int, rows: list[int], splits: list[int], emit,
                dev) -> dict[int, dict[str, float]]:
     """{m: {variant: us}} for one (N, K) product followed by an add + norm."""
-    eps = 1e-5
     ws = rotated_weights(n, k, dev)
-    g = torch.rand(n, dtype=torch.bfloat16, device=dev) + 0.5
+    norm = RMSNorm(n, 1e-5).to(dev)
+    norm.weight.data = torch.rand(n, dtype=torch.bfloat16, device=dev) + 0.5
+    g, eps = norm.weight, norm.eps
     times: dict[int, dict[str, float]] = {}
     for m in rows:
         x = torch.randn(m, k, dtype=torch.bfloat16, device=dev)
@@ -107,9 +103,7 @@ def tune_shape(name: str, n: int, k: int, rows: list[int], splits: list[int], em
                 continue
 
             def parts_norm(w, s=s):
-                xs, wsl = sliced(x, w, s)
-                return fused_add_rms_norm_parts(torch.bmm(xs, wsl, out_dtype=torch.float32),
-                                                r, g, eps)
+                return linear_add_norm(x, w, s, r, norm)
             got = parts_norm(ws[0])
             err = max((a.float() - b.float()).abs().max().item() for a, b in zip(got, ref))
             assert err < 0.5, (name, m, s, err)

@@ -26,13 +26,12 @@ from kvflow import envs
 from kvflow.layers import shape_tables
 
 KIND = "row_pad"      # its table (layers/shape_tables.py): rows to run at, by (N, K, M)
-_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def padded_rows(x2: torch.Tensor, weight: torch.Tensor) -> Optional[int]:
     """M' > M for the product of x2 [M, K] and weight [N, K] where the table has one."""
-    if (not x2.is_cuda or x2.dtype not in _DTYPES or torch.compiler.is_compiling()
-            or not envs.row_pad()):
+    if (not x2.is_cuda or x2.dtype not in shape_tables.DTYPES
+            or torch.compiler.is_compiling() or not envs.row_pad()):
         return None
     n, k = weight.shape
     return shape_tables.lookup(KIND, x2.device, n, k, x2.shape[0])

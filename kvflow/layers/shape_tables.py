@@ -20,6 +20,8 @@ from typing import Optional
 import torch
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "kernels", "configs")
+# The input dtypes a table's choices apply to (tuned in bf16; fp16 runs the same kernels).
+DTYPES = (torch.float16, torch.bfloat16)
 
 
 def table_path(kind: str, device_name: str) -> str:

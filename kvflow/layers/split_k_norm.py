@@ -35,7 +35,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from kvflow.layers.linear import LinearBase
     from kvflow.layers.norm import RMSNorm
 
-_DTYPES = (torch.float16, torch.bfloat16)
 KIND = "split_k_norm"      # its table (layers/shape_tables.py): K-slices by (N, K, M)
 
 
@@ -52,8 +51,9 @@ def slices(layer: "LinearBase", x: torch.Tensor, m: int) -> int:
     """K-slices for `layer`'s product on the m rows of x (its input, or gate | up that the
     activation turns into it) followed by an add + norm; 1: the product as it runs alone."""
     # Quantized layers (GPTQ) hold no `weight`: checked first.
-    if (layer.quant_method is not None or not _device_ok(x) or x.dtype not in _DTYPES
-            or layer.weight.dtype != x.dtype or layer.bias is not None
+    if (layer.quant_method is not None or not _device_ok(x)
+            or x.dtype not in shape_tables.DTYPES or layer.weight.dtype != x.dtype
+            or layer.bias is not None
             or torch.compiler.is_compiling() or get_tp_size() > 1 or not envs.split_k_norm()):
         return 1
     n, k = layer.weight.shape
