@@ -56,13 +56,15 @@ def fake_output(s: Scheduler, so, stop_at: dict | None = None) -> RunnerOutput:
 
 
 def simulate(requests, cost, *, cap_tokens, block_size, max_num_seqs, budget, admission,
-             stop_at=None, ride_budget=0, ride_granule=0, step_tokens=None):
+             stop_at=None, ride_budget=0, ride_granule=0, ride_chunk=0, ride_fill=0,
+             step_tokens=None):
     """ride_budget: the scheduler's, with the requests added longest max_tokens first as
     LLM.generate does then. step_tokens: a list that gets each step's token count."""
     s = Scheduler(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget, max_model_len=4096,
                   num_blocks=cap_tokens // block_size, block_size=block_size,
                   enable_prefix_caching=True, admission_control=admission,
-                  ride_budget=ride_budget, ride_granule=ride_granule)
+                  ride_budget=ride_budget, ride_granule=ride_granule, ride_chunk=ride_chunk,
+                  ride_fill=ride_fill)
     items = list(requests.items())
     if ride_budget:
         items.sort(key=lambda kv: -kv[1][1].max_tokens)

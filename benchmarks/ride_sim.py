@@ -1,6 +1,7 @@
 """Llama-3.1-8B nanovllm schedules under ride budgets, on the scheduler alone (CPU).
 
-    python3 benchmarks/ride_sim.py [--budgets 0,256,384] [--granule G] [--predicted-room]
+    python3 benchmarks/ride_sim.py [--budgets 0,256,384] [--granule G] [--chunks 0,384]
+        [--fill F] [--mixed-ms M] [--predicted-room]
 
 Drives kvflow's Scheduler (admission control on, the H200's 864K-token cache in 64-token
 blocks, requests fed longest max_tokens first when riding, as LLM.generate does) and prices
@@ -18,6 +19,13 @@ the smallest multiple of G that keeps every prompt on time. The model put 512 pa
 mixed step costs beyond its products and KV reads: ~2.1 ms a step on Llama-3.1-8B, mostly the
 mixed-step graph's two attention launches (results/paced-ride-s31), which pacing makes more
 of (911 mixed steps against 466).
+
+--chunks C1,C2 --fill F run lazy riding (the scheduler's ride_chunk / ride_fill, session 34);
+--mixed-ms M adds M ms to each step with prompt tokens (~1.3 by session 33's profile, ~0.6-1
+by the A/B). At 1.3 ms the model put 384 / 160 at 12.41 s against 12.73 every step paced
+(-2.5%), at 0.6 ms -1.2%, at 0 -0.2%; the H200 read +1.0-1.2% tok/s
+(results/lazy-ride-s34). The model puts fill 128-192 within 0.3% of each other; the H200
+put 160 first (128 -0.5%, 192 -0.3%, 224 -1.0%).
 
 --predicted-room replaces Scheduler._step_budget's check with one that lets the room of
 future steps grow as running decodes finish (their tokens left are known) instead of holding
@@ -41,21 +49,30 @@ KV_BYTES = 131072           # per token
 WEIGHT_BOUND_ROWS = 160
 
 
-def step_ms(tokens: int, kv_tokens: int) -> float:
+def step_ms(tokens: int, kv_tokens: int, mixed_ms: float = 0.0, mixed: bool = False) -> float:
     products = (float(np.interp(tokens, PRODUCT_ROWS, PRODUCT_MS)) if tokens <= 1000
                 else tokens * 0.0207)
-    return products + kv_tokens * KV_BYTES / 4.0e9 + 0.35
+    return products + kv_tokens * KV_BYTES / 4.0e9 + 0.35 + (mixed_ms if mixed else 0.0)
 
 
-def simulate(ride_budget: int, ride_granule: int = 0) -> dict:
+def simulate(ride_budget: int, ride_granule: int = 0, ride_chunk: int = 0,
+             mixed_ms: float = 0.0, ride_fill: int = 0) -> dict:
     reqs, out = admission_sim.anchors("nanovllm")
     rows: list[int] = []
-    r = admission_sim.simulate(reqs, lambda tokens, _reqs, kv: step_ms(tokens, kv),
-                               cap_tokens=864768, block_size=64, max_num_seqs=1024,
+    mixed = [0]
+
+    def cost(tokens: int, num_reqs: int, kv: int) -> float:
+        is_mixed = tokens > num_reqs   # a prompt chunk in the step
+        mixed[0] += is_mixed
+        return step_ms(tokens, kv, mixed_ms, is_mixed)
+
+    r = admission_sim.simulate(reqs, cost, cap_tokens=864768, block_size=64, max_num_seqs=1024,
                                budget=16384, admission=True, ride_budget=ride_budget,
-                               ride_granule=ride_granule, step_tokens=rows)
+                               ride_granule=ride_granule, ride_chunk=ride_chunk, ride_fill=ride_fill,
+                               step_tokens=rows)
     big = [i for i, n in enumerate(rows) if n > ride_budget] if ride_budget else []
     return dict(model_s=r["model_s"], tok_s=round(out / r["model_s"]), steps=r["steps"],
+                steps_with_prompts=mixed[0],
                 steps_under_weight_bound=sum(n < WEIGHT_BOUND_ROWS for n in rows),
                 full_budget_steps=big[:12])
 
@@ -101,12 +118,19 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budgets", default="0,128,192,256,384,512")
     ap.add_argument("--granule", type=int, default=0)
+    ap.add_argument("--chunks", default="0",
+                    help="the scheduler's ride_chunk values to run (with --granule)")
+    ap.add_argument("--fill", type=int, default=0, help="the scheduler's ride_fill")
+    ap.add_argument("--mixed-ms", type=float, default=0.0,
+                    help="what a step with prompt tokens costs beyond its products and KV reads")
     ap.add_argument("--predicted-room", action="store_true")
     args = ap.parse_args()
     if args.predicted_room:
         Scheduler._step_budget = predicted_room_budget
     for b in (int(x) for x in args.budgets.split(",")):
-        print(f"ride_budget {b}: {simulate(b, args.granule)}", flush=True)
+        for c in (int(x) for x in args.chunks.split(",")):
+            print(f"ride_budget {b} ride_chunk {c}: "
+                  f"{simulate(b, args.granule, c, args.mixed_ms, args.fill)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -106,6 +106,11 @@ class SchedulerConfig:
     # 0: a riding step takes all of ride_budget; g > 0: the smallest multiple of g (or
     # ride_budget itself, if smaller) that keeps every waiting prompt on time (paced).
     ride_granule: int = 0
+    # Lazy riding (paced only): a step with at least ride_fill decodes takes prompt tokens only
+    # once the paced rate has banked ride_chunk of them; one with fewer fills up to ride_fill
+    # rows (Scheduler._step_budget). 0: every paced step rides.
+    ride_chunk: int = 0
+    ride_fill: int = 0
 
     def __post_init__(self):
         if self.policy not in ("fcfs", "priority"):
@@ -124,6 +129,10 @@ class SchedulerConfig:
             raise _fail("ride_budget", "needs enable_chunked_prefill (prompts ride in pieces)")
         if not isinstance(self.ride_granule, int) or self.ride_granule < 0:
             raise _fail("ride_granule", f"must be an integer >= 0, got {self.ride_granule!r}")
+        for name in ("ride_chunk", "ride_fill"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise _fail(name, f"must be an integer >= 0, got {v!r}")
 
 
 # distributed_executor_backend values: "mp" = one worker process per rank on this host (the
@@ -443,6 +452,16 @@ DENSE_RIDE_BUDGET = 512
 # graph bucket (worker/mixed_graphs.py): 64 adds four graphs (~1 s of capture) to the powers of
 # two. benchmarks/ride_sim.py put 32 / 64 / 128 at 11.51 / 11.55 / 11.60 s.
 DENSE_RIDE_GRANULE = 64
+# Lazy riding (Scheduler._step_budget, session 34): a paced step with at least DENSE_RIDE_FILL
+# decodes takes prompt tokens only once DENSE_RIDE_CHUNK of them are due, so fewer steps are
+# mixed (a mixed step costs ~1 ms more than its products and KV reads on Llama-3.1-8B); one with
+# fewer decodes takes prompt tokens up to DENSE_RIDE_FILL rows, the weight-bound room (~160
+# rows on an H200, above). Llama-3.1-8B nanovllm, H200, one lease, each twice: 10870 / 10847
+# tok/s every step paced; chunk / fill 384 / 160 10983 / 10982 / 10985 / 10978, 256 / 160
+# 10969-10978, 512 / 160 10964-10979, 384 / 128 10969-10977, 256 / 128 10921, 384 / 192
+# 10951, 384 / 224 10878 (benchmarks/results/lazy-ride-s34). ride_sim.py ranks them alike.
+DENSE_RIDE_CHUNK = 384
+DENSE_RIDE_FILL = 160
 # ...for models with at least this many parameters in their layers' products
 # (ModelConfig.layer_product_params). A ridden prompt token saves what it would cost in a
 # prefill step, which grows with the model, while what a mixed step adds (a second attention
@@ -532,6 +551,7 @@ def create_engine_config(model: Optional[str] = None, *, tokenizer: Optional[str
                          kv_transfer_config: Any = None, compilation_config: Any = None,
                          admission_control: bool = True, usage_context: str = "llm",
                          ride_budget: Optional[int] = None, ride_granule: Optional[int] = None,
+                         ride_chunk: Optional[int] = None, ride_fill: Optional[int] = None,
                          **unknown) -> EngineConfig:
     if unknown:
         raise TypeError(f"unexpected engine arguments: {sorted(unknown)}")
@@ -562,15 +582,21 @@ def create_engine_config(model: Optional[str] = None, *, tokenizer: Optional[str
     if ride_budget is None:  # prompts ride in pieces: not without chunked prefill
         ride_budget = (default_ride_budget(mcfg, dev, usage_context)
                        if enable_chunked_prefill else 0)
+    if ride_granule is None:
+        # Riding off, no granule: it would only split compile-cache keys.
+        ride_granule = default_ride_granule(mcfg) if ride_budget else 0
+    lazy = bool(ride_budget and ride_granule)   # lazy riding needs paced steps
     sched = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                             max_model_len=mcfg.max_model_len,
                             enable_chunked_prefill=bool(enable_chunked_prefill),
                             policy=scheduling_policy,
                             admission_control=bool(admission_control),
                             ride_budget=ride_budget,
-                            # Riding off, no granule: it would only split compile-cache keys.
-                            ride_granule=((default_ride_granule(mcfg) if ride_budget else 0)
-                                          if ride_granule is None else ride_granule),
+                            ride_granule=ride_granule,
+                            ride_chunk=((DENSE_RIDE_CHUNK if lazy else 0)
+                                        if ride_chunk is None else ride_chunk),
+                            ride_fill=((DENSE_RIDE_FILL if lazy else 0)
+                                       if ride_fill is None else ride_fill),
                             async_scheduling=(dev.type == "cuda") if async_scheduling is None
                             else bool(async_scheduling))
     par = ParallelConfig(tensor_parallel_size=tensor_parallel_size,

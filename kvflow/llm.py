@@ -41,6 +41,10 @@ class LLM:
     chunked prefill: 384 for Mixtral-8x7B, 512 for dense models of 2B+ parameters), 0: off.
     ride_granule: 0, a riding step takes the whole budget; g > 0, the smallest multiple of g
     that keeps every waiting prompt on time ("paced"); None: 0 for MoE models, 64 for dense.
+    ride_chunk / ride_fill (paced riding only): a step with at least ride_fill decodes takes
+    prompt tokens only once ride_chunk of them are due, so fewer steps are mixed; one with
+    fewer decodes takes them up to ride_fill rows; None: 384 / 160 when paced, 0 / 0 (every
+    paced step rides) otherwise.
 
     compilation_config (vLLM's name): 3, or {"level": 3}, runs the model forward through
     torch.compile with an on-disk compile cache; 0 runs it eagerly (the default for now; see

@@ -479,7 +479,8 @@ def test_default_ride_budget_is_offline_cuda_only(tiny_llama):
     their products (Llama-3.1-8B's sizes: 7.0B; Qwen3-0.6B's: 0.44B); 0 off the GPU and in
     the server."""
     import dataclasses
-    from kvflow.config import (DENSE_RIDE_BUDGET, DENSE_RIDE_GRANULE, SchedulerConfig,
+    from kvflow.config import (DENSE_RIDE_BUDGET, DENSE_RIDE_CHUNK, DENSE_RIDE_FILL,
+                               DENSE_RIDE_GRANULE, SchedulerConfig,
                                create_engine_config, default_ride_budget,
                                default_ride_granule)
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
@@ -502,6 +503,7 @@ def test_default_ride_budget_is_offline_cuda_only(tiny_llama):
     assert default_ride_granule(llama8b) == DENSE_RIDE_GRANULE == 64
     assert default_ride_granule(mixtral) == 0
     assert default_ride_budget(qwen06b, cuda, "llm") == 0
+    assert (DENSE_RIDE_CHUNK, DENSE_RIDE_FILL) == (384, 160)
     assert default_ride_budget(tiny, cuda, "llm") == 0
     for m in (mixtral, llama8b):
         assert default_ride_budget(m, cpu, "llm") == 0
@@ -512,6 +514,9 @@ def test_default_ride_budget_is_offline_cuda_only(tiny_llama):
         SchedulerConfig(ride_budget=8, enable_chunked_prefill=False, max_num_batched_tokens=4096)
     with pytest.raises(ValueError, match="ride_granule"):
         SchedulerConfig(ride_budget=8, ride_granule=-1)
+    for name in ("ride_chunk", "ride_fill"):
+        with pytest.raises(ValueError, match=name):
+            SchedulerConfig(ride_budget=8, ride_granule=8, **{name: -1})
 
 
 def test_default_ride_budget_off_without_chunked_prefill(tiny_llama, monkeypatch):
@@ -524,6 +529,16 @@ def test_default_ride_budget_off_without_chunked_prefill(tiny_llama, monkeypatch
     off = config.create_engine_config(path, device="cpu", enable_chunked_prefill=False)
     assert off.scheduler.ride_budget == 0 and not off.scheduler.enable_chunked_prefill
     assert off.scheduler.ride_granule == 0          # riding off: no granule to key on
+    assert (off.scheduler.ride_chunk, off.scheduler.ride_fill) == (0, 0)
+    # Lazy riding comes with paced riding (a dense model's granule), not with fixed steps.
+    monkeypatch.setattr(config, "default_ride_granule", lambda m: 64)
+    paced = config.create_engine_config(path, device="cpu").scheduler
+    assert (paced.ride_granule, paced.ride_chunk, paced.ride_fill) == (
+        64, config.DENSE_RIDE_CHUNK, config.DENSE_RIDE_FILL)
+    fixed = config.create_engine_config(path, device="cpu", ride_granule=0).scheduler
+    assert (fixed.ride_chunk, fixed.ride_fill) == (0, 0)
+    mine = config.create_engine_config(path, device="cpu", ride_chunk=128, ride_fill=0).scheduler
+    assert (mine.ride_chunk, mine.ride_fill) == (128, 0)
     with pytest.raises(ValueError, match="ride_budget"):
         config.create_engine_config(path, device="cpu", enable_chunked_prefill=False,
                                     ride_budget=384)

@@ -1,6 +1,7 @@
 """Scheduler, KV cache manager and block pool, without a model: invariants under random load."""
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -333,3 +334,90 @@ def test_paced_riding_starts_at_the_first_step_and_equal_requests_never_ride():
     assert equal._step_budget() == 1000
     _fake_step(equal, random.Random(0))
     assert equal._step_budget() == 1000
+
+
+def _lazy_scheduler(ride_chunk, ride_fill=0, ride_budget=64, budget=1000, ride_granule=8):
+    return Scheduler(max_num_seqs=64, max_num_batched_tokens=budget, max_model_len=4096,
+                     num_blocks=4096, block_size=16, enable_prefix_caching=False,
+                     ride_budget=ride_budget, ride_granule=ride_granule,
+                     ride_chunk=ride_chunk, ride_fill=ride_fill)
+
+
+def test_lazy_riding_banks_the_paced_room_into_chunks():
+    """ride_chunk: one long decode with 3 x 40 prompt tokens behind it. Paced, every step
+    rides until the prompts are in, each rounded up to the granule (7 prompt tokens beside the
+    decode where 1 would keep them on time): 14 mixed steps. Lazy, the steps carry the decodes
+    alone while the paced room (1 token) banks up, and a step rides once the bank holds a chunk
+    (32 -> 1 decode + 39 prompt tokens, rounded up to the granule): 4 mixed steps. Both get
+    every prompt in on time: the run ends with the long request."""
+    rng = random.Random(0)
+
+    def run(s):
+        s.add_request(_req("long", 10, max_tokens=500))
+        for i in range(3):
+            s.add_request(_req(f"p{i}", 40, max_tokens=300, seed=i))
+        steps = []
+        while s.has_unfinished_requests():
+            so, _ = _fake_step(s, rng)
+            steps.append((so.total_num_scheduled_tokens, len(so.num_scheduled_tokens)))
+            _check_invariants(s)
+        return steps
+
+    paced, lazy = run(_lazy_scheduler(0)), run(_lazy_scheduler(32))
+    # The head's 10 tokens and the paced room (6) of the first prompt, rounded up to 16.
+    assert paced[0] == lazy[0] == (16, 2)
+    assert len(paced) == len(lazy) == 500          # "long"'s 500 tokens, the first at prefill
+    mixed = lambda steps: [i for i, (n, reqs) in enumerate(steps) if n > reqs]  # noqa: E731
+    assert mixed(paced) == list(range(14))
+    # 31 decode-only steps bank 1 token each; the 32nd rides 39 (the bank goes to -7), ...
+    assert lazy[1:32] == [(1, 1)] * 31 and lazy[32] == (40, 3)
+    assert mixed(lazy) == [0, 32, 71, 72]
+    assert all(n == reqs for n, reqs in lazy[73:])   # all prompts in: decodes only
+
+
+def test_lazy_riding_fills_steps_of_few_decodes():
+    """ride_fill: a step with fewer decodes than ride_fill rides, at least up to ride_fill rows
+    (room the weight read pays for anyway) or more if its bank holds more, until every prompt
+    is in."""
+    rng = random.Random(0)
+    s = _lazy_scheduler(32, ride_fill=24)
+    s.add_request(_req("long", 10, max_tokens=500))
+    for i in range(3):
+        s.add_request(_req(f"p{i}", 40, max_tokens=300, seed=i))
+    _fake_step(s, rng)
+    while s.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in s.running):
+        decoding = sum(r.num_computed_tokens >= r.num_prompt_tokens for r in s.running)
+        left = sum(r.num_tokens - r.num_computed_tokens
+                   for r in itertools.chain(s.running, s.waiting)
+                   if r.num_computed_tokens < r.num_prompt_tokens)
+        so, _ = _fake_step(s, rng)
+        assert decoding < 24
+        assert so.total_num_scheduled_tokens >= min(24, decoding + left)
+        _check_invariants(s)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_lazy_riding_keeps_prompts_on_time_in_fewer_mixed_steps(seed):
+    """On random queues (longest outputs first), lazy riding ends each run when paced riding
+    does (within the head's prefill and output: no prompt outlasts the longest request), in
+    no more mixed steps, and every lazily skipped step carries decodes only."""
+    def run(chunk):
+        rng = random.Random(seed)
+        s = _lazy_scheduler(chunk, ride_budget=96, budget=2000)
+        reqs = [(rng.randint(5, 120), rng.randint(2, 200)) for _ in range(rng.randint(1, 40))]
+        reqs.sort(key=lambda pm: -pm[1])
+        for i, (p, m) in enumerate(reqs):
+            s.add_request(_req(f"r{i}", p, max_tokens=m, seed=i))
+        steps = mixed = 0
+        while s.has_unfinished_requests():
+            so, _ = _fake_step(s, rng)
+            mixed += so.total_num_scheduled_tokens > len(so.num_scheduled_tokens)
+            _check_invariants(s)
+            steps += 1
+        head_p, head_m = reqs[0]
+        assert steps <= -(-head_p // 96) + head_m
+        return steps, mixed
+
+    (paced_steps, paced_mixed), (lazy_steps, lazy_mixed) = run(0), run(32)
+    assert lazy_steps == paced_steps
+    assert lazy_mixed <= paced_mixed

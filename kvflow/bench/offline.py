@@ -170,7 +170,7 @@ def run(args) -> list[dict]:
     sc = eng.config.scheduler
     init.update(max_num_seqs=sc.max_num_seqs, max_num_batched_tokens=sc.max_num_batched_tokens,
                 admission_control=sc.admission_control, ride_budget=sc.ride_budget,
-                ride_granule=sc.ride_granule)
+                ride_granule=sc.ride_granule, ride_chunk=sc.ride_chunk, ride_fill=sc.ride_fill)
     records = [init]
     _emit(init, args.out)
     for w in names:

@@ -55,6 +55,8 @@ IGNORED: dict[str, str] = {
     "scheduler.policy": "request ordering (fcfs / priority) only",
     "scheduler.async_scheduling": "overlaps host scheduling with device steps; same forward",
     "scheduler.admission_control": "which requests are admitted when; same forward",
+    "scheduler.ride_chunk": "which steps take prompt tokens; their sizes stay graph buckets",
+    "scheduler.ride_fill": "which steps take prompt tokens; their sizes stay graph buckets",
     "max_model_len_explicit": "only decides whether the memory plan may shrink max_model_len",
     # KV transfer moves blocks between steps, outside the forward; the connector's per-layer
     # hooks are called by eager code around the attention op, never traced.

@@ -60,6 +60,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="0: a riding step takes the whole ride budget; N > 0: the smallest "
                         "multiple of N that keeps every waiting prompt on time (default: 0 for "
                         "MoE models, 64 for dense ones)")
+    g.add_argument("--ride-chunk", type=int, default=None,
+                   help="paced riding only: a step with at least --ride-fill decodes takes "
+                        "prompt tokens only once this many are due (fewer, larger mixed steps); "
+                        "0: every paced step rides")
+    g.add_argument("--ride-fill", type=int, default=None,
+                   help="with --ride-chunk: a step with fewer decodes than this takes prompt "
+                        "tokens up to this many rows")
     g.add_argument("--enable-sleep-mode", action="store_true",
                    help="allow sleep/wake_up (server: POST /sleep, POST /wake_up, GET /is_sleeping)")
     g.add_argument("--kv-transfer-config", default=None,
@@ -75,7 +82,7 @@ ENGINE_ARG_NAMES = ("tokenizer", "dtype", "device", "max_model_len", "block_size
                     "skip_tokenizer_init", "scheduling_policy", "async_scheduling",
                     "enable_sleep_mode", "enable_expert_parallel", "distributed_executor_backend",
                     "kv_transfer_config", "compilation_config", "admission_control", "ride_budget",
-                    "ride_granule")
+                    "ride_granule", "ride_chunk", "ride_fill")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:

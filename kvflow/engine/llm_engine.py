@@ -74,7 +74,8 @@ class LLMEngine:
             enable_chunked_prefill=sc.enable_chunked_prefill,
             long_prefill_token_threshold=sc.long_prefill_token_threshold, policy=sc.policy,
             connector=make_scheduler_connector(config), admission_control=sc.admission_control,
-            ride_budget=sc.ride_budget, ride_granule=sc.ride_granule)
+            ride_budget=sc.ride_budget, ride_granule=sc.ride_granule,
+            ride_chunk=sc.ride_chunk, ride_fill=sc.ride_fill)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.memory_plan = plan
         eos = set(config.model.eos_token_ids)
