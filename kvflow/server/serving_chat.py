@@ -11,7 +11,7 @@ from typing import AsyncIterator, Optional
 
 from starlette.requests import Request
 
-from kvflow.engine.async_engine import RequestStream
+from kvflow.engine.request_stream import RequestStream
 from kvflow.outputs import Logprob
 from kvflow.server.protocol import (ChatChoice, ChatChunkChoice, ChatCompletionChunk,
                                     ChatCompletionRequest, ChatCompletionResponse, ChatLogprobs,
