@@ -261,6 +261,16 @@ def test_ride_budget_never_starves_prompts_behind_many_decodes():
     assert so.num_scheduled_tokens["late"] == 30 and so.total_num_scheduled_tokens == 36
 
 
+def _add_random_queue(s: Scheduler, rng: random.Random) -> list[tuple[int, int]]:
+    """1-40 requests of random (prompt, output) lengths, longest output first (as
+    LLM.generate feeds a riding engine); returns them in that order."""
+    reqs = [(rng.randint(5, 120), rng.randint(2, 200)) for _ in range(rng.randint(1, 40))]
+    reqs.sort(key=lambda pm: -pm[1])
+    for i, (p, m) in enumerate(reqs):
+        s.add_request(_req(f"r{i}", p, max_tokens=m, seed=i))
+    return reqs
+
+
 def _fixed_rides(s: Scheduler, budget: int) -> bool:
     """Whether the unpaced rule (a riding step takes all of `budget`) would ride now."""
     saved = s.ride_budget, s.ride_granule
@@ -282,10 +292,7 @@ def test_paced_riding_takes_the_smallest_step_that_keeps_prompts_on_time(seed):
     rng = random.Random(seed)
     g, rb = 8, 96
     s = _ride_scheduler(ride_budget=rb, budget=2000, ride_granule=g)
-    reqs = [(rng.randint(5, 120), rng.randint(2, 200)) for _ in range(rng.randint(1, 40))]
-    reqs.sort(key=lambda pm: -pm[1])
-    for i, (p, m) in enumerate(reqs):
-        s.add_request(_req(f"r{i}", p, max_tokens=m, seed=i))
+    reqs = _add_random_queue(s, rng)
     steps = rides = 0
     while s.has_unfinished_requests():
         budget = s._step_budget()
@@ -400,14 +407,11 @@ def test_lazy_riding_fills_steps_of_few_decodes():
 def test_lazy_riding_keeps_prompts_on_time_in_fewer_mixed_steps(seed):
     """On random queues (longest outputs first), lazy riding ends each run when paced riding
     does (within the head's prefill and output: no prompt outlasts the longest request), in
-    no more mixed steps, and every lazily skipped step carries decodes only."""
+    at most half as many mixed steps (a 32-token chunk against 8-token granules)."""
     def run(chunk):
         rng = random.Random(seed)
         s = _lazy_scheduler(chunk, ride_budget=96, budget=2000)
-        reqs = [(rng.randint(5, 120), rng.randint(2, 200)) for _ in range(rng.randint(1, 40))]
-        reqs.sort(key=lambda pm: -pm[1])
-        for i, (p, m) in enumerate(reqs):
-            s.add_request(_req(f"r{i}", p, max_tokens=m, seed=i))
+        reqs = _add_random_queue(s, rng)
         steps = mixed = 0
         while s.has_unfinished_requests():
             so, _ = _fake_step(s, rng)
@@ -420,4 +424,4 @@ def test_lazy_riding_keeps_prompts_on_time_in_fewer_mixed_steps(seed):
 
     (paced_steps, paced_mixed), (lazy_steps, lazy_mixed) = run(0), run(32)
     assert lazy_steps == paced_steps
-    assert lazy_mixed <= paced_mixed
+    assert lazy_mixed <= paced_mixed / 2
