@@ -452,6 +452,16 @@ DENSE_RIDE_BUDGET = 512
 # graph bucket (worker/mixed_graphs.py): 64 adds four graphs (~1 s of capture) to the powers of
 # two. benchmarks/ride_sim.py put 32 / 64 / 128 at 11.51 / 11.55 / 11.60 s.
 DENSE_RIDE_GRANULE = 64
+# ...for models with at least this many parameters in their layers' products
+# (ModelConfig.layer_product_params). A ridden prompt token saves what it would cost in a
+# prefill step, which grows with the model, while what a mixed step adds (a second attention
+# launch a layer, the prompt's chunks re-reading their prefix) does not shrink with it.
+# Llama-3.1-8B (7.0B) gained 3.5% (session 29). Qwen3-0.6B (0.44B), whose decode steps are mostly
+# attention and launches, read ~1% lower with fixed 256-token riding steps then (26496-26877
+# against 26565-27400 tok/s, six processes each), but +1.4% paced and lazy (session 34, one
+# call: 27763-27803 against 27411-27424; paced alone 27625-27651). Smaller models (SmolLM2-135M:
+# 0.1B) are not measured.
+DENSE_RIDE_MIN_PARAMS = 4 * 10**8
 # Lazy riding (Scheduler._step_budget, session 34): a paced step with at least DENSE_RIDE_FILL
 # decodes takes prompt tokens only once DENSE_RIDE_CHUNK of them are due, so fewer steps are
 # mixed (a mixed step costs ~1 ms more than its products and KV reads on Llama-3.1-8B); one with
@@ -462,14 +472,6 @@ DENSE_RIDE_GRANULE = 64
 # 10951, 384 / 224 10878 (benchmarks/results/lazy-ride-s34). ride_sim.py ranks them alike.
 DENSE_RIDE_CHUNK = 384
 DENSE_RIDE_FILL = 160
-# ...for models with at least this many parameters in their layers' products
-# (ModelConfig.layer_product_params). A ridden prompt token saves what it would cost in a
-# prefill step, which grows with the model, while what a mixed step adds (a second attention
-# launch a layer, the prompt's chunks re-reading their prefix) does not shrink with it.
-# Llama-3.1-8B (7.0B) gained 3.5%; Qwen3-0.6B (0.4B), whose decode steps are mostly attention
-# and launches, read ~1% lower with riding (26496-26877 against 26565-27400 tok/s, six
-# processes each). Sizes in between are not measured.
-DENSE_RIDE_MIN_PARAMS = 2 * 10**9
 
 
 def default_ride_budget(m: ModelConfig, device: torch.device, usage_context: str) -> int:

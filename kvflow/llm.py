@@ -38,7 +38,7 @@ class LLM:
     ride_budget: while the running decodes outlast every waiting prompt's output, a step takes
     at most this many tokens (prompts ride in memory-bound decode steps) and generate() starts
     the longest outputs first; None: kvflow.config.default_ride_budget (on CUDA with
-    chunked prefill: 384 for Mixtral-8x7B, 512 for dense models of 2B+ parameters), 0: off.
+    chunked prefill: 384 for Mixtral-8x7B, 512 for dense models of 0.4B+ parameters), 0: off.
     ride_granule: 0, a riding step takes the whole budget; g > 0, the smallest multiple of g
     that keeps every waiting prompt on time ("paced"); None: 0 for MoE models, 64 for dense.
     ride_chunk / ride_fill (paced riding only): a step with at least ride_fill decodes takes

@@ -475,7 +475,7 @@ def test_lm_head_rows_padded_to_graph_sizes(tiny_llama, reference, make_llm):
 
 def test_default_ride_budget_is_offline_cuda_only(tiny_llama):
     """3/4 of a 128-row tile x experts / experts per token for MoE models offline on CUDA
-    (Mixtral's 8 experts, top 2: 384), DENSE_RIDE_BUDGET for dense ones from 2B parameters in
+    (Mixtral's 8 experts, top 2: 384), DENSE_RIDE_BUDGET for dense ones from 0.4B parameters in
     their products (Llama-3.1-8B's sizes: 7.0B; Qwen3-0.6B's: 0.44B); 0 off the GPU and in
     the server."""
     import dataclasses
@@ -502,7 +502,7 @@ def test_default_ride_budget_is_offline_cuda_only(tiny_llama):
     # Dense riding steps are paced by 64 tokens; MoE ones take their whole budget.
     assert default_ride_granule(llama8b) == DENSE_RIDE_GRANULE == 64
     assert default_ride_granule(mixtral) == 0
-    assert default_ride_budget(qwen06b, cuda, "llm") == 0
+    assert default_ride_budget(qwen06b, cuda, "llm") == DENSE_RIDE_BUDGET   # since session 34
     assert (DENSE_RIDE_CHUNK, DENSE_RIDE_FILL) == (384, 160)
     assert default_ride_budget(tiny, cuda, "llm") == 0
     for m in (mixtral, llama8b):

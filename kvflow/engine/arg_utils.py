@@ -54,7 +54,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="while running decodes outlast the waiting prompts, steps take at most "
                         "this many tokens so prompts ride in memory-bound decode steps (default: "
                         "offline on CUDA with chunked prefill, 3/4 of 128 x experts / experts per "
-                        "token for MoE models and 512 for dense ones of 2B+ parameters; "
+                        "token for MoE models and 512 for dense ones of 0.4B+ parameters; "
                         "else 0, off)")
     g.add_argument("--ride-granule", type=int, default=None,
                    help="0: a riding step takes the whole ride budget; N > 0: the smallest "
