@@ -425,3 +425,19 @@ def test_lazy_riding_keeps_prompts_on_time_in_fewer_mixed_steps(seed):
     (paced_steps, paced_mixed), (lazy_steps, lazy_mixed) = run(0), run(32)
     assert lazy_steps == paced_steps
     assert lazy_mixed <= paced_mixed / 2
+
+
+def test_a_decode_whose_last_token_is_in_flight_takes_no_row_in_the_paced_room():
+    """Async scheduling: a request whose token in flight is its last is skipped by schedule()
+    and so is not one of the step's decodes when the paced room is sized (nor a horizon)."""
+    s = _lazy_scheduler(0)
+    s.add_request(_req("long", 10, max_tokens=500))
+    s.add_request(_req("one", 4, max_tokens=1, seed=1))
+    so = s.schedule()       # both prefilled, a token each in flight (no update yet)
+    assert so.num_scheduled_tokens == {"long": 10, "one": 4}
+    s.add_request(_req("p", 40, max_tokens=100, seed=2))
+    room, skippable, decoding = s._paced_room()
+    assert decoding == 1 and room >= 1 and skippable
+    so = s.schedule()
+    assert "one" not in so.num_scheduled_tokens
+    assert so.num_scheduled_tokens["long"] == 1 and so.num_scheduled_tokens["p"] == 7
