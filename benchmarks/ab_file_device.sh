@@ -10,9 +10,7 @@ IFS=, read -r -a files <<< "$1"
 IFS=, read -r -a others <<< "$2"
 model=$3; workloads=$4; rounds=${5:-1}
 [ ${#files[@]} = ${#others[@]} ] || { echo "FILE and OTHER_VERSION lists differ in length"; exit 2; }
-source "$(dirname "$0")/device_env.sh"
-export KVFLOW_CACHE_DIR=${KVFLOW_CACHE_DIR:-/tmp/kvflow-cache}
-extra=${BENCH_ARGS:---max-num-seqs 1024 --max-num-batched-tokens 16384}
+source "$(dirname "$0")/ab_common.sh"
 mkdir -p /tmp/ab_new
 for i in "${!files[@]}"; do cp "${files[$i]}" "/tmp/ab_new/$i"; done
 for r in $(seq "$rounds"); do
@@ -20,11 +18,7 @@ for r in $(seq "$rounds"); do
     for i in "${!files[@]}"; do
       if [ $v = old ]; then cp "${others[$i]}" "${files[$i]}"; else cp "/tmp/ab_new/$i" "${files[$i]}"; fi
     done
-    echo "== $model $workloads $v round $r"
-    KVFLOW_AB_VARIANT=$v python3 -m kvflow.cli --log-level WARNING bench throughput \
-      --model "benchmarks/configs/$model" --workload "$workloads" --max-model-len 4096 \
-      --dtype bfloat16 --out "$OUT/ab.jsonl" $extra 2>&1 | tee -a "$OUT/ab.log" \
-      | grep -E '"record": "workload"|Error|Traceback' | cut -c1-400
+    KVFLOW_AB_VARIANT=$v ab_bench "$model" "$workloads" "$OUT/ab.jsonl" "$v round $r"
   done
 done
 for i in "${!files[@]}"; do cp "/tmp/ab_new/$i" "${files[$i]}"; done
