@@ -103,6 +103,13 @@ def row_pad() -> bool:
     return os.environ.get("KVFLOW_ROW_PAD", "1") != "0"
 
 
+def cublaslt() -> bool:
+    """KVFLOW_CUBLASLT (default 1): products the device's cuBLASLt table names run with the
+    algorithm it records (kvflow/kernels/cublaslt.py); 0: torch's choice everywhere. Read at
+    every forward (CUDA graphs: at capture)."""
+    return os.environ.get("KVFLOW_CUBLASLT", "1") != "0"
+
+
 def skinny_table() -> str:
     """KVFLOW_SKINNY_TABLE (default unset): a skinny-GEMM config table to read instead of the
     device's committed one in kvflow/kernels/configs/ (tuning A/Bs, e.g. a table written by
