@@ -2,7 +2,8 @@
 
     source benchmarks/device_env.sh && python3 benchmarks/cublaslt_tune.py CONFIG_DIR
         [CONFIG_DIR...] [--rows 512,768,...] [--margin 0.02] [--graph-rows 512] [--algos 24]
-        [--out FILE] [--table-out kvflow/kernels/configs/cublaslt_<device>.json]
+        [--names qkv,o,...] [--out FILE]
+        [--table-out kvflow/kernels/configs/cublaslt_<device>.json]
 
 Why: torch's bf16 linear runs cuBLAS's first heuristic choice; at 640-16384 rows another entry
 of cuBLASLt's ranked list is often 2-10% faster on Llama-3.1-8B's products (session 35,
@@ -37,15 +38,16 @@ from kvflow.layers.shape_tables import table_path  # noqa: E402
 LADDER = "512,640,768,1024,1536,2048,3072,4096,6144,8192,12288,16384"
 
 
-def model_shapes(models: list[str]):
-    """(name, N, K) of the models' decoder products and LM heads, each (N, K) once."""
+def model_shapes(models: list[str], names=None):
+    """(name, N, K) of the models' decoder products and LM heads (`names` of them, default
+    all), each (N, K) once."""
     done = set()
     for model in models:
         with open(os.path.join(model, "config.json")) as f:
             cfg = json.load(f)
         for name, (n, k) in dict(shapes(cfg), lm_head=(cfg["vocab_size"],
                                                         cfg["hidden_size"])).items():
-            if (n, k) not in done:
+            if (n, k) not in done and (names is None or name in names):
                 done.add((n, k))
                 yield name, n, k
 
@@ -109,13 +111,16 @@ def main() -> int:
                          "their products are tuned by row_pad / split_k_norm, and the 512-row "
                          "entries of the first table were level on nanovllm)")
     ap.add_argument("--algos", type=int, default=24)
+    ap.add_argument("--names", default=None, help="e.g. lm_head (default: qkv,o,gate_up,down,"
+                    "lm_head; a MoE model's experts are not dense products)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--table-out", default=None)
     args = ap.parse_args()
     dev = torch.device("cuda", torch.cuda.current_device())
     emit = jsonl_emitter(args.out)
     by_shape: dict[str, dict[str, str]] = {}
-    for name, n, k in model_shapes(args.models):
+    names = args.names.split(",") if args.names else None
+    for name, n, k in model_shapes(args.models, names):
         per_m = by_shape.setdefault(f"{n},{k}", {})
         for m in (int(r) for r in args.rows.split(",")):
             if m <= args.graph_rows:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from kvflow.kernels import cublaslt
 from kvflow.layers import shape_tables
 from kvflow.layers.linear import dense_linear
+from tests.conftest import make_hf_model, save_hf_model
 
 
 def _algo(tag: int) -> cublaslt._Algo:
@@ -55,6 +56,7 @@ def test_conditions(monkeypatch):
     """CPU tensors, fp32, a biased product and KVFLOW_CUBLASLT=0 keep torch's product."""
     calls = []
     monkeypatch.setattr(cublaslt, "_choice", lambda *a: calls.append(a) or None)
+    monkeypatch.setattr(cublaslt, "_tuned_shapes", lambda index: {(8, 16)})
     w = torch.zeros(8, 16, dtype=torch.bfloat16)
     x = torch.ones(4, 16, dtype=torch.bfloat16)
     assert cublaslt.choose(x, w) is None                                  # CPU
@@ -87,28 +89,41 @@ def test_committed_tables_are_valid():
                     assert 0 <= ws <= cublaslt.MAX_WORKSPACE, (path, nk, m)
 
 
-def _gpu_table(monkeypatch, n: int, k: int, m: int, rank: int = 1):
-    """A one-entry table holding the heuristic's rank-th algorithm for (n, k) at m rows (not
-    its first, which is usually torch's own kernel), installed for the current device."""
+@pytest.fixture
+def gpu_table(monkeypatch):
+    """install(n, k, m, rank, more_shapes): a table holding the heuristic's rank-th algorithm for
+    (n, k) at m rows (not its first, which is usually torch's own kernel) for the current
+    device, its range bounded below by an entry at m // 2; the module's caches are cleared
+    before and after, so other tests see the committed table."""
     if not torch.cuda.is_available() or cublaslt.library() is None:
         pytest.skip("needs CUDA and libcublasLt")
-    plan = cublaslt.Plan(torch.cuda.current_device(), m, n, k, torch.bfloat16)
-    algos = plan.heuristics(8)
-    h = algos[min(rank, len(algos) - 1)]
-    data = {"cublaslt_version": cublaslt.version(),
-            "by_shape": {f"{n},{k}": {str(m // 2): "", str(m): cublaslt.encode(h.algo, h.workspace)}}}
-    table = cublaslt.parse_table(data, cublaslt.version())
-    monkeypatch.setattr(cublaslt, "load_table", lambda name: table)
-    cublaslt._choice.cache_clear()
-    return table
+
+    def clear():
+        cublaslt._choice.cache_clear()
+        cublaslt._tuned_shapes.cache_clear()
+
+    def install(n: int, k: int, m: int, rank: int = 1, more_shapes=()):
+        by_shape = {}
+        for n_, k_ in [(n, k), *more_shapes]:
+            plan = cublaslt.Plan(torch.cuda.current_device(), m, n_, k_, torch.bfloat16)
+            algos = plan.heuristics(8)
+            h = algos[min(rank, len(algos) - 1)]
+            by_shape[f"{n_},{k_}"] = {str(m // 2): "", str(m): cublaslt.encode(h.algo, h.workspace)}
+        data = {"cublaslt_version": cublaslt.version(), "by_shape": by_shape}
+        table = cublaslt.parse_table(data, cublaslt.version())
+        monkeypatch.setattr(cublaslt, "load_table", lambda name: table)
+        clear()
+    yield install
+    monkeypatch.undo()
+    clear()
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("n,k,m", [(6144, 4096, 1024), (4096, 14336, 700), (1536, 1024, 640)])
-def test_gpu_product_matches_torch(monkeypatch, n, k, m):
+def test_gpu_product_matches_torch(gpu_table, n, k, m):
     """The table's algorithm, through dense_linear (the engine's product), equals torch's up
     to the order of fp32 additions; row counts inside the entry's range use it too."""
-    _gpu_table(monkeypatch, n, k, m)
+    gpu_table(n, k, m)
     torch.manual_seed(0)
     w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
     for rows in (m, m - 3):
@@ -120,15 +135,14 @@ def test_gpu_product_matches_torch(monkeypatch, n, k, m):
         torch.testing.assert_close(out, F.linear(x, w), atol=2e-2, rtol=2e-2)
     # Outside the ranges: torch's product.
     assert cublaslt.choose(torch.randn(m // 2, k, dtype=torch.bfloat16, device="cuda"), w) is None
-    cublaslt._choice.cache_clear()
 
 
 @pytest.mark.gpu
-def test_gpu_product_in_cuda_graph(monkeypatch):
+def test_gpu_product_in_cuda_graph(gpu_table):
     """Captured in a CUDA graph (as the engine's decode and mixed graphs are), the product
     replays on new inputs like torch's."""
     n, k, m = 4096, 4096, 512
-    _gpu_table(monkeypatch, n, k, m, rank=2)
+    gpu_table(n, k, m, rank=2)
     w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02
     x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
     dense_linear(x, w)                       # eager first: the workspace exists before capture
@@ -143,4 +157,43 @@ def test_gpu_product_in_cuda_graph(monkeypatch):
     g.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(y, F.linear(x, w), atol=2e-2, rtol=2e-2)
-    cublaslt._choice.cache_clear()
+
+
+@pytest.mark.gpu
+def test_gpu_engine_with_table(gpu_table, tmp_path, monkeypatch):
+    """A bf16 engine whose products of 513-1024 rows run a non-default algorithm (the eager
+    prompt step here): the products go through it, and the tokens are the ones the engine
+    generates with torch's products (greedy, up to bf16 near-ties)."""
+    from kvflow import LLM, SamplingParams
+    hf = make_hf_model("llama")
+    path = save_hf_model(hf, tmp_path / "llama")
+    c = hf.config
+    hd = c.hidden_size // c.num_attention_heads
+    shapes = {((c.num_attention_heads + 2 * c.num_key_value_heads) * hd, c.hidden_size),
+              (c.hidden_size, c.num_attention_heads * hd), (2 * c.intermediate_size, c.hidden_size),
+              (c.hidden_size, c.intermediate_size), (c.vocab_size, c.hidden_size)}
+    first, *rest = sorted(shapes)
+    gpu_table(*first, 1024, rank=1, more_shapes=rest)
+    calls = []
+    real = cublaslt.linear
+    monkeypatch.setattr(cublaslt, "linear",
+                        lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
+    rng = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 383, (n,), generator=rng).tolist() for n in (5, 17, 40, 700)]
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+    def run():
+        llm = LLM(path, skip_tokenizer_init=True, device="cuda", dtype="bfloat16",
+                  kv_cache_memory=64 << 20, max_model_len=1024)
+        out = [o.outputs[0].token_ids for o in llm.generate(
+            [{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)]
+        del llm
+        return out
+    with_table = run()
+    assert calls and max(calls) >= 700, calls       # the 700-token prompt step ran eagerly
+    monkeypatch.setenv("KVFLOW_CUBLASLT", "0")
+    n_calls = len(calls)
+    plain = run()
+    assert len(calls) == n_calls
+    same = sum(a == b for x, y in zip(with_table, plain) for a, b in zip(x, y))
+    assert same >= 0.9 * sum(len(x) for x in plain), (with_table, plain)

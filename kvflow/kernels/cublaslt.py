@@ -229,8 +229,7 @@ def _workspace(device: torch.device, nbytes: int) -> Optional[torch.Tensor]:
     buffer is never replaced. None where it is missing or too small (the caller falls back)."""
     ws = _WORKSPACES.get(device.index)
     if ws is None and not torch.cuda.is_current_stream_capturing():
-        from kvflow.kernels.device import device_properties
-        size = max(nbytes, table_workspace(load_table(device_properties(device).name)))
+        size = max(nbytes, table_workspace(load_table(_device_name(device.index))))
         _WORKSPACES[device.index] = ws = torch.empty(size, dtype=torch.uint8, device=device)
     return ws if ws is not None and ws.numel() >= nbytes else None
 
@@ -253,16 +252,32 @@ def choose(x2: torch.Tensor, weight: torch.Tensor) -> Optional[_Choice]:
     """The table's algorithm for x2 [M, K] @ weight[N, K]^T, checked, if this product can use
     it (see the module docstring for what cannot)."""
     from kvflow import envs
-    if (not x2.is_cuda or x2.dtype not in _DTYPES or weight.dtype != x2.dtype
-            or torch.compiler.is_compiling() or not envs.cublaslt() or library() is None):
+    if not x2.is_cuda or tuple(weight.shape) not in _tuned_shapes(x2.device.index):
+        return None            # the common case first: eager steps call this per product
+    if (x2.dtype not in _DTYPES or weight.dtype != x2.dtype or torch.compiler.is_compiling()
+            or not envs.cublaslt()):
         return None
     if not (x2.is_contiguous() and weight.is_contiguous()
             and x2.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0):
         return None
-    from kvflow.kernels.device import device_properties
     m, k = x2.shape
-    dev = x2.device
-    return _choice(dev.index, device_properties(dev).name, m, weight.shape[0], k, x2.dtype)
+    return _choice(x2.device.index, _device_name(x2.device.index), m, weight.shape[0], k,
+                   x2.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_name(device_index: int) -> str:
+    from kvflow.kernels.device import device_properties
+    return device_properties(torch.device("cuda", device_index)).name
+
+
+@functools.lru_cache(maxsize=None)
+def _tuned_shapes(device_index: int) -> frozenset:
+    """The (N, K) shapes the device's table has algorithms for (none without libcublasLt)."""
+    if library() is None:
+        return frozenset()
+    return frozenset(nk for nk, rows in load_table(_device_name(device_index)).items()
+                     if any(v for _, v in rows))
 
 
 def linear(x2: torch.Tensor, weight: torch.Tensor, choice: _Choice,
