@@ -3,7 +3,7 @@
     source benchmarks/device_env.sh && python3 benchmarks/cublaslt_tune.py CONFIG_DIR
         [CONFIG_DIR...] [--rows 512,768,...] [--margin 0.02] [--graph-rows 512] [--algos 24]
         [--names qkv,o,...] [--out FILE]
-        [--table-out kvflow/kernels/configs/cublaslt_<device>.json]
+        [--table-out PATH.json | --table-out auto (the device's committed table)]
 
 Why: torch's bf16 linear runs cuBLAS's first heuristic choice; at 640-16384 rows another entry
 of cuBLASLt's ranked list is often 2-10% faster on Llama-3.1-8B's products (session 35,
@@ -114,7 +114,8 @@ def main() -> int:
     ap.add_argument("--names", default=None, help="e.g. lm_head (default: qkv,o,gate_up,down,"
                     "lm_head; a MoE model's experts are not dense products)")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--table-out", default=None)
+    ap.add_argument("--table-out", default=None,
+                    help="a .json path, or 'auto': kvflow/kernels/configs/cublaslt_<device>.json")
     args = ap.parse_args()
     dev = torch.device("cuda", torch.cuda.current_device())
     emit = jsonl_emitter(args.out)
