@@ -8,7 +8,8 @@ One file per kind and GPU model, `kvflow/kernels/configs/<kind>_<device>.json`:
     {"device": "NVIDIA H200", "by_shape": {"N,K": {"M": value}}}
 
 Users: layers/split_k_norm.py (kind "split_k_norm": K-slices), layers/row_pad.py ("row_pad":
-the row count to run the product at).
+the row count to run the product at). kernels/cublaslt.py keeps its table beside these
+(`table_path("cublaslt", ...)`) with string values (algorithm structs) and row ranges.
 """
 from __future__ import annotations
 
