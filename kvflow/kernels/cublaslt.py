@@ -5,8 +5,11 @@ often not the fastest of the list cuBLASLt's heuristic returns for the same prob
 H200, Llama-3.1-8B's products at 640-16384 rows run 2-10% faster alone with another entry of
 the list (benchmarks/results/cublaslt-s35/). Products are ~90% of a throughput8k run's
 prefill steps and ~half of its 1000-request decode steps; there the table gains 1.0-1.2% end
-to end (same-call A/Bs on two leases). CUDA-graph sizes (<= 512 rows) keep torch's choice:
-the 512-row entries were level on nanovllm.
+to end (same-call A/Bs on two leases). Products of up to 512 rows (nanovllm's decode and
+riding steps, tuned by layers/row_pad.py and split_k_norm.py) keep torch's choice: the
+512-row entries were level on nanovllm. Above that the table applies eagerly and inside the
+decode graphs of 544-1024 requests alike (their workspace exists before any capture: the
+memory-profile step, at the token budget, makes it).
 
 What runs here: y[M, N] = x[M, K] @ w[N, K]^T (no bias) through cublasLtMatmul with an
 algorithm from the device's table `kvflow/kernels/configs/cublaslt_<device>.json`, written by
