@@ -1,7 +1,7 @@
 """Tune which cuBLASLt algorithm each large product runs (kvflow/kernels/cublaslt.py's table).
 
     source benchmarks/device_env.sh && python3 benchmarks/cublaslt_tune.py CONFIG_DIR
-        [CONFIG_DIR...] [--rows 512,768,...] [--margin 0.02] [--graph-rows 512] [--algos 24]
+        [CONFIG_DIR...] [--rows 512,768,...] [--margin 0.02] [--keep-rows 512] [--algos 24]
         [--names qkv,o,...] [--out FILE]
         [--table-out PATH.json | --table-out auto (the device's committed table)]
 
@@ -10,7 +10,8 @@ of cuBLASLt's ranked list is often 2-10% faster on Llama-3.1-8B's products (sess
 benchmarks/results/cublaslt-s35/).
 
 What: per unique (N, K) of the models' decoder products and LM head, at each row count of the
-ladder above --graph-rows (the eager steps' sizes; lower rungs are written as ""): torch's
+ladder above --keep-rows (prompt steps, the largest decode batches; lower rungs are written
+as ""): torch's
 F.linear, then each algorithm the heuristic returns (checked against torch's result), as
 CUDA-graph replays rotating over enough weight copies that no weight comes from L2; then
 torch and the three fastest again, interleaved, three times (medians). One JSON line per
@@ -106,10 +107,10 @@ def main() -> int:
     ap.add_argument("models", nargs="+")
     ap.add_argument("--rows", default=LADDER)
     ap.add_argument("--margin", type=float, default=0.02)
-    ap.add_argument("--graph-rows", type=int, default=512,
-                    help="row counts up to this keep torch's product (the CUDA-graph sizes: "
-                         "their products are tuned by row_pad / split_k_norm, and the 512-row "
-                         "entries of the first table were level on nanovllm)")
+    ap.add_argument("--keep-rows", type=int, default=512,
+                    help="row counts up to this keep torch's product (nanovllm's step sizes: "
+                         "row_pad / split_k_norm tune them, and the 512-row entries of the "
+                         "first table were level on nanovllm)")
     ap.add_argument("--algos", type=int, default=24)
     ap.add_argument("--names", default=None, help="e.g. lm_head (default: qkv,o,gate_up,down,"
                     "lm_head; a MoE model's experts are not dense products)")
@@ -124,8 +125,8 @@ def main() -> int:
     for name, n, k in model_shapes(args.models, names):
         per_m = by_shape.setdefault(f"{n},{k}", {})
         for m in (int(r) for r in args.rows.split(",")):
-            if m <= args.graph_rows:
-                per_m[str(m)] = ""        # bounds the ranges above; graph sizes keep torch's
+            if m <= args.keep_rows:
+                per_m[str(m)] = ""        # bounds the ranges above; these keep torch's
                 continue
             torch_us, timed = tune(name, n, k, m, args.algos, emit, dev)
             win = timed and timed[0][0] * (1 + args.margin) < torch_us
