@@ -8,8 +8,9 @@ prefill steps and ~half of its 1000-request decode steps; there the table gains 
 to end (same-call A/Bs on two leases). Products of up to 512 rows (nanovllm's decode and
 riding steps, tuned by layers/row_pad.py and split_k_norm.py) keep torch's choice: the
 512-row entries were level on nanovllm. Above that the table applies eagerly and inside the
-decode graphs of 544-1024 requests alike (their workspace exists before any capture: the
-memory-profile step, at the token budget, makes it).
+decode graphs of 544-1024 requests alike (the workspace is made eagerly at the first product
+that needs one: with the committed tables, the memory-profile step at the token budget; a
+capture that would have to make it keeps torch's pick instead).
 
 What runs here: y[M, N] = x[M, K] @ w[N, K]^T (no bias) through cublasLtMatmul with an
 algorithm from the device's table `kvflow/kernels/configs/cublaslt_<device>.json`, written by
