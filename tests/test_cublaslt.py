@@ -68,6 +68,9 @@ def test_conditions(monkeypatch):
         assert len(calls) == 1
         assert cublaslt.choose(xc.float(), wc.float()) is None
         assert cublaslt.choose(xc[:, 1:9], wc[:, :8]) is None            # not contiguous
+        bias = torch.ones(8, dtype=torch.bfloat16, device="cuda")
+        torch.testing.assert_close(dense_linear(xc, wc, bias), F.linear(xc, wc, bias))
+        assert len(calls) == 1                                            # biased: torch's
         monkeypatch.setenv("KVFLOW_CUBLASLT", "0")
         assert cublaslt.choose(xc, wc) is None
         assert len(calls) == 1
