@@ -41,9 +41,12 @@ import json
 import logging
 import os
 import sys
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
+
+from kvflow import envs
+from kvflow.kernels.device import device_properties
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +158,6 @@ class Plan:
 
     def __init__(self, device_index: int, m: int, n: int, k: int, dtype: torch.dtype):
         self.lib, self.handle = library(), _handle(device_index)
-        self.m, self.n, self.k = m, n, k
         lib, rt = self.lib, _DTYPES[dtype]
         self.desc = ctypes.c_void_p()
         _check(lib.cublasLtMatmulDescCreate(ctypes.byref(self.desc), _COMPUTE_32F, _R_32F), "desc")
@@ -211,11 +213,11 @@ class Plan:
         return out
 
 
-class _Choice:
+class _Choice(NamedTuple):
     """A table algorithm checked for one (device, M, N, K, dtype): its plan and workspace."""
-
-    def __init__(self, plan: Plan, algo: _Algo, workspace: int):
-        self.plan, self.algo, self.workspace = plan, algo, workspace
+    plan: Plan
+    algo: _Algo
+    workspace: int
 
 
 _WORKSPACES: dict[int, torch.Tensor] = {}
@@ -233,7 +235,7 @@ def _workspace(device: torch.device, nbytes: int) -> Optional[torch.Tensor]:
     buffer is never replaced. None where it is missing or too small (the caller falls back)."""
     ws = _WORKSPACES.get(device.index)
     if ws is None and not torch.cuda.is_current_stream_capturing():
-        size = max(nbytes, table_workspace(load_table(_device_name(device.index))))
+        size = max(nbytes, table_workspace(load_table(device_properties(device).name)))
         _WORKSPACES[device.index] = ws = torch.empty(size, dtype=torch.uint8, device=device)
     return ws if ws is not None and ws.numel() >= nbytes else None
 
@@ -255,8 +257,10 @@ def _choice(device_index: int, device_name: str, m: int, n: int, k: int,
 def choose(x2: torch.Tensor, weight: torch.Tensor) -> Optional[_Choice]:
     """The table's algorithm for x2 [M, K] @ weight[N, K]^T, checked, if this product can use
     it (see the module docstring for what cannot)."""
-    from kvflow import envs
-    if not x2.is_cuda or tuple(weight.shape) not in _tuned_shapes(x2.device.index):
+    if not x2.is_cuda:
+        return None
+    name = device_properties(x2.device).name
+    if tuple(weight.shape) not in _tuned_shapes(name):
         return None            # the common case first: eager steps call this per product
     if (x2.dtype not in _DTYPES or weight.dtype != x2.dtype or torch.compiler.is_compiling()
             or not envs.cublaslt()):
@@ -265,22 +269,15 @@ def choose(x2: torch.Tensor, weight: torch.Tensor) -> Optional[_Choice]:
             and x2.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0):
         return None
     m, k = x2.shape
-    return _choice(x2.device.index, _device_name(x2.device.index), m, weight.shape[0], k,
-                   x2.dtype)
+    return _choice(x2.device.index, name, m, weight.shape[0], k, x2.dtype)
 
 
 @functools.lru_cache(maxsize=None)
-def _device_name(device_index: int) -> str:
-    from kvflow.kernels.device import device_properties
-    return device_properties(torch.device("cuda", device_index)).name
-
-
-@functools.lru_cache(maxsize=None)
-def _tuned_shapes(device_index: int) -> frozenset:
-    """The (N, K) shapes the device's table has algorithms for (none without libcublasLt)."""
+def _tuned_shapes(device_name: str) -> frozenset:
+    """The (N, K) shapes a GPU model's table has algorithms for (none without libcublasLt)."""
     if library() is None:
         return frozenset()
-    return frozenset(nk for nk, rows in load_table(_device_name(device_index)).items()
+    return frozenset(nk for nk, rows in load_table(device_name).items()
                      if any(v for _, v in rows))
 
 

@@ -65,38 +65,25 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     """F.linear, or the same product written by cuBLAS into `out`; at more rows where the
     device's table says cuBLAS is faster there (layers/row_pad.py); with another cuBLASLt
     algorithm where the device's table says it is faster (kernels/cublaslt.py)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    o2 = out.view(-1, weight.shape[0]) if out is not None else None
     if bias is None and x.is_cuda:
-        y = _linear_lt(x, weight, out)
+        from kvflow.kernels import cublaslt
+        choice = cublaslt.choose(x2, weight)
+        y = cublaslt.linear(x2, weight, choice, o2) if choice is not None else None
         if y is not None:
-            return y
+            return out if out is not None else y.view(*x.shape[:-1], weight.shape[0])
     if out is None:
-        x2 = x.reshape(-1, x.shape[-1])
         rows = row_pad.padded_rows(x2, weight)
         if rows is not None:
             y = row_pad.linear_padded(x2, weight, bias, rows)
             return y.view(*x.shape[:-1], weight.shape[0])
         return F.linear(x, weight, bias)
-    x2, o2 = x.reshape(-1, x.shape[-1]), out.view(-1, weight.shape[0])
     if bias is None:
         torch.mm(x2, weight.t(), out=o2)
     else:
         torch.addmm(bias, x2, weight.t(), out=o2)
     return out
-
-
-def _linear_lt(x: torch.Tensor, weight: torch.Tensor,
-               out: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The product through the cuBLASLt table's algorithm, or None where it has none."""
-    from kvflow.kernels import cublaslt
-    x2 = x.reshape(-1, x.shape[-1])
-    choice = cublaslt.choose(x2, weight)
-    if choice is None:
-        return None
-    o2 = out.view(-1, weight.shape[0]) if out is not None else None
-    y = cublaslt.linear(x2, weight, choice, o2)
-    if y is None:
-        return None
-    return out if out is not None else y.view(*x.shape[:-1], weight.shape[0])
 
 
 def _into(result: torch.Tensor, out: Optional[torch.Tensor]) -> torch.Tensor:
