@@ -34,7 +34,7 @@ from gemm_shapes import shapes  # noqa: E402
 from graph_timing import graph_time_us, jsonl_emitter  # noqa: E402
 from split_k_norm_tune import rotated_weights  # noqa: E402
 from kvflow.kernels import cublaslt  # noqa: E402
-from kvflow.layers.shape_tables import table_path  # noqa: E402
+from kvflow.layers.shape_tables import merge_table, table_path  # noqa: E402
 
 LADDER = "512,640,768,1024,1536,2048,3072,4096,6144,8192,12288,16384"
 
@@ -62,10 +62,17 @@ def tune(name: str, n: int, k: int, m: int, count: int, emit, dev) -> tuple[floa
     x = torch.randn(m, k, dtype=torch.bfloat16, device=dev)
     outs = [torch.empty(m, n, dtype=torch.bfloat16, device=dev) for _ in ws]
     ref = F.linear(x, ws[0]).float()
-    torch_us = graph_time_us([lambda w=w, o=o: torch.mm(x, w.t(), out=o)
-                              for w, o in zip(ws, outs)], reps=4, iters=None, target_ms=40)
     plan = cublaslt.Plan(dev.index, m, n, k, torch.bfloat16)
     workspace = torch.empty(cublaslt.MAX_WORKSPACE, dtype=torch.uint8, device=dev)
+
+    def time_us(algo=None) -> float:
+        """torch's product (algo None) or the algorithm's, over the rotated weights."""
+        if algo is None:
+            fns = [lambda w=w, o=o: torch.mm(x, w.t(), out=o) for w, o in zip(ws, outs)]
+        else:
+            fns = [lambda w=w, o=o: plan.run(x, w, o, algo, workspace) for w, o in zip(ws, outs)]
+        return graph_time_us(fns, reps=4, iters=None, target_ms=40)
+    torch_us = time_us()
     timed, algo_of = [], {}
     for i, h in enumerate(plan.heuristics(count)):
         try:
@@ -73,8 +80,7 @@ def tune(name: str, n: int, k: int, m: int, count: int, emit, dev) -> tuple[floa
             plan.run(x, ws[0], outs[0], h.algo, workspace)
             torch.cuda.synchronize()
             torch.testing.assert_close(outs[0].float(), ref, atol=2e-2, rtol=2e-2)
-            us = graph_time_us([lambda w=w, o=o, a=h.algo: plan.run(x, w, o, a, workspace)
-                                for w, o in zip(ws, outs)], reps=4, iters=None, target_ms=40)
+            us = time_us(h.algo)
         except Exception as e:    # an algorithm that fails or is wrong is skipped
             print(f"{name} m={m} algo {i}: {str(e)[:120]}", file=sys.stderr)
             continue
@@ -82,16 +88,11 @@ def tune(name: str, n: int, k: int, m: int, count: int, emit, dev) -> tuple[floa
         timed.append((us, value, i))
         algo_of[value] = h.algo
     timed.sort()
+    algo_of["torch"] = None
     rerun = {"torch": [torch_us]} | {v: [us] for us, v, _ in timed[:3]}
     for _ in range(3):
-        rerun["torch"].append(graph_time_us([lambda w=w, o=o: torch.mm(x, w.t(), out=o)
-                                             for w, o in zip(ws, outs)], reps=4, iters=None,
-                                            target_ms=40))
-        for v in list(rerun)[1:]:
-            a = algo_of[v]
-            rerun[v].append(graph_time_us([lambda w=w, o=o: plan.run(x, w, o, a, workspace)
-                                           for w, o in zip(ws, outs)], reps=4, iters=None,
-                                          target_ms=40))
+        for v, times in rerun.items():
+            times.append(time_us(algo_of[v]))
     med = {v: sorted(t)[len(t) // 2] for v, t in rerun.items()}
     torch_us = med.pop("torch")
     index = {v: i for _, v, i in timed}
@@ -136,16 +137,7 @@ def main() -> int:
         device_name = torch.cuda.get_device_name(dev)
         path = args.table_out if args.table_out.endswith(".json") else \
             table_path(cublaslt.KIND, device_name)
-        table = {"device": device_name, "cublaslt_version": cublaslt.version(), "by_shape": {}}
-        if os.path.exists(path):
-            with open(path) as f:
-                old = json.load(f)
-            if old.get("cublaslt_version") == table["cublaslt_version"]:
-                table = old
-        table["by_shape"].update(by_shape)
-        with open(path, "w") as f:
-            json.dump(table, f, indent=1, sort_keys=True)
-            f.write("\n")
+        merge_table(path, device_name, by_shape, header={"cublaslt_version": cublaslt.version()})
         print(f"wrote {path}")
     return 0
 

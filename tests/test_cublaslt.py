@@ -52,11 +52,28 @@ def test_table_of_another_version_is_ignored():
     assert cublaslt.parse_table(data, None) == {}
 
 
+def test_merge_keeps_shapes_of_the_same_version_only(tmp_path):
+    """The tuner's merge (shape_tables.merge_table with a header) keeps the file's other shapes
+    when its cuBLASLt version matches, and starts over when it does not."""
+    path = str(tmp_path / "t.json")
+    a = cublaslt.encode(_algo(1), 0)
+    shape_tables.merge_table(path, "GPU", {"64,32": {"1024": a}}, header={"cublaslt_version": 5})
+    got = shape_tables.merge_table(path, "GPU", {"8,16": {"512": ""}},
+                                   header={"cublaslt_version": 5})
+    assert set(got["by_shape"]) == {"64,32", "8,16"} and got["cublaslt_version"] == 5
+    got = shape_tables.merge_table(path, "GPU", {"8,16": {"512": a}},
+                                   header={"cublaslt_version": 6})
+    assert got["by_shape"] == {"8,16": {"512": a}} and got["cublaslt_version"] == 6
+    with open(path) as f:
+        assert json.load(f) == got
+    assert cublaslt.parse_table(got, 6) == {(8, 16): [(512, a)]}
+
+
 def test_conditions(monkeypatch):
     """CPU tensors, fp32, a biased product and KVFLOW_CUBLASLT=0 keep torch's product."""
     calls = []
     monkeypatch.setattr(cublaslt, "_choice", lambda *a: calls.append(a) or None)
-    monkeypatch.setattr(cublaslt, "_tuned_shapes", lambda index: {(8, 16)})
+    monkeypatch.setattr(cublaslt, "_tuned_shapes", lambda name: {(8, 16)})
     w = torch.zeros(8, 16, dtype=torch.bfloat16)
     x = torch.ones(4, 16, dtype=torch.bfloat16)
     assert cublaslt.choose(x, w) is None                                  # CPU

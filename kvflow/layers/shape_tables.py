@@ -50,12 +50,15 @@ def lookup(kind: str, device: torch.device, n: int, k: int, m: int) -> Optional[
     return load_table(kind, device_properties(device).name).get((n, k, m))
 
 
-def merge_table(path: str, device_name: str, by_shape: dict[str, dict[str, int]]) -> dict:
-    """Write `by_shape` into the table at path (its other shapes kept); returns the table."""
-    table = {"device": device_name, "by_shape": {}}
+def merge_table(path: str, device_name: str, by_shape: dict, header: Optional[dict] = None) -> dict:
+    """Write `by_shape` into the table at path (its other shapes kept, unless its `header`
+    fields differ: e.g. a cuBLASLt table's version); returns the table."""
+    table = {"device": device_name, **(header or {}), "by_shape": {}}
     if os.path.exists(path):
         with open(path) as f:
-            table = json.load(f)
+            old = json.load(f)
+        if all(old.get(k) == v for k, v in (header or {}).items()):
+            table = old
     table["by_shape"].update(by_shape)
     with open(path, "w") as f:
         json.dump(table, f, indent=1, sort_keys=True)
