@@ -257,13 +257,12 @@ def _choice(device_index: int, device_name: str, m: int, n: int, k: int,
 def choose(x2: torch.Tensor, weight: torch.Tensor) -> Optional[_Choice]:
     """The table's algorithm for x2 [M, K] @ weight[N, K]^T, checked, if this product can use
     it (see the module docstring for what cannot)."""
-    if not x2.is_cuda:
-        return None
+    if not x2.is_cuda or torch.compiler.is_compiling():
+        return None            # traced code never looks up the table (dynamo cannot trace it)
     name = device_properties(x2.device).name
     if tuple(weight.shape) not in _tuned_shapes(name):
         return None            # the common case first: eager steps call this per product
-    if (x2.dtype not in _DTYPES or weight.dtype != x2.dtype or torch.compiler.is_compiling()
-            or not envs.cublaslt()):
+    if x2.dtype not in _DTYPES or weight.dtype != x2.dtype or not envs.cublaslt():
         return None
     if not (x2.is_contiguous() and weight.is_contiguous()
             and x2.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0):
