@@ -267,6 +267,21 @@ def test_dummy_gptq_model_runs(tmp_path, make_llm):
     assert len(out[0].outputs[0].token_ids) == 3
 
 
+def test_norm_fold_passes_over_gptq_layers():
+    """The norm fold (decode steps of <= GEMV_MAX_M rows, fp16 / bf16, CUDA) asks each linear
+    for its weight; a GPTQ layer has none (qweight, scales), and asking used to raise
+    AttributeError in every bf16 decode step of a GPTQ model on the GPU."""
+    from kvflow.layers import norm_fold
+    from kvflow.layers.linear import MergedColumnParallelLinear, RowParallelLinear
+    qc = GPTQConfig(bits=4, group_size=32, desc_act=False, sym=True, zero_offset=1)
+    with torch.device("meta"):
+        down = RowParallelLinear(128, 64, quant_config=qc)
+        up = MergedColumnParallelLinear(64, [64, 64], quant_config=qc)
+    x = torch.zeros(1, 64, dtype=torch.bfloat16)
+    assert not norm_fold._foldable(down, x, 1, consumer=False)
+    assert not norm_fold._foldable(up, x, 1, consumer=True)
+
+
 def test_fused_shards_with_different_g_idx_fail():
     from kvflow.layers.linear import MergedColumnParallelLinear
     qc = GPTQConfig(bits=4, group_size=32, desc_act=True, sym=True, zero_offset=1)

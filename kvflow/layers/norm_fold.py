@@ -70,9 +70,10 @@ def _device_ok(x: torch.Tensor) -> bool:
 def _foldable(layer: "LinearBase", x: torch.Tensor, m: int, consumer: bool) -> bool:
     """Whether `layer` (unquantized, skinny GEMM on, weight of x's dtype) can be the producer
     or the consumer half on an m-row input on x's device. Triton is known to be there."""
+    if layer.quant_method is not None or not layer.skinny_gemm:
+        return False        # first: a quantized layer has no `weight` (GPTQ: qweight, scales)
     w = layer.weight
-    if (layer.quant_method is not None or not layer.skinny_gemm or w.dtype != x.dtype
-            or w.stride(-1) != 1):
+    if w.dtype != x.dtype or w.stride(-1) != 1:
         return False
     from kvflow.kernels import skinny_gemm as sg
     return sg.foldable(m, w.shape[0], w.shape[1], x.device, consumer=consumer)
