@@ -54,10 +54,14 @@ from torch import nn
 from kvflow.attention.backend import AttentionMetadata
 from kvflow.attention.layer import Attention, bind_attention_layers
 from kvflow.compilation.cache_key import compute_factors, diff_factors, key_of
+from kvflow.compilation.eager import disable_registered
 from kvflow.compilation.store import CompileStore, Entry
 from kvflow.forward_context import GLOBAL, set_forward_context
 
 logger = logging.getLogger("kvflow")
+
+# From here on torch.compile can trace: eager_only functions become disabled ones (eager.py).
+disable_registered()
 
 # Bump when the way we compile or lay out entries changes: it is a key factor.
 COMPILE_FORMAT = 2  # 2: the warm-up's inputs are inference tensors (the runner's kind)

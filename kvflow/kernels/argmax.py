@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvflow.compilation.eager import eager_only
 from kvflow.kernels.pdl import pdl_launch, pdl_launch_dependents, pdl_wait
 
 ARGMAX_MAX_ROWS = 64          # above: torch (its grid then covers the rows; no gain to chase)
@@ -76,7 +77,7 @@ def argmax_chunk(rows: int, vocab: int) -> int:
     return min(_MAX_CHUNK, max(_MIN_CHUNK, triton.next_power_of_2(want)))
 
 
-@torch.compiler.disable  # launched eagerly (not a traceable op)
+@eager_only  # launched eagerly (not a traceable op)
 def argmax_rows(x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """x [B, V] floating -> [B] int64, exactly x.argmax(dim=-1) (see the module docstring).
     chunk: stage-1 chunk override (a power of two; tests)."""

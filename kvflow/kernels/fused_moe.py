@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvflow.compilation.eager import eager_only
 from kvflow.kernels.device import device_properties
 from kvflow.kernels.moe_routing import align_by_expert_triton, moe_sum
 from kvflow.kernels.pdl import pdl_launch, pdl_launch_dependents, pdl_wait
@@ -254,7 +255,7 @@ def launch_down(hbuf, w2, out, pairs, block_expert, weights, block_m: int, tile:
         IEEE=hbuf.dtype == torch.float32, **pdl_launch(hbuf.device), **tile)
 
 
-@torch.compiler.disable  # launched eagerly from compiled graphs (a graph break), not traced
+@eager_only  # launched eagerly from compiled graphs (a graph break), not traced
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, config: dict | None = None,
               has_remote: bool = False) -> torch.Tensor:

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvflow.compilation.eager import eager_only
 from kvflow.kernels.pdl import pdl_launch, pdl_launch_dependents, pdl_wait
 from kvflow.kernels.tickets import TicketCounters
 
@@ -96,7 +97,7 @@ def _check_scoring(scoring: str) -> None:
         raise ValueError(f"MoE scoring must be 'softmax' or 'sigmoid', got {scoring!r}")
 
 
-@torch.compiler.disable  # launched eagerly from compiled graphs (a graph break), not traced
+@eager_only  # launched eagerly from compiled graphs (a graph break), not traced
 def topk_softmax(router_logits: torch.Tensor, top_k: int, renormalize: bool,
                  scoring: str = "softmax") -> tuple[torch.Tensor, torch.Tensor]:
     """router_logits [T, E] -> (weights [T, K] float32, ids [T, K] int64), as select_experts.
@@ -238,7 +239,7 @@ def router_topk_config(t: int, e: int, h: int, dtype: torch.dtype) -> dict:
                 num_warps=warps)
 
 
-@torch.compiler.disable  # launched eagerly from compiled graphs (a graph break), not traced
+@eager_only  # launched eagerly from compiled graphs (a graph break), not traced
 def router_topk(x: torch.Tensor, weight: torch.Tensor, top_k: int, renormalize: bool,
                 scoring: str = "softmax", config: dict | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -326,7 +327,7 @@ def _align_kernel(ids_ptr, pairs_ptr, block_expert_ptr, num_pairs, num_experts, 
                  mask=blocks < num_rows // BLOCK_M)
 
 
-@torch.compiler.disable  # launched eagerly from compiled graphs (a graph break), not traced
+@eager_only  # launched eagerly from compiled graphs (a graph break), not traced
 def align_by_expert_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """topk_ids [T, K] -> (sorted_pairs [P] int32, block_expert [P // block_m] int32), exactly
@@ -363,7 +364,7 @@ def _sum_kernel(in_ptr, out_ptr, H, stride_it, stride_ik, stride_ot,
     tl.store(out_ptr + t * stride_ot + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-@torch.compiler.disable  # launched eagerly from compiled graphs (a graph break), not traced
+@eager_only  # launched eagerly from compiled graphs (a graph break), not traced
 def moe_sum(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """out [T, K, H] (per-pair expert outputs) -> [T, H] dtype: the K rows of a token summed in
     fp32 in order (k = 0..K-1), rounded once, as out.float().sum(1).to(dtype) where torch adds

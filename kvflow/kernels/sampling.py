@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvflow.compilation.eager import eager_only
 from kvflow.kernels.argmax import CHUNKS as ARGMAX_CHUNKS
 from kvflow.kernels.argmax import argmax_chunk
 from kvflow.kernels.pdl import pdl_launch, pdl_launch_dependents, pdl_wait
@@ -124,7 +125,7 @@ def sample_chunk(rows: int, vocab: int) -> int:
     return min(argmax_chunk(rows, vocab), MAX_CHUNK)
 
 
-@torch.compiler.disable
+@eager_only
 def sample_rows(logits: torch.Tensor, temperature: torch.Tensor, seed: int,
                 chunk: int | None = None,
                 uniforms: torch.Tensor | None = None) -> torch.Tensor:

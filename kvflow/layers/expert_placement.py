@@ -59,7 +59,8 @@ class ExpertPlacement:
 
     def global_to_local(self) -> torch.Tensor:
         """[num_experts] int64: local slot, or `num_local` (the "remote" sentinel)."""
-        ids = torch.arange(self.num_experts, dtype=torch.int64)
+        # Built from a list, not by tensor ops: on the meta device (dummy weights' reference
+        # model) those run reference decompositions that import torch._dynamo.
         r = self.local
-        return torch.where((ids >= r.start) & (ids < r.stop), ids - r.start,
-                           torch.full_like(ids, self.num_local))
+        return torch.tensor([e - r.start if e in r else self.num_local
+                             for e in range(self.num_experts)], dtype=torch.int64)

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvflow import envs
-
+from kvflow.compilation.eager import eager_only
 from kvflow.distributed import (get_ep_rank, get_ep_size, get_moe_tp_rank, get_moe_tp_size,
                                 tp_all_reduce)
 from kvflow.layers import ops
@@ -134,7 +134,7 @@ def route(gate: LinearBase, x: torch.Tensor, top_k: int, renormalize: bool,
     return select_experts(gate(x), top_k, renormalize, scoring)
 
 
-@torch.compiler.disable  # data-dependent per-expert row counts: keep it out of the graph
+@eager_only  # data-dependent per-expert row counts: keep it out of the graph
 def fused_moe_torch(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                     topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
     """Reference MoE: x [T, H], w13 [E, 2I, H], w2 [E, H, I], topk_* [T, K] -> [T, H].
@@ -181,29 +181,35 @@ class GraphSafeWhenFusedMoE:
 
 
 def fused_moe(x, w13, w2, topk_weights, topk_ids, has_remote: bool = False) -> torch.Tensor:
-    """Dispatch point: the Triton kernel on CUDA when enabled, else the torch reference, behind
-    one opaque custom op (kvflow::fused_moe). has_remote: topk_ids may hold the remote sentinel
-    E (expert parallel)."""
-    return fused_moe_op(x, w13, w2, topk_weights, topk_ids, has_remote)
+    """Dispatch point: the Triton kernel on CUDA when enabled, else the torch reference; one
+    opaque custom op (kvflow::fused_moe) under torch.compile. has_remote: topk_ids may hold
+    the remote sentinel E (expert parallel)."""
+    if torch.compiler.is_compiling():
+        return fused_moe_op(x, w13, w2, topk_weights, topk_ids, has_remote)
+    # Eager (and CUDA graph captures): the implementation itself. Through the custom op an
+    # eager call pays a dispatcher hop, and its first call imports torch._dynamo (~2 s of an
+    # engine start that never compiles).
+    return _fused_moe_impl(x, w13, w2, topk_weights, topk_ids, has_remote)
+
+
+def _fused_moe_impl(x, w13, w2, topk_weights, topk_ids, has_remote: bool) -> torch.Tensor:
+    if x.is_cuda and _HAS_TRITON and envs.fused_moe_kernel():
+        from kvflow.kernels.fused_moe import fused_moe as kernel
+        return kernel(x, w13, w2, topk_weights, topk_ids, has_remote=has_remote)
+    return fused_moe_torch(x, w13, w2, topk_weights, topk_ids)
 
 
 # The experts are one opaque op to torch.compile, like attention: both implementations size
 # their work from data (per-expert row counts; the reference even reads them back to the host),
 # which dynamo cannot trace, and a torch.compiler.disable'd call inside the forward is a graph
 # break, which compile_model's fullgraph=True rejects. As a custom op the compiled graph stays
-# whole around it (routing before and the all-reduce after are traced). Eager calls pay one
-# dispatcher hop.
+# whole around it (routing before and the all-reduce after are traced).
 @torch.library.custom_op("kvflow::fused_moe", mutates_args=())
 def fused_moe_op(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
                  topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                  has_remote: bool) -> torch.Tensor:
-    if x.is_cuda and _HAS_TRITON and envs.fused_moe_kernel():
-        from kvflow.kernels.fused_moe import fused_moe as kernel
-        out = kernel(x, w13, w2, topk_weights, topk_ids, has_remote=has_remote)
-    else:
-        out = fused_moe_torch(x, w13, w2, topk_weights, topk_ids)
     # A custom op must not return (a view of) an input; both paths return fresh tensors.
-    return out
+    return _fused_moe_impl(x, w13, w2, topk_weights, topk_ids, has_remote)
 
 
 @fused_moe_op.register_fake

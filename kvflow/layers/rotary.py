@@ -82,6 +82,14 @@ class RotaryEmbedding(nn.Module):
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(f"rope_scaling.rope_type: {rope_type!r} is not supported; "
                              f"supported: {SUPPORTED_ROPE_TYPES}")
+        self.max_position = max_position
+        if torch.empty(0).is_meta:
+            # A shape-only build (dummy weights' single-rank reference): no values to compute,
+            # and computing them would run meta kernels whose reference decompositions import
+            # torch._dynamo (~2 s of an engine start that never compiles).
+            cache = torch.empty(max_position, self.rotary_dim, dtype=torch.float32)
+            self.register_buffer("cos_sin_cache", cache, persistent=False)
+            return
         mscale = 1.0
         if rope_type == "yarn":
             inv_freq, mscale = _yarn_inv_freq(base, self.rotary_dim, s, max_position)
@@ -91,7 +99,6 @@ class RotaryEmbedding(nn.Module):
                 inv_freq = inv_freq / s["factor"]
             elif rope_type == "llama3":
                 inv_freq = _llama3_inv_freq(inv_freq, s)
-        self.max_position = max_position
         # [max_position, rotary_dim]: cos of each frequency | sin of each frequency, float32.
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
         cache = torch.cat([freqs.cos() * mscale, freqs.sin() * mscale], dim=-1)

@@ -6,7 +6,8 @@ tensors would give it. So dummy-weight runs of different parallel layouts are co
 for token (benchmarks/parallel_check.py relies on this).
 
 How: the model is also built on the `meta` device as if it ran on one rank
-(`single_rank_view`), which gives every parameter's full, unsharded shape without memory. Each
+(`single_rank_view`), which gives every parameter's full, unsharded shape without memory (on
+one rank the model itself is that view, and no second build is made). Each
 full tensor is generated from a generator seeded by (seed, parameter name) — never from a
 shared stream, whose position would depend on the shapes generated before — on the parameter's
 device (fast for large models), then cut into checkpoint pieces (q/k/v, gate/up, one per expert)
@@ -34,7 +35,7 @@ import torch
 from torch import nn
 
 from kvflow import envs
-from kvflow.distributed import single_rank_view
+from kvflow.distributed import get_tp_size, single_rank_view
 from kvflow.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, default_weight_loader
 from kvflow.layers.moe import FusedMoE
 
@@ -90,8 +91,11 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
     if mode not in MODES:
         raise ValueError(f"KVFLOW_DUMMY_WEIGHTS must be one of {list(MODES)}, got {mode!r}")
     params = dict(model.named_parameters())
-    with single_rank_view(), torch.device("meta"):
-        reference = type(model)(model.config)
+    if get_tp_size() == 1:
+        reference = model   # already its own single-rank view: no second build
+    else:
+        with single_rank_view(), torch.device("meta"):
+            reference = type(model)(model.config)
     written: set[str] = set()
     for mod_name, module in reference.named_modules():
         quantized = getattr(module, "quant_method", None) is not None

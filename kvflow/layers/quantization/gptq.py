@@ -104,12 +104,9 @@ def gptq_gemm_ref(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
     return x @ w
 
 
-# The GEMM is one opaque op so that torch.compile keeps the Triton kernel (instead of tracing
-# the reference's unpacking into the graph); eager calls pay one dispatcher hop.
-@torch.library.custom_op("kvflow::gptq_gemm", mutates_args=())
-def gptq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-              g_idx: torch.Tensor, bits: int, group_size: int, zero_offset: int,
-              use_g_idx: bool) -> torch.Tensor:
+def _gptq_gemm_impl(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
+                    scales: torch.Tensor, g_idx: torch.Tensor, bits: int, group_size: int,
+                    zero_offset: int, use_g_idx: bool) -> torch.Tensor:
     if x.is_cuda:
         from kvflow import kernels
         if kernels.HAS_TRITON:
@@ -117,6 +114,17 @@ def gptq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scal
             return kernel(x, qweight, qzeros, scales, g_idx if use_g_idx else None, bits,
                           group_size, zero_offset)
     return gptq_gemm_ref(x, qweight, qzeros, scales, g_idx, bits, zero_offset)
+
+
+# The GEMM is one opaque op so that torch.compile keeps the Triton kernel (instead of tracing
+# the reference's unpacking into the graph). Eager calls skip it (GPTQLinearMethod.apply): a
+# dispatcher hop, and a first call that imports torch._dynamo.
+@torch.library.custom_op("kvflow::gptq_gemm", mutates_args=())
+def gptq_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+              g_idx: torch.Tensor, bits: int, group_size: int, zero_offset: int,
+              use_g_idx: bool) -> torch.Tensor:
+    return _gptq_gemm_impl(x, qweight, qzeros, scales, g_idx, bits, group_size, zero_offset,
+                           use_g_idx)
 
 
 @gptq_gemm.register_fake
@@ -228,8 +236,9 @@ class GPTQLinearMethod:
         """x [..., K] -> [..., N] (+ bias)."""
         cfg = self.cfg
         shape = x.shape
-        out = gptq_gemm(x.reshape(-1, shape[-1]), layer.qweight, layer.qzeros, layer.scales,
-                        layer.g_idx, cfg.bits, cfg.group_size, cfg.zero_offset, cfg.desc_act)
+        gemm = gptq_gemm if torch.compiler.is_compiling() else _gptq_gemm_impl
+        out = gemm(x.reshape(-1, shape[-1]), layer.qweight, layer.qzeros, layer.scales,
+                   layer.g_idx, cfg.bits, cfg.group_size, cfg.zero_offset, cfg.desc_act)
         out = out.reshape(*shape[:-1], out.shape[-1])
         return out if bias is None else out + bias
 
