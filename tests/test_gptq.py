@@ -282,6 +282,29 @@ def test_norm_fold_passes_over_gptq_layers():
     assert not norm_fold._foldable(up, x, 1, consumer=True)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_dummy_gptq_model_half_precision_gpu(tmp_path, dtype):
+    """A GPTQ model as served (fp16 / bf16 on CUDA, CUDA graphs on): decode steps run the
+    W4A16 kernel beside the norm fold's and skinny GEMM's shape checks, which once read a
+    quantized layer's weight and raised in every step."""
+    from kvflow import LLM, SamplingParams
+    hf = make_hf_model("qwen2")
+    path = save_hf_model(hf, tmp_path / "m")
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32,
+                                  "desc_act": False, "sym": True}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    llm = LLM(path, load_format="dummy", dtype=dtype, device="cuda", skip_tokenizer_init=True,
+              kv_cache_memory=8 << 20, max_model_len=256)
+    out = llm.generate([{"prompt_token_ids": [1, 2, 3]}, {"prompt_token_ids": list(range(40))}],
+                       SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+                       use_tqdm=False)
+    assert [len(o.outputs[0].token_ids) for o in out] == [8, 8]
+
+
 def test_fused_shards_with_different_g_idx_fail():
     from kvflow.layers.linear import MergedColumnParallelLinear
     qc = GPTQConfig(bits=4, group_size=32, desc_act=True, sym=True, zero_offset=1)
