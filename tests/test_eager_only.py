@@ -1,5 +1,6 @@
 """kvflow/compilation/eager.py: kernels marked eager_only stay out of torch.compile's traces,
-and an engine start with compilation off never imports torch._dynamo (~1-2 s of ready time)."""
+and an engine start with compilation off never imports torch._dynamo (~3 s of the 8B model's
+warm ready time on the H200: docs/performance.md, session 36)."""
 import subprocess
 import sys
 import textwrap
@@ -23,16 +24,8 @@ def _save(kind: str, path) -> str:
         from tests.test_llama4 import make_llama4
         return save_hf_model(make_llama4(), str(path))
     if kind == "gptq":   # int4 linears (dummy codes): their own custom op
-        import json
-        import os
-        out = save_hf_model(make_hf_model("qwen2"), str(path))
-        with open(os.path.join(out, "config.json")) as f:
-            cfg = json.load(f)
-        cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32,
-                                      "desc_act": False, "sym": True}
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(cfg, f)
-        return out
+        from tests.test_gptq import save_gptq_config_model
+        return save_gptq_config_model(str(path))
     return save_hf_model(make_hf_model(kind), str(path))
 
 
@@ -40,8 +33,9 @@ def _save(kind: str, path) -> str:
                                               ("qwen3", "dummy"), ("mixtral", "dummy"),
                                               ("llama4", "dummy"), ("gptq", "dummy")])
 def test_engine_start_without_compile_leaves_dynamo_unloaded(tmp_path, kind, load_format):
-    # Dummy weights build a shape-only reference model on the meta device: meta kernels of
-    # reflected ops (1.0 / t) are reference decompositions that import torch._dynamo.
+    # What used to import it: kernels decorated with torch.compiler.disable, meta-device ops
+    # in the dummy reference build (1.0 / t, torch.where: reference decompositions), and the
+    # first eager call of a custom op (fused_moe for Mixtral / Llama 4, gptq_gemm).
     path = _save(kind, tmp_path)
     out = _run(f"""
         import sys

@@ -250,17 +250,23 @@ def test_quantized_model_matches_dequantized_hf(name, tmp_path, make_llm):
         assert o.outputs[0].token_ids == hf_greedy(hf, p, 6)
 
 
-def test_dummy_gptq_model_runs(tmp_path, make_llm):
-    """load_format='dummy' on a GPTQ config (the benchmark path): builds and generates."""
-    from kvflow import SamplingParams
-    hf = make_hf_model("qwen2")
-    path = save_hf_model(hf, tmp_path / "m")
+def save_gptq_config_model(path) -> str:
+    """A tiny Qwen2 checkpoint whose config declares 4-bit GPTQ (group 32, no act-order): for
+    load_format="dummy", which makes valid codes and random scales."""
+    path = save_hf_model(make_hf_model("qwen2"), path)
     with open(os.path.join(path, "config.json")) as f:
         cfg = json.load(f)
     cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32,
                                   "desc_act": False, "sym": True}
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(cfg, f)
+    return path
+
+
+def test_dummy_gptq_model_runs(tmp_path, make_llm):
+    """load_format='dummy' on a GPTQ config (the benchmark path): builds and generates."""
+    from kvflow import SamplingParams
+    path = save_gptq_config_model(tmp_path / "m")
     llm = make_llm(path, load_format="dummy")
     out = llm.generate([{"prompt_token_ids": [1, 2, 3]}],
                        SamplingParams(temperature=0, max_tokens=3, ignore_eos=True), use_tqdm=False)
@@ -289,14 +295,7 @@ def test_dummy_gptq_model_half_precision_gpu(tmp_path, dtype):
     W4A16 kernel beside the norm fold's and skinny GEMM's shape checks, which once read a
     quantized layer's weight and raised in every step."""
     from kvflow import LLM, SamplingParams
-    hf = make_hf_model("qwen2")
-    path = save_hf_model(hf, tmp_path / "m")
-    with open(os.path.join(path, "config.json")) as f:
-        cfg = json.load(f)
-    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": 32,
-                                  "desc_act": False, "sym": True}
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(cfg, f)
+    path = save_gptq_config_model(tmp_path / "m")
     llm = LLM(path, load_format="dummy", dtype=dtype, device="cuda", skip_tokenizer_init=True,
               kv_cache_memory=8 << 20, max_model_len=256)
     out = llm.generate([{"prompt_token_ids": [1, 2, 3]}, {"prompt_token_ids": list(range(40))}],
