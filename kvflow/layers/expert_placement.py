@@ -61,6 +61,6 @@ class ExpertPlacement:
         """[num_experts] int64: local slot, or `num_local` (the "remote" sentinel)."""
         # Built from a list, not by tensor ops: on the meta device (dummy weights' reference
         # model) those run reference decompositions that import torch._dynamo.
-        r = self.local
-        return torch.tensor([e - r.start if e in r else self.num_local
-                             for e in range(self.num_experts)], dtype=torch.int64)
+        slots = (self.local_slot(e) for e in range(self.num_experts))
+        return torch.tensor([self.num_local if s is None else s for s in slots],
+                            dtype=torch.int64)
