@@ -49,6 +49,34 @@ def test_engine_start_without_compile_leaves_dynamo_unloaded(tmp_path, kind, loa
     assert out.strip().splitlines()[-1] == "no dynamo"
 
 
+def test_dummy_reference_build_of_a_sharded_model_leaves_dynamo_unloaded(tmp_path):
+    # Under TP > 1 the dummy initialiser builds a single-rank copy of the model on the meta
+    # device (models/dummy.py); ops on meta tensors there (GPTQ's default g_idx) used to run
+    # reference decompositions that import torch._dynamo. The rank count is faked so the
+    # build runs in one process; its weights must still come out the same as TP == 1's.
+    path = _save("gptq", tmp_path)
+    out = _run(f"""
+        import sys
+        import torch
+        from kvflow.config import create_engine_config
+        from kvflow.models import dummy
+        from kvflow.models.loader import build_model
+        cfg = create_engine_config({path!r}, load_format="dummy", device="cpu",
+                                   max_model_len=64).model
+        one = build_model(cfg, torch.device("cpu"))
+        dummy.get_tp_size = lambda: 2        # take the reference-build branch
+        two = build_model(cfg, torch.device("cpu"))
+        assert "torch._dynamo" not in sys.modules, "dynamo"
+        a, b = one.state_dict(), two.state_dict()
+        assert a.keys() == b.keys()
+        differ = [k for k in a if not torch.equal(a[k], b[k])]
+        assert not differ, differ
+        print("ok", sum(1 for k in a if "g_idx" in k))
+    """)
+    ok, n_gidx = out.strip().splitlines()[-1].split()
+    assert ok == "ok" and int(n_gidx) > 0
+
+
 def test_eager_only_is_a_graph_break_once_compile_is_loaded():
     # Decorated before dynamo exists (as kernels are at import), then traced with fullgraph=True:
     # a disabled function is a graph break, which fullgraph rejects; a plain one would be

@@ -190,9 +190,12 @@ class GPTQLinearMethod:
         gs = self.cfg.group_size
         if gs == -1:
             return torch.zeros(k, dtype=torch.int32)
-        if self._groups_split(layer):
-            return torch.arange(k, dtype=torch.int32) // gs
-        return torch.arange(start, start + k, dtype=torch.int32) // gs   # all groups kept
+        first = 0 if self._groups_split(layer) else start               # all groups kept
+        # Computed on the CPU, then moved: under torch.device("meta") (the dummy-weight
+        # reference build of a TP > 1 model, models/dummy.py) the division would run a
+        # reference decomposition, whose import of torch._dynamo costs ~3 s of every start.
+        idx = torch.arange(first, first + k, dtype=torch.int32, device="cpu") // gs
+        return idx.to(torch.get_default_device())
 
     def _make_loader(self, layer):
         # The layer weakly (layers/loader_ref.py): no cycle through the parameter it loads.
