@@ -24,6 +24,7 @@ from kvflow import envs
 from kvflow.distributed import get_tp_rank, get_tp_size, tp_all_reduce
 from kvflow.layers.norm_fold import NormedHidden, fold_ok
 from kvflow.layers.loader_ref import weight_loader_of
+from kvflow.kernels import cublaslt
 from kvflow.layers import ops, row_pad, split_k_norm
 
 _SKINNY_DTYPES = (torch.float16, torch.bfloat16)
@@ -68,7 +69,6 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     x2 = x.reshape(-1, x.shape[-1])
     o2 = out.view(-1, weight.shape[0]) if out is not None else None
     if bias is None and x.is_cuda:
-        from kvflow.kernels import cublaslt
         choice = cublaslt.choose(x2, weight)
         y = cublaslt.linear(x2, weight, choice, o2) if choice is not None else None
         if y is not None:
