@@ -11,10 +11,11 @@ tile configuration (kernels/attention_config.py: 64-token KV tiles, 4 warps, 2 s
 chosen in session 3 on shorter sweeps.
 
 What: one decode step's attention for --batch requests with context lengths uniform in
---context (lo,hi) over a paged cache (block size 16, blocks shuffled as a long-running engine
-leaves them), per model's head layout, timed as CUDA-graph replays (graph_timing); every
-KV tile x warps x stages variant (one launch, no split: the grid has batch x KV-head programs,
-far more than SMs), and the heuristic's own choice. TB/s counts the K and V bytes read.
+--context (lo,hi) over a paged cache (block size 16 unless --block-size, blocks shuffled as a
+long-running engine leaves them), per model's head layout, timed as CUDA-graph replays
+(graph_timing); every KV tile x warps x stages variant (one launch, no split: the grid has
+batch x KV-head programs, far more than SMs), and the heuristic's own choice. TB/s counts the
+K and V bytes read.
 --layout hnd stores each block head-major ([KV, block_size, D] in memory, so one head's page is
 contiguous) behind the same logical [blocks, block_size, KV, D] view the kernels take.
 Writes DIR/attention_tune.json.
@@ -103,6 +104,8 @@ def main() -> int:
                     "projection) and report the attention's share (pair minus product alone)")
     ap.add_argument("--blocks", default="random", choices=("random", "runs"),
                     help="the batch's blocks: each random, or each request's consecutive")
+    ap.add_argument("--block-size", type=int, default=16, help="KV block size (the engine's "
+                    "default on CUDA is 64: config.DEFAULT_BLOCK_SIZE)")
     ap.add_argument("--smoke", action="store_true", help="CPU check (TRITON_INTERPRET=1)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -118,7 +121,8 @@ def main() -> int:
             [int(v) for v in args.cache_blocks.split(",")]):
         heads, kv, d = MODELS[model]
         q, cache, qsl, lens, table, max_len, kv_bytes, request_order = case(
-            batch, lo, hi, heads, kv, d, device, order=order, layout=layout,
+            batch, lo, hi, heads, kv, d, device, block_size=args.block_size, order=order,
+            layout=layout,
             cache_blocks=0 if args.smoke else nblocks, blocks_kind=args.blocks)
         out = torch.empty_like(q)
         caches = [cache] + [torch.empty_like(cache).normal_() for _ in range(args.layers - 1)]
