@@ -72,16 +72,6 @@ def attn_prefetch() -> bool:
     return os.environ.get("KVFLOW_ATTN_PREFETCH", "1") != "0"
 
 
-def attn_kv_loads() -> int:
-    """KVFLOW_ATTN_KV_LOADS (default 0): how the attention kernel's unmasked KV tiles are
-    loaded -- 0: K, then V after the QK dot; 1: K and V together; 2: the next tile's K and V
-    before this tile's dots (registers). Read when the attention kernels module is imported."""
-    value = os.environ.get("KVFLOW_ATTN_KV_LOADS", "0")
-    if value not in ("0", "1", "2"):
-        raise ValueError(f"KVFLOW_ATTN_KV_LOADS must be 0, 1 or 2, got {value!r}")
-    return int(value)
-
-
 def fused_sampling() -> bool:
     """KVFLOW_FUSED_SAMPLING (default 1): on CUDA, random sampling without top-k / top-p / min-p
     or per-request seeds is one Triton pass over the logits (inverse-CDF sampling,

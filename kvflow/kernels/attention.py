@@ -115,7 +115,6 @@ LOG2E = 1.4426950408889634
 # Decode-like launches load their first KV tile before the PDL wait (see _attention_kernel).
 # KVFLOW_ATTN_PREFETCH=0 turns it off (read once, at import).
 _PREFETCH = envs.attn_prefetch()
-_KV_LOADS = envs.attn_kv_loads()
 
 
 class _Part(NamedTuple):
@@ -289,7 +288,6 @@ def _launch(query, key_cache, value_cache, out, query_start_loc, seq_lens, block
                   SPLITS_PAD=MAX_SPLITS, MERGE_UNROLL_=MERGE_UNROLL,
                   PREFETCH=(_PREFETCH and cfg.direct and seq_starts is None
                             and cfg.block_m <= 64),
-                  KV_LOADS=_KV_LOADS if cfg.block_m <= 64 else 0,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if common["KV_FP8"]:
         one = None

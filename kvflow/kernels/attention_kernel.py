@@ -70,8 +70,7 @@ def _softmax_step(s, m_i, l_i, kpos, q_pos, seq_len, kv_lo, qk_scale, MASKED: tl
 def _attend_tile(acc, m_i, l_i, q, k_base, v_base, bt_row, tile, q_pos, seq_len, kv_lo,
                  qk_scale, stride_cb, stride_ct,
                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD: tl.constexpr,
-                 HEAD_PAD: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr,
-                 V_EARLY: tl.constexpr = False):
+                 HEAD_PAD: tl.constexpr, MASKED: tl.constexpr, PREC: tl.constexpr):
     """One online-softmax step over KV tile `tile` (BLOCK_N context tokens).
 
     acc [BLOCK_M, HEAD_PAD] fp32, m_i/l_i [BLOCK_M] fp32 (m in log2 units), q [BLOCK_M, HEAD_PAD].
@@ -93,17 +92,12 @@ def _attend_tile(acc, m_i, l_i, q, k_base, v_base, bt_row, tile, q_pos, seq_len,
         k = tl.load(k_base + kv_off, mask=(offs_d < HEAD)[None, :], other=0.0)
     else:
         k = tl.load(k_base + kv_off)
-    if V_EARLY:
-        # V's load issued beside K's, before the dot (unmasked, HEAD == HEAD_PAD tiles only)
-        v = tl.load(v_base + kv_off)
     # An fp8 cache holds K / k_scale: upcast exactly (e4m3 fits in bf16/fp16/fp32); the scale
     # is folded into qk_scale by the caller.
     s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PREC)       # [BLOCK_M, BLOCK_N]
     p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, kpos, q_pos, seq_len, kv_lo, qk_scale,
                                        MASKED)
-    if V_EARLY:
-        pass
-    elif MASKED:
+    if MASKED:
         v = tl.load(v_base + kv_off, mask=kv_mask, other=0.0)
     elif HEAD != HEAD_PAD:
         v = tl.load(v_base + kv_off, mask=(offs_d < HEAD)[None, :], other=0.0)
@@ -174,7 +168,6 @@ def _attention_kernel(
     SPLITS_PAD: tl.constexpr, MERGE_UNROLL_: tl.constexpr, PREFETCH: tl.constexpr,
     USE_PDL: tl.constexpr, order_ptr=None, HAS_ORDER: tl.constexpr = False,
     HEADS_FIRST: tl.constexpr = False, WAIT_ONE: tl.constexpr = False,
-    KV_LOADS: tl.constexpr = 0,
 ):
     if HEADS_FIRST:
         # DIRECT only: grid [KV, rows, splits], KV heads fastest, so the programs dispatched
@@ -337,23 +330,10 @@ def _attention_kernel(
         if pre_ok:
             acc, m_i, l_i = _attend_loaded(acc, m_i, l_i, q, k_pre, v_pre, qk_scale, PREC)
             t_mid = t_mid + 1
-    t_end = tl.minimum(t1, num_full)
-    if KV_LOADS == 2:
-        # Register double buffer: the next tile's K and V are in flight during this one's dots.
-        k_c, v_c = _prefetch_tile(k_base, v_base, bt_row, t_mid, t_mid < t_end, stride_cb,
-                                  stride_ct, BLOCK_SIZE, BLOCK_N, HEAD, HEAD_PAD)
-        for t in range(t_mid, t_end):
-            k_n, v_n = _prefetch_tile(k_base, v_base, bt_row, t + 1, t + 1 < t_end, stride_cb,
-                                      stride_ct, BLOCK_SIZE, BLOCK_N, HEAD, HEAD_PAD)
-            acc, m_i, l_i = _attend_loaded(acc, m_i, l_i, q, k_c, v_c, qk_scale, PREC)
-            k_c = k_n
-            v_c = v_n
-    else:
-        for t in range(t_mid, t_end):
-            acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_base, v_base, bt_row, t, q_pos,
-                                         seq_len, kv_lo, qk_scale, stride_cb, stride_ct,
-                                         BLOCK_SIZE, BLOCK_N, HEAD, HEAD_PAD, False, PREC,
-                                         KV_LOADS == 1 and HEAD == HEAD_PAD)
+    for t in range(t_mid, tl.minimum(t1, num_full)):
+        acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_base, v_base, bt_row, t, q_pos,
+                                     seq_len, kv_lo, qk_scale, stride_cb, stride_ct, BLOCK_SIZE,
+                                     BLOCK_N, HEAD, HEAD_PAD, False, PREC)
     for t in range(t_tail, t1):
         acc, m_i, l_i = _attend_tile(acc, m_i, l_i, q, k_base, v_base, bt_row, t, q_pos,
                                      seq_len, kv_lo, qk_scale, stride_cb, stride_ct, BLOCK_SIZE,
