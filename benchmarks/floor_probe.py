@@ -34,7 +34,7 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(__file__))
 from gemm_shapes import shapes  # noqa: E402
-from graph_timing import jsonl_emitter  # noqa: E402
+from graph_timing import eager_time_us, jsonl_emitter  # noqa: E402
 from kvflow.kernels import cublaslt  # noqa: E402
 
 
@@ -86,18 +86,6 @@ def held_us(fn, seconds: float) -> tuple[float, float, float]:
     return start.elapsed_time(end) * 1000 / n, p.watts, p.mhz
 
 
-def burst_us(fn, iters: int = 20) -> float:
-    for _ in range(3):
-        fn()
-    start, end = torch.cuda.Event(True), torch.cuda.Event(True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / iters
-
-
 def products(emit, problems, seconds: float, n_algos: int) -> None:
     dev = torch.device("cuda", torch.cuda.current_device())
     workspace = torch.empty(cublaslt.MAX_WORKSPACE, dtype=torch.uint8, device=dev)
@@ -124,7 +112,7 @@ def products(emit, problems, seconds: float, n_algos: int) -> None:
                 def run_lt(a=algo.algo):
                     turn[0] = (turn[0] + 1) % copies
                     plan.run(x, ws[turn[0]], out, a, workspace)
-                bursts.append((burst_us(run_lt), i, run_lt))
+                bursts.append((eager_time_us(run_lt, warmup=3), i, run_lt))
             except Exception as e:       # an algorithm that cannot run this problem
                 print(f"{name} m={m} algo {i}: {str(e)[:100]}", file=sys.stderr)
         if bursts:
@@ -133,7 +121,7 @@ def products(emit, problems, seconds: float, n_algos: int) -> None:
             emit(dict(kind="product", name=name, m=m, n=n, k=k, path=f"cublaslt#{i}",
                       burst_us=round(b_us, 1), us=round(us, 1),
                       tflops=round(flops / us / 1e6, 1), watts=watts, mhz=mhz))
-        del ws, plan
+        ws = plan = bursts = None       # free this problem's operands before the next
         torch.cuda.empty_cache()
 
 

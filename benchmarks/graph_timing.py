@@ -1,7 +1,8 @@
-"""One GPU timer for the device tuning scripts (w4a16_tune, moe_tune, skinny_gemm_tune), and
+"""GPU timers for the device tuning scripts (w4a16_tune, moe_tune, skinny_gemm_tune), and
 the JSON-lines output the probes share.
 
-Times are CUDA-graph replays, so launch overhead is excluded as in the decode graphs.
+graph_time_us times CUDA-graph replays, so launch overhead is excluded as in the decode graphs;
+eager_time_us times eager launches (for what cannot be captured, or to include the launches).
 """
 from __future__ import annotations
 
@@ -45,6 +46,21 @@ def graph_time_us(fns: Union[Callable, Sequence[Callable]], reps: int = 10,
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) * 1000 / (iters * reps * len(fns))
+
+
+def eager_time_us(fn: Callable, iters: int = 20, warmup: int = 1) -> float:
+    """Mean microseconds of fn launched eagerly (launch overhead included), after `warmup`
+    calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(True), torch.cuda.Event(True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / iters
 
 
 def jsonl_emitter(path: str | None) -> Callable[[dict], None]:

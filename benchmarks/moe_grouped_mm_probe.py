@@ -19,23 +19,10 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from graph_timing import graph_time_us, jsonl_emitter
+from graph_timing import eager_time_us, graph_time_us, jsonl_emitter
 from kvflow.kernels.fused_moe import fused_moe
 
 E, H, INTER, K = 8, 4096, 14336, 2
-
-
-def _eager_us(fn, iters: int = 20) -> float:
-    """Mean microseconds of fn launched eagerly (launch overhead included)."""
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(True), torch.cuda.Event(True)
-    start.record()
-    for _ in range(iters):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / iters
 
 
 def main() -> int:
@@ -101,7 +88,7 @@ def main() -> int:
                 us = graph_time_us(fn, reps=5, iters=10)
             except Exception as exc:   # e.g. a host sync inside the capture
                 print(f"# {t} {name}: {type(exc).__name__}: {str(exc)[:300]}", file=sys.stderr)
-                us, timing = _eager_us(fn), "eager"
+                us, timing = eager_time_us(fn), "eager"
             rec = dict(tokens=t, variant=name, us=round(us, 1), timing=timing,
                        rows_per_expert=[int(c) for c in counts], rel_err_vs_fused=round(err, 4))
             if name.endswith("moe"):
